@@ -1,0 +1,87 @@
+// Options shared by the decoder and the functional ops. Defaults are the measured best
+// choices (see bench/NOTES.md); every field is validated by validate().
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "tactic/tensor.hpp"
+
+namespace tactic {
+
+// Which tokens a decode step reads.
+enum class Policy : int {
+  tactic = 0,  // clusters ranked by q.centroid, stop point from an estimated softmax mass
+  dense = 1,   // every token
+  oracle = 2,  // exact minimal top-p set per query head (reads every key: a reference)
+  quest = 3,   // positional pages of `page_size`, per-channel min/max bound, top pages at a budget
+  topk = 4,    // exact top-`budget` tokens per query head (reads every key: a reference)
+};
+
+// How the tactic policy estimates the mass of the clusters it has not read.
+enum class Estimator : int {
+  centroid_prior = 0,  // size_c * exp(q.centroid_c / sqrt(D)), scaled to the exact samples
+  two_segment = 1,     // the paper's y = a/x + b through two exact segment means
+};
+
+enum class Metric : int { euclidean = 0, spherical = 1 };
+
+const char* policy_name(Policy p);
+const char* estimator_name(Estimator e);
+const char* metric_name(Metric m);
+Policy parse_policy(const std::string& s);        // throws ValueError naming `policy`
+Estimator parse_estimator(const std::string& s);  // throws ValueError naming `estimator`
+Metric parse_metric(const std::string& s);        // throws ValueError naming `metric`
+
+struct KMeansOptions {
+  int64_t num_clusters = 0;  // C >= 1; clamped to N when N < C
+  int max_iters = 10;        // Lloyd iterations (>= 1)
+  Metric metric = Metric::euclidean;
+  uint64_t seed = 0;
+  int num_threads = 0;  // 0: all cores
+};
+
+struct SelectOptions {
+  Policy policy = Policy::tactic;
+  double target = 0.9;  // P in (0, 1]: fraction of attention mass to keep
+  Estimator estimator = Estimator::centroid_prior;
+  // The stop rule aims at P_eff = P + margin * (1 - P), against estimation error.
+  double margin = 0.4;
+  double head_fraction = 0.02;    // exact head: first ~2% of ranked clustered tokens
+  double sample_fraction = 0.01;  // size of each exact sample segment
+  double sample_rank_1 = 0.10;    // where the two sample segments start (fraction of ranks)
+  double sample_rank_2 = 0.60;
+  int sample_segments = 2;    // exact sample segments read (two_segment needs 2)
+  int64_t min_clusters = 8;   // with fewer clusters than this, select all (fit degenerate)
+  int64_t budget = 0;         // tokens per KV head for quest/topk (0: must be given per call)
+  int64_t page_size = 16;     // quest page size
+};
+
+struct DecoderConfig {
+  int64_t num_layers = 1;
+  int64_t num_q_heads = 1;
+  int64_t num_kv_heads = 1;
+  int64_t head_dim = 64;
+  int64_t max_batch = 1;   // sequence slots
+  int64_t max_tokens = 0;  // capacity per slot (prefill + decoded tokens)
+  DType dtype = DType::f16;  // KV storage dtype: f32, f16 or bf16
+  Device device{};
+  SelectOptions select{};
+  int64_t cluster_size = 16;         // average tokens per k-means cluster
+  int kmeans_iters = 10;
+  Metric metric = Metric::euclidean;
+  uint64_t seed = 0;
+  int64_t num_sink = 4;              // first tokens always attended exactly, never clustered
+  int64_t recluster_interval = 2048; // decoded tokens before the recent segment is re-clustered
+  double scale = 0.0;                // softmax scale; 0 means 1/sqrt(head_dim)
+  bool record_selection = false;     // keep per-token selection masks for stats()
+  int num_threads = 0;               // 0: all cores
+
+  // Throws ValueError naming the first bad field and its allowed range.
+  void validate() const;
+  double softmax_scale() const;
+};
+
+void validate(const SelectOptions& o);
+void validate(const KMeansOptions& o);
+
+}  // namespace tactic

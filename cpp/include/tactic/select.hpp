@@ -1,0 +1,36 @@
+// Token selection for one (sequence, KV head) and its G query heads: every policy of
+// options.hpp, the GQA union, and per-head statistics.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "tactic/attention.hpp"
+#include "tactic/options.hpp"
+#include "tactic/store.hpp"
+
+namespace tactic {
+
+struct KVSelection {
+  std::vector<RowRange> rows;  // union over the G heads, sorted, disjoint: what is read
+  int64_t union_tokens = 0;
+  std::vector<int64_t> head_tokens;   // [G] tokens each query head selected on its own
+  std::vector<double> est_mass;       // [G] the selector's estimate of its own mass (NaN: none)
+  std::vector<std::vector<RowRange>> head_rows;  // [G] per-head sets (only when recorded)
+};
+
+// Per-thread scratch so selection allocates nothing in steady state.
+struct SelectScratch {
+  std::vector<float> score, logit;
+  std::vector<int32_t> order;
+  std::vector<double> mass;
+  std::vector<uint8_t> state, mark;
+  std::vector<float> row;
+};
+
+// q: [G, D] float32, already multiplied by the softmax scale.
+// budget: tokens for quest/topk (<= 0: the options' budget).
+void select_kv_head(const KVStore& store, int64_t layer, int64_t slot, int64_t head,
+                    const float* q, int64_t g, const SelectOptions& opt, int64_t budget,
+                    bool record_heads, SelectScratch& scratch, KVSelection& out);
+
+}  // namespace tactic

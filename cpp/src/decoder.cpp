@@ -1,0 +1,245 @@
+#include "tactic/decoder.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "parallel.hpp"
+#include "tactic/attention.hpp"
+#include "tactic/convert.hpp"
+
+namespace tactic {
+
+namespace {
+constexpr int64_t kChunkRows = 512;  // split-KV chunk: balances heads with large selections
+}
+
+Decoder::Decoder(const DecoderConfig& cfg) : cfg_(cfg) {
+  cfg_.validate();
+  store_ = std::make_unique<KVStore>(cfg_);
+  stats_.resize(cfg_.num_layers);
+  scratch_.resize(resolve_threads(cfg_.num_threads));
+}
+
+void Decoder::check_layer(int64_t layer) const {
+  if (layer < 0 || layer >= cfg_.num_layers)
+    throw ValueError("`layer` must be in [0, " + std::to_string(cfg_.num_layers) + "), got " +
+                     std::to_string(layer));
+}
+
+void Decoder::check_slot(int64_t slot, const char* name) const {
+  if (slot < 0 || slot >= cfg_.max_batch)
+    throw ValueError(std::string("`") + name + "` must be a sequence slot in [0, " +
+                     std::to_string(cfg_.max_batch) + ") (max_batch), got " + std::to_string(slot));
+}
+
+static void check_kv_input(const TensorView& t, const char* name, const DecoderConfig& cfg) {
+  check_float(t, name);
+  check_device(t, name, cfg.device);
+  check_last_dim_contiguous(t, name);
+}
+
+void Decoder::prefill(int64_t layer, int64_t slot, const TensorView& keys,
+                      const TensorView& values) {
+  check_prefill(layer, slot, keys, values);
+  store_->prefill(layer, slot, keys, values);
+}
+
+void Decoder::check_prefill(int64_t layer, int64_t slot, const TensorView& keys,
+                            const TensorView& values) const {
+  check_layer(layer);
+  check_slot(slot, "seq");
+  check_ndim(keys, "keys", {3});
+  check_shape(keys, "keys", {-1, cfg_.num_kv_heads, cfg_.head_dim});
+  check_shape(values, "values", {keys.shape[0], cfg_.num_kv_heads, cfg_.head_dim});
+  check_kv_input(keys, "keys", cfg_);
+  check_kv_input(values, "values", cfg_);
+  if (keys.shape[0] > cfg_.max_tokens)
+    throw CapacityError("prefill of " + std::to_string(keys.shape[0]) +
+                        " tokens exceeds `max_tokens`=" + std::to_string(cfg_.max_tokens));
+  check_finite(keys, "keys");
+  check_finite(values, "values");
+}
+
+void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new,
+                     const TensorView* v_new, const TensorView* out,
+                     const std::vector<int64_t>& slots, const int64_t* budgets, bool append) {
+  // ---- validate everything before touching any state ----
+  check_layer(layer);
+  const int64_t H = cfg_.num_kv_heads, Hq = cfg_.num_q_heads, D = cfg_.head_dim, G = Hq / H;
+  check_ndim(q, "q", {3});
+  const int64_t B = q.shape[0];
+  check_shape(q, "q", {B, Hq, D});
+  check_kv_input(q, "q", cfg_);
+  if ((int64_t)slots.size() != B)
+    throw ValueError("`seq` must name " + std::to_string(B) + " sequence slots (one per row of q), got " +
+                     std::to_string(slots.size()));
+  if (B < 1) throw ValueError("`q` must hold at least one sequence, got shape " + q.shape_str());
+  std::vector<uint8_t> seen(cfg_.max_batch, 0);
+  for (int64_t s : slots) {
+    check_slot(s, "seq");
+    if (seen[s]++) throw ValueError("`seq` must not repeat a slot, got slot " + std::to_string(s) + " twice");
+  }
+  if (append) {
+    if (!k_new || !v_new) throw ValueError("`k_new` and `v_new` are required to append a token");
+    check_shape(*k_new, "k_new", {B, H, D});
+    check_shape(*v_new, "v_new", {B, H, D});
+    check_kv_input(*k_new, "k_new", cfg_);
+    check_kv_input(*v_new, "v_new", cfg_);
+    if (k_new->dtype != v_new->dtype)
+      throw TypeError(std::string("`v_new` must have the dtype of `k_new` (") + dtype_name(k_new->dtype) +
+                      "), got " + dtype_name(v_new->dtype));
+    for (int64_t s : slots)
+      if (store_->length(layer, s) + 1 > cfg_.max_tokens)
+        throw CapacityError("sequence slot " + std::to_string(s) + " of layer " + std::to_string(layer) +
+                            " is full: decoding one more token exceeds `max_tokens`=" +
+                            std::to_string(cfg_.max_tokens));
+  }
+  if (out) {
+    check_shape(*out, "out", {B, Hq, D});
+    check_kv_input(*out, "out", cfg_);
+  }
+  const Policy pol = cfg_.select.policy;
+  if (pol == Policy::quest || pol == Policy::topk) {
+    for (int64_t i = 0; i < B * H; ++i) {
+      const int64_t b = budgets ? budgets[i] : cfg_.select.budget;
+      if (b <= 0)
+        throw ValueError(std::string("`budget` must be a positive token count for policy '") +
+                         policy_name(pol) + "' (set it at construction or pass it per call)");
+    }
+  }
+  check_finite(q, "q");
+  if (append) {
+    check_finite(*k_new, "k_new");
+    check_finite(*v_new, "v_new");
+  }
+
+  // ---- append ----
+  const std::size_t eq = dtype_size(q.dtype);
+  if (append) {
+    const std::size_t ek = dtype_size(k_new->dtype);
+    for (int64_t b = 0; b < B; ++b)
+      store_->append(layer, slots[b], static_cast<const uint8_t*>(k_new->data) + b * k_new->strides[0] * ek,
+                     static_cast<const uint8_t*>(v_new->data) + b * v_new->strides[0] * ek,
+                     k_new->dtype, k_new->strides[1], v_new->strides[1]);
+  }
+
+  // ---- q to fp32, pre-scaled ----
+  const float scale = (float)cfg_.softmax_scale();
+  std::vector<float> qf(B * Hq * D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      float* dst = &qf[(b * Hq + h) * D];
+      load_floats(static_cast<const uint8_t*>(q.data) + (b * q.strides[0] + h * q.strides[1]) * eq, q.dtype, D, dst);
+      for (int64_t k = 0; k < D; ++k) dst[k] *= scale;
+    }
+
+  // ---- select, per (sequence, KV head) ----
+  const int threads = resolve_threads(cfg_.num_threads);
+  if ((int)scratch_.size() < threads) scratch_.resize(threads);
+  std::vector<KVSelection> sel(B * H);
+  const bool record = cfg_.record_selection;
+  parallel_for(B * H, threads, [&](int64_t i) {
+    const int64_t b = i / H, h = i % H;
+    const int64_t budget = budgets ? budgets[i] : 0;
+    select_kv_head(*store_, layer, slots[b], h, &qf[(b * Hq + h * G) * D], G, cfg_.select, budget,
+                   record, scratch_[thread_index()], sel[i]);
+  });
+
+  // ---- attention: balanced (sequence, KV head, chunk) work items, LSE merge ----
+  if (out) {
+    struct Item { int64_t i; std::vector<RowRange> rows; };
+    std::vector<Item> items;
+    std::vector<int64_t> first(B * H + 1, 0);
+    for (int64_t i = 0; i < B * H; ++i) {
+      first[i] = (int64_t)items.size();
+      for (auto& ch : split_ranges(sel[i].rows, kChunkRows)) items.push_back({i, std::move(ch)});
+    }
+    first[B * H] = (int64_t)items.size();
+    std::vector<AttentionPartial> part(items.size());
+    const std::size_t es = dtype_size(cfg_.dtype);
+    parallel_for((int64_t)items.size(), threads, [&](int64_t t) {
+      const int64_t i = items[t].i, b = i / H, h = i % H;
+      part[t].init(G, D);
+      attention_accumulate(store_->k_row(layer, slots[b], h, 0), D, store_->v_row(layer, slots[b], h, 0), D,
+                           cfg_.dtype, D, items[t].rows.data(), (int64_t)items[t].rows.size(),
+                           &qf[(b * Hq + h * G) * D], G, part[t]);
+    });
+    (void)es;
+    const std::size_t eo = dtype_size(out->dtype);
+    parallel_for(B * H, threads, [&](int64_t i) {
+      const int64_t b = i / H, h = i % H;
+      AttentionPartial total;
+      total.init(G, D);
+      for (int64_t t = first[i]; t < first[i + 1]; ++t) attention_merge(total, part[t]);
+      attention_finish(total, D, static_cast<uint8_t*>(out->data) + (b * out->strides[0] + h * G * out->strides[1]) * eo,
+                       out->strides[1], out->dtype);
+    });
+  }
+
+  // ---- statistics ----
+  LayerStats& st = stats_[layer];
+  st.batch = B;
+  st.slots = slots;
+  st.context.assign(B, 0);
+  st.kv_tokens.assign(B * H, 0);
+  st.head_tokens.assign(B * Hq, 0);
+  st.est_mass.assign(B * Hq, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    st.context[b] = store_->length(layer, slots[b]);
+    for (int64_t h = 0; h < H; ++h) {
+      const KVSelection& s = sel[b * H + h];
+      st.kv_tokens[b * H + h] = s.union_tokens;
+      for (int64_t g = 0; g < G; ++g) {
+        st.head_tokens[b * Hq + h * G + g] = s.head_tokens[g];
+        st.est_mass[b * Hq + h * G + g] = s.est_mass[g];
+      }
+    }
+  }
+  if (record) {
+    const int64_t cap = cfg_.max_tokens;
+    st.mask_len = cap;
+    st.kv_mask.assign(B * H * cap, 0);
+    st.head_mask.assign(B * Hq * cap, 0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const KVSelection& s = sel[b * H + h];
+        const int32_t* pos = store_->positions(layer, slots[b], h);
+        for (const RowRange& r : s.rows)
+          for (int32_t row = r.begin; row < r.end; ++row) st.kv_mask[(b * H + h) * cap + pos[row]] = 1;
+        for (int64_t g = 0; g < G; ++g)
+          for (const RowRange& r : s.head_rows[g])
+            for (int32_t row = r.begin; row < r.end; ++row)
+              st.head_mask[(b * Hq + h * G + g) * cap + pos[row]] = 1;
+      }
+  }
+}
+
+const LayerStats& Decoder::stats(int64_t layer) const {
+  check_layer(layer);
+  return stats_[layer];
+}
+
+int64_t Decoder::length(int64_t layer, int64_t slot) const {
+  check_layer(layer);
+  check_slot(slot, "seq");
+  return store_->length(layer, slot);
+}
+
+void Decoder::reset(int64_t slot) {
+  check_slot(slot, "seq");
+  store_->reset(slot);
+}
+
+void Decoder::reset_all() {
+  for (int64_t s = 0; s < cfg_.max_batch; ++s) store_->reset(s);
+  for (auto& s : stats_) s = LayerStats{};
+}
+
+void Decoder::recluster(int64_t layer, int64_t slot) {
+  check_layer(layer);
+  check_slot(slot, "seq");
+  store_->recluster(layer, slot);
+}
+
+}  // namespace tactic

@@ -1,0 +1,102 @@
+#include "tactic/options.hpp"
+
+#include <cmath>
+#include <sstream>
+
+namespace tactic {
+
+const char* policy_name(Policy p) {
+  switch (p) {
+    case Policy::tactic: return "tactic";
+    case Policy::dense: return "dense";
+    case Policy::oracle: return "oracle";
+    case Policy::quest: return "quest";
+    case Policy::topk: return "topk";
+  }
+  return "?";
+}
+const char* estimator_name(Estimator e) {
+  return e == Estimator::centroid_prior ? "centroid_prior" : "two_segment";
+}
+const char* metric_name(Metric m) { return m == Metric::euclidean ? "euclidean" : "spherical"; }
+
+Policy parse_policy(const std::string& s) {
+  for (Policy p : {Policy::tactic, Policy::dense, Policy::oracle, Policy::quest, Policy::topk})
+    if (s == policy_name(p)) return p;
+  throw ValueError("`policy` must be one of 'tactic', 'dense', 'oracle', 'quest', 'topk', got '" +
+                   s + "'");
+}
+Estimator parse_estimator(const std::string& s) {
+  if (s == "centroid_prior") return Estimator::centroid_prior;
+  if (s == "two_segment") return Estimator::two_segment;
+  throw ValueError("`estimator` must be 'centroid_prior' or 'two_segment', got '" + s + "'");
+}
+Metric parse_metric(const std::string& s) {
+  if (s == "euclidean") return Metric::euclidean;
+  if (s == "spherical" || s == "cosine") return Metric::spherical;
+  throw ValueError("`metric` must be 'euclidean' or 'spherical', got '" + s + "'");
+}
+
+namespace {
+template <class T>
+void require(bool ok, const char* name, const char* expect, T got) {
+  if (ok) return;
+  std::ostringstream s;
+  s << "`" << name << "` must be " << expect << ", got " << got;
+  throw ValueError(s.str());
+}
+}  // namespace
+
+void validate(const SelectOptions& o) {
+  require(std::isfinite(o.target) && o.target > 0 && o.target <= 1, "target", "in (0, 1]", o.target);
+  require(std::isfinite(o.margin) && o.margin >= 0 && o.margin <= 1, "margin", "in [0, 1]", o.margin);
+  require(std::isfinite(o.head_fraction) && o.head_fraction >= 0 && o.head_fraction <= 1,
+          "head_fraction", "in [0, 1]", o.head_fraction);
+  require(std::isfinite(o.sample_fraction) && o.sample_fraction > 0 && o.sample_fraction <= 0.5,
+          "sample_fraction", "in (0, 0.5]", o.sample_fraction);
+  require(o.sample_rank_1 > 0 && o.sample_rank_1 < o.sample_rank_2 && o.sample_rank_2 < 1,
+          "sample_rank_1, sample_rank_2", "0 < r1 < r2 < 1", o.sample_rank_1);
+  require(o.sample_segments >= 0 && o.sample_segments <= 2, "sample_segments", "0, 1 or 2",
+          o.sample_segments);
+  require(o.estimator != Estimator::two_segment || o.sample_segments == 2, "sample_segments",
+          "2 for the two_segment estimator", o.sample_segments);
+  require(o.min_clusters >= 1, "min_clusters", ">= 1", o.min_clusters);
+  require(o.budget >= 0, "budget", ">= 0", o.budget);
+  require(o.page_size >= 1 && o.page_size <= 4096, "page_size", "in [1, 4096]", o.page_size);
+}
+
+void validate(const KMeansOptions& o) {
+  require(o.num_clusters >= 1, "num_clusters", ">= 1", o.num_clusters);
+  require(o.max_iters >= 1 && o.max_iters <= 1000, "max_iters", "in [1, 1000]", o.max_iters);
+  require(o.num_threads >= 0, "num_threads", ">= 0", o.num_threads);
+}
+
+void DecoderConfig::validate() const {
+  require(num_layers >= 1, "num_layers", ">= 1", num_layers);
+  require(num_kv_heads >= 1, "num_kv_heads", ">= 1", num_kv_heads);
+  require(num_q_heads >= 1 && num_q_heads % num_kv_heads == 0, "num_q_heads",
+          "a positive multiple of num_kv_heads", num_q_heads);
+  require(head_dim >= 1 && head_dim <= 1024, "head_dim", "in [1, 1024]", head_dim);
+  require(max_batch >= 1, "max_batch", ">= 1", max_batch);
+  require(max_tokens >= 1 && max_tokens < (int64_t(1) << 31), "max_tokens", "in [1, 2^31)",
+          max_tokens);
+  if (!is_float_storage(dtype))
+    throw TypeError(std::string("`dtype` must be float16, bfloat16 or float32, got ") +
+                    dtype_name(dtype));
+  if (device.kind != DeviceKind::cpu)
+    throw UnsupportedError("`device` " + device_name(device) +
+                           " is not available in this build (CPU backend only)");
+  tactic::validate(select);
+  require(cluster_size >= 1, "cluster_size", ">= 1", cluster_size);
+  require(kmeans_iters >= 1 && kmeans_iters <= 1000, "kmeans_iters", "in [1, 1000]", kmeans_iters);
+  require(num_sink >= 0, "num_sink", ">= 0", num_sink);
+  require(recluster_interval >= 1, "recluster_interval", ">= 1", recluster_interval);
+  require(std::isfinite(scale) && scale >= 0, "scale", ">= 0 (0: 1/sqrt(head_dim))", scale);
+  require(num_threads >= 0, "num_threads", ">= 0", num_threads);
+}
+
+double DecoderConfig::softmax_scale() const {
+  return scale > 0 ? scale : 1.0 / std::sqrt((double)head_dim);
+}
+
+}  // namespace tactic

@@ -1,0 +1,369 @@
+#include "tactic/select.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "parallel.hpp"
+#include "tactic/convert.hpp"
+
+namespace tactic {
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+void push_range(std::vector<RowRange>& v, int64_t b, int64_t e) {
+  if (e <= b) return;
+  if (!v.empty() && v.back().end == b) v.back().end = (int32_t)e;
+  else v.push_back({(int32_t)b, (int32_t)e});
+}
+
+// Rows whose mark is set, as sorted disjoint ranges.
+void ranges_from_marks(const uint8_t* mark, int64_t n, std::vector<RowRange>& out) {
+  out.clear();
+  for (int64_t r = 0; r < n; ++r)
+    if (mark[r]) push_range(out, r, r + 1);
+}
+
+TACTIC_HOT
+float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < d; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// Exact scaled logits q.k_r for rows [r0, r1) of one head.
+void row_logits(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t r0,
+                int64_t r1, const float* q, float* out, std::vector<float>& buf) {
+  const int64_t d = st.config().head_dim;
+  buf.resize(d);
+  for (int64_t r = r0; r < r1; ++r) {
+    load_floats(st.k_row(layer, slot, head, r), st.config().dtype, d, buf.data());
+    out[r - r0] = dot(q, buf.data(), d);
+  }
+}
+
+// Policies that score every row exactly (oracle, topk): references, not fast paths.
+void select_exact(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
+                  int64_t g, const SelectOptions& opt, int64_t budget, bool record,
+                  SelectScratch& s, KVSelection& out) {
+  const int64_t n = st.length(layer, slot), d = st.config().head_dim;
+  s.logit.resize(n);
+  s.order.resize(n);
+  s.mark.assign(n, 0);
+  std::vector<uint8_t> own;
+  for (int64_t h = 0; h < g; ++h) {
+    row_logits(st, layer, slot, head, 0, n, q + h * d, s.logit.data(), s.row);
+    std::iota(s.order.begin(), s.order.end(), 0);
+    auto by_logit = [&](int32_t a, int32_t b) {
+      return s.logit[a] != s.logit[b] ? s.logit[a] > s.logit[b] : a < b;
+    };
+    int64_t take;
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t r = 0; r < n; ++r) m = std::max(m, (double)s.logit[r]);
+    double z = 0;
+    for (int64_t r = 0; r < n; ++r) z += std::exp((double)s.logit[r] - m);
+    double mass = 0;
+    if (opt.policy == Policy::oracle) {
+      std::sort(s.order.begin(), s.order.end(), by_logit);
+      take = 0;
+      if (opt.target >= 1.0) {
+        take = n;
+        mass = z;
+      } else {
+        while (take < n && mass < opt.target * z) mass += std::exp((double)s.logit[s.order[take++]] - m);
+      }
+    } else {
+      take = std::min<int64_t>(budget, n);
+      std::partial_sort(s.order.begin(), s.order.begin() + take, s.order.end(), by_logit);
+      for (int64_t i = 0; i < take; ++i) mass += std::exp((double)s.logit[s.order[i]] - m);
+    }
+    out.head_tokens[h] = take;
+    out.est_mass[h] = z > 0 ? mass / z : kNaN;
+    if (record) own.assign(n, 0);
+    for (int64_t i = 0; i < take; ++i) {
+      s.mark[s.order[i]] = 1;
+      if (record) own[s.order[i]] = 1;
+    }
+    if (record) ranges_from_marks(own.data(), n, out.head_rows[h]);
+  }
+  ranges_from_marks(s.mark.data(), n, out.rows);
+}
+
+// Quest: positional pages, upper bound sum_k max(q_k min_k, q_k max_k) per page; GQA heads
+// share one page set ranked by the largest bound of the group. Sinks and the recent segment
+// are always read and count against the budget.
+void select_quest(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
+                  int64_t g, const SelectOptions& opt, int64_t budget, SelectScratch& s,
+                  KVSelection& out) {
+  const SlotState& ss = st.state(layer, slot);
+  const int64_t n = ss.total(), d = st.config().head_dim, ps = opt.page_size;
+  const int64_t np = (n + ps - 1) / ps;
+  const float* lo = st.page_min(layer, slot, head);
+  const float* hi = st.page_max(layer, slot, head);
+  s.mark.assign(n, 0);
+  int64_t used = 0;
+  auto mark_rows = [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) used += !s.mark[r], s.mark[r] = 1;
+  };
+  mark_rows(0, ss.n_sink);
+  mark_rows(ss.n_sink + ss.n_clustered, n);
+  s.score.assign(np, -std::numeric_limits<float>::infinity());
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t h = 0; h < g; ++h) {
+      const float* qh = q + h * d;
+      float ub = 0.f;
+      for (int64_t k = 0; k < d; ++k) ub += std::max(qh[k] * lo[p * d + k], qh[k] * hi[p * d + k]);
+      s.score[p] = std::max(s.score[p], ub);
+    }
+  s.order.resize(np);
+  std::iota(s.order.begin(), s.order.end(), 0);
+  std::sort(s.order.begin(), s.order.end(), [&](int32_t a, int32_t b) {
+    return s.score[a] != s.score[b] ? s.score[a] > s.score[b] : a < b;
+  });
+  for (int64_t i = 0; i < np && used < budget; ++i) {
+    const int64_t p = s.order[i];
+    mark_rows(p * ps, std::min(n, (p + 1) * ps));
+  }
+  ranges_from_marks(s.mark.data(), n, out.rows);
+  for (int64_t h = 0; h < g; ++h) {
+    out.head_tokens[h] = used;
+    out.est_mass[h] = kNaN;
+  }
+}
+
+enum : uint8_t { kUnread = 0, kHead = 1, kSample = 2, kChosen = 3, kShared = 4 };
+
+void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
+                   int64_t g, const SelectOptions& opt, bool record, SelectScratch& s,
+                   KVSelection& out) {
+  const SlotState& ss = st.state(layer, slot);
+  const int64_t d = st.config().head_dim, nclu = ss.n_clustered, base = ss.n_sink;
+  const int64_t c = st.num_clusters(layer, slot, head), n = ss.total();
+  const int64_t always = ss.n_sink + ss.n_recent;
+  const int32_t* off = st.offsets(layer, slot, head);
+  const float* cent = st.centroids(layer, slot, head);
+  auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+
+  s.mark.assign(std::max<int64_t>(c, 1), 0);
+  // Fallback: too few clusters for a meaningful estimate, or the target is everything.
+  const bool all = c < opt.min_clusters || opt.target >= 1.0;
+  if (c == 0 || all) {
+    std::fill(s.mark.begin(), s.mark.end(), all ? 1 : 0);
+    for (int64_t h = 0; h < g; ++h) {
+      out.head_tokens[h] = all ? n : always;
+      out.est_mass[h] = 1.0;
+      if (record) out.head_rows[h] = {{0, (int32_t)n}};
+    }
+    out.rows.clear();
+    push_range(out.rows, 0, n);
+    return;
+  }
+
+  const double p_eff = std::min(1.0, opt.target + opt.margin * (1.0 - opt.target));
+  s.score.resize(c);
+  s.order.resize(c);
+  s.state.resize(c);
+  s.mass.resize(c);
+  s.logit.resize(std::max<int64_t>(nclu, always));
+  std::vector<uint8_t> own;
+  for (int64_t h = 0; h < g; ++h) {
+    const float* qh = q + h * d;
+    for (int64_t j = 0; j < c; ++j) s.score[j] = dot(qh, cent + j * d, d);
+    std::iota(s.order.begin(), s.order.end(), 0);
+    std::sort(s.order.begin(), s.order.end(), [&](int32_t a, int32_t b) {
+      return s.score[a] != s.score[b] ? s.score[a] > s.score[b] : a < b;
+    });
+    std::fill(s.state.begin(), s.state.end(), kUnread);
+
+    // Which ranked clusters are read exactly: the head, then two sample segments.
+    int64_t tokens = 0, i = 0;
+    const double head_tokens = std::max(1.0, opt.head_fraction * nclu);
+    for (; i < c && (i == 0 || tokens < head_tokens); ++i) {
+      s.state[s.order[i]] = kHead;
+      tokens += csize(s.order[i]);
+    }
+    // rank_start[i]: token rank (0-based) where ranked cluster i begins.
+    struct Segment { int64_t first, last; double x, y; } seg[2] = {};
+    int64_t cum = 0, pos = 0;
+    for (int sidx = 0; sidx < opt.sample_segments; ++sidx) {
+      const double at = (sidx == 0 ? opt.sample_rank_1 : opt.sample_rank_2) * nclu;
+      while (pos < c && cum + csize(s.order[pos]) <= at) cum += csize(s.order[pos++]);
+      seg[sidx].first = pos;
+      int64_t got = 0, p2 = pos, cum2 = cum;
+      const double want = std::max(1.0, opt.sample_fraction * nclu);
+      while (p2 < c && (p2 == pos || got < want)) {
+        if (s.state[s.order[p2]] == kUnread) s.state[s.order[p2]] = kSample;
+        got += csize(s.order[p2]);
+        cum2 += csize(s.order[p2]);
+        ++p2;
+      }
+      seg[sidx].last = p2;
+      // Mean token rank (1-based) of the segment.
+      seg[sidx].x = 0.5 * ((double)cum + 1 + (double)cum2);
+      pos = p2;
+      cum = cum2;
+    }
+
+    // Clusters another head of this group already chose are read for the union anyway:
+    // score them exactly too, so this head counts their mass instead of adding its own.
+    for (int64_t j = 0; j < c; ++j)
+      if (s.mark[j] && s.state[j] == kUnread) s.state[j] = kShared;
+
+    // Exact logits of the always-read rows and of every read cluster.
+    double m = -std::numeric_limits<double>::infinity();
+    row_logits(st, layer, slot, head, 0, ss.n_sink, qh, s.logit.data(), s.row);
+    double lsink_max = m;
+    for (int64_t r = 0; r < ss.n_sink; ++r) lsink_max = std::max(lsink_max, (double)s.logit[r]);
+    std::vector<float>& rec = s.row;  // reused below; logits of recent rows kept separately
+    std::vector<float> recent(ss.n_recent), sink(s.logit.begin(), s.logit.begin() + ss.n_sink);
+    row_logits(st, layer, slot, head, base + nclu, n, qh, recent.data(), rec);
+    m = lsink_max;
+    for (float v : recent) m = std::max(m, (double)v);
+    // Per read cluster: exact logits into s.logit at the cluster's own offsets.
+    for (int64_t j = 0; j < c; ++j) {
+      if (s.state[j] == kUnread) continue;
+      row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh, s.logit.data() + off[j], rec);
+      for (int64_t r = off[j]; r < off[j + 1]; ++r) m = std::max(m, (double)s.logit[r]);
+    }
+    double a_mass = 0;
+    for (float v : sink) a_mass += std::exp(v - m);
+    for (float v : recent) a_mass += std::exp(v - m);
+    double read_exact = 0, read_prior = 0;
+    for (int64_t j = 0; j < c; ++j) {
+      if (s.state[j] == kUnread) continue;
+      double e = 0;
+      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+      s.mass[j] = e;
+      read_exact += e;
+      read_prior += csize(j) * std::exp((double)s.score[j] - m);
+    }
+
+    bool fallback = false;
+    if (opt.estimator == Estimator::centroid_prior) {
+      // Unread cluster mass ~ alpha * size * exp(q.centroid): the centroid score ranks well
+      // but understates a cluster's mass (Jensen); alpha rescales it to the exact reads.
+      const double alpha = read_exact / read_prior;
+      if (!(std::isfinite(alpha) && alpha > 0)) fallback = true;
+      for (int64_t j = 0; j < c && !fallback; ++j)
+        if (s.state[j] == kUnread) s.mass[j] = alpha * csize(j) * std::exp((double)s.score[j] - m);
+    } else {
+      // The paper's fit y = a/x + b through the two segments' (mean rank, mean exp-score).
+      double y[2];
+      for (int sidx = 0; sidx < 2; ++sidx) {
+        double e = 0;
+        int64_t cnt = 0;
+        for (int64_t k = seg[sidx].first; k < seg[sidx].last; ++k) {
+          e += s.mass[s.order[k]];
+          cnt += csize(s.order[k]);
+        }
+        y[sidx] = cnt ? e / cnt : 0.0;
+      }
+      const double x1 = seg[0].x, x2 = seg[1].x;
+      double a = (x1 != x2) ? (y[0] - y[1]) / (1.0 / x1 - 1.0 / x2) : 0.0;
+      double b = y[0] - a / x1;
+      // Degenerate fits fall back to estimates that only raise the tail (more tokens).
+      if (!(a >= 0) || !std::isfinite(a)) { a = 0; b = std::max(y[0], y[1]); }
+      if (!(b >= 0)) b = 0;
+      int64_t r0 = 0;
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t j = s.order[k], r1 = r0 + csize(j);
+        if (s.state[j] == kUnread)
+          s.mass[j] = a * std::log((r1 + 0.5) / (r0 + 0.5)) + b * (double)(r1 - r0);
+        r0 = r1;
+      }
+    }
+
+    int64_t take = 0;
+    double acc = a_mass, z = a_mass;
+    for (int64_t j = 0; j < c; ++j) z += s.mass[j];
+    if (fallback || !(z > 0) || !std::isfinite(z)) {
+      std::fill(s.state.begin(), s.state.end(), kChosen);  // read everything
+      acc = z = 1;
+    } else {
+      // Everything already read is attended. Then the stop point: add unread clusters in
+      // ranked order until the estimated mass reaches P_eff of the estimated total.
+      for (int64_t j = 0; j < c; ++j)
+        if (s.state[j] != kUnread) {
+          acc += s.mass[j];
+          s.state[j] = kChosen;
+        }
+      for (; take < c && acc < p_eff * z; ++take) {
+        const int64_t j = s.order[take];
+        if (s.state[j] != kUnread) continue;
+        acc += s.mass[j];
+        s.state[j] = kChosen;
+      }
+    }
+    int64_t sel_tokens = always;
+    if (record) own.assign(c, 0);
+    for (int64_t j = 0; j < c; ++j)
+      if (s.state[j] != kUnread) {
+        sel_tokens += csize(j);
+        s.mark[j] = 1;
+        if (record) own[j] = 1;
+      }
+    out.head_tokens[h] = sel_tokens;
+    out.est_mass[h] = std::min(1.0, acc / z);
+    if (record) {
+      auto& hr = out.head_rows[h];
+      hr.clear();
+      push_range(hr, 0, ss.n_sink);
+      for (int64_t j = 0; j < c; ++j)
+        if (own[j]) push_range(hr, base + off[j], base + off[j + 1]);
+      push_range(hr, base + nclu, n);
+    }
+  }
+  out.rows.clear();
+  push_range(out.rows, 0, ss.n_sink);
+  for (int64_t j = 0; j < c; ++j)
+    if (s.mark[j]) push_range(out.rows, base + off[j], base + off[j + 1]);
+  push_range(out.rows, base + nclu, n);
+}
+
+}  // namespace
+
+void select_kv_head(const KVStore& store, int64_t layer, int64_t slot, int64_t head,
+                    const float* q, int64_t g, const SelectOptions& opt, int64_t budget,
+                    bool record_heads, SelectScratch& scratch, KVSelection& out) {
+  const int64_t n = store.length(layer, slot);
+  out.head_tokens.assign(g, 0);
+  out.est_mass.assign(g, kNaN);
+  out.rows.clear();
+  if (record_heads) out.head_rows.assign(g, {});
+  else out.head_rows.clear();
+  if (budget <= 0) budget = opt.budget;
+  if (n == 0) {
+    out.union_tokens = 0;
+    return;
+  }
+  switch (opt.policy) {
+    case Policy::dense:
+      push_range(out.rows, 0, n);
+      for (int64_t h = 0; h < g; ++h) {
+        out.head_tokens[h] = n;
+        out.est_mass[h] = 1.0;
+        if (record_heads) out.head_rows[h] = out.rows;
+      }
+      break;
+    case Policy::oracle:
+    case Policy::topk:
+      select_exact(store, layer, slot, head, q, g, opt, budget, record_heads, scratch, out);
+      break;
+    case Policy::quest:
+      select_quest(store, layer, slot, head, q, g, opt, budget, scratch, out);
+      if (record_heads)
+        for (int64_t h = 0; h < g; ++h) out.head_rows[h] = out.rows;
+      break;
+    case Policy::tactic:
+      select_tactic(store, layer, slot, head, q, g, opt, record_heads, scratch, out);
+      break;
+  }
+  out.union_tokens = 0;
+  for (const RowRange& r : out.rows) out.union_tokens += r.size();
+}
+
+}  // namespace tactic

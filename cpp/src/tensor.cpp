@@ -1,0 +1,232 @@
+#include "tactic/tensor.hpp"
+
+#include <cmath>
+#include <sstream>
+
+#include "parallel.hpp"
+#include "tactic/convert.hpp"
+
+namespace tactic {
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::f32: return "float32";
+    case DType::f16: return "float16";
+    case DType::bf16: return "bfloat16";
+    case DType::i32: return "int32";
+    case DType::i64: return "int64";
+    case DType::u8: return "uint8";
+    case DType::f64: return "float64";
+    default: return "unsupported dtype";
+  }
+}
+
+std::size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::f32: case DType::i32: return 4;
+    case DType::f16: case DType::bf16: return 2;
+    case DType::i64: case DType::f64: return 8;
+    case DType::u8: return 1;
+    default: return 0;
+  }
+}
+
+std::string device_name(Device d) {
+  switch (d.kind) {
+    case DeviceKind::cpu: return "cpu";
+    case DeviceKind::cuda: return "cuda:" + std::to_string(d.index);
+    default: return "unsupported device";
+  }
+}
+
+bool is_float_storage(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+bool TensorView::is_contiguous() const {
+  int64_t expect = 1;
+  for (int i = ndim - 1; i >= 0; --i) {
+    if (shape[i] != 1 && strides[i] != expect) return false;
+    expect *= shape[i];
+  }
+  return true;
+}
+
+std::string TensorView::shape_str() const {
+  std::ostringstream s;
+  s << "[";
+  for (int i = 0; i < ndim; ++i) s << (i ? ", " : "") << shape[i];
+  s << "]";
+  return s.str();
+}
+
+TensorView make_view(void* data, DType dtype, std::initializer_list<int64_t> shape,
+                     Device device) {
+  if ((int)shape.size() > kMaxDims) throw ValueError("make_view: at most 6 dimensions");
+  TensorView t;
+  t.data = data;
+  t.dtype = dtype;
+  t.device = device;
+  t.ndim = (int)shape.size();
+  int i = 0;
+  for (int64_t s : shape) t.shape[i++] = s;
+  int64_t stride = 1;
+  for (int k = t.ndim - 1; k >= 0; --k) {
+    t.strides[k] = stride;
+    stride *= t.shape[k];
+  }
+  return t;
+}
+
+void check_ndim(const TensorView& t, const char* name, std::initializer_list<int> allowed) {
+  for (int a : allowed)
+    if (t.ndim == a) return;
+  std::ostringstream s;
+  s << "`" << name << "` must have ";
+  int i = 0;
+  for (int a : allowed) s << (i++ ? " or " : "") << a;
+  s << " dimensions, got " << t.ndim << " (shape " << t.shape_str() << ")";
+  throw ValueError(s.str());
+}
+
+void check_shape(const TensorView& t, const char* name, std::initializer_list<int64_t> shape) {
+  bool ok = t.ndim == (int)shape.size();
+  int i = 0;
+  for (int64_t s : shape) {
+    if (!ok) break;
+    if (s >= 0 && t.shape[i] != s) ok = false;
+    ++i;
+  }
+  if (ok) return;
+  std::ostringstream s;
+  s << "`" << name << "` must have shape [";
+  i = 0;
+  for (int64_t e : shape) {
+    s << (i++ ? ", " : "");
+    if (e < 0) s << "*"; else s << e;
+  }
+  s << "], got " << t.shape_str();
+  throw ValueError(s.str());
+}
+
+void check_float(const TensorView& t, const char* name) {
+  if (!is_float_storage(t.dtype))
+    throw TypeError(std::string("`") + name + "` must be float16, bfloat16 or float32, got " +
+                    dtype_name(t.dtype));
+}
+
+void check_dtype(const TensorView& t, const char* name, DType want) {
+  if (t.dtype != want)
+    throw TypeError(std::string("`") + name + "` must be " + dtype_name(want) + ", got " +
+                    dtype_name(t.dtype));
+}
+
+void check_device(const TensorView& t, const char* name, Device want) {
+  if (t.device != want)
+    throw ValueError(std::string("`") + name + "` must be on device " + device_name(want) +
+                     ", got " + device_name(t.device));
+}
+
+void check_last_dim_contiguous(const TensorView& t, const char* name) {
+  if (t.ndim > 0 && t.shape[t.ndim - 1] > 1 && t.strides[t.ndim - 1] != 1)
+    throw ValueError(std::string("`") + name +
+                     "` must have a unit stride in its last dimension (got stride " +
+                     std::to_string(t.strides[t.ndim - 1]) + "); pass a contiguous copy");
+  for (int i = 0; i < t.ndim; ++i)
+    if (t.strides[i] < 0)
+      throw ValueError(std::string("`") + name + "` must not have negative strides");
+}
+
+void check_contiguous(const TensorView& t, const char* name) {
+  if (!t.is_contiguous())
+    throw ValueError(std::string("`") + name + "` must be C-contiguous (row-major, no gaps)");
+}
+
+namespace {
+template <class Load>
+bool all_finite(const TensorView& t, Load load) {
+  // Walk every element through the strides (the view may be non-contiguous).
+  int64_t idx[kMaxDims] = {0};
+  const int64_t n = t.numel();
+  const std::size_t es = dtype_size(t.dtype);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t off = 0;
+    for (int k = 0; k < t.ndim; ++k) off += idx[k] * t.strides[k];
+    if (!std::isfinite(load(static_cast<const uint8_t*>(t.data) + off * (int64_t)es)))
+      return false;
+    for (int k = t.ndim - 1; k >= 0; --k) {
+      if (++idx[k] < t.shape[k]) break;
+      idx[k] = 0;
+    }
+  }
+  return true;
+}
+}  // namespace
+
+void check_finite(const TensorView& t, const char* name) {
+  bool ok = true;
+  switch (t.dtype) {
+    case DType::f32:
+      ok = all_finite(t, [](const uint8_t* p) { float f; std::memcpy(&f, p, 4); return f; });
+      break;
+    case DType::f16:
+      ok = all_finite(t, [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); });
+      break;
+    case DType::bf16:
+      ok = all_finite(t, [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return bf16_to_float(h); });
+      break;
+    default: return;
+  }
+  if (!ok) throw ValueError(std::string("`") + name + "` contains NaN or Inf values");
+}
+
+namespace {
+// The half -> float loop is the inner loop of every K/V read. With _Float16 the compiler
+// emits F16C conversions in the AVX2 clone and a library call in the baseline one.
+TACTIC_HOT
+void load_half(const uint16_t* s, int64_t n, float* dst) {
+#if defined(__FLT16_MAX__) && !defined(TACTIC_NO_CLONES)
+  const _Float16* h = reinterpret_cast<const _Float16*>(s);
+  for (int64_t i = 0; i < n; ++i) dst[i] = (float)h[i];
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+#endif
+}
+TACTIC_HOT
+void load_bf16(const uint16_t* s, int64_t n, float* dst) {
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = (uint32_t)s[i] << 16;
+}
+}  // namespace
+
+void load_floats(const void* src, DType dtype, int64_t n, float* dst) {
+  switch (dtype) {
+    case DType::f32: std::memcpy(dst, src, n * 4); break;
+    case DType::f16: load_half(static_cast<const uint16_t*>(src), n, dst); break;
+    case DType::bf16: load_bf16(static_cast<const uint16_t*>(src), n, dst); break;
+    default: throw TypeError(std::string("cannot load ") + dtype_name(dtype) + " as float");
+  }
+}
+
+void store_floats(const float* src, int64_t n, DType dtype, void* dst) {
+  switch (dtype) {
+    case DType::f32: std::memcpy(dst, src, n * 4); break;
+    case DType::f16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
+      break;
+    }
+    case DType::bf16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+      break;
+    }
+    default: throw TypeError(std::string("cannot store float as ") + dtype_name(dtype));
+  }
+}
+
+}  // namespace tactic

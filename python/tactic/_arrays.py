@@ -1,0 +1,131 @@
+"""Framework-neutral array helpers.
+
+The core takes any DLPack-capable array with no copy; these helpers only decide *where*
+outputs are allocated so that results come back in the caller's framework (numpy, torch,
+CuPy, JAX) and on the caller's device.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_DTYPE_NAMES = {
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}
+
+
+def framework(x) -> str:
+    """'numpy', 'torch', 'cupy', 'jax' or 'other' for an array object."""
+    mod = type(x).__module__.split(".")[0]
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if mod in ("torch", "cupy"):
+        return mod
+    if mod in ("jax", "jaxlib"):
+        return "jax"
+    return "other"
+
+
+def dtype_name(dtype) -> str:
+    """Normalise 'float16', np.float16, torch.bfloat16, ... to 'float16'/'bfloat16'/'float32'."""
+    name = str(dtype).replace("torch.", "").replace("<class 'numpy.", "").rstrip("'>")
+    if name in _DTYPE_NAMES:
+        return _DTYPE_NAMES[name]
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        pass
+    if name in _DTYPE_NAMES:
+        return _DTYPE_NAMES[name]
+    raise TypeError(f"`dtype` must be 'float16', 'bfloat16' or 'float32', got {dtype!r}")
+
+
+def prepare(x, name: str):
+    """Check that `x` is an array and return a view the core can read without a copy."""
+    if x is None:
+        raise TypeError(f"`{name}` must be an array, got None")
+    fw = framework(x)
+    if fw == "torch" and x.requires_grad:
+        x = x.detach()  # a view: DLPack export refuses tensors that require grad
+    if fw == "other" and not (hasattr(x, "__dlpack__") or hasattr(x, "__array_interface__")):
+        raise TypeError(
+            f"`{name}` must be an array (numpy, torch, CuPy, JAX or any DLPack object), "
+            f"got {type(x).__name__}")
+    return x
+
+
+def device_of(x) -> str:
+    fw = framework(x)
+    if fw == "torch":
+        return str(x.device)
+    if fw == "cupy":
+        return f"cuda:{x.device.id}"
+    if fw == "jax":
+        dev = list(x.devices())[0]
+        return "cpu" if dev.platform == "cpu" else f"cuda:{dev.id}"
+    return "cpu"
+
+
+def empty(like, shape, dtype: str):
+    """An uninitialised array in `like`'s framework and device, writable by the core.
+
+    JAX arrays are immutable, so for JAX the core writes into numpy and `finish` converts.
+    """
+    fw = framework(like)
+    if fw == "torch":
+        import torch
+        tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+               "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}[dtype]
+        return torch.empty(tuple(shape), dtype=tdt, device=like.device)
+    if fw == "cupy":
+        import cupy
+        with cupy.cuda.Device(like.device.id):
+            return cupy.empty(tuple(shape), dtype=_np_dtype(dtype))
+    return np.empty(tuple(shape), dtype=_np_dtype(dtype))
+
+
+def finish(like, arr):
+    """Return `arr` (written by the core) in `like`'s framework."""
+    if framework(like) == "jax" and isinstance(arr, np.ndarray):
+        import jax.numpy as jnp
+        return jnp.asarray(arr)
+    return arr
+
+
+def from_numpy(like, arr: np.ndarray):
+    """Wrap a numpy result (e.g. a selection mask) in `like`'s framework."""
+    fw = framework(like)
+    if fw == "torch":
+        import torch
+        return torch.from_numpy(arr)
+    if fw == "cupy":
+        import cupy
+        return cupy.asarray(arr)
+    if fw == "jax":
+        import jax.numpy as jnp
+        return jnp.asarray(arr)
+    return arr
+
+
+def array_dtype(x) -> str:
+    """The element type name of an array of any framework ('float16', 'int64', ...)."""
+    return str(x.dtype).replace("torch.", "")
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+            return ml_dtypes.bfloat16
+        except ImportError as e:  # numpy has no bfloat16 of its own
+            raise TypeError("bfloat16 output with numpy inputs needs the `ml_dtypes` package; "
+                            "pass float16/float32 queries or a torch tensor") from e
+    return np.dtype(name)
+
+
+def transpose_01(x):
+    """Swap the first two axes of a 3-D array without copying (any framework)."""
+    if framework(x) == "torch":
+        return x.permute(1, 0, 2)
+    return x.transpose(1, 0, 2)

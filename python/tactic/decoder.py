@@ -1,0 +1,288 @@
+"""`SparseDecoder`: a KV store plus adaptive sparse decode attention for every layer."""
+from __future__ import annotations
+
+import numbers
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import _arrays
+from . import _core
+
+POLICIES = ("tactic", "dense", "oracle", "quest", "topk")
+ESTIMATORS = ("centroid_prior", "two_segment")
+METRICS = ("euclidean", "spherical")
+
+
+def _int(name: str, value, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def _parse_device(device):
+    text = str(device)
+    if text == "cpu":
+        return "cpu", 0
+    if text == "cuda":
+        return "cuda", 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return "cuda", int(text[5:])
+    raise ValueError(f"`device` must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+class SparseDecoder:
+    """Adaptive sparse attention for decoding, over a KV store it owns.
+
+    Each decode step, for every query head, Tactic reads the smallest set of whole key
+    clusters whose estimated softmax mass reaches `target` (P), plus the attention sinks and
+    the tokens decoded since the last clustering, and attends over the union of the G query
+    heads' sets of each KV head.
+
+    Args:
+        num_layers, num_q_heads, num_kv_heads, head_dim: model geometry (num_q_heads a
+            multiple of num_kv_heads).
+        max_batch: sequence slots. max_tokens: capacity per slot (prompt + decoded tokens);
+            all memory is allocated at construction.
+        device: 'cpu' (this build); dtype: KV storage, 'float16', 'bfloat16' or 'float32'.
+        target: P in (0, 1], the fraction of attention mass to keep (1.0 reads everything).
+        policy: 'tactic' (default), 'dense', 'oracle' (exact top-p; reads every key),
+            'quest' (pages of `page_size` by min/max bound, at `budget` tokens per KV head),
+            'topk' (exact top-`budget` tokens per query head).
+        estimator: 'centroid_prior' (default, measured best) or 'two_segment' (the paper's
+            a/x + b fit). margin: the stop rule aims at P + margin * (1 - P).
+        cluster_size: average tokens per k-means cluster; kmeans_iters; metric:
+            'euclidean' or 'spherical'; seed: k-means initialisation seed.
+        num_sink: first tokens always attended exactly and never clustered.
+        recluster_interval: decoded tokens after which the recent segment is folded into
+            the clusters. scale: softmax scale (default 1/sqrt(head_dim)).
+        record_selection: keep per-token selection masks in `stats()` (memory: B*H*max_tokens).
+        num_threads: CPU threads (0: all cores).
+
+    Every method checks all its arguments before changing anything: a call that raises
+    leaves the decoder as it was.
+    """
+
+    def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 max_batch: int = 1, max_tokens: int = 8192, device="cpu", dtype="float16",
+                 target: float = 0.9, policy: str = "tactic", *, estimator: str = "centroid_prior",
+                 margin: float = 0.4, cluster_size: int = 16, kmeans_iters: int = 10,
+                 metric: str = "euclidean", num_sink: int = 4, recluster_interval: int = 2048,
+                 budget: int = 0, page_size: int = 16, head_fraction: float = 0.02,
+                 sample_fraction: float = 0.01, sample_segments: int = 2, min_clusters: int = 8, seed: int = 0,
+                 scale: Optional[float] = None, record_selection: bool = False,
+                 num_threads: int = 0):
+        c = _core.DecoderConfig()
+        c.num_layers = _int("num_layers", num_layers)
+        c.num_q_heads = _int("num_q_heads", num_q_heads)
+        c.num_kv_heads = _int("num_kv_heads", num_kv_heads)
+        c.head_dim = _int("head_dim", head_dim)
+        c.max_batch = _int("max_batch", max_batch)
+        c.max_tokens = _int("max_tokens", max_tokens)
+        c.set_device(*_parse_device(device))
+        c.set_dtype(_arrays.dtype_name(dtype))
+        c.target = _float("target", target)
+        c.set_policy(_choice("policy", policy, POLICIES))
+        c.set_estimator(_choice("estimator", estimator, ESTIMATORS))
+        c.margin = _float("margin", margin)
+        c.cluster_size = _int("cluster_size", cluster_size)
+        c.kmeans_iters = _int("kmeans_iters", kmeans_iters)
+        c.set_metric(_choice("metric", metric, METRICS))
+        c.num_sink = _int("num_sink", num_sink)
+        c.recluster_interval = _int("recluster_interval", recluster_interval)
+        c.budget = _int("budget", budget)
+        c.page_size = _int("page_size", page_size)
+        c.head_fraction = _float("head_fraction", head_fraction)
+        c.sample_fraction = _float("sample_fraction", sample_fraction)
+        c.sample_segments = _int("sample_segments", sample_segments)
+        c.min_clusters = _int("min_clusters", min_clusters)
+        c.seed = _int("seed", seed, 0)
+        c.scale = 0.0 if scale is None else _float("scale", scale)
+        if scale is not None and not c.scale > 0:
+            raise ValueError(f"`scale` must be > 0, got {scale}")
+        if not isinstance(record_selection, bool):
+            raise TypeError("`record_selection` must be a bool")
+        c.record_selection = record_selection
+        c.num_threads = _int("num_threads", num_threads, 0)
+        c.validate()
+        self._cfg = c
+        self._core = _core.Decoder(c)
+        self.policy = policy
+        self.device = device if isinstance(device, str) else str(device)
+        self.dtype = _arrays.dtype_name(dtype)
+        self.num_layers, self.num_q_heads = c.num_layers, c.num_q_heads
+        self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
+        self.max_batch, self.max_tokens = c.max_batch, c.max_tokens
+        self.target = c.target
+
+    # ------------------------------------------------------------------ helpers
+    def _layer(self, layer) -> int:
+        layer = _int("layer", layer)
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"`layer` must be in [0, {self.num_layers}), got {layer}")
+        return layer
+
+    def _slots(self, seq, batch: int) -> list:
+        if seq is None:
+            if batch > self.max_batch:
+                raise ValueError(f"`q` holds {batch} sequences but max_batch is {self.max_batch}")
+            return list(range(batch))
+        if isinstance(seq, numbers.Integral) and not isinstance(seq, bool):
+            seq = [int(seq)]
+        try:
+            slots = [_int("seq", s) for s in seq]
+        except TypeError as e:
+            raise TypeError(f"`seq` must be an int or a sequence of ints, got {seq!r}") from e
+        if len(slots) != batch:
+            raise ValueError(f"`seq` must name {batch} slots (one per sequence), got {len(slots)}")
+        return slots
+
+    def _budgets(self, budget, batch: int):
+        if budget is None:
+            return None
+        if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+            if budget <= 0:
+                raise ValueError(f"`budget` must be a positive token count, got {budget}")
+            return np.full(batch * self.num_kv_heads, int(budget), dtype=np.int64)
+        arr = np.asarray(budget)
+        if arr.dtype.kind not in "iu" or arr.size != batch * self.num_kv_heads:
+            raise ValueError(f"`budget` must be an int or an integer array of shape "
+                             f"[{batch}, {self.num_kv_heads}], got {arr.dtype} {arr.shape}")
+        if (arr <= 0).any():
+            raise ValueError("`budget` entries must be positive token counts")
+        return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+
+    # ------------------------------------------------------------------ API
+    def prefill(self, layer: int, keys, values, seq=0, lengths: Optional[Iterable[int]] = None):
+        """Store a prompt's keys/values for `layer` (replacing what `seq` held there).
+
+        keys, values: [N, Hkv, D] for one sequence (slot `seq`), or [B, Hkv, N, D] for B
+        sequences (slots `seq`, default 0..B-1) with optional `lengths` [B] (valid tokens
+        of each, the rest is padding). Under the tactic policy the keys are clustered here.
+        """
+        layer = self._layer(layer)
+        keys = _arrays.prepare(keys, "keys")
+        values = _arrays.prepare(values, "values")
+        if len(keys.shape) == 4:
+            B, H, N = keys.shape[0], keys.shape[1], keys.shape[2]
+            if tuple(values.shape) != tuple(keys.shape):
+                raise ValueError(f"`values` must have the shape of `keys` {tuple(keys.shape)}, "
+                                 f"got {tuple(values.shape)}")
+            slots = self._slots(None if seq == 0 else seq, B)
+            if len(set(slots)) != len(slots):
+                raise ValueError(f"`seq` must not repeat a slot, got {slots}")
+            lens = [N] * B if lengths is None else [_int("lengths", n, 0) for n in lengths]
+            if len(lens) != B or any(n > N for n in lens):
+                raise ValueError(f"`lengths` must hold {B} values in [0, {N}], got {list(lengths)}")
+            parts = [(s, _arrays.transpose_01(keys[b, :, :n]), _arrays.transpose_01(values[b, :, :n]))
+                     for b, (s, n) in enumerate(zip(slots, lens))]
+            for s, k, v in parts:  # all checks first: a failure changes nothing
+                self._core.check_prefill(layer, s, k, v)
+            for s, k, v in parts:
+                self._core.prefill(layer, s, k, v)
+            return
+        if len(keys.shape) != 3:
+            raise ValueError(f"`keys` must be [N, num_kv_heads, head_dim] or "
+                             f"[B, num_kv_heads, N, head_dim], got shape {tuple(keys.shape)}")
+        self._core.prefill(layer, _int("seq", seq), keys, values)
+
+    def decode(self, layer: int, q, k_new, v_new, seq=None, out=None, budget=None):
+        """One decode step of `layer`: append the new token's k/v, then attend.
+
+        q: [B, Hq, D] queries of the new token; k_new, v_new: [B, Hkv, D] its key/value
+        (appended before attention, so the token attends to itself). seq: the B slots
+        (default 0..B-1). out: optional [B, Hq, D] array to write into. budget: tokens per
+        KV head for quest/topk (int or [B, Hkv]). Returns out [B, Hq, D] in q's framework,
+        with q's dtype.
+        """
+        layer = self._layer(layer)
+        q = _arrays.prepare(q, "q")
+        k_new = _arrays.prepare(k_new, "k_new")
+        v_new = _arrays.prepare(v_new, "v_new")
+        if len(q.shape) != 3:
+            raise ValueError(f"`q` must be [B, num_q_heads={self.num_q_heads}, head_dim={self.head_dim}], "
+                             f"got shape {tuple(q.shape)}")
+        slots = self._slots(seq, q.shape[0])
+        result = out
+        if out is None:
+            dt = _arrays.array_dtype(q)
+            if dt not in ("float16", "bfloat16", "float32"):
+                raise TypeError(f"`q` must be float16, bfloat16 or float32, got {dt}")
+            result = _arrays.empty(q, q.shape, dt)
+        self._core.decode(layer, q, k_new, v_new, result, slots, self._budgets(budget, len(slots)), True)
+        return _arrays.finish(q, result) if out is None else out
+
+    def select(self, layer: int, q, seq=None, budget=None) -> dict:
+        """Run selection only (no append, no attention) for q [B, Hq, D]; returns stats()."""
+        layer = self._layer(layer)
+        q = _arrays.prepare(q, "q")
+        if len(q.shape) != 3:
+            raise ValueError(f"`q` must be [B, Hq, D], got shape {tuple(q.shape)}")
+        slots = self._slots(seq, q.shape[0])
+        self._core.decode(layer, q, None, None, None, slots, self._budgets(budget, len(slots)), False)
+        return self.stats(layer)
+
+    def stats(self, layer: int) -> dict:
+        """What the last decode/select of `layer` read, per sequence of that call.
+
+        Returns numpy arrays: `seq` [B], `context` [B] tokens in each sequence,
+        `kv_tokens` [B, Hkv] tokens read per KV head (the union of its query heads),
+        `head_tokens` [B, Hq] tokens each query head selected, `est_mass` [B, Hq] the
+        selector's estimate of the mass it kept (NaN where a policy has none), and
+        `read_fraction` [B, Hkv]. With record_selection: `kv_mask` [B, Hkv, context_max]
+        and `head_mask` [B, Hq, context_max], booleans over token positions.
+        """
+        raw = self._core.stats(self._layer(layer))
+        out = {"seq": raw["slots"], "context": raw["context"], "kv_tokens": raw["kv_tokens"],
+               "head_tokens": raw["head_tokens"], "est_mass": raw["est_mass"]}
+        ctx = np.maximum(raw["context"], 1)[:, None]
+        out["read_fraction"] = raw["kv_tokens"] / ctx
+        if "kv_mask" in raw:
+            n = int(raw["context"].max()) if raw["context"].size else 0
+            out["kv_mask"] = raw["kv_mask"][:, :, :n].astype(bool)
+            out["head_mask"] = raw["head_mask"][:, :, :n].astype(bool)
+        return out
+
+    def length(self, layer: int, seq: int = 0) -> int:
+        """Tokens held for sequence `seq` in `layer`."""
+        return self._core.length(self._layer(layer), _int("seq", seq))
+
+    def reset(self, seq: Optional[int] = None) -> None:
+        """Forget sequence `seq` (all layers), or every sequence when seq is None."""
+        if seq is None:
+            self._core.reset_all()
+        else:
+            self._core.reset(_int("seq", seq))
+
+    def recluster(self, layer: int, seq: int = 0) -> None:
+        """Fold the recent segment of (`layer`, `seq`) into the clusters now."""
+        self._core.recluster(self._layer(layer), _int("seq", seq))
+
+    def layout(self, layer: int, seq: int = 0, head: int = 0) -> dict:
+        """Copies of the store's physical layout for one KV head (for tests and debugging)."""
+        return self._core.layout(self._layer(layer), _int("seq", seq), _int("head", head))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the KV store."""
+        return self._core.store_bytes()
+
+    def __repr__(self) -> str:
+        return (f"SparseDecoder(layers={self.num_layers}, heads={self.num_q_heads}/{self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, max_batch={self.max_batch}, max_tokens={self.max_tokens}, "
+                f"dtype={self.dtype}, policy={self.policy!r}, target={self.target})")

@@ -1,0 +1,58 @@
+"""Shared helpers: an independent float64 NumPy reference and input factories."""
+import numpy as np
+import pytest
+
+try:
+    import torch
+except ImportError:  # torch is in the `test` extra; tests needing it skip without it
+    torch = None
+
+DTYPES = ["float32", "float16", "bfloat16"]
+# Output tolerance per storage dtype: inputs are rounded to the dtype first, so the error
+# is the fp32 accumulation plus the final rounding of the output to q's dtype.
+ATOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+RTOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def make(shape, dtype, rng, scale=1.0):
+    """A random array of `dtype` (torch for bfloat16, numpy otherwise) and its exact float64
+    values after rounding to that dtype."""
+    x = rng.standard_normal(shape).astype(np.float32) * scale
+    if dtype == "bfloat16":
+        if torch is None:
+            pytest.skip("bfloat16 inputs need torch")
+        t = torch.from_numpy(x).to(torch.bfloat16)
+        return t, t.float().double().numpy()
+    a = x.astype(dtype)
+    return a, a.astype(np.float64)
+
+
+def to64(x):
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().float().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def ref_attention(q, k, v, scale, mask=None):
+    """float64 attention of q [Hq, D] over k, v [N, Hkv, D]; mask [Hkv, N] optional.
+    Returns (out [Hq, D], probs [Hq, N])."""
+    hq = q.shape[0]
+    hkv = k.shape[1]
+    g = hq // hkv
+    kk = np.repeat(k.transpose(1, 0, 2), g, axis=0)
+    vv = np.repeat(v.transpose(1, 0, 2), g, axis=0)
+    logits = np.einsum("hd,hnd->hn", q, kk) * scale
+    if mask is not None:
+        logits = np.where(np.repeat(mask, g, axis=0), logits, -np.inf)
+    m = logits.max(axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(logits - m)
+    z = p.sum(axis=1, keepdims=True)
+    p = np.divide(p, z, out=np.zeros_like(p), where=z > 0)
+    return np.einsum("hn,hnd->hd", p, vv), p
+
+
+@pytest.fixture(scope="session")
+def fixture_data():
+    from tactic.fixtures import load_fixture
+    return load_fixture()
