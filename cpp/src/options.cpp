@@ -56,9 +56,9 @@ void validate(const SelectOptions& o) {
           "sample_fraction", "in (0, 0.5]", o.sample_fraction);
   require(o.sample_rank_1 > 0 && o.sample_rank_1 < o.sample_rank_2 && o.sample_rank_2 < 1,
           "sample_rank_1, sample_rank_2", "0 < r1 < r2 < 1", o.sample_rank_1);
-  require(o.sample_segments >= 0 && o.sample_segments <= 2, "sample_segments", "0, 1 or 2",
-          o.sample_segments);
-  require(o.estimator != Estimator::two_segment || o.sample_segments == 2, "sample_segments",
+  require(o.sample_segments >= -1 && o.sample_segments <= 2, "sample_segments",
+          "-1 (auto), 0, 1 or 2", o.sample_segments);
+  require(o.estimator != Estimator::two_segment || o.segments() == 2, "sample_segments",
           "2 for the two_segment estimator", o.sample_segments);
   require(o.min_clusters >= 1, "min_clusters", ">= 1", o.min_clusters);
   require(o.budget >= 0, "budget", ">= 0", o.budget);

@@ -189,7 +189,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     // rank_start[i]: token rank (0-based) where ranked cluster i begins.
     struct Segment { int64_t first, last; double x, y; } seg[2] = {};
     int64_t cum = 0, pos = 0;
-    for (int sidx = 0; sidx < opt.sample_segments; ++sidx) {
+    for (int sidx = 0; sidx < opt.segments(); ++sidx) {
       const double at = (sidx == 0 ? opt.sample_rank_1 : opt.sample_rank_2) * nclu;
       while (pos < c && cum + csize(s.order[pos]) <= at) cum += csize(s.order[pos++]);
       seg[sidx].first = pos;

@@ -172,6 +172,21 @@ void KVStore::cluster_head(int64_t layer, int64_t slot, int64_t head, int64_t nc
   const KMeansResult r = kmeans(k_row_mut(i, base), cfg_.dtype, nc, D, D, ko, cent, assign.data());
   cluster_permutation(assign.data(), nc, r.num_clusters, perm.data(), off);
   num_clusters_[i] = r.num_clusters;
+  // Ranking and the mass prior need q.(mean key) of each cluster: the spherical metric's
+  // centroids are unit directions, so store the plain mean of the member keys instead.
+  if (cfg_.metric == Metric::spherical) {
+    std::vector<double> sum(D);
+    std::vector<float> row(D);
+    for (int64_t j = 0; j < r.num_clusters; ++j) {
+      std::fill(sum.begin(), sum.end(), 0.0);
+      for (int32_t t = off[j]; t < off[j + 1]; ++t) {
+        load_floats(k_row_mut(i, base + perm[t]), cfg_.dtype, D, row.data());
+        for (int64_t k = 0; k < D; ++k) sum[k] += row[k];
+      }
+      const int64_t cnt = off[j + 1] - off[j];
+      for (int64_t k = 0; k < D; ++k) cent[j * D + k] = cnt ? (float)(sum[k] / cnt) : 0.f;
+    }
+  }
   // Re-index: physically permute K, V and positions so each cluster is one block.
   std::vector<uint8_t> kt(nc * row_bytes_), vt(nc * row_bytes_);
   std::vector<int32_t> pt(nc);

@@ -48,6 +48,12 @@ def prepare(x, name: str):
     fw = framework(x)
     if fw == "torch" and x.requires_grad:
         x = x.detach()  # a view: DLPack export refuses tensors that require grad
+    if fw == "other" and hasattr(x, "__dlpack__") and not hasattr(x, "shape"):
+        # a bare DLPack producer: numpy wraps CPU memory without a copy (and refuses others)
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError) as e:
+            raise TypeError(f"`{name}`: a bare DLPack object must hold CPU memory ({e})") from e
     if fw == "other" and not (hasattr(x, "__dlpack__") or hasattr(x, "__array_interface__")):
         raise TypeError(
             f"`{name}` must be an array (numpy, torch, CuPy, JAX or any DLPack object), "

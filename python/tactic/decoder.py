@@ -81,10 +81,10 @@ class SparseDecoder:
     def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  max_batch: int = 1, max_tokens: int = 8192, device="cpu", dtype="float16",
                  target: float = 0.9, policy: str = "tactic", *, estimator: str = "centroid_prior",
-                 margin: float = 0.4, cluster_size: int = 16, kmeans_iters: int = 10,
+                 margin: float = 0.5, cluster_size: int = 16, kmeans_iters: int = 10,
                  metric: str = "euclidean", num_sink: int = 4, recluster_interval: int = 2048,
                  budget: int = 0, page_size: int = 16, head_fraction: float = 0.02,
-                 sample_fraction: float = 0.01, sample_segments: int = 2, min_clusters: int = 8, seed: int = 0,
+                 sample_fraction: float = 0.01, sample_segments: int = -1, min_clusters: int = 8, seed: int = 0,
                  scale: Optional[float] = None, record_selection: bool = False,
                  num_threads: int = 0):
         c = _core.DecoderConfig()
