@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <cstring>
 #include <random>
 
 #include "parallel.hpp"
@@ -22,31 +23,37 @@ constexpr int64_t kColBlock = 16;  // centroids per micro-tile (4 x 16 accumulat
 // Returns per row the best centroid and its distance term.
 TACTIC_HOT
 void assign_rows(const float* x, int64_t r0, int64_t r1, int64_t d, const float* ct,
-                 const float* cnorm, int64_t c, bool spherical, int32_t* best_idx,
+                 const float* cnorm, int64_t c, int64_t cpad, bool spherical, int32_t* best_idx,
                  float* best_val) {
-  alignas(64) float acc[kRowBlock][kColBlock];
+  // ct is [D, cpad] with zero columns past C, so the 16-wide inner loop has no tail and
+  // the 4 x 16 accumulator tile stays in vector registers.
   for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
     const int64_t nr = std::min(kRowBlock, r1 - rb);
+    const float* xr[kRowBlock];
+    for (int r = 0; r < kRowBlock; ++r) xr[r] = x + std::min(rb + r, r1 - 1) * d;
     float bv[kRowBlock];
     int32_t bi[kRowBlock];
     for (int r = 0; r < kRowBlock; ++r) { bv[r] = std::numeric_limits<float>::infinity(); bi[r] = 0; }
-    for (int64_t cb = 0; cb < c; cb += kColBlock) {
-      const int64_t nc = std::min(kColBlock, c - cb);
-      for (int r = 0; r < kRowBlock; ++r)
-        for (int j = 0; j < kColBlock; ++j) acc[r][j] = 0.f;
+    for (int64_t cb = 0; cb < cpad; cb += kColBlock) {
+      // GCC vector types make the register tile explicit: 4 rows x 2 vectors of 8.
+      typedef float v8 __attribute__((vector_size(32)));
+      v8 acc[kRowBlock][2] = {};
+      const float* cp = ct + cb;
       for (int64_t k = 0; k < d; ++k) {
-        const float* crow = ct + k * c + cb;
-        float cv[kColBlock];
-        for (int j = 0; j < kColBlock; ++j) cv[j] = j < nc ? crow[j] : 0.f;
+        v8 c0, c1;
+        std::memcpy(&c0, cp + k * cpad, sizeof(v8));
+        std::memcpy(&c1, cp + k * cpad + 8, sizeof(v8));
         for (int r = 0; r < kRowBlock; ++r) {
-          const float xv = r < nr ? x[(rb + r) * d + k] : 0.f;
-#pragma GCC unroll 16
-          for (int j = 0; j < kColBlock; ++j) acc[r][j] += xv * cv[j];
+          const float xv = xr[r][k];
+          acc[r][0] += xv * c0;
+          acc[r][1] += xv * c1;
         }
       }
+      const int64_t nc = std::min(kColBlock, c - cb);
       for (int r = 0; r < nr; ++r)
         for (int j = 0; j < nc; ++j) {
-          const float v = spherical ? -acc[r][j] : cnorm[cb + j] - 2.f * acc[r][j];
+          const float dot = acc[r][j >> 3][j & 7];
+          const float v = spherical ? -dot : cnorm[cb + j] - 2.f * dot;
           if (v < bv[r]) { bv[r] = v; bi[r] = (int32_t)(cb + j); }
         }
     }
@@ -99,7 +106,8 @@ KMeansResult kmeans(const void* xdata, DType dtype, int64_t n, int64_t d, int64_
     std::copy(&x[idx[i] * d], &x[idx[i] * d] + d, centroids + i * d);
   }
 
-  std::vector<float> ct((size_t)(d * c)), cnorm(c), best(n);
+  const int64_t cpad = (c + kColBlock - 1) / kColBlock * kColBlock;
+  std::vector<float> ct((size_t)(d * cpad), 0.f), cnorm(c), best(n);
   std::vector<int32_t> cur(n, -1);
   std::vector<double> sums((size_t)(c * d));
   std::vector<int64_t> counts(c);
@@ -108,7 +116,7 @@ KMeansResult kmeans(const void* xdata, DType dtype, int64_t n, int64_t d, int64_
     for (int64_t j = 0; j < c; ++j) {
       double s = 0;
       for (int64_t k = 0; k < d; ++k) {
-        ct[k * c + j] = centroids[j * d + k];
+        ct[k * cpad + j] = centroids[j * d + k];
         s += (double)centroids[j * d + k] * centroids[j * d + k];
       }
       cnorm[j] = (float)s;
@@ -118,7 +126,7 @@ KMeansResult kmeans(const void* xdata, DType dtype, int64_t n, int64_t d, int64_
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n * c * d > 262144)
     for (int64_t b = 0; b < blocks; ++b)
       assign_rows(x.data(), b * 64, std::min(n, (b + 1) * 64), d, ct.data(), cnorm.data(), c,
-                  spherical, next.data(), best.data());
+                  cpad, spherical, next.data(), best.data());
     int64_t changed = 0;
     for (int64_t i = 0; i < n; ++i) {
       changed += next[i] != cur[i];

@@ -29,7 +29,7 @@ inline int thread_index() {
 // Clone hot loops for AVX2+FMA and baseline x86-64; the loader picks one at run time, so a
 // wheel built anywhere runs everywhere and still uses wide vectors where they exist.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TACTIC_NO_CLONES)
-#define TACTIC_HOT __attribute__((target_clones("arch=haswell", "default")))
+#define TACTIC_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define TACTIC_HOT
 #endif
