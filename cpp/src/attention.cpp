@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "parallel.hpp"
+#include "simd.hpp"
 #include "tactic/convert.hpp"
 
 namespace tactic {
@@ -18,35 +19,73 @@ void AttentionPartial::init(int64_t g, int64_t d) {
 namespace {
 constexpr int64_t kBlock = 32;  // rows per block: one max/rescale per block, not per row
 
-TACTIC_HOT
-void block_update(const float* kb, const float* vb, int64_t nb, int64_t d, const float* q,
-                  int64_t g, float* m, float* l, float* acc) {
+// acc[0:d] = acc * corr + sum_j e[j] * V[j], up to 8 vectors of the row held in registers.
+template <int NV>
+inline void weighted_sum(const float* e, const float* vb, int64_t nb, int64_t nv_rt, float corr,
+                         float* ah) {
+  const int64_t nv = NV > 0 ? NV : nv_rt, d = nv * 8;
+  for (int64_t c0 = 0; c0 < nv; c0 += 8) {
+    const int64_t w = std::min<int64_t>(8, nv - c0);
+    v8 a[8];
+    for (int64_t c = 0; c < w; ++c) a[c] = ld(ah + 8 * (c0 + c)) * corr;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float p = e[j];
+      const float* vr = vb + j * d + 8 * c0;
+      for (int64_t c = 0; c < w; ++c) a[c] += p * ld(vr + 8 * c);
+    }
+    for (int64_t c = 0; c < w; ++c) st(ah + 8 * (c0 + c), a[c]);
+  }
+}
+
+// One block of nb <= kBlock rows for G heads. Vector path for D % 8 == 0 (NV = D / 8 fixed
+// at compile time for the common head dims, NV == 0 reads it at run time); scalar otherwise.
+template <int NV>
+TACTIC_HOT void block_update(const float* kb, const float* vb, int64_t nb, int64_t d,
+                             const float* q, int64_t g, float* m, float* l, float* acc) {
+  const bool vec = NV > 0 || d % 8 == 0;
   float e[kBlock];
   for (int64_t h = 0; h < g; ++h) {
     const float* qh = q + h * d;
-    float bm = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < nb; ++j) {
-      const float* kr = kb + j * d;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < d; ++k) s += qh[k] * kr[k];
-      e[j] = s;
-      bm = std::max(bm, s);
+    float* ah = acc + h * d;
+    if (vec) {
+      dot_rows<NV>(qh, kb, nb, d / 8, e);
+    } else {
+      for (int64_t j = 0; j < nb; ++j) {
+        float s = 0.f;
+        for (int64_t k = 0; k < d; ++k) s += qh[k] * kb[j * d + k];
+        e[j] = s;
+      }
     }
+    float bm = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < nb; ++j) bm = std::max(bm, e[j]);
     const float nm = std::max(m[h], bm);
     const float corr = std::exp(m[h] - nm);  // 0 when m[h] was -inf
-    float* ah = acc + h * d;
-    float lsum = l[h] * corr;
-    if (corr != 1.f)
+#pragma omp simd
+    for (int64_t j = 0; j < kBlock; ++j) e[j] = exp_nonpos(e[j] - nm);  // tail unused
+    float lsum = 0.f;
+    for (int64_t j = 0; j < nb; ++j) lsum += e[j];
+    if (vec) {
+      weighted_sum<NV>(e, vb, nb, d / 8, corr, ah);
+    } else {
       for (int64_t k = 0; k < d; ++k) ah[k] *= corr;
-    for (int64_t j = 0; j < nb; ++j) {
-      const float p = std::exp(e[j] - nm);
-      lsum += p;
-      const float* vr = vb + j * d;
-      for (int64_t k = 0; k < d; ++k) ah[k] += p * vr[k];
+      for (int64_t j = 0; j < nb; ++j)
+        for (int64_t k = 0; k < d; ++k) ah[k] += e[j] * vb[j * d + k];
     }
     m[h] = nm;
-    l[h] = lsum;
+    l[h] = l[h] * corr + lsum;
+  }
+}
+
+using BlockFn = void (*)(const float*, const float*, int64_t, int64_t, const float*, int64_t,
+                         float*, float*, float*);
+
+BlockFn pick_block(int64_t d) {
+  switch (d) {
+    case 64: return &block_update<8>;
+    case 80: return &block_update<10>;
+    case 96: return &block_update<12>;
+    case 128: return &block_update<16>;
+    default: return &block_update<0>;
   }
 }
 }  // namespace
@@ -60,6 +99,7 @@ void attention_accumulate(const void* k_base, int64_t ld_k, const void* v_base, 
   const std::size_t es = dtype_size(dtype);
   const uint8_t* kp = static_cast<const uint8_t*>(k_base);
   const uint8_t* vp = static_cast<const uint8_t*>(v_base);
+  const BlockFn block_update = pick_block(d);
   for (int64_t r = 0; r < nranges; ++r) {
     for (int64_t r0 = ranges[r].begin; r0 < ranges[r].end; r0 += kBlock) {
       const int64_t nb = std::min<int64_t>(kBlock, ranges[r].end - r0);

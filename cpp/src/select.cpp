@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "parallel.hpp"
+#include "simd.hpp"
 #include "tactic/convert.hpp"
 
 namespace tactic {
@@ -27,22 +28,23 @@ void ranges_from_marks(const uint8_t* mark, int64_t n, std::vector<RowRange>& ou
     if (mark[r]) push_range(out, r, r + 1);
 }
 
+// out[j] = q . rows[j] for n contiguous float rows of length d.
 TACTIC_HOT
-float dot(const float* a, const float* b, int64_t d) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < d; ++k) s += a[k] * b[k];
-  return s;
+void dot_many(const float* q, const float* rows, int64_t n, int64_t d, float* out) {
+  dot_rows_any(q, rows, n, d, out);
 }
 
-// Exact scaled logits q.k_r for rows [r0, r1) of one head.
+// Exact scaled logits q.k_r for rows [r0, r1) of one head (rows of a head are contiguous),
+// converted to float 64 rows at a time.
 void row_logits(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t r0,
                 int64_t r1, const float* q, float* out, std::vector<float>& buf) {
+  constexpr int64_t kRows = 64;
   const int64_t d = st.config().head_dim;
-  buf.resize(d);
-  for (int64_t r = r0; r < r1; ++r) {
-    load_floats(st.k_row(layer, slot, head, r), st.config().dtype, d, buf.data());
-    out[r - r0] = dot(q, buf.data(), d);
+  buf.resize(kRows * d);
+  for (int64_t b = r0; b < r1; b += kRows) {
+    const int64_t nb = std::min(kRows, r1 - b);
+    load_floats(st.k_row(layer, slot, head, b), st.config().dtype, nb * d, buf.data());
+    dot_many(q, buf.data(), nb, d, out + (b - r0));
   }
 }
 
@@ -172,19 +174,33 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   std::vector<uint8_t> own;
   for (int64_t h = 0; h < g; ++h) {
     const float* qh = q + h * d;
-    for (int64_t j = 0; j < c; ++j) s.score[j] = dot(qh, cent + j * d, d);
+    dot_many(qh, cent, c, d, s.score.data());
     std::iota(s.order.begin(), s.order.end(), 0);
-    std::sort(s.order.begin(), s.order.end(), [&](int32_t a, int32_t b) {
+    // The ranked order is sorted lazily: the stop point usually comes after a small share
+    // of the clusters, and a full sort of thousands of scores per head was the largest cost
+    // of a selection. rank(k) sorts in chunks (nth_element, then sort) as far as k.
+    auto by_score = [&](int32_t a, int32_t b) {
       return s.score[a] != s.score[b] ? s.score[a] > s.score[b] : a < b;
-    });
+    };
+    int64_t sorted = 0;
+    auto rank = [&](int64_t k) {
+      if (k >= sorted) {
+        const int64_t e = std::min<int64_t>(c, std::max<int64_t>({k + 1, 2 * sorted, 64}));
+        if (e < c) std::nth_element(s.order.begin() + sorted, s.order.begin() + e, s.order.end(), by_score);
+        std::sort(s.order.begin() + sorted, s.order.begin() + e, by_score);
+        sorted = e;
+      }
+      return (int64_t)s.order[k];
+    };
+    if (opt.segments() > 0) rank(c - 1);  // the two-segment fit walks every rank
     std::fill(s.state.begin(), s.state.end(), kUnread);
 
     // Which ranked clusters are read exactly: the head, then two sample segments.
     int64_t tokens = 0, i = 0;
     const double head_tokens = std::max(1.0, opt.head_fraction * nclu);
     for (; i < c && (i == 0 || tokens < head_tokens); ++i) {
-      s.state[s.order[i]] = kHead;
-      tokens += csize(s.order[i]);
+      s.state[rank(i)] = kHead;
+      tokens += csize(rank(i));
     }
     // rank_start[i]: token rank (0-based) where ranked cluster i begins.
     struct Segment { int64_t first, last; double x, y; } seg[2] = {};
@@ -292,7 +308,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
           s.state[j] = kChosen;
         }
       for (; take < c && acc < p_eff * z; ++take) {
-        const int64_t j = s.order[take];
+        const int64_t j = rank(take);
         if (s.state[j] != kUnread) continue;
         acc += s.mass[j];
         s.state[j] = kChosen;

@@ -1,0 +1,174 @@
+"""`python -m tactic demo`: accuracy and speed of Tactic on real attention captured from SmolLM2.
+
+Everything runs on the fixture shipped inside the package (no network, no extra install).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import __version__, with_cuda, with_openmp
+from .decoder import SparseDecoder
+from .evaluate import accuracy, fixture_layers, kv_union_success, reference, run_policy
+from .fixtures import load_fixture
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=quiet, leave=False, unit="run")
+
+
+def _accuracy_table(fx, targets, quiet: bool):
+    """Per P: tactic, then quest at tactic's per-(step, KV head) budget, then the oracle."""
+    layers = fixture_layers(fx)
+    refs = {}
+    bar = _progress(len(layers) * (1 + 3 * len(targets)), "accuracy", quiet)
+    for cap in layers:
+        refs[cap.layer] = reference(cap, fx.n_prefill, fx.scale)
+        bar.update()
+    rows = []
+    for p in targets:
+        pooled = {name: {"read": [], "mass": [], "reach": [], "union": [], "err": []}
+                  for name in ("tactic", "quest", "oracle")}
+        for cap in layers:
+            g = cap.queries.shape[1] // cap.keys.shape[1]
+            tac = run_policy(cap, fx.n_prefill, fx.scale, "tactic", target=p)
+            bar.update()
+            runs = {"tactic": tac,
+                    "quest": run_policy(cap, fx.n_prefill, fx.scale, "quest", target=p,
+                                        budgets=tac.kv_tokens)}
+            bar.update()
+            runs["oracle"] = run_policy(cap, fx.n_prefill, fx.scale, "oracle", target=p)
+            bar.update()
+            for name, run in runs.items():
+                acc = accuracy(run, refs[cap.layer])
+                d = pooled[name]
+                d["read"].append(acc.read_fraction.ravel())
+                d["mass"].append(acc.union_mass.ravel())
+                d["reach"].append((acc.union_mass >= p).ravel())
+                d["union"].append(kv_union_success(acc, p, g).ravel())
+                d["err"].append(acc.rel_error.ravel())
+        for name, d in pooled.items():
+            c = {k: np.concatenate(v) for k, v in d.items()}
+            rows.append((p, name, c["read"].mean(), c["mass"].mean(), c["reach"].mean(),
+                         c["union"].mean(), np.median(c["err"]), np.quantile(c["err"], 0.9)))
+    bar.close()
+    return rows
+
+
+def _timing(fx, target: float, device: str, context: int, reps: int, quiet: bool):
+    """Median time of one decode step over all fixture layers, dense vs tactic.
+
+    The context is the fixture's real prompt keys/values tiled up to `context` tokens (so the
+    attention distribution, and with it the share of tokens Tactic must read, stays that of the
+    real model); the decode steps use the real captured queries.
+    """
+    layers = fixture_layers(fx)
+    cap0 = layers[0]
+    _, hkv, d = cap0.keys.shape
+    s, hq, _ = cap0.queries.shape
+    n = fx.n_prefill
+    tiles = -(-context // n)
+    results = {}
+    bar = _progress(2 * (len(layers) + reps), "timing", quiet)
+    for policy in ("dense", "tactic"):
+        dec = SparseDecoder(len(layers), hq, hkv, d, max_batch=1, max_tokens=context + reps * s,
+                            device=device, dtype="float16", target=target, policy=policy,
+                            scale=fx.scale)
+        for li, cap in enumerate(layers):
+            dec.prefill(li, np.tile(cap.keys[:n], (tiles, 1, 1))[:context],
+                        np.tile(cap.values[:n], (tiles, 1, 1))[:context])
+            bar.update()
+        times, read = [], []
+        for _ in range(reps):
+            for i in range(s):
+                start = time.perf_counter()
+                for li, cap in enumerate(layers):
+                    pos = n + i
+                    dec.decode(li, cap.queries[i][None], cap.keys[pos][None], cap.values[pos][None])
+                times.append(time.perf_counter() - start)
+                read.append(np.mean([dec.stats(li)["read_fraction"].mean()
+                                     for li in range(len(layers))]))
+            bar.update()
+        results[policy] = (float(np.median(times)), float(np.mean(read)))
+    bar.close()
+    return results, (len(layers), hq, hkv, d, s)
+
+
+def demo(args) -> int:
+    fx = load_fixture()
+    targets = args.targets
+    print(f"Tactic {__version__}  (OpenMP: {with_openmp}, CUDA: {with_cuda})")
+    m = fx.meta
+    print(f"Fixture: {m.get('model', 'SmolLM2-135M-Instruct')}, layers {sorted(fx.layers)}, "
+          f"{fx.n_prefill} prompt tokens + {fx.n_decode} decode steps of real text "
+          f"({', '.join(s.rsplit('/', 1)[-1] for s in m.get('text_sources', []))} licences); "
+          "reference: float64 NumPy attention.")
+    rows = _accuracy_table(fx, targets, args.quiet)
+    print("\nAccuracy, pooled over layers x query heads x decode steps "
+          "(quest gets tactic's token budget per step and KV head):")
+    hdr = f"{'P':>5} {'policy':<7} {'read':>7} {'mass':>7} {'heads>=P':>9} {'KV>=P':>7} " \
+          f"{'err p50':>8} {'err p90':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for p, name, read, mass, reach, union, e50, e90 in rows:
+        print(f"{p:>5.2f} {name:<7} {read:>7.1%} {mass:>7.3f} {reach:>9.1%} {union:>7.1%} "
+              f"{e50:>8.4f} {e90:>8.4f}")
+    print("read: tokens read / context (KV-head union); mass: true softmax mass of what was read;"
+          "\nheads>=P: query heads whose read set reaches P; KV>=P: KV heads where all G query heads"
+          " do;\nerr: ||o - o_ref|| / ||o_ref|| per query head.")
+    if args.no_timing:
+        return 0
+    res, shape = _timing(fx, args.timing_target, args.device, args.context, args.reps, args.quiet)
+    layers, hq, hkv, d, s = shape
+    dense_t, _ = res["dense"]
+    tac_t, tac_read = res["tactic"]
+    print(f"\nDecode timing on {args.device} ({layers} layers, {hq} query / {hkv} KV heads, head dim "
+          f"{d}, fp16 KV,\n  {args.context} context tokens = the real prompt tiled, real queries; median "
+          f"of {args.reps}x{s} steps):")
+    print(f"  dense          {dense_t * 1e3:8.3f} ms/step")
+    print(f"  tactic P={args.timing_target:<4}  {tac_t * 1e3:8.3f} ms/step  "
+          f"(reads {tac_read:.1%} of the context; {dense_t / tac_t:.2f}x dense)")
+    print("  See bench/NOTES.md for more shapes and the peers.")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tactic",
+                                     description="Tactic: adaptive sparse attention for decoding.")
+    sub = parser.add_subparsers(dest="command")
+    d = sub.add_parser("demo", help="accuracy vs quest and oracle, and decode timing, on real "
+                                    "SmolLM2 attention shipped with the package")
+    d.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95],
+                   help="attention-mass targets P (default: 0.8 0.9 0.95)")
+    d.add_argument("--device", default="cpu", help="device for the timing (default: cpu)")
+    d.add_argument("--timing-target", type=float, default=0.9, help="P for the timing (0.9)")
+    d.add_argument("--context", type=int, default=32768,
+                   help="timing context in tokens, the real prompt tiled (default: 32768)")
+    d.add_argument("--reps", type=int, default=3, help="timing repetitions (3)")
+    d.add_argument("--no-timing", action="store_true", help="skip the timing")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--version", action="version", version=f"tactic {__version__}")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    for p in getattr(args, "targets", []):
+        if not 0 < p <= 1:
+            parser.error(f"--targets: each P must be in (0, 1], got {p}")
+    if args.command == "demo":
+        if not 0 < args.timing_target <= 1:
+            parser.error(f"--timing-target must be in (0, 1], got {args.timing_target}")
+        if args.context < 1:
+            parser.error(f"--context must be >= 1, got {args.context}")
+        if args.reps < 1:
+            parser.error(f"--reps must be >= 1, got {args.reps}")
+        return demo(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
