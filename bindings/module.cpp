@@ -134,6 +134,7 @@ NB_MODULE(_core, m) {
       .def_prop_rw("sample_fraction", [](DecoderConfig& c) { return c.select.sample_fraction; }, [](DecoderConfig& c, double v) { c.select.sample_fraction = v; })
       .def_prop_rw("sample_segments", [](DecoderConfig& c) { return c.select.sample_segments; }, [](DecoderConfig& c, int v) { c.select.sample_segments = v; })
       .def_prop_rw("min_clusters", [](DecoderConfig& c) { return c.select.min_clusters; }, [](DecoderConfig& c, int64_t v) { c.select.min_clusters = v; })
+      .def_prop_rw("share_group", [](DecoderConfig& c) { return c.select.share_group; }, [](DecoderConfig& c, bool v) { c.select.share_group = v; })
       .def_prop_rw("budget", [](DecoderConfig& c) { return c.select.budget; }, [](DecoderConfig& c, int64_t v) { c.select.budget = v; })
       .def_prop_rw("page_size", [](DecoderConfig& c) { return c.select.page_size; }, [](DecoderConfig& c, int64_t v) { c.select.page_size = v; })
       .def("validate", &DecoderConfig::validate);
@@ -198,7 +199,9 @@ NB_MODULE(_core, m) {
       .def("reset", &Decoder::reset, nb::arg("slot"))
       .def("reset_all", &Decoder::reset_all)
       .def("recluster", &Decoder::recluster, nb::arg("layer"), nb::arg("slot"))
-      .def("store_bytes", [](const Decoder& d) { return d.store().bytes(); })
+      .def("store_bytes", &Decoder::store_bytes)
+      .def("set_stream", [](Decoder& d, uintptr_t s) { d.set_stream(reinterpret_cast<void*>(s)); },
+           nb::arg("stream"))
       .def("layout",
            [](const Decoder& d, int64_t layer, int64_t slot, int64_t head) {
              // The physical layout of one (layer, slot, KV head), as copies (tests, debugging).

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string>
 
+#include "device_decoder.hpp"
 #include "parallel.hpp"
 #include "tactic/attention.hpp"
 #include "tactic/convert.hpp"
@@ -16,10 +17,20 @@ constexpr int64_t kChunkRows = 512;  // split-KV chunk: balances heads with larg
 
 Decoder::Decoder(const DecoderConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
-  store_ = std::make_unique<KVStore>(cfg_);
+  if (on_cuda()) device_ = std::make_unique<cuda::DeviceDecoder>(cfg_);
+  else store_ = std::make_unique<KVStore>(cfg_);
   stats_.resize(cfg_.num_layers);
   scratch_.resize(resolve_threads(cfg_.num_threads));
 }
+
+Decoder::~Decoder() = default;
+
+const KVStore& Decoder::store() const {
+  if (!store_) throw UnsupportedError("the host KV store layout is only available for CPU decoders");
+  return *store_;
+}
+
+std::size_t Decoder::store_bytes() const { return store_ ? store_->bytes() : device_->bytes(); }
 
 void Decoder::check_layer(int64_t layer) const {
   if (layer < 0 || layer >= cfg_.num_layers)
@@ -42,7 +53,8 @@ static void check_kv_input(const TensorView& t, const char* name, const DecoderC
 void Decoder::prefill(int64_t layer, int64_t slot, const TensorView& keys,
                       const TensorView& values) {
   check_prefill(layer, slot, keys, values);
-  store_->prefill(layer, slot, keys, values);
+  if (device_) device_->prefill(layer, slot, keys, values, stream_);
+  else store_->prefill(layer, slot, keys, values);
 }
 
 void Decoder::check_prefill(int64_t layer, int64_t slot, const TensorView& keys,
@@ -57,8 +69,10 @@ void Decoder::check_prefill(int64_t layer, int64_t slot, const TensorView& keys,
   if (keys.shape[0] > cfg_.max_tokens)
     throw CapacityError("prefill of " + std::to_string(keys.shape[0]) +
                         " tokens exceeds `max_tokens`=" + std::to_string(cfg_.max_tokens));
-  check_finite(keys, "keys");
-  check_finite(values, "values");
+  if (!on_cuda()) {  // reading device memory here would synchronise; see README (NaN/Inf)
+    check_finite(keys, "keys");
+    check_finite(values, "values");
+  }
 }
 
 void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new,
@@ -90,7 +104,7 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
       throw TypeError(std::string("`v_new` must have the dtype of `k_new` (") + dtype_name(k_new->dtype) +
                       "), got " + dtype_name(v_new->dtype));
     for (int64_t s : slots)
-      if (store_->length(layer, s) + 1 > cfg_.max_tokens)
+      if (length(layer, s) + 1 > cfg_.max_tokens)
         throw CapacityError("sequence slot " + std::to_string(s) + " of layer " + std::to_string(layer) +
                             " is full: decoding one more token exceeds `max_tokens`=" +
                             std::to_string(cfg_.max_tokens));
@@ -107,6 +121,15 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
         throw ValueError(std::string("`budget` must be a positive token count for policy '") +
                          policy_name(pol) + "' (set it at construction or pass it per call)");
     }
+  }
+  if (device_) {
+    if (pol != Policy::tactic && pol != Policy::dense)
+      throw UnsupportedError("CUDA decoders run policies 'tactic' and 'dense' only");
+    device_->decode(layer, q, k_new, v_new, out, slots, append, stream_);
+    LayerStats& st = stats_[layer];
+    st = LayerStats{};
+    st.batch = -1;  // filled from the device on the first stats() call
+    return;
   }
   check_finite(q, "q");
   if (append) {
@@ -217,29 +240,35 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
 
 const LayerStats& Decoder::stats(int64_t layer) const {
   check_layer(layer);
+  if (device_ && stats_[layer].batch < 0) device_->stats(layer, stats_[layer]);
   return stats_[layer];
 }
 
 int64_t Decoder::length(int64_t layer, int64_t slot) const {
   check_layer(layer);
   check_slot(slot, "seq");
-  return store_->length(layer, slot);
+  return device_ ? device_->state(layer, slot).total() : store_->length(layer, slot);
 }
 
 void Decoder::reset(int64_t slot) {
   check_slot(slot, "seq");
-  store_->reset(slot);
+  if (device_) device_->reset(slot);
+  else store_->reset(slot);
 }
 
 void Decoder::reset_all() {
-  for (int64_t s = 0; s < cfg_.max_batch; ++s) store_->reset(s);
+  for (int64_t s = 0; s < cfg_.max_batch; ++s) {
+    if (device_) device_->reset(s);
+    else store_->reset(s);
+  }
   for (auto& s : stats_) s = LayerStats{};
 }
 
 void Decoder::recluster(int64_t layer, int64_t slot) {
   check_layer(layer);
   check_slot(slot, "seq");
-  store_->recluster(layer, slot);
+  if (device_) device_->recluster(layer, slot, stream_);
+  else store_->recluster(layer, slot);
 }
 
 }  // namespace tactic

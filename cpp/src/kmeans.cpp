@@ -97,14 +97,8 @@ KMeansResult kmeans(const void* xdata, DType dtype, int64_t n, int64_t d, int64_
   }
 
   // Seeded random initialisation: C distinct rows.
-  std::mt19937_64 rng(opt.seed);
-  std::vector<int64_t> idx(n);
-  std::iota(idx.begin(), idx.end(), 0);
-  for (int64_t i = 0; i < c; ++i) {
-    std::uniform_int_distribution<int64_t> pick(i, n - 1);
-    std::swap(idx[i], idx[pick(rng)]);
-    std::copy(&x[idx[i] * d], &x[idx[i] * d] + d, centroids + i * d);
-  }
+  const std::vector<int64_t> init = kmeans_init_rows(n, c, opt.seed);
+  for (int64_t i = 0; i < c; ++i) std::copy(&x[init[i] * d], &x[init[i] * d] + d, centroids + i * d);
 
   const int64_t cpad = (c + kColBlock - 1) / kColBlock * kColBlock;
   std::vector<float> ct((size_t)(d * cpad), 0.f), cnorm(c), best(n);
@@ -218,6 +212,19 @@ KMeansResult kmeans(const TensorView& x, const KMeansOptions& opt, const TensorV
   check_contiguous(assign, "assign");
   return kmeans(x.data, x.dtype, n, d, x.shape[0] > 1 ? x.strides[0] : d, opt,
                 centroids.ptr<float>(), assign.ptr<int32_t>());
+}
+
+std::vector<int64_t> kmeans_init_rows(int64_t n, int64_t c, uint64_t seed) {
+  // Partial Fisher-Yates with a fixed generator: the same indices on every platform.
+  std::mt19937_64 rng(seed);
+  std::vector<int64_t> idx(n);
+  std::iota(idx.begin(), idx.end(), 0);
+  for (int64_t i = 0; i < c; ++i) {
+    std::uniform_int_distribution<int64_t> pick(i, n - 1);
+    std::swap(idx[i], idx[pick(rng)]);
+  }
+  idx.resize(c);
+  return idx;
 }
 
 void cluster_permutation(const int32_t* assign, int64_t n, int64_t c, int32_t* perm,

@@ -83,9 +83,17 @@ void DecoderConfig::validate() const {
   if (!is_float_storage(dtype))
     throw TypeError(std::string("`dtype` must be float16, bfloat16 or float32, got ") +
                     dtype_name(dtype));
+#ifdef TACTIC_WITH_CUDA
+  if (device.kind != DeviceKind::cpu && device.kind != DeviceKind::cuda)
+#else
   if (device.kind != DeviceKind::cpu)
-    throw UnsupportedError("`device` " + device_name(device) +
-                           " is not available in this build (CPU backend only)");
+#endif
+    throw UnsupportedError("`device` " + device_name(device) + " is not available in this build (" +
+#ifdef TACTIC_WITH_CUDA
+                           "CPU and CUDA backends)");
+#else
+                           "CPU backend only: built without CUDA)");
+#endif
   tactic::validate(select);
   require(cluster_size >= 1, "cluster_size", ">= 1", cluster_size);
   require(kmeans_iters >= 1 && kmeans_iters <= 1000, "kmeans_iters", "in [1, 1000]", kmeans_iters);

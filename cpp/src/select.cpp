@@ -227,7 +227,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     // Clusters another head of this group already chose are read for the union anyway:
     // score them exactly too, so this head counts their mass instead of adding its own.
     for (int64_t j = 0; j < c; ++j)
-      if (s.mark[j] && s.state[j] == kUnread) s.state[j] = kShared;
+      if (opt.share_group && s.mark[j] && s.state[j] == kUnread) s.state[j] = kShared;
 
     // Exact logits of the always-read rows and of every read cluster.
     double m = -std::numeric_limits<double>::infinity();

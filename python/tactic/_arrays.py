@@ -88,6 +88,17 @@ def empty(like, shape, dtype: str):
         import cupy
         with cupy.cuda.Device(like.device.id):
             return cupy.empty(tuple(shape), dtype=_np_dtype(dtype))
+    if fw == "jax" and device_of(like).startswith("cuda"):
+        # JAX arrays are immutable: the core writes a CuPy (or torch) array on the same GPU,
+        # which `finish` hands to JAX through DLPack without a copy.
+        dev = int(device_of(like).split(":")[1])
+        try:
+            import cupy
+            with cupy.cuda.Device(dev):
+                return cupy.empty(tuple(shape), dtype=_np_dtype(dtype))
+        except ImportError:
+            import torch
+            return empty(torch.empty(0, device=f"cuda:{dev}"), shape, dtype)
     return np.empty(tuple(shape), dtype=_np_dtype(dtype))
 
 
@@ -96,7 +107,22 @@ def finish(like, arr):
     if framework(like) == "jax" and isinstance(arr, np.ndarray):
         import jax.numpy as jnp
         return jnp.asarray(arr)
+    if framework(like) == "jax":
+        import jax
+        return jax.dlpack.from_dlpack(arr)
     return arr
+
+
+def current_stream(x) -> int:
+    """The CUDA stream the caller's framework is using for `x` (0: the default stream)."""
+    fw = framework(x)
+    if fw == "torch" and x.is_cuda:
+        import torch
+        return int(torch.cuda.current_stream(x.device).cuda_stream)
+    if fw == "cupy":
+        import cupy
+        return int(cupy.cuda.get_current_stream().ptr)
+    return 0
 
 
 def from_numpy(like, arr: np.ndarray):

@@ -66,6 +66,10 @@ class SparseDecoder:
             'topk' (exact top-`budget` tokens per query head).
         estimator: 'centroid_prior' (default, measured best) or 'two_segment' (the paper's
             a/x + b fit). margin: the stop rule aims at P + margin * (1 - P).
+            share_group: a query head scores exactly the clusters that earlier heads of its
+            GQA group chose (they are read for the union anyway) instead of estimating them.
+            Default: True on the CPU (measured ~2 points fewer tokens read at equal success),
+            False on CUDA (heads select in parallel; the only mode the GPU implements).
         cluster_size: average tokens per k-means cluster; kmeans_iters; metric:
             'euclidean' or 'spherical'; seed: k-means initialisation seed.
         num_sink: first tokens always attended exactly and never clustered.
@@ -84,7 +88,8 @@ class SparseDecoder:
                  margin: float = 0.5, cluster_size: int = 16, kmeans_iters: int = 10,
                  metric: str = "euclidean", num_sink: int = 4, recluster_interval: int = 2048,
                  budget: int = 0, page_size: int = 16, head_fraction: float = 0.02,
-                 sample_fraction: float = 0.01, sample_segments: int = -1, min_clusters: int = 8, seed: int = 0,
+                 sample_fraction: float = 0.01, sample_segments: int = -1, min_clusters: int = 8,
+                 share_group: Optional[bool] = None, seed: int = 0,
                  scale: Optional[float] = None, record_selection: bool = False,
                  num_threads: int = 0):
         c = _core.DecoderConfig()
@@ -111,6 +116,11 @@ class SparseDecoder:
         c.sample_fraction = _float("sample_fraction", sample_fraction)
         c.sample_segments = _int("sample_segments", sample_segments)
         c.min_clusters = _int("min_clusters", min_clusters)
+        if share_group is None:  # the CUDA backend selects every query head independently
+            share_group = _parse_device(device)[0] == "cpu"
+        if not isinstance(share_group, bool):
+            raise TypeError(f"`share_group` must be a bool, got {type(share_group).__name__}")
+        c.share_group = share_group
         c.seed = _int("seed", seed, 0)
         c.scale = 0.0 if scale is None else _float("scale", scale)
         if scale is not None and not c.scale > 0:
@@ -122,6 +132,7 @@ class SparseDecoder:
         c.validate()
         self._cfg = c
         self._core = _core.Decoder(c)
+        self._on_cuda = _parse_device(device)[0] == "cuda"
         self.policy = policy
         self.device = device if isinstance(device, str) else str(device)
         self.dtype = _arrays.dtype_name(dtype)
@@ -168,16 +179,36 @@ class SparseDecoder:
         return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
 
     # ------------------------------------------------------------------ API
-    def prefill(self, layer: int, keys, values, seq=0, lengths: Optional[Iterable[int]] = None):
+    def _use_stream(self, x, stream) -> None:
+        """CUDA decoders queue their work on `stream` (a cudaStream_t as int, or an object with
+        `.cuda_stream`/`.ptr`), by default the current stream of x's framework."""
+        if not self._on_cuda:
+            return
+        if stream is None:
+            s = _arrays.current_stream(x)
+        elif isinstance(stream, numbers.Integral):
+            s = int(stream)
+        elif hasattr(stream, "cuda_stream"):
+            s = int(stream.cuda_stream)
+        elif hasattr(stream, "ptr"):
+            s = int(stream.ptr)
+        else:
+            raise TypeError(f"`stream` must be an int handle, a torch or CuPy stream, got {type(stream).__name__}")
+        self._core.set_stream(s)
+
+    def prefill(self, layer: int, keys, values, seq=0, lengths: Optional[Iterable[int]] = None,
+                stream=None):
         """Store a prompt's keys/values for `layer` (replacing what `seq` held there).
 
         keys, values: [N, Hkv, D] for one sequence (slot `seq`), or [B, Hkv, N, D] for B
         sequences (slots `seq`, default 0..B-1) with optional `lengths` [B] (valid tokens
         of each, the rest is padding). Under the tactic policy the keys are clustered here.
+        stream: CUDA only, see `decode`.
         """
         layer = self._layer(layer)
         keys = _arrays.prepare(keys, "keys")
         values = _arrays.prepare(values, "values")
+        self._use_stream(keys, stream)
         if len(keys.shape) == 4:
             B, H, N = keys.shape[0], keys.shape[1], keys.shape[2]
             if tuple(values.shape) != tuple(keys.shape):
@@ -201,17 +232,20 @@ class SparseDecoder:
                              f"[B, num_kv_heads, N, head_dim], got shape {tuple(keys.shape)}")
         self._core.prefill(layer, _int("seq", seq), keys, values)
 
-    def decode(self, layer: int, q, k_new, v_new, seq=None, out=None, budget=None):
+    def decode(self, layer: int, q, k_new, v_new, seq=None, out=None, budget=None, stream=None):
         """One decode step of `layer`: append the new token's k/v, then attend.
 
         q: [B, Hq, D] queries of the new token; k_new, v_new: [B, Hkv, D] its key/value
         (appended before attention, so the token attends to itself). seq: the B slots
         (default 0..B-1). out: optional [B, Hq, D] array to write into. budget: tokens per
         KV head for quest/topk (int or [B, Hkv]). Returns out [B, Hq, D] in q's framework,
-        with q's dtype.
+        with q's dtype. stream (CUDA): where the step's kernels run; default the current
+        stream of q's framework (torch.cuda.current_stream(), CuPy's current stream). The
+        step never waits for the GPU, so it can be captured in a CUDA graph.
         """
         layer = self._layer(layer)
         q = _arrays.prepare(q, "q")
+        self._use_stream(q, stream)
         k_new = _arrays.prepare(k_new, "k_new")
         v_new = _arrays.prepare(v_new, "v_new")
         if len(q.shape) != 3:

@@ -19,6 +19,10 @@
 
 namespace tactic {
 
+namespace cuda {
+class DeviceDecoder;
+}
+
 // What the last decode()/select() of a layer did, per sequence in that call.
 struct LayerStats {
   int64_t batch = 0;
@@ -35,8 +39,15 @@ struct LayerStats {
 class Decoder {
  public:
   explicit Decoder(const DecoderConfig& cfg);
+  ~Decoder();
   const DecoderConfig& config() const { return cfg_; }
-  const KVStore& store() const { return *store_; }
+  bool on_cuda() const { return cfg_.device.kind == DeviceKind::cuda; }
+  // The host KV store (CPU decoders only; UnsupportedError on CUDA).
+  const KVStore& store() const;
+  std::size_t store_bytes() const;
+  // CUDA work of prefill/decode/recluster is queued on `stream` (a cudaStream_t; null: the
+  // default stream). Ignored on the CPU.
+  void set_stream(void* stream) { stream_ = stream; }
 
   // Replace `slot`'s tokens in `layer` with keys/values [N, Hkv, D] (N may be 0).
   void prefill(int64_t layer, int64_t slot, const TensorView& keys, const TensorView& values);
@@ -63,8 +74,10 @@ class Decoder {
   void check_slot(int64_t slot, const char* name) const;
 
   DecoderConfig cfg_;
-  std::unique_ptr<KVStore> store_;
-  std::vector<LayerStats> stats_;
+  std::unique_ptr<KVStore> store_;               // CPU
+  std::unique_ptr<cuda::DeviceDecoder> device_;  // CUDA
+  void* stream_ = nullptr;
+  mutable std::vector<LayerStats> stats_;
   std::vector<SelectScratch> scratch_;  // one per thread
 };
 

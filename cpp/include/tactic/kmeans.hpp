@@ -28,6 +28,10 @@ KMeansResult kmeans(const void* x, DType dtype, int64_t n, int64_t d, int64_t ld
 KMeansResult kmeans(const TensorView& x, const KMeansOptions& opt, const TensorView& centroids,
                     const TensorView& assign);
 
+// The seeded initialisation shared by every backend: the C distinct row indices (in [0, N))
+// whose rows become the initial centroids, in centroid order.
+std::vector<int64_t> kmeans_init_rows(int64_t n, int64_t c, uint64_t seed);
+
 // Stable counting sort of rows by cluster: perm[j] is the source row of destination row j,
 // offsets[c]..offsets[c+1] the rows of cluster c. offsets has C + 1 entries.
 void cluster_permutation(const int32_t* assign, int64_t n, int64_t c, int32_t* perm,

@@ -56,6 +56,9 @@ struct SelectOptions {
   int segments() const {
     return sample_segments >= 0 ? sample_segments : (estimator == Estimator::two_segment ? 2 : 0);
   }
+  // GQA: a query head scores exactly the clusters earlier heads of its group already chose
+  // (they are read for the union anyway). Sequential across the G heads.
+  bool share_group = true;
   int64_t min_clusters = 8;   // with fewer clusters than this, select all (fit degenerate)
   int64_t budget = 0;         // tokens per KV head for quest/topk (0: must be given per call)
   int64_t page_size = 16;     // quest page size
