@@ -236,7 +236,8 @@ class SparseDecoder:
         """One decode step of `layer`: append the new token's k/v, then attend.
 
         q: [B, Hq, D] queries of the new token; k_new, v_new: [B, Hkv, D] its key/value
-        (appended before attention, so the token attends to itself). seq: the B slots
+        (appended before attention, so the token attends to itself), or both None to attend
+        over the stored context without appending (e.g. inside a captured CUDA graph). seq: the B slots
         (default 0..B-1). out: optional [B, Hq, D] array to write into. budget: tokens per
         KV head for quest/topk (int or [B, Hkv]). Returns out [B, Hq, D] in q's framework,
         with q's dtype. stream (CUDA): where the step's kernels run; default the current
@@ -246,8 +247,10 @@ class SparseDecoder:
         layer = self._layer(layer)
         q = _arrays.prepare(q, "q")
         self._use_stream(q, stream)
-        k_new = _arrays.prepare(k_new, "k_new")
-        v_new = _arrays.prepare(v_new, "v_new")
+        append = k_new is not None or v_new is not None
+        if append:
+            k_new = _arrays.prepare(k_new, "k_new")
+            v_new = _arrays.prepare(v_new, "v_new")
         if len(q.shape) != 3:
             raise ValueError(f"`q` must be [B, num_q_heads={self.num_q_heads}, head_dim={self.head_dim}], "
                              f"got shape {tuple(q.shape)}")
@@ -258,7 +261,7 @@ class SparseDecoder:
             if dt not in ("float16", "bfloat16", "float32"):
                 raise TypeError(f"`q` must be float16, bfloat16 or float32, got {dt}")
             result = _arrays.empty(q, q.shape, dt)
-        self._core.decode(layer, q, k_new, v_new, result, slots, self._budgets(budget, len(slots)), True)
+        self._core.decode(layer, q, k_new, v_new, result, slots, self._budgets(budget, len(slots)), append)
         return _arrays.finish(q, result) if out is None else out
 
     def select(self, layer: int, q, seq=None, budget=None) -> dict:

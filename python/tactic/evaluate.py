@@ -53,25 +53,34 @@ class PolicyRun:
 
 def run_policy(cap: LayerCapture, n_prefill: int, scale: float, policy: str = "tactic",
                target: float = 0.9, budgets: Optional[np.ndarray] = None,
-               dtype: str = "float16", **options) -> PolicyRun:
+               dtype: str = "float16", device: str = "cpu", **options) -> PolicyRun:
     """Replay the captured decode steps through a one-layer SparseDecoder.
 
-    budgets: [S, Hkv] tokens per step and KV head (quest/topk).
+    budgets: [S, Hkv] tokens per step and KV head (quest/topk). device 'cuda' moves the
+    inputs to the GPU with torch.
     """
+    if str(device).startswith("cuda"):
+        import torch
+
+        def put(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    else:
+        def put(a):
+            return a
     t, hkv, d = cap.keys.shape
     s, hq, _ = cap.queries.shape
     dec = SparseDecoder(1, hq, hkv, d, max_batch=1, max_tokens=t, dtype=dtype, target=target,
-                        policy=policy, scale=scale, record_selection=True, **options)
-    dec.prefill(0, cap.keys[:n_prefill], cap.values[:n_prefill])
+                        policy=policy, scale=scale, record_selection=True, device=device, **options)
+    dec.prefill(0, put(cap.keys[:n_prefill]), put(cap.values[:n_prefill]))
     run = PolicyRun(np.zeros((s, hq, d), np.float32), np.zeros((s, hkv), np.int64),
                     np.zeros((s, hq), np.int64), np.zeros((s, hq)), [], [], np.zeros(s, np.int64))
     for i in range(s):
         pos = n_prefill + i
         q = cap.queries[i][None].astype(np.float32)
-        out = dec.decode(0, q, cap.keys[pos][None], cap.values[pos][None],
+        out = dec.decode(0, put(q), put(cap.keys[pos][None]), put(cap.values[pos][None]),
                          budget=None if budgets is None else budgets[i][None])
         st = dec.stats(0)
-        run.outputs[i] = out[0]
+        run.outputs[i] = out[0].float().cpu().numpy() if hasattr(out, "cpu") else out[0]
         run.kv_tokens[i] = st["kv_tokens"][0]
         run.head_tokens[i] = st["head_tokens"][0]
         run.est_mass[i] = st["est_mass"][0]

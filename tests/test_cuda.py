@@ -1,0 +1,196 @@
+"""The CUDA backend against the float64 reference and against the CPU backend.
+
+Skipped, with the reason, where this build has no CUDA backend or no GPU is visible.
+"""
+import numpy as np
+import pytest
+
+import tactic
+from conftest import ATOL, RTOL, ref_attention
+
+torch = pytest.importorskip("torch")
+if not tactic.with_cuda:
+    pytest.skip("this build of tactic has no CUDA backend (no nvcc at build time)", allow_module_level=True)
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU visible", allow_module_level=True)
+
+TORCH_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rand(shape, dtype, gen, scale=1.0):
+    x = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+    x = x.to(TORCH_DT[dtype])
+    return x, x.double().numpy()
+
+
+def mixture_keys(n, hkv, d, gen, centres=64):
+    """Keys around a few centres, so attention is skewed as in real heads."""
+    c = torch.randn(hkv, centres, d, generator=gen)
+    c = 4 * c / c.norm(dim=2, keepdim=True)
+    idx = torch.randint(0, centres, (hkv, n), generator=gen)
+    k = torch.gather(c, 1, idx[:, :, None].expand(hkv, n, d)) + 0.5 * torch.randn(hkv, n, d, generator=gen)
+    return k.permute(1, 0, 2).contiguous(), c
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("g", [1, 3, 4, 8, 16])
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("n", [1, 17, 1000, 4097])
+def test_dense_matches_reference(dtype, g, d, n):
+    gen = torch.Generator().manual_seed(n * 31 + g * 7 + d)
+    hkv = 2
+    k, k64 = rand((n, hkv, d), dtype, gen)
+    v, v64 = rand((n, hkv, d), dtype, gen)
+    q, q64 = rand((1, hkv * g, d), dtype, gen)
+    kn, kn64 = rand((1, hkv, d), dtype, gen)
+    vn, vn64 = rand((1, hkv, d), dtype, gen)
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype=dtype, policy="dense")
+    dec.prefill(0, k.cuda(), v.cuda())
+    out = dec.decode(0, q.cuda(), kn.cuda(), vn.cuda())
+    assert out.is_cuda and out.dtype == TORCH_DT[dtype]
+    ref, _ = ref_attention(q64[0], np.concatenate([k64, kn64]), np.concatenate([v64, vn64]), d ** -0.5)
+    np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=ATOL[dtype], rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("g", [1, 4, 5])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_target_one_matches_reference_across_reclustering(dtype, g, d):
+    """P = 1 reads everything: equal to dense attention, also after re-clustering."""
+    gen = torch.Generator().manual_seed(g * 13 + d)
+    hkv, n, steps = 2, 700, 40
+    k, k64 = rand((n + steps, hkv, d), dtype, gen)
+    v, v64 = rand((n + steps, hkv, d), dtype, gen)
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + steps, device="cuda", dtype=dtype,
+                               target=1.0, recluster_interval=16)
+    dec.prefill(0, k[:n].cuda(), v[:n].cuda())
+    for i in range(steps):
+        q, q64 = rand((1, hkv * g, d), dtype, gen)
+        out = dec.decode(0, q.cuda(), k[n + i][None].cuda(), v[n + i][None].cuda())
+        if i % 9 == 0 or i == steps - 1:
+            ref, _ = ref_attention(q64[0], k64[: n + i + 1], v64[: n + i + 1], d ** -0.5)
+            np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=ATOL[dtype], rtol=RTOL[dtype])
+    assert dec.length(0) == n + steps
+
+
+@pytest.mark.parametrize("g", [1, 4, 8])
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.97])
+def test_selection_matches_cpu(g, target):
+    """Same keys, same seed: the GPU picks the clusters the CPU picks (share_group off on both)."""
+    gen = torch.Generator().manual_seed(int(target * 100) + g)
+    hkv, d, n, steps = 2, 128, 6000, 6
+    k, _ = mixture_keys(n + steps, hkv, d, gen)
+    k = k.half()
+    v = torch.randn(n + steps, hkv, d, generator=gen).half()
+    opts = dict(max_tokens=n + steps, dtype="float16", target=target, share_group=False)
+    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+    cpu.prefill(0, k[:n], v[:n])
+    gpu.prefill(0, k[:n].cuda(), v[:n].cuda())
+    same = total = 0
+    for i in range(steps):
+        q = (k[n + i].repeat_interleave(g, 0)[None].float() * 3 + torch.randn(1, hkv * g, d, generator=gen)).half()
+        oc = cpu.decode(0, q, k[n + i][None], v[n + i][None])
+        og = gpu.decode(0, q.cuda(), k[n + i][None].cuda(), v[n + i][None].cuda())
+        sc, sg = cpu.stats(0), gpu.stats(0)
+        same += int((sc["head_tokens"] == sg["head_tokens"]).sum())
+        total += sc["head_tokens"].size
+        np.testing.assert_allclose(sg["context"], sc["context"])
+        if (sc["kv_tokens"] == sg["kv_tokens"]).all():
+            np.testing.assert_allclose(og.float().cpu().numpy(), oc.float().numpy(), atol=3e-3, rtol=3e-3)
+    # Float sums in another order may move a stop point by one cluster, rarely.
+    assert same >= 0.95 * total, f"{same}/{total} heads selected the same token count"
+
+
+def test_real_fixture_accuracy_matches_cpu(fixture_data):
+    """Decode of the real SmolLM2 capture: the GPU reaches the CPU's accuracy figures."""
+    from tactic.evaluate import accuracy, fixture_layers, kv_union_success, reference, run_policy
+
+    fx = fixture_data
+    figures = {}
+    for device in ("cpu", "cuda"):
+        read, union = [], []
+        for cap in fixture_layers(fx):
+            ref = reference(cap, fx.n_prefill, fx.scale)
+            run = run_policy(cap, fx.n_prefill, fx.scale, "tactic", target=0.9, device=device, share_group=False)
+            acc = accuracy(run, ref)
+            read.append(acc.read_fraction.ravel())
+            union.append(kv_union_success(acc, 0.9, 3).ravel())
+        figures[device] = (np.concatenate(read).mean(), np.concatenate(union).mean())
+    (rc, uc), (rg, ug) = figures["cpu"], figures["cuda"]
+    assert ug >= 0.9, figures
+    assert abs(rg - rc) <= 0.01 and abs(ug - uc) <= 0.02, figures
+
+
+def test_cupy_and_torch_inputs_are_not_copied():
+    cupy = pytest.importorskip("cupy")
+    d, hkv, g, n = 64, 2, 2, 300
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 2, device="cuda", dtype="float16", target=1.0)
+    k = cupy.random.standard_normal((n, hkv, d)).astype(cupy.float16)
+    v = cupy.random.standard_normal((n, hkv, d)).astype(cupy.float16)
+    dec.prefill(0, k, v)
+    q = cupy.random.standard_normal((1, hkv * g, d)).astype(cupy.float16)
+    out = cupy.empty((1, hkv * g, d), dtype=cupy.float16)
+    res = dec.decode(0, q, k[:1], v[:1], out=out)
+    assert res is out and int(out.data.ptr) == int(res.data.ptr)
+    res2 = dec.decode(0, q, k[:1], v[:1])
+    assert isinstance(res2, cupy.ndarray)
+    tq = torch.randn(1, hkv * g, d, device="cuda", dtype=torch.float16)
+    tout = torch.empty_like(tq)
+    assert dec.decode(0, tq, None, None, out=tout) is tout
+    ref, _ = ref_attention(tq[0].double().cpu().numpy(),
+                           np.concatenate([cupy.asnumpy(k), cupy.asnumpy(k[:1]), cupy.asnumpy(k[:1])]).astype(np.float64),
+                           np.concatenate([cupy.asnumpy(v), cupy.asnumpy(v[:1]), cupy.asnumpy(v[:1])]).astype(np.float64),
+                           d ** -0.5)
+    np.testing.assert_allclose(tout[0].double().cpu().numpy(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_cuda_graph_replays_the_step():
+    gen = torch.Generator().manual_seed(5)
+    hkv, g, d, n = 8, 4, 128, 20000
+    k, _ = mixture_keys(n, hkv, d, gen)
+    v = torch.randn(n, hkv, d, generator=gen)
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 8, device="cuda", dtype="float16", target=0.9)
+    dec.prefill(0, k.half().cuda(), v.half().cuda())
+    q = (torch.randn(1, hkv * g, d, generator=gen) * 2).half().cuda()
+    out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        dec.decode(0, q, None, None, out=out)  # warm-up: uploads the slot list
+        eager = out.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            dec.decode(0, q, None, None, out=out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+    q.copy_(q * 0.5)  # new inputs in the same buffer: the replay follows them
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = dec.decode(0, q, None, None)
+    torch.testing.assert_close(out, fresh, atol=0, rtol=0)
+
+
+def test_errors_are_clear():
+    with pytest.raises(RuntimeError, match="head_dim"):
+        tactic.SparseDecoder(1, 2, 1, 72, device="cuda")
+    dec = tactic.SparseDecoder(1, 2, 1, 64, max_tokens=10, device="cuda")
+    with pytest.raises((ValueError, TypeError), match="keys"):
+        dec.prefill(0, np.zeros((4, 1, 64), np.float16), np.zeros((4, 1, 64), np.float16))
+    with pytest.raises(tactic.CapacityError):
+        dec.prefill(0, torch.zeros(11, 1, 64, device="cuda", dtype=torch.float16),
+                    torch.zeros(11, 1, 64, device="cuda", dtype=torch.float16))
+    assert dec.length(0) == 0
+
+
+def test_no_leak_across_create_destroy():
+    torch.cuda.synchronize()
+    free0 = torch.cuda.mem_get_info()[0]
+    for _ in range(30):
+        dec = tactic.SparseDecoder(2, 8, 2, 128, max_tokens=4096, device="cuda")
+        dec.prefill(0, torch.randn(1000, 2, 128, device="cuda", dtype=torch.float16),
+                    torch.randn(1000, 2, 128, device="cuda", dtype=torch.float16))
+        del dec
+    torch.cuda.synchronize()
+    assert torch.cuda.mem_get_info()[0] >= free0 - (8 << 20)
