@@ -1,6 +1,7 @@
 // Decode attention over row ranges with fp32 accumulation, split into chunks whose partial
 // results (running max m, denominator l, unnormalised accumulator) merge by log-sum-exp.
-// All G query heads of one KV head share every K/V row load.
+// All G query heads of one KV head share every K/V row load. These are the CPU building
+// blocks under Decoder::decode and the ops; host memory only, arguments not checked.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -19,7 +20,7 @@ struct RowRange {
 // Partial softmax state of G heads: m[g], l[g], acc[g * D + d].
 struct AttentionPartial {
   std::vector<float> m, l, acc;
-  void init(int64_t g, int64_t d);
+  void init(int64_t g, int64_t d);  // empty state for g heads of dim d: m = -inf, l = acc = 0
 };
 
 // Accumulate rows of the given ranges into `p` (which may already hold rows).
@@ -32,8 +33,8 @@ void attention_accumulate(const void* k_base, int64_t ld_k, const void* v_base, 
 // Merge `src` into `dst` (log-sum-exp).
 void attention_merge(AttentionPartial& dst, const AttentionPartial& src);
 
-// Write acc / l per head into out ([G, D] with row stride ld_out, in dtype `out_dtype`).
-// A head that saw no rows writes zeros.
+// Write acc / l per head into out ([G, D] with row stride ld_out elements, in dtype
+// `out_dtype`, caller-owned). A head that saw no rows writes zeros.
 void attention_finish(const AttentionPartial& p, int64_t d, void* out, int64_t ld_out,
                       DType out_dtype);
 

@@ -8,6 +8,7 @@
 
 namespace tactic {
 
+// IEEE binary16 bits -> float (exact).
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu;
@@ -29,6 +30,7 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
+// float -> IEEE binary16 bits, round to nearest even; overflow gives inf.
 inline uint16_t float_to_half(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
@@ -54,6 +56,7 @@ inline uint16_t float_to_half(float f) {
   return (uint16_t)(sign | r);
 }
 
+// bfloat16 bits -> float (exact).
 inline float bf16_to_float(uint16_t b) {
   const uint32_t bits = (uint32_t)b << 16;
   float f;
@@ -61,6 +64,7 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
+// float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN.
 inline uint16_t float_to_bf16(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
@@ -69,9 +73,10 @@ inline uint16_t float_to_bf16(float f) {
   return (uint16_t)(x >> 16);
 }
 
-// Load n elements of `dtype` at src (unit stride) into float dst.
+// Load n elements of `dtype` (f32, f16 or bf16, else TypeError) at src (unit stride, host
+// memory) into float dst.
 void load_floats(const void* src, DType dtype, int64_t n, float* dst);
-// Store n floats into `dtype` at dst (unit stride).
+// Store n floats into `dtype` (f32, f16 or bf16) at dst (unit stride, host memory).
 void store_floats(const float* src, int64_t n, DType dtype, void* dst);
 
 }  // namespace tactic

@@ -1,5 +1,6 @@
-// Options shared by the decoder and the functional ops. Defaults are the measured best
-// choices (see bench/NOTES.md); every field is validated by validate().
+// Options shared by the decoder and the functional ops: plain value types, copied by whoever
+// takes them. Defaults are the measured best choices (see bench/NOTES.md); every field is
+// validated by validate().
 #pragma once
 #include <cstdint>
 #include <string>
@@ -23,8 +24,11 @@ enum class Estimator : int {
   two_segment = 1,     // the paper's y = a/x + b through two exact segment means
 };
 
+// k-means distance: squared Euclidean, or cosine on L2-normalised rows ("spherical").
 enum class Metric : int { euclidean = 0, spherical = 1 };
 
+// Names as the Python API spells them ("tactic", "centroid_prior", "euclidean"); static
+// strings. parse_* are the inverses (parse_metric also accepts "cosine").
 const char* policy_name(Policy p);
 const char* estimator_name(Estimator e);
 const char* metric_name(Metric m);
@@ -32,6 +36,7 @@ Policy parse_policy(const std::string& s);        // throws ValueError naming `p
 Estimator parse_estimator(const std::string& s);  // throws ValueError naming `estimator`
 Metric parse_metric(const std::string& s);        // throws ValueError naming `metric`
 
+// Options of one k-means run (tactic::kmeans).
 struct KMeansOptions {
   int64_t num_clusters = 0;  // C >= 1; clamped to N when N < C
   int max_iters = 10;        // Lloyd iterations (>= 1)
@@ -40,6 +45,7 @@ struct KMeansOptions {
   int num_threads = 0;  // 0: all cores
 };
 
+// How a decode step chooses the tokens each query head reads (DecoderConfig::select).
 struct SelectOptions {
   Policy policy = Policy::tactic;
   double target = 0.9;  // P in (0, 1]: fraction of attention mass to keep
@@ -53,7 +59,7 @@ struct SelectOptions {
   // Exact sample segments read besides the head: -1 picks 0 for centroid_prior (the exact
   // head calibrates it; measured: fewer reads at equal success) and 2 for two_segment.
   int sample_segments = -1;
-  int segments() const {
+  int segments() const {  // sample_segments with -1 resolved
     return sample_segments >= 0 ? sample_segments : (estimator == Estimator::two_segment ? 2 : 0);
   }
   // GQA: a query head scores exactly the clusters earlier heads of its group already chose
@@ -64,31 +70,36 @@ struct SelectOptions {
   int64_t page_size = 16;     // quest page size
 };
 
+// Everything a Decoder is built from: model geometry, capacity (all memory is allocated at
+// construction from these), storage dtype, device and selection options. max_tokens has no
+// usable default: set it.
 struct DecoderConfig {
   int64_t num_layers = 1;
-  int64_t num_q_heads = 1;
-  int64_t num_kv_heads = 1;
-  int64_t head_dim = 64;
+  int64_t num_q_heads = 1;   // Hq, a multiple of num_kv_heads (G = Hq / Hkv query heads per KV head)
+  int64_t num_kv_heads = 1;  // Hkv
+  int64_t head_dim = 64;     // D, in [1, 1024]
   int64_t max_batch = 1;   // sequence slots
   int64_t max_tokens = 0;  // capacity per slot (prefill + decoded tokens)
   DType dtype = DType::f16;  // KV storage dtype: f32, f16 or bf16
-  Device device{};
+  Device device{};           // where the store lives and every input must be (cuda: CUDA builds only)
   SelectOptions select{};
   int64_t cluster_size = 16;         // average tokens per k-means cluster
-  int kmeans_iters = 10;
+  int kmeans_iters = 10;             // Lloyd iterations per clustering
   Metric metric = Metric::euclidean;
-  uint64_t seed = 0;
+  uint64_t seed = 0;                 // k-means initialisation seed
   int64_t num_sink = 4;              // first tokens always attended exactly, never clustered
   int64_t recluster_interval = 2048; // decoded tokens before the recent segment is re-clustered
   double scale = 0.0;                // softmax scale; 0 means 1/sqrt(head_dim)
-  bool record_selection = false;     // keep per-token selection masks for stats()
+  bool record_selection = false;     // keep per-token selection masks for stats() (B*(Hkv+Hq)*max_tokens bytes a layer)
   int num_threads = 0;               // 0: all cores
 
-  // Throws ValueError naming the first bad field and its allowed range.
+  // Throws ValueError naming the first bad field and its allowed range (TypeError for a
+  // non-float dtype, UnsupportedError for a device this build lacks).
   void validate() const;
-  double softmax_scale() const;
+  double softmax_scale() const;  // `scale`, or 1/sqrt(head_dim) when it is 0
 };
 
+// Throw ValueError naming the first out-of-range field.
 void validate(const SelectOptions& o);
 void validate(const KMeansOptions& o);
 

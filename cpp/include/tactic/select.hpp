@@ -1,5 +1,6 @@
 // Token selection for one (sequence, KV head) and its G query heads: every policy of
-// options.hpp, the GQA union, and per-head statistics.
+// options.hpp, the GQA union, and per-head statistics. The building block under
+// Decoder::decode, exposed for tools that want selection alone (CPU store only).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -10,9 +11,11 @@
 
 namespace tactic {
 
+// One (sequence, KV head)'s selection. Row indices are rows of the store's physical layout
+// (see store.hpp; KVStore::positions maps them to token positions).
 struct KVSelection {
   std::vector<RowRange> rows;  // union over the G heads, sorted, disjoint: what is read
-  int64_t union_tokens = 0;
+  int64_t union_tokens = 0;    // rows covered by `rows`
   std::vector<int64_t> head_tokens;   // [G] tokens each query head selected on its own
   std::vector<double> est_mass;       // [G] the selector's estimate of its own mass (NaN: none)
   std::vector<std::vector<RowRange>> head_rows;  // [G] per-head sets (only when recorded)
@@ -27,8 +30,11 @@ struct SelectScratch {
   std::vector<float> row;
 };
 
-// q: [G, D] float32, already multiplied by the softmax scale.
-// budget: tokens for quest/topk (<= 0: the options' budget).
+// Select for KV head `head` of (layer, slot) and its G query heads; results replace `out`.
+// q: [G, D] float32 host memory, already multiplied by the softmax scale.
+// budget: tokens for quest/topk (<= 0: the options' budget). record_heads fills
+// out.head_rows. `scratch` is reused between calls (one per thread). Arguments are not
+// checked here: Decoder::decode checks them.
 void select_kv_head(const KVStore& store, int64_t layer, int64_t slot, int64_t head,
                     const float* q, int64_t g, const SelectOptions& opt, int64_t budget,
                     bool record_heads, SelectScratch& scratch, KVSelection& out);

@@ -18,31 +18,37 @@
 
 namespace tactic {
 
+// Token counts of one (layer, slot); the same for every KV head.
 struct SlotState {
-  int64_t n_sink = 0;
-  int64_t n_clustered = 0;
-  int64_t n_recent = 0;
-  int64_t total() const { return n_sink + n_clustered + n_recent; }
+  int64_t n_sink = 0;       // rows [0, n_sink)
+  int64_t n_clustered = 0;  // rows after the sinks, grouped by cluster
+  int64_t n_recent = 0;     // decoded since the last clustering, in arrival order
+  int64_t total() const { return n_sink + n_clustered + n_recent; }  // tokens held
 };
 
+// Owns K/V rows, positions and cluster indexes for every (layer, slot, KV head), sized from
+// the config once. A Decoder owns one and hands out const access (Decoder::store()); the
+// mutating calls below do not check their arguments, Decoder does that first.
 class KVStore {
  public:
   explicit KVStore(const DecoderConfig& cfg);  // allocates everything up front
 
   const DecoderConfig& config() const { return cfg_; }
-  int64_t capacity() const { return cfg_.max_tokens; }
-  int64_t max_clusters() const { return max_clusters_; }
+  int64_t capacity() const { return cfg_.max_tokens; }  // tokens per (layer, slot)
+  int64_t max_clusters() const { return max_clusters_; }  // cluster slots per head
   std::size_t bytes() const;  // bytes held
 
+  // Layout counts and length of one (layer, slot). Indices are not checked here.
   const SlotState& state(int64_t layer, int64_t slot) const { return state_[ls(layer, slot)]; }
   int64_t length(int64_t layer, int64_t slot) const { return state(layer, slot).total(); }
 
-  // Row pointers (storage dtype, head_dim elements each).
+  // Row pointers (storage dtype, head_dim elements each; rows of a head are contiguous).
+  // Pointers into the store: valid for its life, contents change with the next mutation.
   const void* k_row(int64_t layer, int64_t slot, int64_t head, int64_t row) const;
   const void* v_row(int64_t layer, int64_t slot, int64_t head, int64_t row) const;
-  const int32_t* positions(int64_t layer, int64_t slot, int64_t head) const;
-  // Cluster index of the clustered region.
-  int64_t num_clusters(int64_t layer, int64_t slot, int64_t head) const;
+  const int32_t* positions(int64_t layer, int64_t slot, int64_t head) const;  // [length] row -> position
+  // Cluster index of the clustered region (policy tactic; C = 0 before any clustering).
+  int64_t num_clusters(int64_t layer, int64_t slot, int64_t head) const;  // C
   const int32_t* offsets(int64_t layer, int64_t slot, int64_t head) const;   // [C + 1]
   const float* centroids(int64_t layer, int64_t slot, int64_t head) const;   // [C, D]
   // Quest page bounds over positions (policy quest only): [pages, D] each.
@@ -53,7 +59,8 @@ class KVStore {
   // float dtype, outer strides free). Clusters the keys when the policy needs it.
   // Preconditions (checked by the Decoder): n <= capacity.
   void prefill(int64_t layer, int64_t slot, const TensorView& k, const TensorView& v);
-  // Append one token per head: k_rows / v_rows point at Hkv rows with the given row stride.
+  // Append one token per head: k / v point at Hkv rows (dtype `dtype`) with the given
+  // stride in elements between heads.
   // Re-clusters first when the recent segment has reached recluster_interval.
   void append(int64_t layer, int64_t slot, const void* k, const void* v, DType dtype,
               int64_t head_stride_k, int64_t head_stride_v);
