@@ -1,0 +1,586 @@
+// Split-KV decode attention (see attention.hpp).
+//
+// Kernel 1 (chunks): persistent blocks of 4 warps walk the work items (item i, chunk c) of
+// kAttentionChunkRows rows in chunk-major order with a grid stride; a block skips chunks that
+// start past counts[i] and stops after the largest count, so a large host bound max_count
+// costs nothing. Within a chunk, each warp takes steps of R rows: a row is read by L = 32 / R
+// lanes with 16-byte loads (a warp load covers R consecutive rows, coalesced), and the K/V
+// values stay in registers while all GB query heads of the group use them. Each lane group
+// keeps an online softmax state (m, l, acc over its 8 elements of d) per head; the groups
+// are merged with shuffles, the warps through shared memory, and the chunk's partial goes
+// to the workspace. Scores are kept in log2 units (q is multiplied by log2(e) on load) so
+// every exponential is one ex2.approx.
+//
+// Kernel 2 (merge): one block per (item, query head) combines the ceil(count / chunk) partials
+// by log-sum-exp and writes acc / l (zeros when the item has no rows).
+//
+// Registers: q and acc take 2 * GB * 8 floats per lane, so at most GB = 8 heads are resident;
+// larger groups run in passes of 8 heads over the same chunk (the second pass re-reads K/V,
+// mostly from L2).
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cstdint>
+#include <string>
+
+#include "attention.hpp"
+#include "common.cuh"
+
+namespace tactic {
+namespace cuda {
+
+namespace {
+
+constexpr int kChunk = (int)kAttentionChunkRows;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMergeThreads = 256;
+constexpr int kMergeWarps = kMergeThreads / 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFull = 0xffffffffu;
+
+constexpr int ceil_div_c(int a, int b) { return (a + b - 1) / b; }
+constexpr int pow2_ceil_c(int x) { return x <= 1 ? 1 : 2 * pow2_ceil_c((x + 1) / 2); }
+constexpr int min_c(int a, int b) { return a < b ? a : b; }
+
+// How one row of D elements of T is spread over lanes: 16-byte slots, L lanes per row (a power
+// of two, so the dot product reduces with xor shuffles), NS slots per lane (slot t + j * L of
+// lane t; lanes past the row's slots hold zeros), 8 elements per lane for every dtype.
+template <class T, int D>
+struct RowLayout {
+  static constexpr int kVec = 16 / (int)sizeof(T);           // elements per 16-byte slot
+  static constexpr int kSlots = D / kVec;                     // slots per row
+  static constexpr int kLanes = min_c(32, pow2_ceil_c(ceil_div_c(kSlots, 8 / kVec)));
+  static constexpr int kNS = ceil_div_c(kSlots, kLanes);      // slots per lane
+  static constexpr int kE = kNS * kVec;                       // elements per lane
+  static constexpr int kRows = 32 / kLanes;                   // rows per warp step
+  static_assert(D % kVec == 0, "head dim must be a multiple of the 16-byte vector");
+  static_assert(kE == 8, "every supported (dtype, head dim) gives 8 elements per lane");
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));  // -inf -> 0
+  return y;
+}
+
+// 16 bytes of T -> floats.
+template <class T> __device__ __forceinline__ void unpack16(const uint4& r, float* f);
+template <> __device__ __forceinline__ void unpack16<float>(const uint4& r, float* f) {
+  f[0] = __uint_as_float(r.x);
+  f[1] = __uint_as_float(r.y);
+  f[2] = __uint_as_float(r.z);
+  f[3] = __uint_as_float(r.w);
+}
+template <> __device__ __forceinline__ void unpack16<__half>(const uint4& r, float* f) {
+  const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 x = __half22float2(h[k]);
+    f[2 * k] = x.x;
+    f[2 * k + 1] = x.y;
+  }
+}
+template <> __device__ __forceinline__ void unpack16<__nv_bfloat16>(const uint4& r, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 x = __bfloat1622float2(h[k]);
+    f[2 * k] = x.x;
+    f[2 * k + 1] = x.y;
+  }
+}
+
+// Counts outside [0, max_count] are clamped so that a bad count can never index past the
+// workspace (max_count sizes it) or the row list.
+__device__ __forceinline__ int clamp_count(int32_t c, int32_t max_count) {
+  return c < 0 ? 0 : (c > max_count ? max_count : c);
+}
+
+struct ChunkParams {
+  const void* k;
+  const void* v;
+  int64_t cap;
+  int64_t items, g;
+  const int32_t* head_index;
+  const float* q;
+  const int32_t* rows;
+  int64_t rows_stride;
+  const int32_t* counts;
+  int32_t max_count;
+  int64_t max_chunks;
+  float* ws_ml;   // [items, max_chunks, g, 2]: m (log2 units), l
+  float* ws_acc;  // [items, max_chunks, g, D]
+};
+
+// Blocks per SM the register allocation must allow: 4 (16 warps) for the common 16-bit cases
+// up to 4 heads per pass; fewer where the in-flight f32 loads or 8 heads need more registers
+// (asking for more there makes ptxas spill).
+template <class T, int D, int GB>
+constexpr int chunk_min_blocks() {
+  return GB >= 8 ? 2 : (sizeof(T) == 4 || D == 256) ? 3 : 4;
+}
+
+template <class T, int D, int GB>
+__global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attention_chunks_kernel(const ChunkParams p) {
+  using Lay = RowLayout<T, D>;
+  constexpr int L = Lay::kLanes, NS = Lay::kNS, VEC = Lay::kVec, E = Lay::kE, R = Lay::kRows,
+                S = Lay::kSlots;
+  constexpr int U = GB <= 4 ? 4 : 2;  // warp steps whose loads are in flight together
+
+  __shared__ int32_t s_rows[kChunk];
+  __shared__ float s_acc[kWarps][GB][D];
+  __shared__ float s_m[kWarps][GB], s_l[kWarps][GB];
+  __shared__ int s_red[kWarps];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int grp = lane / L, t = lane % L;  // row within the warp step, lane within the row
+
+  // Largest count over all items (read on the device): bounds the chunk rounds.
+  int mc = 0;
+  for (int64_t x = tid; x < p.items; x += kThreads) mc = max(mc, clamp_count(p.counts[x], p.max_count));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mc = max(mc, __shfl_xor_sync(kFull, mc, o));
+  if (lane == 0) s_red[warp] = mc;
+  __syncthreads();
+  mc = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) mc = max(mc, s_red[w]);
+  const int64_t total = (int64_t)((mc + kChunk - 1) / kChunk) * p.items;
+
+  for (int64_t work = blockIdx.x; work < total; work += gridDim.x) {
+    const int64_t c = work / p.items, i = work - c * p.items;
+    const int count = clamp_count(p.counts[i], p.max_count);
+    const int64_t start = c * kChunk;
+    if (start >= count) continue;  // uniform over the block
+    const int n = (int)min((int64_t)kChunk, count - start);
+
+    __syncthreads();  // the previous chunk's readers of s_rows are done
+    if (p.rows) {
+      const int32_t* src = p.rows + i * p.rows_stride + start;
+      for (int r = tid; r < n; r += kThreads) s_rows[r] = src[r];
+    }
+    __syncthreads();
+
+    const int64_t hi = p.head_index[i];
+    const T* kb = static_cast<const T*>(p.k) + hi * p.cap * D;
+    const T* vb = static_cast<const T*>(p.v) + hi * p.cap * D;
+    const float* qi = p.q + i * p.g * D;
+    const int64_t rec_base = (i * p.max_chunks + c) * p.g;  // partial record of head 0
+
+    for (int h0 = 0; h0 < p.g; h0 += GB) {
+      const int nh = (int)min((int64_t)GB, p.g - h0);
+
+      float q[GB][E];
+#pragma unroll
+      for (int hh = 0; hh < GB; ++hh)
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const int slot = t + j * L;
+            q[hh][j * VEC + e] =
+                (hh < nh && slot < S) ? qi[(int64_t)(h0 + hh) * D + slot * VEC + e] * kLog2e : 0.f;
+          }
+
+      // -FLT_MAX rather than -inf: exp2(m_old - m_new) stays 0 or 1, never NaN.
+      float m[GB], l[GB], acc[GB][E];
+#pragma unroll
+      for (int hh = 0; hh < GB; ++hh) {
+        m[hh] = -FLT_MAX;
+        l[hh] = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[hh][e] = 0.f;
+      }
+
+      // Warp step st covers chunk rows [st * R, st * R + R); warps interleave so that a short
+      // chunk is still spread over all of them.
+      for (int st0 = warp; st0 * R < n; st0 += kWarps * U) {
+        uint4 kr[U][NS], vr[U][NS];
+        bool valid[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int pos = (st0 + u * kWarps) * R + grp;
+          valid[u] = pos < n;
+          const int64_t row = valid[u] ? (p.rows ? (int64_t)s_rows[pos] : start + pos) : 0;
+          const T* kp = kb + row * D;
+          const T* vp = vb + row * D;
+#pragma unroll
+          for (int j = 0; j < NS; ++j) {
+            const int slot = t + j * L;
+            if (valid[u] && slot < S) {
+              kr[u][j] = __ldg(reinterpret_cast<const uint4*>(kp + slot * VEC));
+              vr[u][j] = __ldg(reinterpret_cast<const uint4*>(vp + slot * VEC));
+            } else {
+              kr[u][j] = make_uint4(0u, 0u, 0u, 0u);
+              vr[u][j] = make_uint4(0u, 0u, 0u, 0u);
+            }
+          }
+        }
+
+        // Scores of this lane group's U rows for every head (log2 units); -inf marks rows
+        // past the end of the chunk.
+        float s[U][GB];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          float kf[E];
+#pragma unroll
+          for (int j = 0; j < NS; ++j) unpack16<T>(kr[u][j], kf + j * VEC);
+#pragma unroll
+          for (int hh = 0; hh < GB; ++hh) {
+            float dot = 0.f;
+            if (hh < nh) {
+#pragma unroll
+              for (int e = 0; e < E; ++e) dot = fmaf(q[hh][e], kf[e], dot);
+#pragma unroll
+              for (int o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(kFull, dot, o);
+            }
+            s[u][hh] = valid[u] ? dot : -INFINITY;
+          }
+        }
+
+        // Online softmax per head: s becomes the weights exp2(s - m_new); acc is rescaled once
+        // per U steps.
+#pragma unroll
+        for (int hh = 0; hh < GB; ++hh) {
+          if (hh < nh) {
+            float mt = s[0][hh];
+#pragma unroll
+            for (int u = 1; u < U; ++u) mt = fmaxf(mt, s[u][hh]);
+            const float mn = fmaxf(m[hh], mt);
+            const float corr = fast_exp2(m[hh] - mn);
+            m[hh] = mn;
+            float ps = 0.f;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+              s[u][hh] = fast_exp2(s[u][hh] - mn);
+              ps += s[u][hh];
+            }
+            l[hh] = fmaf(l[hh], corr, ps);
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[hh][e] *= corr;
+          }
+        }
+        // V rows one at a time, each shared by all heads (keeps only 8 unpacked floats live).
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          float vf[E];
+#pragma unroll
+          for (int j = 0; j < NS; ++j) unpack16<T>(vr[u][j], vf + j * VEC);
+#pragma unroll
+          for (int hh = 0; hh < GB; ++hh) {
+            if (hh < nh) {
+#pragma unroll
+              for (int e = 0; e < E; ++e) acc[hh][e] = fmaf(s[u][hh], vf[e], acc[hh][e]);
+            }
+          }
+        }
+      }
+
+      // Merge the lane groups of the warp (they differ in the lane bits >= log2(L)).
+#pragma unroll
+      for (int off = L; off < 32; off <<= 1) {
+#pragma unroll
+        for (int hh = 0; hh < GB; ++hh) {
+          if (hh < nh) {
+            const float mo = __shfl_xor_sync(kFull, m[hh], off);
+            const float lo = __shfl_xor_sync(kFull, l[hh], off);
+            const float mn = fmaxf(m[hh], mo);
+            const float a = fast_exp2(m[hh] - mn), b = fast_exp2(mo - mn);
+            m[hh] = mn;
+            l[hh] = l[hh] * a + lo * b;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+              const float ao = __shfl_xor_sync(kFull, acc[hh][e], off);
+              acc[hh][e] = acc[hh][e] * a + ao * b;
+            }
+          }
+        }
+      }
+
+      // Merge the warps through shared memory and write the chunk's partial.
+      if (grp == 0) {
+#pragma unroll
+        for (int hh = 0; hh < GB; ++hh) {
+          if (hh < nh) {
+#pragma unroll
+            for (int j = 0; j < NS; ++j) {
+              const int slot = t + j * L;
+              if (slot < S) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) s_acc[warp][hh][slot * VEC + e] = acc[hh][j * VEC + e];
+              }
+            }
+            if (t == 0) {
+              s_m[warp][hh] = m[hh];
+              s_l[warp][hh] = l[hh];
+            }
+          }
+        }
+      }
+      __syncthreads();
+      for (int x = tid; x < nh * D; x += kThreads) {
+        const int hh = x / D, dd = x - hh * D;
+        float mx = s_m[0][hh];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, s_m[w][hh]);
+        float a = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) a = fmaf(s_acc[w][hh][dd], fast_exp2(s_m[w][hh] - mx), a);
+        p.ws_acc[(rec_base + h0 + hh) * D + dd] = a;
+      }
+      if (tid < nh) {
+        float mx = s_m[0][tid];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, s_m[w][tid]);
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum = fmaf(s_l[w][tid], fast_exp2(s_m[w][tid] - mx), sum);
+        p.ws_ml[(rec_base + h0 + tid) * 2] = mx;
+        p.ws_ml[(rec_base + h0 + tid) * 2 + 1] = sum;
+      }
+      __syncthreads();  // s_acc / s_m / s_l are rewritten by the next pass or chunk
+    }
+  }
+}
+
+struct MergeParams {
+  int64_t hkv, g;
+  const int32_t* counts;
+  int32_t max_count;
+  int64_t max_chunks;
+  const float* ws_ml;
+  const float* ws_acc;
+  void* out;
+  int64_t out_stride_b, out_stride_h;
+};
+
+// One block per (item, query head of the group): warps take interleaved chunks, lanes hold
+// float4 pieces of d; the warps' sums meet in shared memory.
+template <class TO, int D>
+__global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const MergeParams p) {
+  constexpr int NV4 = D / 4, PER = (NV4 + 31) / 32;
+  static_assert(D % 4 == 0, "head dim must be a multiple of 4");
+  __shared__ float s_acc[kMergeWarps][D];
+  __shared__ float s_l[kMergeWarps];
+  __shared__ float s_red[kMergeWarps];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t blk = blockIdx.x, i = blk / p.g, j = blk - i * p.g;
+  const int64_t b = i / p.hkv, h = i - b * p.hkv;
+  TO* out = static_cast<TO*>(p.out) + b * p.out_stride_b + (h * p.g + j) * p.out_stride_h;
+  const int count = clamp_count(p.counts[i], p.max_count);
+  const int nch = (count + kChunk - 1) / kChunk;
+  if (nch == 0) {  // uniform over the block
+    for (int dd = tid; dd < D; dd += kMergeThreads) out[dd] = from_float<TO>(0.f);
+    return;
+  }
+  const int64_t rec0 = i * p.max_chunks * p.g + j;  // chunk c's record: rec0 + c * g
+
+  float mx = -FLT_MAX;
+  for (int c = tid; c < nch; c += kMergeThreads) mx = fmaxf(mx, p.ws_ml[(rec0 + c * p.g) * 2]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
+  if (lane == 0) s_red[warp] = mx;
+  __syncthreads();
+  mx = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kMergeWarps; ++w) mx = fmaxf(mx, s_red[w]);
+
+  float4 a[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) a[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  float lsum = 0.f;
+#pragma unroll 4
+  for (int c = warp; c < nch; c += kMergeWarps) {
+    const int64_t rec = rec0 + (int64_t)c * p.g;
+    const float wgt = fast_exp2(p.ws_ml[rec * 2] - mx);
+    lsum = fmaf(wgt, p.ws_ml[rec * 2 + 1], lsum);
+    const float4* src = reinterpret_cast<const float4*>(p.ws_acc + rec * D);
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      const int v = lane + 32 * k;
+      if (v < NV4) {
+        const float4 x = src[v];
+        a[k].x = fmaf(wgt, x.x, a[k].x);
+        a[k].y = fmaf(wgt, x.y, a[k].y);
+        a[k].z = fmaf(wgt, x.z, a[k].z);
+        a[k].w = fmaf(wgt, x.w, a[k].w);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int v = lane + 32 * k;
+    if (v < NV4) {
+      s_acc[warp][4 * v] = a[k].x;
+      s_acc[warp][4 * v + 1] = a[k].y;
+      s_acc[warp][4 * v + 2] = a[k].z;
+      s_acc[warp][4 * v + 3] = a[k].w;
+    }
+  }
+  if (lane == 0) s_l[warp] = lsum;
+  __syncthreads();
+  float ltot = 0.f;
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) ltot += s_l[w];
+  const float inv = ltot > 0.f ? 1.f / ltot : 0.f;  // no mass (all scores -inf): zeros
+  for (int dd = tid; dd < D; dd += kMergeThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) sum += s_acc[w][dd];
+    out[dd] = from_float<TO>(sum * inv);
+  }
+}
+
+constexpr int kMaxDevices = 64;
+
+// Resident blocks of the chunk kernel on the current device (SMs x occupancy), queried once
+// per instantiation and device: the persistent grid never exceeds one wave.
+template <class T, int D, int GB>
+int resident_blocks() {
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  TACTIC_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int v = cache[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int sms = 0, per_sm = 0;
+  TACTIC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  TACTIC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, attention_chunks_kernel<T, D, GB>, kThreads, 0));
+  const int v = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+template <class T, int D, int GB>
+void launch_chunks(const ChunkParams& p, int64_t work, cudaStream_t stream) {
+  const int64_t grid = std::min<int64_t>(work, resident_blocks<T, D, GB>());
+  attention_chunks_kernel<T, D, GB><<<(unsigned)grid, kThreads, 0, stream>>>(p);
+  TACTIC_CUDA_LAUNCH_CHECK("attention_chunks_kernel");
+}
+
+template <class T, int D>
+void launch_chunks_g(const ChunkParams& p, int64_t work, cudaStream_t stream) {
+  // Heads per pass: the group size rounded up to a power of two, at most 8 (registers).
+  if (p.g <= 1) launch_chunks<T, D, 1>(p, work, stream);
+  else if (p.g <= 2) launch_chunks<T, D, 2>(p, work, stream);
+  else if (p.g <= 4) launch_chunks<T, D, 4>(p, work, stream);
+  else launch_chunks<T, D, 8>(p, work, stream);
+}
+
+template <int D>
+void launch_d(const AttentionArgs& a, const ChunkParams& cp, const MergeParams& mp, int64_t work,
+              int64_t merge_blocks, cudaStream_t stream) {
+  if (work > 0)
+    dispatch_float(a.kv_dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_chunks_g<T, D>(cp, work, stream);
+    });
+  dispatch_float(a.out_dtype, [&](auto tag) {
+    using TO = decltype(tag);
+    attention_merge_kernel<TO, D><<<(unsigned)merge_blocks, kMergeThreads, 0, stream>>>(mp);
+    TACTIC_CUDA_LAUNCH_CHECK("attention_merge_kernel");
+  });
+}
+
+bool supported_head_dim(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
+
+int64_t chunks_for(int64_t max_count) { return (max_count + kChunk - 1) / kChunk; }
+
+// Float offset of the acc section: the (m, l) section rounded up to 16 bytes for float4 reads.
+int64_t acc_offset(int64_t records) { return (records * 2 + 3) / 4 * 4; }
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw ValueError("decode_attention: " + msg);
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+std::size_t attention_workspace_bytes(int64_t batch, int64_t hkv, int64_t g, int64_t d,
+                                      int64_t max_count) {
+  if (batch < 0 || hkv < 0 || g < 0 || d < 0 || max_count < 0)
+    throw ValueError("attention_workspace_bytes: sizes must be non-negative, got batch=" +
+                     std::to_string(batch) + " hkv=" + std::to_string(hkv) + " g=" +
+                     std::to_string(g) + " d=" + std::to_string(d) +
+                     " max_count=" + std::to_string(max_count));
+  const int64_t records = batch * hkv * chunks_for(max_count) * g;
+  const int64_t floats = acc_offset(records) + records * d;
+  return std::max<std::size_t>(16, (std::size_t)floats * sizeof(float));
+}
+
+void decode_attention(const AttentionArgs& a) {
+  if (!supported_head_dim(a.d))
+    throw UnsupportedError("decode_attention: head dim " + std::to_string(a.d) +
+                           " is not supported by the CUDA kernel (supported: 64, 80, 96, 128, 256)");
+  require(a.batch >= 0 && a.hkv >= 0, "batch and hkv must be non-negative, got batch=" +
+                                          std::to_string(a.batch) + " hkv=" + std::to_string(a.hkv));
+  if (!is_float_storage(a.kv_dtype) || !is_float_storage(a.out_dtype))
+    throw TypeError(std::string("decode_attention: K/V and out must be float32, float16 or bfloat16, got ") +
+                    dtype_name(a.kv_dtype) + " and " + dtype_name(a.out_dtype));
+  require(a.g >= 1, "group size g must be >= 1, got " + std::to_string(a.g));
+  require(a.max_count >= 0 && a.max_count <= INT32_MAX,
+          "max_count must be in [0, 2^31), got " + std::to_string(a.max_count));
+  require(a.cap >= 0, "cap must be non-negative, got " + std::to_string(a.cap));
+  const int64_t items = a.batch * a.hkv;
+  if (items == 0) return;
+  require(a.rows != nullptr || a.max_count <= a.cap,
+          "dense attention (rows = nullptr) needs max_count <= cap, got max_count=" +
+              std::to_string(a.max_count) + " cap=" + std::to_string(a.cap));
+  require(a.rows == nullptr || a.rows_stride >= a.max_count,
+          "rows_stride must be >= max_count, got rows_stride=" + std::to_string(a.rows_stride) +
+              " max_count=" + std::to_string(a.max_count));
+  require(a.counts && a.head_index && a.out && a.workspace, "counts, head_index, out and workspace must be set");
+  require(a.max_count == 0 || (a.k && a.v && a.q), "k, v and q must be set");
+  require(aligned16(a.k) && aligned16(a.v), "k and v must be 16-byte aligned");
+  require(aligned16(a.workspace), "workspace must be 16-byte aligned");
+  const int64_t max_chunks = chunks_for(a.max_count);
+  const int64_t work = items * max_chunks;
+  const int64_t merge_blocks = items * a.g;
+  require(merge_blocks <= INT32_MAX, "batch * hkv * g must be < 2^31");
+  const int64_t records = work * a.g;
+
+  ChunkParams cp{};
+  cp.k = a.k;
+  cp.v = a.v;
+  cp.cap = a.cap;
+  cp.items = items;
+  cp.g = a.g;
+  cp.head_index = a.head_index;
+  cp.q = a.q;
+  cp.rows = a.rows;
+  cp.rows_stride = a.rows_stride;
+  cp.counts = a.counts;
+  cp.max_count = (int32_t)a.max_count;
+  cp.max_chunks = max_chunks;
+  cp.ws_ml = a.workspace;
+  cp.ws_acc = a.workspace + acc_offset(records);
+
+  MergeParams mp{};
+  mp.hkv = a.hkv;
+  mp.g = a.g;
+  mp.counts = a.counts;
+  mp.max_count = (int32_t)a.max_count;
+  mp.max_chunks = max_chunks;
+  mp.ws_ml = cp.ws_ml;
+  mp.ws_acc = cp.ws_acc;
+  mp.out = a.out;
+  mp.out_stride_b = a.out_stride_b;
+  mp.out_stride_h = a.out_stride_h;
+
+  const cudaStream_t s = as_stream(a.stream);
+  switch (a.d) {
+    case 64: launch_d<64>(a, cp, mp, work, merge_blocks, s); break;
+    case 80: launch_d<80>(a, cp, mp, work, merge_blocks, s); break;
+    case 96: launch_d<96>(a, cp, mp, work, merge_blocks, s); break;
+    case 128: launch_d<128>(a, cp, mp, work, merge_blocks, s); break;
+    default: launch_d<256>(a, cp, mp, work, merge_blocks, s); break;
+  }
+}
+
+}  // namespace cuda
+}  // namespace tactic

@@ -1,0 +1,55 @@
+// Launcher of the CUDA decode attention: split-KV ("flash-decoding") over a per-(sequence,
+// KV head) list of selected rows, log-sum-exp merge of the chunks, fp32 accumulation. Plain
+// C++ header (no CUDA types) so host code without nvcc can fill the arguments.
+//
+// Host-sync free and graph-capturable: the row counts stay on the device, the grid is sized
+// from the host bound `max_count`, and the only buffer is the caller's workspace.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "tactic/tensor.hpp"
+
+namespace tactic {
+namespace cuda {
+
+// Rows per split-KV chunk: each chunk writes one partial (m, l, acc[g][d]) to the workspace.
+// 256 because the partial (g * (d + 2) floats) is then ~1.6% of the chunk's K+V bytes at
+// g = 4, d = 128, fp16 (write + read ~3%), dense 8 heads x 32K gives 1024 chunks (two full
+// rounds of the persistent grid on an H100), and a sparse selection of a few thousand rows per
+// head still spreads over enough blocks; 512 would halve that parallelism for ~1.5% less traffic.
+constexpr int64_t kAttentionChunkRows = 256;
+
+struct AttentionArgs {
+  const void* k = nullptr;          // device KV store, row length d, 16-byte aligned
+  const void* v = nullptr;
+  DType kv_dtype = DType::f16;      // f32, f16 or bf16
+  int64_t cap = 0;                  // rows per store head: head hi's row r is at k + (hi * cap + r) * d
+  int64_t d = 0;                    // head dim: 64, 80, 96, 128 or 256
+  int64_t batch = 0, hkv = 0, g = 0;  // work items i = b * hkv + h; query heads Hq = hkv * g
+  const int32_t* head_index = nullptr;  // device [batch * hkv]: store head index of item i
+  const float* q = nullptr;         // device [batch, hkv * g, d] fp32, already scaled by the
+                                    // softmax scale; query head of item i's group j is h * g + j
+  const int32_t* rows = nullptr;    // device [batch * hkv, rows_stride] row indices of item i;
+                                    // nullptr = dense (rows 0 .. count-1)
+  int64_t rows_stride = 0;
+  const int32_t* counts = nullptr;  // device [batch * hkv]: rows of item i (0 writes zeros)
+  int64_t max_count = 0;            // host bound of every count (clamped to it on the device)
+  float* workspace = nullptr;       // device, attention_workspace_bytes(...) bytes, 16-byte aligned
+  void* out = nullptr;              // device [batch, hkv * g, d], last dim contiguous
+  DType out_dtype = DType::f32;     // f32, f16 or bf16
+  int64_t out_stride_b = 0, out_stride_h = 0;  // elements
+  void* stream = nullptr;           // cudaStream_t
+};
+
+// Workspace bytes for the given geometry (at least 16, so an allocation is never empty).
+std::size_t attention_workspace_bytes(int64_t batch, int64_t hkv, int64_t g, int64_t d,
+                                      int64_t max_count);
+
+// Enqueues the chunk kernel and the merge kernel on a.stream. Throws UnsupportedError for a
+// head dim other than 64/80/96/128/256, TypeError for a non-float dtype, ValueError for
+// inconsistent sizes or misaligned pointers. Never synchronises.
+void decode_attention(const AttentionArgs& a);
+
+}  // namespace cuda
+}  // namespace tactic
