@@ -194,3 +194,52 @@ def test_no_leak_across_create_destroy():
         del dec
     torch.cuda.synchronize()
     assert torch.cuda.mem_get_info()[0] >= free0 - (8 << 20)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("n,d", [(17, 64), (4097, 128), (32768, 128)])
+def test_ops_kmeans_inertia_matches_cpu(dtype, n, d):
+    """GPU k-means from the same seed ends within 1% of the CPU's inertia."""
+    gen = torch.Generator().manual_seed(n + d)
+    x, _ = mixture_keys(n, 1, d, gen)
+    x = x[:, 0].to(TORCH_DT[dtype]).contiguous()
+    c = max(1, n // 16)
+    cpu = tactic.ops.kmeans(x, c, max_iters=10, seed=3)
+    gpu = tactic.ops.kmeans(x.cuda(), c, max_iters=10, seed=3)
+    assert gpu.centroids.is_cuda and gpu.assign.is_cuda
+    assert gpu.centroids.shape == (c, d) and gpu.assign.shape == (n,)
+    assert int(gpu.assign.min()) >= 0 and int(gpu.assign.max()) < c
+    # inertia recomputed here in float64 from what the GPU returned
+    x64 = x.double()
+    cent = gpu.centroids.double().cpu()
+    mine = float(((x64 - cent[gpu.assign.long().cpu()]) ** 2).sum())
+    assert abs(mine - gpu.inertia[-1]) <= 1e-3 * mine + 1e-6
+    assert abs(gpu.inertia[-1] - cpu.inertia[-1]) <= 0.01 * cpu.inertia[-1] + 1e-6
+
+
+def test_batch_of_different_lengths():
+    gen = torch.Generator().manual_seed(11)
+    hkv, g, d, lens = 2, 4, 128, [3000, 517, 1]
+    B, N = len(lens), max(lens)
+    k, _ = mixture_keys(B * N, hkv, d, gen)
+    k = k.reshape(B, N, hkv, d).permute(0, 2, 1, 3).half()  # [B, Hkv, N, D]
+    v = torch.randn(B, hkv, N, d, generator=gen).half()
+    for target in (1.0, 0.9):
+        dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=4, max_tokens=N + 4, device="cuda",
+                                   dtype="float16", target=target)
+        dec.prefill(0, k.cuda(), v.cuda(), seq=[2, 0, 1], lengths=lens)
+        q = torch.randn(B, hkv * g, d, generator=gen).half()
+        kn = torch.randn(B, hkv, d, generator=gen).half()
+        vn = torch.randn(B, hkv, d, generator=gen).half()
+        out = dec.decode(0, q.cuda(), kn.cuda(), vn.cuda(), seq=[2, 0, 1]).double().cpu().numpy()
+        st = dec.stats(0)
+        assert list(st["context"]) == [n + 1 for n in lens]
+        for b, n in enumerate(lens):
+            kk = torch.cat([k[b, :, :n].permute(1, 0, 2), kn[b][None]]).double().numpy()
+            vv = torch.cat([v[b, :, :n].permute(1, 0, 2), vn[b][None]]).double().numpy()
+            ref, p = ref_attention(q[b].double().numpy(), kk, vv, d ** -0.5)
+            if target == 1.0:
+                np.testing.assert_allclose(out[b], ref, atol=2e-3, rtol=2e-3)
+            else:
+                err = np.linalg.norm(out[b] - ref, axis=1) / np.linalg.norm(ref, axis=1)
+                assert np.median(err) < 0.2, err

@@ -98,3 +98,14 @@ def test_dlpack_only_object():
     tactic.ops.sparse_decode(Capsule(q), Capsule(k), Capsule(v), np.ones((2, 200), bool), out=out)
     ref, _ = ref_attention(to64(q), to64(k), to64(v), 1 / 8)
     np.testing.assert_allclose(to64(out), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_import_order_with_torch():
+    """`import tactic` before `import torch` must work in a fresh interpreter (the module once
+    exported its static CUDA runtime's symbols, and torch's import crashed)."""
+    import subprocess
+    import sys
+    pytest.importorskip("torch")
+    r = subprocess.run([sys.executable, "-c", "import tactic, torch; print(tactic.__version__)"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -8,6 +8,9 @@
 #include <random>
 
 #include "parallel.hpp"
+#ifdef TACTIC_WITH_CUDA
+#include "device_ops.hpp"  // cuda/device_ops.hpp: the device versions of the ops
+#endif
 #include "tactic/convert.hpp"
 
 namespace tactic {
@@ -198,18 +201,28 @@ KMeansResult kmeans(const TensorView& x, const KMeansOptions& opt, const TensorV
                     const TensorView& assign) {
   check_ndim(x, "x", {2});
   check_float(x, "x");
-  check_device(x, "x", Device{});
+#ifdef TACTIC_WITH_CUDA
+  const bool on_gpu = x.device.kind == DeviceKind::cuda;
+#else
+  const bool on_gpu = false;
+#endif
+  check_device(x, "x", on_gpu ? x.device : Device{});
   check_last_dim_contiguous(x, "x");
-  check_finite(x, "x");
+  if (!on_gpu) check_finite(x, "x");
   validate(opt);
   const int64_t n = x.shape[0], d = x.shape[1];
   const int64_t c = std::max<int64_t>(1, std::min<int64_t>(opt.num_clusters, n));
   check_shape(centroids, "centroids", {c, d});
   check_dtype(centroids, "centroids", DType::f32);
   check_contiguous(centroids, "centroids");
+  check_device(centroids, "centroids", x.device);
   check_shape(assign, "assign", {n});
   check_dtype(assign, "assign", DType::i32);
   check_contiguous(assign, "assign");
+  check_device(assign, "assign", x.device);
+#ifdef TACTIC_WITH_CUDA
+  if (on_gpu) return cuda::kmeans_op(x, opt, centroids, assign);
+#endif
   return kmeans(x.data, x.dtype, n, d, x.shape[0] > 1 ? x.strides[0] : d, opt,
                 centroids.ptr<float>(), assign.ptr<int32_t>());
 }

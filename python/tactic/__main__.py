@@ -73,22 +73,39 @@ def _timing(fx, target: float, device: str, context: int, reps: int, quiet: bool
     n = fx.n_prefill
     tiles = -(-context // n)
     results = {}
+    if device.startswith("cuda"):
+        import torch
+
+        def put(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        def sync():
+            torch.cuda.synchronize()
+    else:
+        def put(a):
+            return a
+
+        def sync():
+            pass
     bar = _progress(2 * (len(layers) + reps), "timing", quiet)
     for policy in ("dense", "tactic"):
         dec = SparseDecoder(len(layers), hq, hkv, d, max_batch=1, max_tokens=context + reps * s,
                             device=device, dtype="float16", target=target, policy=policy,
                             scale=fx.scale)
         for li, cap in enumerate(layers):
-            dec.prefill(li, np.tile(cap.keys[:n], (tiles, 1, 1))[:context],
-                        np.tile(cap.values[:n], (tiles, 1, 1))[:context])
+            dec.prefill(li, put(np.tile(cap.keys[:n], (tiles, 1, 1))[:context]),
+                        put(np.tile(cap.values[:n], (tiles, 1, 1))[:context]))
             bar.update()
+        steps = [[(put(cap.queries[i][None]), put(cap.keys[n + i][None]), put(cap.values[n + i][None]))
+                  for cap in layers] for i in range(s)]
         times, read = [], []
         for _ in range(reps):
             for i in range(s):
+                sync()
                 start = time.perf_counter()
-                for li, cap in enumerate(layers):
-                    pos = n + i
-                    dec.decode(li, cap.queries[i][None], cap.keys[pos][None], cap.values[pos][None])
+                for li, (q, k, v) in enumerate(steps[i]):
+                    dec.decode(li, q, k, v)
+                sync()
                 times.append(time.perf_counter() - start)
                 read.append(np.mean([dec.stats(li)["read_fraction"].mean()
                                      for li in range(len(layers))]))

@@ -1,0 +1,400 @@
+#include "device_decoder.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "attention.hpp"
+#include "common.cuh"
+#include "kmeans.hpp"
+#include "select.hpp"
+#include "store.hpp"
+#include "tactic/decoder.hpp"
+
+namespace tactic {
+namespace cuda {
+
+namespace {
+
+// Device allocation owned by the decoder; freed on destruction, even after an exception.
+struct DeviceBuffer {
+  void* p = nullptr;
+  std::size_t n = 0;
+  void allocate(std::size_t bytes, const char* what) {
+    if (bytes == 0) return;
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky-free error state of a failed allocation
+      throw CapacityError(std::string("cannot allocate ") + std::to_string(bytes) + " bytes of GPU memory for " +
+                          what + " (" + cudaGetErrorString(e) + "); lower max_tokens or max_batch");
+    }
+    n = bytes;
+  }
+  ~DeviceBuffer() {
+    if (p) cudaFree(p);
+  }
+  template <class T> T* as() const { return static_cast<T*>(p); }
+};
+
+// Makes the decoder's device current for the lifetime of a call, then restores the caller's.
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int dev) {
+    TACTIC_CUDA_CHECK(cudaGetDevice(&prev));
+    if (prev != dev) TACTIC_CUDA_CHECK(cudaSetDevice(dev));
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+
+}  // namespace
+
+struct DeviceDecoder::Impl {
+  DecoderConfig cfg;
+  int dev = 0;
+  int64_t L, B, H, Hq, G, D, cap, cmax;
+  std::size_t es;
+  DeviceBuffer k, v, pos, centroids, offsets, state;
+  DeviceBuffer qf, scores, scores_sorted, ids, ids_sorted, seg_begin, seg_end, sort_temp;
+  DeviceBuffer kv_mark, head_mark, rows, counts, head_tokens, est_mass, head_index, slots, attn_ws;
+  std::size_t sort_bytes = 0;
+  std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
+  std::vector<std::vector<int64_t>> last_slots;  // [L] slots of the last decode
+  std::vector<int64_t> slots_on_device;          // what `slots` holds now
+
+  int64_t ls(int64_t l, int64_t s) const { return l * B + s; }
+  int64_t lsh(int64_t l, int64_t s, int64_t h) const { return ls(l, s) * H + h; }
+  bool clusters() const { return cfg.select.policy == Policy::tactic; }
+
+  StepGeometry geometry(int64_t layer, int64_t batch, void* stream) {
+    StepGeometry g;
+    g.layer = layer;
+    g.max_batch = B;
+    g.hkv = H;
+    g.g = G;
+    g.d = D;
+    g.cap = cap;
+    g.cmax = cmax;
+    g.batch = batch;
+    g.slots = slots.as<int32_t>();
+    g.state = state.as<SlotCounts>();
+    g.stream = stream;
+    return g;
+  }
+
+  void push_counts(int64_t layer, int64_t slot, void* stream) {
+    const SlotState& st = host_state[ls(layer, slot)];
+    const int64_t c = clusters() && st.n_clustered > 0
+                          ? std::min<int64_t>((st.n_clustered + cfg.cluster_size - 1) / cfg.cluster_size, st.n_clustered)
+                          : 0;
+    set_counts(state.as<SlotCounts>(), ls(layer, slot),
+               SlotCounts{(int32_t)st.n_sink, (int32_t)st.n_clustered, (int32_t)st.n_recent, (int32_t)c}, stream);
+  }
+
+  // Cluster the clustered region of every KV head of (layer, slot) and re-index it.
+  void cluster(int64_t layer, int64_t slot, void* stream) {
+    const SlotState& st = host_state[ls(layer, slot)];
+    if (!clusters() || st.n_clustered <= 0) return;
+    const int64_t n = st.n_clustered;
+    std::vector<uint64_t> seeds(H);
+    for (int64_t h = 0; h < H; ++h)  // the CPU store's per-head seed
+      seeds[h] = cfg.seed * 0x9E3779B97F4A7C15ull + (uint64_t)layer * 1000003ull + (uint64_t)h * 7919ull;
+    const int64_t first = lsh(layer, slot, 0);
+    KMeansReindexArgs a{};
+    a.k = static_cast<uint8_t*>(k.p) + (std::size_t)first * cap * D * es;
+    a.v = static_cast<uint8_t*>(v.p) + (std::size_t)first * cap * D * es;
+    a.pos = pos.as<int32_t>() + (std::size_t)first * cap;
+    a.dtype = cfg.dtype;
+    a.d = D;
+    a.cap = cap;
+    a.nprob = H;
+    a.row0 = st.n_sink;
+    a.n = n;
+    a.c = std::min<int64_t>((n + cfg.cluster_size - 1) / cfg.cluster_size, n);
+    a.iters = (int)cfg.kmeans_iters;
+    a.spherical = cfg.metric == Metric::spherical;
+    a.seeds = seeds.data();
+    a.centroids = centroids.as<float>() + (std::size_t)first * cmax * D;
+    a.cent_stride = cmax * D;
+    a.offsets = offsets.as<int32_t>() + (std::size_t)first * (cmax + 1);
+    a.off_stride = cmax + 1;
+    a.reindex = true;
+    a.assign_out = nullptr;
+    a.inertia_out = nullptr;
+    a.stream = stream;
+    kmeans_reindex(a);
+  }
+};
+
+DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
+  Impl& m = *p_;
+  m.cfg = cfg;
+  m.dev = (int)cfg.device.index;
+  int count = 0;
+  TACTIC_CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (m.dev < 0 || m.dev >= count)
+    throw ValueError("`device` cuda:" + std::to_string(m.dev) + " does not exist (" + std::to_string(count) +
+                     " CUDA device(s) visible)");
+  const Policy pol = cfg.select.policy;
+  if (pol != Policy::tactic && pol != Policy::dense)
+    throw UnsupportedError(std::string("policy '") + policy_name(pol) +
+                           "' runs on the CPU backend only; on CUDA use 'tactic' or 'dense'");
+  if (pol == Policy::tactic && cfg.select.estimator != Estimator::centroid_prior)
+    throw UnsupportedError("the CUDA backend implements the 'centroid_prior' estimator only");
+  if (pol == Policy::tactic && cfg.select.share_group)
+    throw UnsupportedError("the CUDA backend selects each query head independently: set share_group=False");
+  const int64_t d = cfg.head_dim;
+  if (!(d == 64 || d == 80 || d == 96 || d == 128 || d == 256))
+    throw UnsupportedError("the CUDA backend supports head_dim 64, 80, 96, 128 or 256, got " + std::to_string(d));
+  if (cfg.num_q_heads / cfg.num_kv_heads > 16)
+    throw UnsupportedError("the CUDA backend supports up to 16 query heads per KV head, got " +
+                           std::to_string(cfg.num_q_heads / cfg.num_kv_heads));
+  if (cfg.max_tokens >= (int64_t)1 << 31) throw UnsupportedError("max_tokens must be below 2^31 on CUDA");
+  DeviceGuard guard(m.dev);
+  m.L = cfg.num_layers;
+  m.B = cfg.max_batch;
+  m.H = cfg.num_kv_heads;
+  m.Hq = cfg.num_q_heads;
+  m.G = m.Hq / m.H;
+  m.D = d;
+  m.cap = cfg.max_tokens;
+  m.cmax = (m.cap + cfg.cluster_size - 1) / cfg.cluster_size;
+  m.es = dtype_size(cfg.dtype);
+  const std::size_t heads = (std::size_t)(m.L * m.B * m.H);
+  m.k.allocate(heads * m.cap * m.D * m.es, "keys");
+  m.v.allocate(heads * m.cap * m.D * m.es, "values");
+  m.pos.allocate(heads * m.cap * 4, "positions");
+  if (m.clusters()) {
+    m.centroids.allocate(heads * m.cmax * m.D * 4, "centroids");
+    m.offsets.allocate(heads * (m.cmax + 1) * 4, "cluster offsets");
+  }
+  m.state.allocate((std::size_t)(m.L * m.B) * sizeof(SlotCounts), "sequence counts");
+  TACTIC_CUDA_CHECK(cudaMemset(m.state.p, 0, m.state.n));
+  const std::size_t segs = (std::size_t)(m.B * m.Hq), items = (std::size_t)(m.B * m.H);
+  m.qf.allocate(segs * m.D * 4, "queries");
+  if (m.clusters()) {
+    m.scores.allocate(segs * m.cmax * 4, "cluster scores");
+    m.scores_sorted.allocate(segs * m.cmax * 4, "cluster scores");
+    m.ids.allocate(segs * m.cmax * 4, "cluster ranks");
+    m.ids_sorted.allocate(segs * m.cmax * 4, "cluster ranks");
+    m.seg_begin.allocate(segs * 4, "segments");
+    m.seg_end.allocate(segs * 4, "segments");
+    m.sort_bytes = select_sort_temp_bytes((int64_t)segs, m.cmax);
+    m.sort_temp.allocate(std::max<std::size_t>(m.sort_bytes, 16), "sort workspace");
+    m.kv_mark.allocate(items * m.cmax, "selection marks");
+    if (cfg.record_selection) m.head_mark.allocate((std::size_t)m.L * segs * m.cmax, "selection marks");
+    m.rows.allocate(items * m.cap * 4, "row lists");
+  }
+  m.counts.allocate((std::size_t)m.L * items * 4, "row counts");
+  m.head_tokens.allocate((std::size_t)m.L * segs * 8, "statistics");
+  m.est_mass.allocate((std::size_t)m.L * segs * 8, "statistics");
+  m.head_index.allocate(items * 4, "head indices");
+  m.slots.allocate((std::size_t)m.B * 4, "slots");
+  m.attn_ws.allocate(attention_workspace_bytes(m.B, m.H, m.G, m.D, m.cap), "attention workspace");
+  TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
+  m.host_state.assign(m.L * m.B, SlotState{});
+  m.last_slots.assign(m.L, {});
+}
+
+DeviceDecoder::~DeviceDecoder() {
+  if (p_) {
+    int prev = -1;
+    cudaGetDevice(&prev);
+    cudaSetDevice(p_->dev);
+    p_.reset();  // buffers free on the decoder's device
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+}
+
+std::size_t DeviceDecoder::bytes() const {
+  const Impl& m = *p_;
+  return m.k.n + m.v.n + m.pos.n + m.centroids.n + m.offsets.n;
+}
+
+const SlotState& DeviceDecoder::state(int64_t layer, int64_t slot) const {
+  return p_->host_state[p_->ls(layer, slot)];
+}
+
+void DeviceDecoder::prefill(int64_t layer, int64_t slot, const TensorView& keys,
+                            const TensorView& values, void* stream) {
+  Impl& m = *p_;
+  DeviceGuard guard(m.dev);
+  const int64_t n = keys.shape[0];
+  const int64_t first = m.lsh(layer, slot, 0);
+  if (keys.dtype != values.dtype)
+    throw TypeError(std::string("`values` must have the dtype of `keys` on CUDA (") + dtype_name(keys.dtype) + ")");
+  prefill_copy(keys.data, values.data, keys.dtype, keys.strides[0], keys.strides[1], values.strides[0],
+               values.strides[1], n, m.H, m.D, m.k.p, m.v.p, m.pos.as<int32_t>(), m.cfg.dtype, m.cap, first, stream);
+  SlotState& st = m.host_state[m.ls(layer, slot)];
+  st.n_sink = std::min<int64_t>(m.cfg.num_sink, n);
+  st.n_clustered = n - st.n_sink;
+  st.n_recent = 0;
+  m.cluster(layer, slot, stream);
+  m.push_counts(layer, slot, stream);
+}
+
+void DeviceDecoder::recluster(int64_t layer, int64_t slot, void* stream) {
+  Impl& m = *p_;
+  DeviceGuard guard(m.dev);
+  SlotState& st = m.host_state[m.ls(layer, slot)];
+  if (!m.clusters() || st.n_recent == 0) return;
+  st.n_clustered += st.n_recent;
+  st.n_recent = 0;
+  m.cluster(layer, slot, stream);
+  m.push_counts(layer, slot, stream);
+}
+
+void DeviceDecoder::reset(int64_t slot) {
+  Impl& m = *p_;
+  DeviceGuard guard(m.dev);
+  for (int64_t l = 0; l < m.L; ++l) {
+    m.host_state[m.ls(l, slot)] = SlotState{};
+    m.push_counts(l, slot, nullptr);
+  }
+  TACTIC_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+}
+
+void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new,
+                           const TensorView* v_new, const TensorView* out,
+                           const std::vector<int64_t>& slot_list, bool append, void* stream) {
+  Impl& m = *p_;
+  DeviceGuard guard(m.dev);
+  const int64_t batch = (int64_t)slot_list.size();
+  if (slot_list != m.slots_on_device) {
+    set_slots(m.slots.as<int32_t>(), slot_list.data(), batch, stream);
+    m.slots_on_device = slot_list;
+  }
+  StepGeometry geo = m.geometry(layer, batch, stream);
+  if (append) {
+    for (int64_t s : slot_list)
+      if (m.clusters() && m.host_state[m.ls(layer, s)].n_recent >= m.cfg.recluster_interval)
+        recluster(layer, s, stream);
+    append_token(geo, k_new->data, v_new->data, k_new->dtype, k_new->strides[0], k_new->strides[1], m.k.p, m.v.p,
+                 m.pos.as<int32_t>(), m.cfg.dtype, (int)m.cfg.num_sink);
+    for (int64_t s : slot_list) {
+      SlotState& st = m.host_state[m.ls(layer, s)];
+      if (st.n_clustered == 0 && st.n_recent == 0 && st.n_sink < m.cfg.num_sink) ++st.n_sink;
+      else ++st.n_recent;
+    }
+  }
+  prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>());
+  const std::size_t segs = (std::size_t)(m.B * m.Hq), items = (std::size_t)(m.B * m.H);
+  SelectArgs a{};
+  a.k = m.k.p;
+  a.dtype = m.cfg.dtype;
+  a.centroids = m.centroids.as<float>();
+  a.offsets = m.offsets.as<int32_t>();
+  a.qf = m.qf.as<float>();
+  a.scores = m.scores.as<float>();
+  a.scores_sorted = m.scores_sorted.as<float>();
+  a.ids = m.ids.as<int32_t>();
+  a.ids_sorted = m.ids_sorted.as<int32_t>();
+  a.seg_begin = m.seg_begin.as<int32_t>();
+  a.seg_end = m.seg_end.as<int32_t>();
+  a.sort_temp = m.sort_temp.p;
+  a.sort_temp_bytes = m.sort_bytes;
+  a.kv_mark = m.kv_mark.as<uint8_t>();
+  a.head_mark = m.head_mark.p ? m.head_mark.as<uint8_t>() + (std::size_t)layer * segs * m.cmax : nullptr;
+  a.head_tokens = m.head_tokens.as<int64_t>() + (std::size_t)layer * segs;
+  a.est_mass = m.est_mass.as<double>() + (std::size_t)layer * segs;
+  a.rows = m.rows.as<int32_t>();
+  a.counts = m.counts.as<int32_t>() + (std::size_t)layer * items;
+  a.target = m.cfg.select.target;
+  a.margin = m.cfg.select.margin;
+  a.head_fraction = m.cfg.select.head_fraction;
+  a.min_clusters = m.cfg.select.min_clusters;
+  a.dense = !m.clusters();
+  select_step(geo, a);
+  m.last_slots[layer] = slot_list;
+  if (out) {
+    head_indices(geo, m.head_index.as<int32_t>());
+    AttentionArgs at{};
+    at.k = m.k.p;
+    at.v = m.v.p;
+    at.kv_dtype = m.cfg.dtype;
+    at.cap = m.cap;
+    at.d = m.D;
+    at.batch = batch;
+    at.hkv = m.H;
+    at.g = m.G;
+    at.head_index = m.head_index.as<int32_t>();
+    at.q = m.qf.as<float>();
+    at.rows = a.dense ? nullptr : m.rows.as<int32_t>();
+    at.rows_stride = m.cap;
+    at.counts = a.counts;
+    at.max_count = m.cap;
+    at.workspace = m.attn_ws.as<float>();
+    at.out = out->data;
+    at.out_dtype = out->dtype;
+    at.out_stride_b = out->strides[0];
+    at.out_stride_h = out->strides[1];
+    at.stream = stream;
+    decode_attention(at);
+  }
+}
+
+void DeviceDecoder::stats(int64_t layer, LayerStats& st) {
+  Impl& m = *p_;
+  DeviceGuard guard(m.dev);
+  const std::vector<int64_t>& slots = m.last_slots[layer];
+  const int64_t batch = (int64_t)slots.size(), H = m.H, Hq = m.Hq, G = m.G;
+  const std::size_t segs = (std::size_t)(m.B * Hq), items = (std::size_t)(m.B * H);
+  TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<int32_t> counts(batch * H);
+  st.batch = batch;
+  st.slots = slots;
+  st.context.assign(batch, 0);
+  st.kv_tokens.assign(batch * H, 0);
+  st.head_tokens.assign(batch * Hq, 0);
+  st.est_mass.assign(batch * Hq, 0);
+  if (batch == 0) return;
+  TACTIC_CUDA_CHECK(cudaMemcpy(counts.data(), m.counts.as<int32_t>() + layer * items, counts.size() * 4, cudaMemcpyDeviceToHost));
+  TACTIC_CUDA_CHECK(cudaMemcpy(st.head_tokens.data(), m.head_tokens.as<int64_t>() + layer * segs, batch * Hq * 8, cudaMemcpyDeviceToHost));
+  TACTIC_CUDA_CHECK(cudaMemcpy(st.est_mass.data(), m.est_mass.as<double>() + layer * segs, batch * Hq * 8, cudaMemcpyDeviceToHost));
+  for (int64_t b = 0; b < batch; ++b) st.context[b] = m.host_state[m.ls(layer, slots[b])].total();
+  for (int64_t i = 0; i < batch * H; ++i) st.kv_tokens[i] = counts[i];
+  st.kv_mask.clear();
+  st.head_mask.clear();
+  st.mask_len = 0;
+  if (!m.cfg.record_selection) return;
+  // Masks over token positions (evaluation only): rows -> positions through the store.
+  const int64_t cap = m.cap;
+  st.mask_len = cap;
+  st.kv_mask.assign(batch * H * cap, 0);
+  st.head_mask.assign(batch * Hq * cap, 0);
+  std::vector<int32_t> rows(cap), pos(cap), off(m.cmax + 1);
+  std::vector<uint8_t> hmark(m.cmax);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t hi = m.lsh(layer, slots[b], h), item = b * H + h;
+      const SlotState& ss = m.host_state[m.ls(layer, slots[b])];
+      const int64_t total = ss.total();
+      TACTIC_CUDA_CHECK(cudaMemcpy(pos.data(), m.pos.as<int32_t>() + hi * cap, total * 4, cudaMemcpyDeviceToHost));
+      if (!m.clusters()) {
+        for (int64_t r = 0; r < total; ++r) st.kv_mask[item * cap + pos[r]] = 1;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t r = 0; r < total; ++r) st.head_mask[(b * Hq + h * G + g) * cap + pos[r]] = 1;
+        continue;
+      }
+      // The row lists are shared by all layers: rebuild the masks from the per-layer marks.
+      const int64_t c = ss.n_clustered > 0 ? std::min<int64_t>((ss.n_clustered + m.cfg.cluster_size - 1) / m.cfg.cluster_size, ss.n_clustered) : 0;
+      TACTIC_CUDA_CHECK(cudaMemcpy(off.data(), m.offsets.as<int32_t>() + hi * (m.cmax + 1), (c + 1) * 4, cudaMemcpyDeviceToHost));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t qh = b * Hq + h * G + g;
+        TACTIC_CUDA_CHECK(cudaMemcpy(hmark.data(), m.head_mark.as<uint8_t>() + ((std::size_t)layer * segs + qh) * m.cmax, c, cudaMemcpyDeviceToHost));
+        uint8_t* hm = &st.head_mask[qh * cap];
+        uint8_t* km = &st.kv_mask[item * cap];
+        auto put = [&](int64_t r) { hm[pos[r]] = 1; km[pos[r]] = 1; };
+        for (int64_t r = 0; r < ss.n_sink; ++r) put(r);
+        for (int64_t r = ss.n_sink + ss.n_clustered; r < total; ++r) put(r);
+        for (int64_t j = 0; j < c; ++j)
+          if (hmark[j])
+            for (int64_t r = ss.n_sink + off[j]; r < ss.n_sink + off[j + 1]; ++r) put(r);
+      }
+    }
+}
+
+}  // namespace cuda
+}  // namespace tactic

@@ -1,0 +1,85 @@
+#include "store.hpp"
+
+#include "common.cuh"
+
+namespace tactic {
+namespace cuda {
+
+namespace {
+
+template <class S, class T>
+__global__ void prefill_copy_kernel(const S* ks, const S* vs, int64_t sk0, int64_t sk1, int64_t sv0,
+                                    int64_t sv1, int64_t n, int64_t d, T* k, T* v, int32_t* pos,
+                                    int64_t cap, int64_t first_head) {
+  // grid: (ceil(n / rows per block), hkv); a warp per row.
+  const int64_t h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + warp;
+  if (t >= n) return;
+  const int64_t hi = first_head + h;
+  T* kd = k + (hi * cap + t) * d;
+  T* vd = v + (hi * cap + t) * d;
+  for (int64_t e = lane; e < d; e += 32) {
+    kd[e] = from_float<T>(to_float(ks[t * sk0 + h * sk1 + e]));
+    vd[e] = from_float<T>(to_float(vs[t * sv0 + h * sv1 + e]));
+  }
+  if (lane == 0 && pos) pos[hi * cap + t] = (int32_t)t;
+}
+
+__global__ void set_counts_kernel(SlotCounts* state, int64_t index, SlotCounts c) { state[index] = c; }
+
+struct SlotBatch {
+  int32_t v[1024];
+};
+__global__ void set_slots_kernel(int32_t* dst, SlotBatch b, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = b.v[i];
+}
+
+__global__ void head_indices_kernel(StepGeometry s, int32_t* out) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= s.batch * s.hkv) return;
+  const int64_t b = i / s.hkv, h = i % s.hkv;
+  out[i] = (int32_t)((s.layer * s.max_batch + s.slots[b]) * s.hkv + h);
+}
+
+}  // namespace
+
+void prefill_copy(const void* keys, const void* values, DType src, int64_t sk0, int64_t sk1,
+                  int64_t sv0, int64_t sv1, int64_t n, int64_t hkv, int64_t d, void* k, void* v,
+                  int32_t* pos, DType dst, int64_t cap, int64_t first_head, void* stream) {
+  if (n == 0) return;
+  const dim3 grid((unsigned)((n + 7) / 8), (unsigned)hkv);
+  dispatch_float(src, [&](auto stag) {
+    using S = decltype(stag);
+    dispatch_float(dst, [&](auto ttag) {
+      using T = decltype(ttag);
+      prefill_copy_kernel<S, T><<<grid, 256, 0, as_stream(stream)>>>(
+          static_cast<const S*>(keys), static_cast<const S*>(values), sk0, sk1, sv0, sv1, n, d,
+          static_cast<T*>(k), static_cast<T*>(v), pos, cap, first_head);
+    });
+  });
+  TACTIC_CUDA_LAUNCH_CHECK("prefill_copy");
+}
+
+void set_counts(SlotCounts* state, int64_t index, SlotCounts c, void* stream) {
+  set_counts_kernel<<<1, 1, 0, as_stream(stream)>>>(state, index, c);
+  TACTIC_CUDA_LAUNCH_CHECK("set_counts");
+}
+
+void set_slots(int32_t* dst, const int64_t* slots, int64_t n, void* stream) {
+  for (int64_t base = 0; base < n; base += 1024) {
+    SlotBatch b;
+    const int64_t m = n - base < 1024 ? n - base : 1024;
+    for (int64_t i = 0; i < m; ++i) b.v[i] = (int32_t)slots[base + i];
+    set_slots_kernel<<<1, 256, 0, as_stream(stream)>>>(dst + base, b, m);
+    TACTIC_CUDA_LAUNCH_CHECK("set_slots");
+  }
+}
+
+void head_indices(const StepGeometry& s, int32_t* out) {
+  const int64_t n = s.batch * s.hkv;
+  head_indices_kernel<<<(unsigned)((n + 255) / 256), 256, 0, as_stream(s.stream)>>>(s, out);
+  TACTIC_CUDA_LAUNCH_CHECK("head_indices");
+}
+
+}  // namespace cuda
+}  // namespace tactic

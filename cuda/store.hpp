@@ -1,0 +1,28 @@
+// Launchers of the KV-store kernels of the CUDA backend: prefill copy, per-slot counts,
+// slot lists and store head indices. Plain C++ (no CUDA types).
+#pragma once
+#include <cstdint>
+
+#include "select.hpp"
+#include "tactic/tensor.hpp"
+
+namespace tactic {
+namespace cuda {
+
+// Copy keys/values [n, hkv, d] (any float dtype, element strides sk0/sk1, sv0/sv1) into
+// rows [0, n) of the hkv consecutive store heads starting at head index `first_head`.
+void prefill_copy(const void* keys, const void* values, DType src, int64_t sk0, int64_t sk1,
+                  int64_t sv0, int64_t sv1, int64_t n, int64_t hkv, int64_t d, void* k, void* v,
+                  int32_t* pos, DType dst, int64_t cap, int64_t first_head, void* stream);
+
+// state[index] = c, written by a kernel (kernel arguments, no host buffer: capturable).
+void set_counts(SlotCounts* state, int64_t index, SlotCounts c, void* stream);
+
+// dst[0..n) = slots (n <= 1024 per call; more are written in several launches).
+void set_slots(int32_t* dst, const int64_t* slots, int64_t n, void* stream);
+
+// out[b * hkv + h] = (layer * max_batch + slots[b]) * hkv + h.
+void head_indices(const StepGeometry& s, int32_t* out);
+
+}  // namespace cuda
+}  // namespace tactic
