@@ -58,7 +58,7 @@ struct DeviceDecoder::Impl {
   std::size_t es;
   DeviceBuffer k, v, pos, centroids, offsets, state;
   DeviceBuffer qf, scores, scores_sorted, ids, ids_sorted, seg_begin, seg_end, sort_temp;
-  DeviceBuffer kv_mark, head_mark, rows, counts, head_tokens, est_mass, head_index, slots, attn_ws;
+  DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
   std::size_t sort_bytes = 0;
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
   std::vector<std::vector<int64_t>> last_slots;  // [L] slots of the last decode
@@ -133,7 +133,13 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   m.cfg = cfg;
   m.dev = (int)cfg.device.index;
   int count = 0;
-  TACTIC_CUDA_CHECK(cudaGetDeviceCount(&count));
+  const cudaError_t probe = cudaGetDeviceCount(&count);
+  if (probe != cudaSuccess) {
+    cudaGetLastError();
+    throw UnsupportedError("`device` cuda:" + std::to_string(m.dev) +
+                           " is not available: this build has the CUDA backend but no usable GPU (" +
+                           cudaGetErrorString(probe) + ")");
+  }
   if (m.dev < 0 || m.dev >= count)
     throw ValueError("`device` cuda:" + std::to_string(m.dev) + " does not exist (" + std::to_string(count) +
                      " CUDA device(s) visible)");
@@ -162,6 +168,9 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   m.cap = cfg.max_tokens;
   m.cmax = (m.cap + cfg.cluster_size - 1) / cfg.cluster_size;
   m.es = dtype_size(cfg.dtype);
+  if ((m.cmax + 63) / 64 > 65535)  // the scoring kernel's grid.y covers 64 clusters per block
+    throw UnsupportedError("max_tokens / cluster_size must stay below 4194240 clusters on CUDA, got " +
+                           std::to_string(m.cmax));
   const std::size_t heads = (std::size_t)(m.L * m.B * m.H);
   m.k.allocate(heads * m.cap * m.D * m.es, "keys");
   m.v.allocate(heads * m.cap * m.D * m.es, "values");
@@ -186,6 +195,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     m.kv_mark.allocate(items * m.cmax, "selection marks");
     if (cfg.record_selection) m.head_mark.allocate((std::size_t)m.L * segs * m.cmax, "selection marks");
     m.rows.allocate(items * m.cap * 4, "row lists");
+    m.chunk_sums.allocate(items * row_chunks(m.cmax) * 4, "row list chunks");
   }
   m.counts.allocate((std::size_t)m.L * items * 4, "row counts");
   m.head_tokens.allocate((std::size_t)m.L * segs * 8, "statistics");
@@ -300,6 +310,7 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.head_tokens = m.head_tokens.as<int64_t>() + (std::size_t)layer * segs;
   a.est_mass = m.est_mass.as<double>() + (std::size_t)layer * segs;
   a.rows = m.rows.as<int32_t>();
+  a.chunk_sums = m.chunk_sums.as<int32_t>();
   a.counts = m.counts.as<int32_t>() + (std::size_t)layer * items;
   a.target = m.cfg.select.target;
   a.margin = m.cfg.select.margin;

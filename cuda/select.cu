@@ -111,11 +111,33 @@ __device__ __forceinline__ MaxSum combine(MaxSum x, MaxSum y) {
   return {m, x.s * exp(x.m - m) + y.s * exp(y.m - m)};
 }
 
+// Adds exp(x - m) to an online (max, sum) pair: one exp per element.
+__device__ __forceinline__ MaxSum add(MaxSum a, double x) {
+  if (x > a.m) return {x, a.s * exp(a.m - x) + 1.0};
+  return {a.m, a.s + exp(x - a.m)};
+}
+
+__device__ __forceinline__ MaxSum warp_combine(MaxSum a) {
+  for (int o = 16; o > 0; o >>= 1) {
+    MaxSum b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
+    a = combine(a, b);
+  }
+  return a;
+}
+
+// q . row for one thread: 16-byte loads (d is a multiple of 8, rows 16-byte aligned).
 template <class T>
-__device__ __forceinline__ float row_dot(const T* row, const float* q, int64_t d, int lane) {
+__device__ __forceinline__ float thread_dot(const T* row, const float* q, int64_t d) {
+  constexpr int kPer = 16 / sizeof(T);
+  const uint4* p = reinterpret_cast<const uint4*>(row);
   float acc = 0.f;
-  for (int64_t e = lane; e < d; e += 32) acc += q[e] * to_float(row[e]);
-  return warp_sum(acc);
+  for (int64_t c = 0; c < d / kPer; ++c) {
+    const uint4 raw = __ldg(p + c);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) acc += q[c * kPer + i] * to_float(e[i]);
+  }
+  return acc;
 }
 
 template <class T>
@@ -187,19 +209,21 @@ __global__ void __launch_bounds__(kThreads) select_heads_kernel(StepGeometry s, 
   }
 
   // 2) Exact logits: sinks + recent (group A) and head clusters (group H), online max/sum.
+  // One thread per row with 16-byte loads, so every thread has a whole row's loads in flight
+  // (a warp per row left one latency-bound chain per warp). Head rows: slot u is rank u / 16,
+  // rows u % 16, u % 16 + 16, ... of that cluster.
   MaxSum ma{-INFINITY, 0.0}, mh{-INFINITY, 0.0};
-  for (int64_t t = warp; t < always; t += kWarps) {
+  for (int64_t t = tid; t < always; t += kThreads) {
     const int64_t row = t < nsink ? t : nsink + nclu + (t - nsink);
-    const double x = row_dot(K + row * s.d, qs, s.d, lane);
-    ma = combine(ma, {x, 1.0});
+    ma = add(ma, thread_dot(K + row * s.d, qs, s.d));
   }
-  for (int64_t r = warp; r < i_head; r += kWarps) {
-    const int64_t j = ord[r];
-    for (int64_t row = nsink + off[j]; row < nsink + off[j + 1]; ++row) {
-      const double x = row_dot(K + row * s.d, qs, s.d, lane);
-      mh = combine(mh, {x, 1.0});
-    }
+  for (int64_t u = tid; u < i_head * 16; u += kThreads) {
+    const int64_t j = ord[u >> 4];
+    for (int64_t row = nsink + off[j] + (u & 15); row < nsink + off[j + 1]; row += 16)
+      mh = add(mh, thread_dot(K + row * s.d, qs, s.d));
   }
+  ma = warp_combine(ma);
+  mh = warp_combine(mh);
   if (lane == 0) {
     warp_a[warp] = ma;
     warp_h[warp] = mh;
@@ -288,30 +312,56 @@ __global__ void __launch_bounds__(kThreads) select_heads_kernel(StepGeometry s, 
 }
 
 // Row list of each (sequence, KV head): sinks, the marked clusters in physical order, recent.
+// Two passes over chunks of kRowChunk clusters, so every (item, chunk) is its own block: the
+// sizes of each chunk's marked clusters, then each chunk's rows at the sum of earlier chunks.
+constexpr int64_t kRowChunk = 1024;
+
+__global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, SelectArgs a) {
+  typedef cub::BlockReduce<int64_t, kThreads> ReduceI;
+  __shared__ typename ReduceI::TempStorage tmp;
+  const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, chunk = blockIdx.y;
+  const int32_t slot = s.slots[b];
+  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
+  const int32_t* off = a.offsets + head_index(s, slot, h) * (s.cmax + 1);
+  const uint8_t* kmark = a.kv_mark + item * s.cmax;
+  int64_t v = 0;
+  for (int64_t j = chunk * kRowChunk + threadIdx.x; j < min((chunk + 1) * kRowChunk, (int64_t)st.n_clusters);
+       j += kThreads)
+    if (kmark[j]) v += (int64_t)off[j + 1] - off[j];
+  v = ReduceI(tmp).Sum(v);
+  if (threadIdx.x == 0) a.chunk_sums[item * gridDim.y + chunk] = (int32_t)v;
+}
+
 __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, SelectArgs a) {
   typedef cub::BlockScan<int64_t, kThreads> ScanI;
   __shared__ typename ScanI::TempStorage tmp;
-  const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv;
+  const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, chunk = blockIdx.y;
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
-  const int64_t hi = head_index(s, slot, h);
-  const int32_t* off = a.offsets + hi * (s.cmax + 1);
+  const int32_t* off = a.offsets + head_index(s, slot, h) * (s.cmax + 1);
   const uint8_t* kmark = a.kv_mark + item * s.cmax;
   int32_t* out = a.rows + item * s.cap;
   const int64_t nsink = st.n_sink, nclu = st.n_clustered, nrec = st.n_recent, C = st.n_clusters;
-  for (int64_t t = threadIdx.x; t < nsink; t += kThreads) out[t] = (int32_t)t;
+  const int32_t* sums = a.chunk_sums + item * gridDim.y;
   int64_t carry = nsink;
-  for (int64_t base = 0; base < C; base += kThreads) {
+  for (int64_t c = 0; c < chunk; ++c) carry += sums[c];
+  if (chunk == 0) {
+    int64_t all = nsink;
+    for (int64_t c = 0; c < gridDim.y; ++c) all += sums[c];
+    for (int64_t t = threadIdx.x; t < nsink; t += kThreads) out[t] = (int32_t)t;
+    for (int64_t t = threadIdx.x; t < nrec; t += kThreads) out[all + t] = (int32_t)(nsink + nclu + t);
+    if (threadIdx.x == 0) a.counts[item] = (int32_t)(all + nrec);
+  }
+  const int64_t end = min((chunk + 1) * kRowChunk, C);
+  for (int64_t base = chunk * kRowChunk; base < end; base += kThreads) {
     const int64_t j = base + threadIdx.x;
-    const int64_t v = (j < C && kmark[j]) ? (int64_t)off[j + 1] - off[j] : 0;
+    const int64_t v = (j < end && kmark[j]) ? (int64_t)off[j + 1] - off[j] : 0;
     int64_t ex, agg;
     ScanI(tmp).ExclusiveSum(v, ex, agg);
     __syncthreads();
     for (int64_t k = 0; k < v; ++k) out[carry + ex + k] = (int32_t)(nsink + off[j] + k);
     carry += agg;
   }
-  for (int64_t t = threadIdx.x; t < nrec; t += kThreads) out[carry + t] = (int32_t)(nsink + nclu + t);
-  if (threadIdx.x == 0) a.counts[item] = (int32_t)(carry + nrec);
 }
 
 // Dense: every row of every item, and trivial statistics.
@@ -356,6 +406,8 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
   TACTIC_CUDA_LAUNCH_CHECK("append_token (counts)");
 }
 
+int64_t row_chunks(int64_t cmax) { return (cmax + kRowChunk - 1) / kRowChunk; }
+
 size_t select_sort_temp_bytes(int64_t segments, int64_t cmax) {
   size_t bytes = 0;
   TACTIC_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
@@ -390,7 +442,10 @@ void select_step(const StepGeometry& s, const SelectArgs& a) {
     select_heads_kernel<T><<<(unsigned)heads, kThreads, 0, st>>>(s, a);
   });
   TACTIC_CUDA_LAUNCH_CHECK("select_heads");
-  build_rows_kernel<<<(unsigned)items, kThreads, 0, st>>>(s, a);
+  const dim3 rows_grid((unsigned)items, (unsigned)row_chunks(s.cmax));
+  chunk_sums_kernel<<<rows_grid, kThreads, 0, st>>>(s, a);
+  TACTIC_CUDA_LAUNCH_CHECK("chunk_sums");
+  build_rows_kernel<<<rows_grid, kThreads, 0, st>>>(s, a);
   TACTIC_CUDA_LAUNCH_CHECK("build_rows");
 }
 

@@ -57,12 +57,14 @@ struct SelectArgs {
   double* est_mass;              // [batch * Hq]
   int32_t* rows;                 // [batch * Hkv, cap] row list for attention
   int32_t* counts;               // [batch * Hkv]
+  int32_t* chunk_sums;           // [batch * Hkv, row_chunks(cmax)] scratch
   double target, margin, head_fraction;
   int64_t min_clusters;
   bool dense;                    // policy dense: every row, no selection
 };
 
 size_t select_sort_temp_bytes(int64_t segments, int64_t cmax);
+int64_t row_chunks(int64_t cmax);  // size of SelectArgs::chunk_sums per (sequence, KV head)
 
 // The whole selection of one step: scores, segmented sort, per-head stop point, union rows.
 void select_step(const StepGeometry& s, const SelectArgs& a);

@@ -387,6 +387,7 @@ std::string dname(DType t) { return t == DType::f32 ? "f32" : t == DType::f16 ? 
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress shows up when piped to a file
   int64_t max_n = INT64_MAX;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
