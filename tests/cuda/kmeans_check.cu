@@ -1,11 +1,11 @@
 // Device self-test of the CUDA k-means + re-index (cuda/kmeans.cu) against the CPU reference
 // tactic::kmeans. Build and run from the repository root:
 //
-//   nvcc -std=c++17 -O2 -arch=sm_90 -Icpp/include -Icpp/src -Icuda tests/cuda/kmeans_check.cu \
-//        cuda/kmeans.cu cpp/src/*.cpp -Xcompiler -fopenmp -lgomp -o /tmp/kmeans_check
+//   nvcc -std=c++17 -O2 -arch=sm_90 -Icpp/include -Icpp/src -Icuda tests/cuda/kmeans_check.cu cuda/kmeans.cu cpp/src/*.cpp -Xcompiler -fopenmp -lgomp -o /tmp/kmeans_check
 //   /tmp/kmeans_check            # all cases; exit status 0 only if every case passes
 //   /tmp/kmeans_check --quick    # skip the n = 32768 cases (and the timing cases)
 //   /tmp/kmeans_check --max-n N  # only the cases with n <= N
+//   /tmp/kmeans_check --filter S # only the cases whose name contains S
 //
 // Each case: random Gaussian-mixture keys in the store rows [row0, row0 + n) of nprob heads
 // (rows outside stay as sentinels), kmeans_reindex on the GPU, then
@@ -56,7 +56,8 @@ struct Case {
   int64_t d = 64, n = 1000, nprob = 3;
   int64_t c = 0;  // 0: ceil(n / 16)
   bool spherical = false;
-  bool dup = false;        // many duplicate rows: clusters go empty
+  int dup = 0;  // 1: 3/4 of the rows copy 7 rows (clusters go empty on the way);
+                // 2: every row copies one of 20 rows (c > 20: clusters stay empty)
   bool reindex = true;
   bool with_pos = true;
   bool misalign = false;   // store base not 16-byte aligned: element-load paths
@@ -116,10 +117,11 @@ bool run_case(const Case& cs) {
       const int64_t comp = pick(rng);
       for (int64_t e = 0; e < d; ++e) x[e] = mu[(size_t)(comp * d + e)] + 0.6f * N01(rng);
     }
-    if (cs.dup)  // three quarters of the rows are copies of 7 rows
-      for (int64_t r = n / 4; r < n; ++r)
-        std::memcpy(&kf[(size_t)((p * cap + row0 + r) * d)], &kf[(size_t)((p * cap + row0 + r % 7) * d)],
-                    (size_t)d * sizeof(float));
+    const int64_t first_copy = cs.dup == 1 ? n / 4 : 20, distinct = cs.dup == 1 ? 7 : 20;
+    if (cs.dup)
+      for (int64_t r = first_copy; r < n; ++r)
+        std::memcpy(&kf[(size_t)((p * cap + row0 + r) * d)],
+                    &kf[(size_t)((p * cap + row0 + r % distinct) * d)], (size_t)d * sizeof(float));
   }
   std::vector<uint8_t> hk, hv;
   to_dtype(kf, cs.dtype, hk);
@@ -326,7 +328,7 @@ bool run_case(const Case& cs) {
     ok &= check(store_ok, cs, "re-indexed K/V/pos rows wrong in head " + std::to_string(p));
   }
 
-  std::printf("%s %-46s gpu %8.2f ms  cpu %6.2f s  max |gpu/cpu inertia - 1| %.1e  empty %lld\n",
+  std::printf("%s %-48s gpu %8.2f ms  cpu %6.2f s  max |gpu/cpu inertia - 1| %.1e  empty %lld\n",
               ok ? "PASS" : "FAIL", cs.name.c_str(), gpu_ms, cpu_s, worst_rel, (long long)empty_clusters);
 
   // Timed repeats: no inertia (no sync inside), the store keeps being re-indexed in place.
@@ -389,12 +391,14 @@ std::string dname(DType t) { return t == DType::f32 ? "f32" : t == DType::f16 ? 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress shows up when piped to a file
   int64_t max_n = INT64_MAX;
+  std::string filter;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--quick") max_n = 8192;
     else if (arg == "--max-n" && i + 1 < argc) max_n = std::atoll(argv[++i]);
+    else if (arg == "--filter" && i + 1 < argc) filter = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--max-n N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--max-n N] [--filter SUBSTRING]\n", argv[0]);
       return 2;
     }
   }
@@ -429,16 +433,24 @@ int main(int argc, char** argv) {
   cases.push_back(add(DType::f32, 72, 1000, true));
   {
     Case cs = add(DType::f16, 64, 4097, false);
-    cs.dup = true;
+    cs.dup = 1;
     cs.name += " duplicates";
     cases.push_back(cs);
     cs = add(DType::f16, 64, 4097, true);
-    cs.dup = true;
+    cs.dup = 1;
     cs.name += " duplicates";
     cases.push_back(cs);
     cs = add(DType::f32, 128, 1000, false);
-    cs.dup = true;
+    cs.dup = 1;
     cs.name += " duplicates";
+    cases.push_back(cs);
+    cs = add(DType::f16, 64, 1000, false);
+    cs.dup = 2;
+    cs.name += " 20 distinct rows";
+    cases.push_back(cs);
+    cs = add(DType::f32, 128, 1000, true);
+    cs.dup = 2;
+    cs.name += " 20 distinct rows";
     cases.push_back(cs);
     cs = add(DType::f16, 64, 17, false);
     cs.c = 40;  // c > n: c = n, one row per cluster
@@ -484,7 +496,7 @@ int main(int argc, char** argv) {
 
   int run = 0;
   for (const Case& cs : cases) {
-    if (cs.n > max_n) continue;
+    if (cs.n > max_n || cs.name.find(filter) == std::string::npos) continue;
     run_case(cs);
     ++run;
   }
