@@ -67,6 +67,11 @@ struct DeviceDecoder::Impl {
   int64_t ls(int64_t l, int64_t s) const { return l * B + s; }
   int64_t lsh(int64_t l, int64_t s, int64_t h) const { return ls(l, s) * H + h; }
   bool clusters() const { return cfg.select.policy == Policy::tactic; }
+  // Clusters of a clustered region of n tokens: ceil(n / cluster_size), at most n (the CPU
+  // store's count).
+  int64_t clusters_for(int64_t n) const {
+    return n > 0 ? std::min<int64_t>((n + cfg.cluster_size - 1) / cfg.cluster_size, n) : 0;
+  }
 
   StepGeometry geometry(int64_t layer, int64_t batch, void* stream) {
     StepGeometry g;
@@ -86,9 +91,7 @@ struct DeviceDecoder::Impl {
 
   void push_counts(int64_t layer, int64_t slot, void* stream) {
     const SlotState& st = host_state[ls(layer, slot)];
-    const int64_t c = clusters() && st.n_clustered > 0
-                          ? std::min<int64_t>((st.n_clustered + cfg.cluster_size - 1) / cfg.cluster_size, st.n_clustered)
-                          : 0;
+    const int64_t c = clusters() ? clusters_for(st.n_clustered) : 0;
     set_counts(state.as<SlotCounts>(), ls(layer, slot),
                SlotCounts{(int32_t)st.n_sink, (int32_t)st.n_clustered, (int32_t)st.n_recent, (int32_t)c}, stream);
   }
@@ -112,7 +115,7 @@ struct DeviceDecoder::Impl {
     a.nprob = H;
     a.row0 = st.n_sink;
     a.n = n;
-    a.c = std::min<int64_t>((n + cfg.cluster_size - 1) / cfg.cluster_size, n);
+    a.c = clusters_for(n);
     a.iters = (int)cfg.kmeans_iters;
     a.spherical = cfg.metric == Metric::spherical;
     a.seeds = seeds.data();
@@ -390,7 +393,7 @@ void DeviceDecoder::stats(int64_t layer, LayerStats& st) {
         continue;
       }
       // The row lists are shared by all layers: rebuild the masks from the per-layer marks.
-      const int64_t c = ss.n_clustered > 0 ? std::min<int64_t>((ss.n_clustered + m.cfg.cluster_size - 1) / m.cfg.cluster_size, ss.n_clustered) : 0;
+      const int64_t c = m.clusters_for(ss.n_clustered);
       TACTIC_CUDA_CHECK(cudaMemcpy(off.data(), m.offsets.as<int32_t>() + hi * (m.cmax + 1), (c + 1) * 4, cudaMemcpyDeviceToHost));
       for (int64_t g = 0; g < G; ++g) {
         const int64_t qh = b * Hq + h * G + g;
