@@ -64,32 +64,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// 16 bytes of T -> floats.
-template <class T> __device__ __forceinline__ void unpack16(const uint4& r, float* f);
-template <> __device__ __forceinline__ void unpack16<float>(const uint4& r, float* f) {
-  f[0] = __uint_as_float(r.x);
-  f[1] = __uint_as_float(r.y);
-  f[2] = __uint_as_float(r.z);
-  f[3] = __uint_as_float(r.w);
-}
-template <> __device__ __forceinline__ void unpack16<__half>(const uint4& r, float* f) {
-  const __half2* h = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 x = __half22float2(h[k]);
-    f[2 * k] = x.x;
-    f[2 * k + 1] = x.y;
-  }
-}
-template <> __device__ __forceinline__ void unpack16<__nv_bfloat16>(const uint4& r, float* f) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 x = __bfloat1622float2(h[k]);
-    f[2 * k] = x.x;
-    f[2 * k + 1] = x.y;
-  }
-}
 
 // Counts outside [0, max_count] are clamped so that a bad count can never index past the
 // workspace (max_count sizes it) or the row list.

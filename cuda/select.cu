@@ -132,10 +132,10 @@ __device__ __forceinline__ float thread_dot(const T* row, const float* q, int64_
   const uint4* p = reinterpret_cast<const uint4*>(row);
   float acc = 0.f;
   for (int64_t c = 0; c < d / kPer; ++c) {
-    const uint4 raw = __ldg(p + c);
-    const T* e = reinterpret_cast<const T*>(&raw);
+    float e[kPer];
+    unpack16<T>(__ldg(p + c), e);
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) acc += q[c * kPer + i] * to_float(e[i]);
+    for (int i = 0; i < kPer; ++i) acc += q[c * kPer + i] * e[i];
   }
   return acc;
 }
