@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import __version__, with_cuda, with_openmp
+from . import __version__, _arrays, with_cuda, with_openmp
 from .decoder import SparseDecoder
 from .evaluate import accuracy, fixture_layers, kv_union_success, reference, run_policy
 from .fixtures import load_fixture
@@ -73,20 +73,13 @@ def _timing(fx, target: float, device: str, context: int, reps: int, quiet: bool
     n = fx.n_prefill
     tiles = -(-context // n)
     results = {}
-    if device.startswith("cuda"):
-        import torch
+    def put(a):
+        return _arrays.to_device(a, device)
 
-        def put(a):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-        def sync():
+    def sync():
+        if device.startswith("cuda"):
+            import torch
             torch.cuda.synchronize()
-    else:
-        def put(a):
-            return a
-
-        def sync():
-            pass
     bar = _progress(2 * (len(layers) + reps), "timing", quiet)
     for policy in ("dense", "tactic"):
         dec = SparseDecoder(len(layers), hq, hkv, d, max_batch=1, max_tokens=context + reps * s,

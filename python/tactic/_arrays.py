@@ -113,6 +113,14 @@ def finish(like, arr):
     return arr
 
 
+def to_device(arr: np.ndarray, device: str):
+    """A numpy array as a torch tensor on `device` ('cuda', 'cuda:N'); unchanged for 'cpu'."""
+    if not str(device).startswith("cuda"):
+        return arr
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+
+
 def current_stream(x) -> int:
     """The CUDA stream the caller's framework is using for `x` (0: the default stream)."""
     fw = framework(x)

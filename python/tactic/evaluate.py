@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import _arrays
 from .decoder import SparseDecoder
 from .fixtures import Fixture, LayerCapture
 
@@ -59,14 +60,8 @@ def run_policy(cap: LayerCapture, n_prefill: int, scale: float, policy: str = "t
     budgets: [S, Hkv] tokens per step and KV head (quest/topk). device 'cuda' moves the
     inputs to the GPU with torch.
     """
-    if str(device).startswith("cuda"):
-        import torch
-
-        def put(a):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    else:
-        def put(a):
-            return a
+    def put(a):
+        return _arrays.to_device(a, device)
     t, hkv, d = cap.keys.shape
     s, hq, _ = cap.queries.shape
     dec = SparseDecoder(1, hq, hkv, d, max_batch=1, max_tokens=t, dtype=dtype, target=target,
