@@ -56,7 +56,7 @@ struct DeviceDecoder::Impl {
   int dev = 0;
   int64_t L, B, H, Hq, G, D, cap, cmax;
   std::size_t es;
-  DeviceBuffer k, v, pos, centroids, offsets, state;
+  DeviceBuffer k, v, pos, centroids, centroids_low, offsets, state;
   DeviceBuffer qf, scores, seg_max, ids, tasks, sel_scratch;
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
@@ -134,6 +134,9 @@ struct DeviceDecoder::Impl {
     a.inertia_out = nullptr;
     a.stream = stream;
     kmeans_reindex(a);
+    if (centroids_low.p)
+      round_centroids(a.centroids, static_cast<uint8_t*>(centroids_low.p) + (std::size_t)first * cmax * D * es,
+                      cfg.dtype, H * cmax * D, stream);
   }
 };
 
@@ -186,6 +189,8 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   m.pos.allocate(heads * m.cap * 4, "positions");
   if (m.clusters()) {
     m.centroids.allocate(heads * m.cmax * m.D * 4, "centroids");
+    // What the ranking reads: the centroids rounded to the storage dtype (see store.cpp).
+    if (m.cfg.dtype != DType::f32) m.centroids_low.allocate(heads * m.cmax * m.D * m.es, "centroids");
     m.offsets.allocate(heads * (m.cmax + 1) * 4, "cluster offsets");
   }
   m.state.allocate((std::size_t)(m.L * m.B) * sizeof(SlotCounts), "sequence counts");
@@ -229,7 +234,7 @@ DeviceDecoder::~DeviceDecoder() {
 
 std::size_t DeviceDecoder::bytes() const {
   const Impl& m = *p_;
-  return m.k.n + m.v.n + m.pos.n + m.centroids.n + m.offsets.n;
+  return m.k.n + m.v.n + m.pos.n + m.centroids.n + m.centroids_low.n + m.offsets.n;
 }
 
 const SlotState& DeviceDecoder::state(int64_t layer, int64_t slot) const {
@@ -306,7 +311,7 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   SelectArgs a{};
   a.k = m.k.p;
   a.dtype = m.cfg.dtype;
-  a.centroids = m.centroids.as<float>();
+  a.centroids = m.centroids_low.p ? m.centroids_low.p : m.centroids.p;  // storage dtype
   a.offsets = m.offsets.as<int32_t>();
   a.qf = m.qf.as<float>();
   a.scores = m.scores.as<float>();

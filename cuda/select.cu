@@ -86,9 +86,9 @@ __device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_floa
 // lanes takes one centroid (each lane D/16 float4 slots, so a warp load covers 8 centroids'
 // 64-byte pieces) and all g heads use the centroid while it is in registers: the centroids,
 // the largest read of the selection, are read once per KV head, not once per query head.
-template <int D>
+template <class T, int D>
 __global__ void __launch_bounds__(kThreads) score_kernel(StepGeometry s, SelectArgs a) {
-  constexpr int NV = D / 16;  // float4 slots per lane
+  constexpr int VEC = 16 / (int)sizeof(T), SL = D / VEC, NV = (SL + 3) / 4;  // 16-byte slots (per lane)
   extern __shared__ float qs[];  // [g, D]
   __shared__ int32_t s_max[16];
   const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, hq = s.hkv * s.g;
@@ -103,18 +103,20 @@ __global__ void __launch_bounds__(kThreads) score_kernel(StepGeometry s, SelectA
   const int quad = threadIdx.x >> 2, t = threadIdx.x & 3;
   const int64_t c = (int64_t)blockIdx.y * (kThreads / 4) + quad;
   const bool valid = c < c_count;
-  float4 cf[NV];
-  const float4* src = reinterpret_cast<const float4*>(a.centroids + (hi * s.cmax + (valid ? c : 0)) * D);
+  float cf[NV][VEC];
+  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(a.centroids) + (hi * s.cmax + (valid ? c : 0)) * D);
 #pragma unroll
-  for (int j = 0; j < NV; ++j) cf[j] = valid ? __ldg(src + t + 4 * j) : make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j = 0; j < NV; ++j)
+    unpack16<T>(valid && t + 4 * j < SL ? __ldg(src + t + 4 * j) : make_uint4(0u, 0u, 0u, 0u), cf[j]);
   for (int64_t j = 0; j < s.g; ++j) {
-    const float4* qv = reinterpret_cast<const float4*>(qs + j * D);
+    const float* qv = qs + j * D;
     float acc = 0.f;
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const float4 x = qv[t + 4 * k];
-      acc = fmaf(x.x, cf[k].x, fmaf(x.y, cf[k].y, fmaf(x.z, cf[k].z, fmaf(x.w, cf[k].w, acc))));
-    }
+    for (int k = 0; k < NV; ++k)
+      if (t + 4 * k < SL) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc = fmaf(qv[(t + 4 * k) * VEC + e], cf[k][e], acc);
+      }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
     acc += __shfl_xor_sync(0xffffffffu, acc, 2);
     if (valid && t == 0) {
@@ -809,14 +811,17 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
   const dim3 grid((unsigned)items, (unsigned)((s.cmax + kThreads / 4 - 1) / (kThreads / 4)));
   const size_t qbytes = (size_t)(s.g * s.d * sizeof(float));
-  switch (s.d) {
-    case 64: score_kernel<64><<<grid, kThreads, qbytes, st>>>(s, a); break;
-    case 80: score_kernel<80><<<grid, kThreads, qbytes, st>>>(s, a); break;
-    case 96: score_kernel<96><<<grid, kThreads, qbytes, st>>>(s, a); break;
-    case 128: score_kernel<128><<<grid, kThreads, qbytes, st>>>(s, a); break;
-    case 256: score_kernel<256><<<grid, kThreads, qbytes, st>>>(s, a); break;
-    default: throw UnsupportedError("CUDA selection supports head_dim 64, 80, 96, 128 or 256");
-  }
+  dispatch_float(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    switch (s.d) {
+      case 64: score_kernel<T, 64><<<grid, kThreads, qbytes, st>>>(s, a); break;
+      case 80: score_kernel<T, 80><<<grid, kThreads, qbytes, st>>>(s, a); break;
+      case 96: score_kernel<T, 96><<<grid, kThreads, qbytes, st>>>(s, a); break;
+      case 128: score_kernel<T, 128><<<grid, kThreads, qbytes, st>>>(s, a); break;
+      case 256: score_kernel<T, 256><<<grid, kThreads, qbytes, st>>>(s, a); break;
+      default: throw UnsupportedError("CUDA selection supports head_dim 64, 80, 96, 128 or 256");
+    }
+  });
   TACTIC_CUDA_LAUNCH_CHECK("score_centroids");
   select_head_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a);
   TACTIC_CUDA_LAUNCH_CHECK("select_head");

@@ -43,7 +43,7 @@ struct ExactPart;  // one block's exact (max, sum) partial (select.cu)
 struct SelectArgs {
   const void* k;                 // store keys (storage dtype)
   DType dtype;
-  const float* centroids;        // [L, B, Hkv, cmax, d]
+  const void* centroids;         // [L, B, Hkv, cmax, d] in the storage dtype `dtype`
   const int32_t* offsets;        // [L, B, Hkv, cmax + 1]
   const float* qf;               // [batch, Hq, d], scaled
   float* scores;                 // [batch * Hq, cmax] scratch: q . centroid
