@@ -54,7 +54,7 @@ def sweep_main(argv) -> int:
                     help="synthetic: calibrated generator; fixture: real SmolLM2 KV tiled (9/3 heads, D 64)")
     ap.add_argument("--quick", action="store_true", help="~1 minute: 8K-128K, B=1, 32/8, fp16, P=0.9")
     ap.add_argument("--rotate-mb", type=float, help="bytes the rotation cycles through (default 200 on CUDA, 0 on CPU)")
-    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the sweep (default 450)")
+    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the sweep (default 420; 60 with --quick)")
     ap.add_argument("--max-prefill-s", type=float, default=30.0, help="skip cases whose k-means would take longer")
     ap.add_argument("--series-s", type=float, default=0.15, help="time per timed series (sets the run count)")
     ap.add_argument("--min-runs", type=int, default=20)
@@ -65,13 +65,16 @@ def sweep_main(argv) -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="", help="added to the file names")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plan", type=float, metavar="GPU_GIB", default=None,
+                    help="print the cases, rotation, memory and time estimates for a GPU with this much "
+                         "free memory, and exit (no GPU needed)")
     a = ap.parse_args(argv)
 
-    cuda = torch.device(a.device).type == "cuda"
-    if cuda and not torch.cuda.is_available():
+    cuda = torch.device(a.device).type == "cuda" or a.plan is not None
+    if a.plan is None and cuda and not torch.cuda.is_available():
         ap.error("no CUDA device visible: pass --device cpu (tiny sizes) or run on a GPU machine")
     import tactic
-    if cuda and not tactic.with_cuda:
+    if cuda and a.plan is None and not tactic.with_cuda:
         ap.error("this build of tactic has no CUDA backend (rebuild with -Ccmake.define.TACTIC_CUDA=ON)")
     opt = Options(device=a.device, workload=a.workload, seed=a.seed, graphs=not a.no_graphs,
                   padded_gather=not a.no_padded_gather, max_prefill_s=a.max_prefill_s,
@@ -90,8 +93,12 @@ def sweep_main(argv) -> int:
         opt.head_dim = a.head_dim
     if a.rotate_mb is not None:
         opt.rotate_bytes = int(a.rotate_mb * 2**20)
-    opt.time_budget_s = a.budget_s if a.budget_s is not None else (60.0 if a.quick else 450.0)
+    opt.time_budget_s = a.budget_s if a.budget_s is not None else (60.0 if a.quick else 420.0)
 
+    if a.plan is not None:
+        opt.device = "cuda"  # estimates for the GPU, whatever runs this
+        print(Sweep(opt, 0.0).plan_text(a.plan * 2**30))
+        return 0
     env = report.environment(a.device)
     print(f"tactic.bench on {env['device']}, torch {env['torch']}, commit {env['git_commit'][:12]}, {env['date']}")
     bw = copy_bandwidth(a.device, (1 << 30) if cuda else (256 << 20))

@@ -63,7 +63,7 @@ class Options:
     runs: RunPolicy = field(default_factory=lambda: RunPolicy(warmup=5, min_runs=20, max_runs=100, budget_s=0.15))
     graphs: bool = True
     padded_gather: bool = True
-    time_budget_s: float = 450.0
+    time_budget_s: float = 420.0
     max_prefill_s: float = 30.0
     memory_fraction: float = 0.85
     seed: int = 0
@@ -175,21 +175,37 @@ class Sweep:
         n_series = 3 + 4 * (1 + self.opt.graphs) + len(self.opt.targets) * (4 + self.opt.graphs + self.opt.padded_gather)
         return prefill_estimate_s(c, layers, self.kmeans_flops) + n_series * (self.opt.runs.budget_s + 0.1)
 
+    def _skip_reason(self, c: Case, layers: int, free: int, elapsed: float) -> Optional[str]:
+        need = memory_estimate(c, layers)
+        est_prefill = prefill_estimate_s(c, layers, self.kmeans_flops)
+        if need > self.opt.memory_fraction * free:
+            return f"memory: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+        if est_prefill > self.opt.max_prefill_s:
+            return f"k-means prefill ~{est_prefill:.0f} s > max_prefill_s {self.opt.max_prefill_s:.0f}"
+        if elapsed + self.case_time_estimate(c, layers) > self.opt.time_budget_s:
+            return (f"time budget: {elapsed:.0f} s spent, case needs ~{self.case_time_estimate(c, layers):.0f} s "
+                    f"of {self.opt.time_budget_s:.0f}")
+        return None
+
+    def plan_text(self, free: int) -> str:
+        """The sweep as it would run on a device with `free` bytes, by the estimates alone."""
+        lines, elapsed = [], 0.0
+        for c in cases(self.opt):
+            layers = rotation_layers(c, self.opt.rotate_bytes, self.opt.max_layers)
+            reason = self._skip_reason(c, layers, free, elapsed)
+            est = self.case_time_estimate(c, layers)
+            if not reason:
+                elapsed += est
+            lines.append(f"{c.label():<40} slots {layers:>2}  mem {memory_estimate(c, layers) / 2**30:6.1f} GiB  "
+                         f"k-means {prefill_estimate_s(c, layers, self.kmeans_flops):6.1f} s  case ~{est:5.1f} s  "
+                         + (f"SKIP ({reason})" if reason else f"run (t ~{elapsed:.0f} s)"))
+        return "\n".join(lines)
+
     def run(self) -> None:
         t_start = time.perf_counter()
         for c in cases(self.opt):
             layers = rotation_layers(c, self.opt.rotate_bytes, self.opt.max_layers)
-            need, free = memory_estimate(c, layers), self._free_bytes()
-            est_prefill = prefill_estimate_s(c, layers, self.kmeans_flops)
-            elapsed = time.perf_counter() - t_start
-            reason = None
-            if need > self.opt.memory_fraction * free:
-                reason = f"memory: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-            elif est_prefill > self.opt.max_prefill_s:
-                reason = f"k-means prefill ~{est_prefill:.0f} s > max_prefill_s {self.opt.max_prefill_s:.0f}"
-            elif elapsed + self.case_time_estimate(c, layers) > self.opt.time_budget_s:
-                reason = (f"time budget: {elapsed:.0f} s spent, case needs ~{self.case_time_estimate(c, layers):.0f} s "
-                          f"of {self.opt.time_budget_s:.0f}")
+            reason = self._skip_reason(c, layers, self._free_bytes(), time.perf_counter() - t_start)
             if reason:
                 self.skipped.append({"case": c.__dict__, "reason": reason})
                 self.log(f"skip {c.label()}: {reason}")
