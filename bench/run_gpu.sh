@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|selftest|pytest|sanitize|bench|quick|fixture|e2e]...
+#   bash bench/run_gpu.sh [build|selftest|pytest|sanitize|bench|quick|fixture|profile|ncu|e2e]...
 # Default: build selftest pytest sanitize quick. `bench` (the full sweep, ~8 min) and `e2e`
 # (~2 min) each need a call of their own under a 10-minute limit per command.
 set -uo pipefail
@@ -39,6 +39,14 @@ for s in $steps; do
     fixture)  # real SmolLM2 KV tiled (9/3 heads, D 64)
       python3 -m tactic.bench --workload fixture --n 32K 128K 512K --batch 1 8 --dtype float16 \
         --target 0.9 --budget-s 240 --out "$OUT" 2>&1 | tee "$OUT/fixture.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    profile)  # per-kernel time of one step (torch profiler) at 32K / 128K / 512K
+      for n in 32768 131072 524288; do python3 bench/profile_step.py --context $n 2>&1 | head -16; done ;;
+    ncu)      # hardware counters of the selection and attention kernels at 128K (one launch each)
+      ncu --clock-control none -k regex:"select_head|select_stop|select_exact|attention_chunks|score_kernel|build_rows" \
+        -s 40 -c 6 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis \
+        python3 bench/profile_step.py --context 131072 > "$OUT/ncu.txt" 2>&1 || rc=1
+      grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots Busy|No Eligible" "$OUT/ncu.txt" | head -120 ;;
     e2e)      # Llama-3.1-8B-shaped decode loop at 32K and 128K, tokens/s
       python3 -m tactic.bench e2e --out "$OUT" 2>&1 | tee "$OUT/e2e.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
   esac

@@ -199,9 +199,11 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   m.qf.allocate(segs * m.D * 4, "queries");
   if (m.clusters()) {
     m.scores.allocate(segs * m.cmax * 4, "cluster scores");
-    m.seg_max.allocate(segs * 4, "best scores");
-    // 0x80808080 orders below the int of every finite score (see select.hpp).
-    TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.p, 0x80, m.seg_max.n));
+    m.seg_max.allocate(segs * 8, "best and worst scores");
+    // [segs] best, then [segs] worst: 0x80808080 orders below the int of every finite score,
+    // 0x7f7f7f7f above it (see select.hpp).
+    TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.p, 0x80, segs * 4));
+    TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.as<int32_t>() + segs, 0x7f, segs * 4));
     m.ids.allocate(segs * m.cmax * 4, "exact-head lists");
     m.tasks.allocate(segs * head_tasks_stride(m.cmax, m.cap) * 8, "exact-head tasks");
     m.sel_scratch.allocate(select_scratch_bytes((int64_t)segs), "selection scratch");
@@ -316,6 +318,7 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.qf = m.qf.as<float>();
   a.scores = m.scores.as<float>();
   a.seg_max = m.seg_max.as<int32_t>();
+  a.seg_min = m.seg_max.as<int32_t>() + segs;
   a.ids = m.ids.as<int32_t>();
   a.scratch = m.sel_scratch.p;
   a.tasks = m.tasks.as<int32_t>();

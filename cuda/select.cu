@@ -25,6 +25,7 @@ struct SelInfo {
   int32_t all;       // 1: every cluster selected already (degenerate or P = 1)
   int32_t bh, bh_whole, nh_cand, cut_h, n_head, n_tasks;
   float mx;          // best centroid score
+  float bpl;         // histogram buckets per unit of logit (bucket_of)
   double prior_head; // sum over head clusters of size * exp(score - mx)
 };
 struct ExactPart {   // one block's online (max, sum) of sinks + recent (a) and head rows (h)
@@ -82,15 +83,24 @@ __device__ __forceinline__ int32_t order_float(float f) {
 __device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_float(i >= 0 ? i : i ^ 0x7fffffff); }
 
 // scores[b*Hq + h*g + j, c] = qf . centroid_c for the g query heads of KV head h, and
-// seg_max[b*Hq + h*g + j] = the largest of them (atomicMax; select_heads resets it). A quad of
+// seg_max / seg_min[b*Hq + h*g + j] = the largest / smallest of them (atomicMax / atomicMin;
+// select_head resets them). A quad of
 // lanes takes one centroid (each lane D/16 float4 slots, so a warp load covers 8 centroids'
 // 64-byte pieces) and all g heads use the centroid while it is in registers: the centroids,
 // the largest read of the selection, are read once per KV head, not once per query head.
+// Centroids per quad of lanes in score_kernel: as many as keep the raw 16-byte slots within
+// 32 registers per thread (more spilled once the compiler hoisted their unpacking).
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) score_kernel(StepGeometry s, SelectArgs a) {
+__host__ __device__ constexpr int kScoreUnroll() {
+  constexpr int nv = (D / (16 / (int)sizeof(T)) + 3) / 4;
+  return nv <= 2 ? 4 : (nv <= 4 ? 2 : 1);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, SelectArgs a) {
   constexpr int VEC = 16 / (int)sizeof(T), SL = D / VEC, NV = (SL + 3) / 4;  // 16-byte slots (per lane)
   extern __shared__ float qs[];  // [g, D]
-  __shared__ int32_t s_max[16];
+  __shared__ int32_t s_max[16], s_min[16];
   const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, hq = s.hkv * s.g;
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
@@ -98,34 +108,65 @@ __global__ void __launch_bounds__(kThreads) score_kernel(StepGeometry s, SelectA
   const int64_t seg0 = b * hq + h * s.g;
   const float* q = a.qf + seg0 * D;
   for (int64_t e = threadIdx.x; e < s.g * D; e += blockDim.x) qs[e] = q[e];
-  if (threadIdx.x < s.g) s_max[threadIdx.x] = INT_MIN;
+  if (threadIdx.x < s.g) {
+    s_max[threadIdx.x] = INT_MIN;
+    s_min[threadIdx.x] = INT_MAX;
+  }
   __syncthreads();
   const int quad = threadIdx.x >> 2, t = threadIdx.x & 3;
-  const int64_t c = (int64_t)blockIdx.y * (kThreads / 4) + quad;
-  const bool valid = c < c_count;
-  float cf[NV][VEC];
-  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(a.centroids) + (hi * s.cmax + (valid ? c : 0)) * D);
+  // U centroids per quad, all loads issued before any use (one centroid per thread and launch
+  // left the kernel latency-bound at ~40% of the bandwidth).
+  constexpr int U = kScoreUnroll<T, D>();
+  const int64_t c0 = (int64_t)blockIdx.y * (kThreads / 4) * U + quad;
+  uint4 raw[U][NV];
 #pragma unroll
-  for (int j = 0; j < NV; ++j)
-    unpack16<T>(valid && t + 4 * j < SL ? __ldg(src + t + 4 * j) : make_uint4(0u, 0u, 0u, 0u), cf[j]);
-  for (int64_t j = 0; j < s.g; ++j) {
-    const float* qv = qs + j * D;
-    float acc = 0.f;
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + (int64_t)u * (kThreads / 4);
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(a.centroids) +
+                                                      (hi * s.cmax + (c < c_count ? c : 0)) * D);
 #pragma unroll
     for (int k = 0; k < NV; ++k)
-      if (t + 4 * k < SL) {
+      raw[u][k] = c < c_count && t + 4 * k < SL ? __ldg(src + t + 4 * k) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  for (int64_t j = 0; j < s.g; ++j) {
+    const float* qv = qs + j * D;
+    float best = -INFINITY, worst = INFINITY;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc = fmaf(qv[(t + 4 * k) * VEC + e], cf[k][e], acc);
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + (int64_t)u * (kThreads / 4);
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+        if (t + 4 * k < SL) {
+          float cf[VEC];
+          unpack16<T>(raw[u][k], cf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc = fmaf(qv[(t + 4 * k) * VEC + e], cf[e], acc);
+        }
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      if (c < c_count) {
+        if (t == 0) a.scores[(seg0 + j) * s.cmax + c] = acc;
+        best = fmaxf(best, acc);
+        worst = fminf(worst, acc);
       }
-    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-    if (valid && t == 0) {
-      a.scores[(seg0 + j) * s.cmax + c] = acc;
-      atomicMax(&s_max[j], order_float(acc));
+    }
+    // The warp's extremes first, then one shared atomic per warp and head.
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+      worst = fminf(worst, __shfl_xor_sync(0xffffffffu, worst, o));
+    }
+    if ((threadIdx.x & 31) == 0 && best >= worst) {
+      atomicMax(&s_max[j], order_float(best));
+      atomicMin(&s_min[j], order_float(worst));
     }
   }
   __syncthreads();
-  if (threadIdx.x < s.g && s_max[threadIdx.x] != INT_MIN) atomicMax(a.seg_max + seg0 + threadIdx.x, s_max[threadIdx.x]);
+  if (threadIdx.x < s.g && s_max[threadIdx.x] != INT_MIN) {
+    atomicMax(a.seg_max + seg0 + threadIdx.x, s_max[threadIdx.x]);
+    atomicMin(a.seg_min + seg0 + threadIdx.x, s_min[threadIdx.x]);
+  }
 }
 
 struct MaxSum {  // online softmax state: sum of exp(x - m)
@@ -179,8 +220,12 @@ __device__ __forceinline__ float thread_dot(const T* row, const float* q) {
 // The selection without a sort. Both decisions of the CPU reference walk the clusters in rank
 // order and take every cluster whose running sum *before* it is below a goal: the exact head
 // (sum of sizes, goal head_fraction * n) and the stop point (sum of estimated masses, goal
-// P_eff * z). A histogram of the scores relative to the head's best score (kBucketsPerLogit
-// buckets per unit of logit) gives both sums per bucket in one pass; buckets before the
+// P_eff * z). A histogram of the scores relative to the head's best score gives both sums per
+// bucket in one pass. Its resolution adapts to the head's score range (bucket_width): the
+// buckets span [worst, best], at least kMinBucketsPerLogit per logit, so a flat head whose
+// thousands of clusters lie within a fraction of a logit spreads over the buckets instead of
+// filling a few (which overflowed the candidate list, took whole buckets into the exact head
+// and serialised the shared-memory atomics); buckets before the
 // crossing one are taken whole, and only the crossing bucket's few clusters are ranked exactly
 // (score descending, cluster id ascending: the CPU's order), so the chosen set equals the
 // sorted walk's. A crossing bucket with more than kCand clusters is taken whole (more tokens,
@@ -188,11 +233,19 @@ __device__ __forceinline__ float thread_dot(const T* row, const float* q) {
 constexpr int kSelThreads = 512;
 constexpr int kSelWarps = kSelThreads / 32;
 constexpr int kBuckets = 2048;
-constexpr float kBucketsPerLogit = 64.f;  // 32 logits of range; beyond that, the last bucket
+constexpr float kMinBucketsPerLogit = 64.f;  // a range over 32 logits: the rest in the last bucket
+constexpr float kMaxBucketsPerLogit = 1e6f;  // finer than float scores resolve: no use
 constexpr int kCand = 512;
 
-__device__ __forceinline__ int bucket_of(float sc, float mx) {
-  const float x = (mx - sc) * kBucketsPerLogit;
+// Buckets per logit for a head whose scores span [mn, mx]: the range over kBuckets - 1 buckets.
+__device__ __forceinline__ float bucket_width(float mx, float mn) {
+  const float r = mx - mn;
+  if (!(r > 0.f) || !isfinite(r)) return kMinBucketsPerLogit;  // one score, or -inf / NaN ones
+  return fminf(kMaxBucketsPerLogit, fmaxf(kMinBucketsPerLogit, (float)(kBuckets - 1) / r));
+}
+
+__device__ __forceinline__ int bucket_of(float sc, float mx, float bpl) {
+  const float x = (mx - sc) * bpl;
   return x < (float)(kBuckets - 1) ? max(0, (int)x) : kBuckets - 1;  // NaN: last bucket
 }
 
@@ -291,11 +344,12 @@ __device__ __forceinline__ void for_clusters(const float* sc, const int32_t* off
 // Gathers the clusters of bucket `bk` (excluding those with head[j] set, when given) into
 // S.cs/S.cid, ranks them (score descending, id ascending) into S.sorted; returns their
 // number, or -1 if more than kCand.
-__device__ int rank_bucket(const float* sc, const int32_t* off, int64_t C, float mx, int bk, SelShared& S) {
+__device__ int rank_bucket(const float* sc, const int32_t* off, int64_t C, float mx, float bpl, int bk,
+                           SelShared& S) {
   if (threadIdx.x == 0) S.n_cand = 0;
   __syncthreads();
   for_clusters(sc, off, C, [&](int64_t j, float v, int32_t) {
-    if (bucket_of(v, mx) == bk) {
+    if (bucket_of(v, mx, bpl) == bk) {
       const int at = atomicAdd(&S.n_cand, 1);
       if (at < kCand) {
         S.cs[at] = v;
@@ -372,8 +426,12 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
   const int tid = threadIdx.x;
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
   const float mx = unorder_float(a.seg_max[i]);
+  const float bpl = bucket_width(mx, unorder_float(a.seg_min[i]));
   __syncthreads();
-  if (tid == 0) a.seg_max[i] = INT_MIN;  // ready for the next step's atomicMax
+  if (tid == 0) {  // ready for the next step's atomicMax / atomicMin
+    a.seg_max[i] = INT_MIN;
+    a.seg_min[i] = INT_MAX;
+  }
 
   const bool all = C == 0 || C < a.min_clusters || a.target >= 1.0;
   if (all) {
@@ -397,7 +455,7 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
   }
   __syncthreads();
   for_clusters(sc, off, C, [&](int64_t, float v, int32_t n) {
-    const int bk = bucket_of(v, mx);
+    const int bk = bucket_of(v, mx, bpl);
     atomicAdd(&S.tok[bk], n);
     atomicAdd(&S.pri[bk], (float)n * __expf(v - mx));
   });
@@ -410,7 +468,7 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
   const int bh = crossing_bucket(S.tok, 1.0, 0.0, thr, S, &before);
   int nh_cand = 0, cut_h = 0;
   if (bh < kBuckets) {
-    nh_cand = rank_bucket(sc, off, C, mx, bh, S);
+    nh_cand = rank_bucket(sc, off, C, mx, bpl, bh, S);
     if (nh_cand >= 0) {
       for (int k = tid; k < nh_cand; k += kSelThreads) {
         S.cval[k] = (double)csize(S.sorted[k]);
@@ -427,7 +485,7 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
   __syncthreads();
   double prior_head = 0.0;
   for_clusters(sc, off, C, [&](int64_t j, float v, int32_t n) {
-    if (bucket_of(v, mx) < bh_whole) {
+    if (bucket_of(v, mx, bpl) < bh_whole) {
       head_list[atomicAdd(&S.n_head, 1)] = (int32_t)j;
       prior_head += (double)n * exp((double)v - (double)mx);
     }
@@ -468,6 +526,7 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
     info->cut_h = cut_h;
     info->n_head = n_head;
     info->mx = mx;
+    info->bpl = bpl;
     info->prior_head = prior_head;
   }
 }
@@ -546,7 +605,7 @@ __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s
     kmark[j] = 1;
     if (hmark) hmark[j] = 1;
   };
-  const float mx = info.mx;
+  const float mx = info.mx, bpl = info.bpl;
   const int bh = info.bh, bh_whole = info.bh_whole, nh_cand = info.nh_cand, cut_h = info.cut_h;
   for (int k = tid; k < kBuckets; k += kSelThreads) S.pri[k] = a.hist_pri[i * kBuckets + k];
   for (int k = tid; k < max(nh_cand, 0); k += kSelThreads) S.sorted[k] = a.cand[i * kCand + k];
@@ -625,7 +684,7 @@ __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s
         bs_ranked = false;
         acc = z;
       } else {
-        const int n = rank_bucket(sc, off, C, mx, bx, S);
+        const int n = rank_bucket(sc, off, C, mx, bpl, bx, S);
         if (n < 0) {
           bs = bx + 1;
           cut_s = 0;
@@ -648,7 +707,7 @@ __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s
   // Marks and counts: buckets < bs whole, plus the ranked prefix of bs.
   int64_t tokens = 0;
   for_clusters(sc, off, C, [&](int64_t j, float v, int32_t n) {
-    if (bucket_of(v, mx) < bs) {
+    if (bucket_of(v, mx, bpl) < bs) {
       mark(j);
       tokens += n;
     }
@@ -809,16 +868,19 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   if (s.d > 256) throw UnsupportedError("CUDA selection supports head_dim <= 256");
   // kv_mark is all zero here: build_rows clears each mark after its last read.
   if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
-  const dim3 grid((unsigned)items, (unsigned)((s.cmax + kThreads / 4 - 1) / (kThreads / 4)));
   const size_t qbytes = (size_t)(s.g * s.d * sizeof(float));
   dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);
+    auto grid = [&](int u) {
+      const int64_t per = (int64_t)(kThreads / 4) * u;
+      return dim3((unsigned)items, (unsigned)((s.cmax + per - 1) / per));
+    };
     switch (s.d) {
-      case 64: score_kernel<T, 64><<<grid, kThreads, qbytes, st>>>(s, a); break;
-      case 80: score_kernel<T, 80><<<grid, kThreads, qbytes, st>>>(s, a); break;
-      case 96: score_kernel<T, 96><<<grid, kThreads, qbytes, st>>>(s, a); break;
-      case 128: score_kernel<T, 128><<<grid, kThreads, qbytes, st>>>(s, a); break;
-      case 256: score_kernel<T, 256><<<grid, kThreads, qbytes, st>>>(s, a); break;
+      case 64: score_kernel<T, 64><<<grid(kScoreUnroll<T, 64>()), kThreads, qbytes, st>>>(s, a); break;
+      case 80: score_kernel<T, 80><<<grid(kScoreUnroll<T, 80>()), kThreads, qbytes, st>>>(s, a); break;
+      case 96: score_kernel<T, 96><<<grid(kScoreUnroll<T, 96>()), kThreads, qbytes, st>>>(s, a); break;
+      case 128: score_kernel<T, 128><<<grid(kScoreUnroll<T, 128>()), kThreads, qbytes, st>>>(s, a); break;
+      case 256: score_kernel<T, 256><<<grid(kScoreUnroll<T, 256>()), kThreads, qbytes, st>>>(s, a); break;
       default: throw UnsupportedError("CUDA selection supports head_dim 64, 80, 96, 128 or 256");
     }
   });

@@ -49,6 +49,7 @@ struct SelectArgs {
   float* scores;                 // [batch * Hq, cmax] scratch: q . centroid
   int32_t* seg_max;              // [batch * Hq] best score as an ordered int; every entry must
                                  // be below any score before a step (select_step leaves it so)
+  int32_t* seg_min;              // [batch * Hq] worst score, likewise: above any score before a step
   int32_t* ids;                  // [batch * Hq, cmax] scratch: each head's exact-head clusters
   int32_t* tasks;                // [batch * Hq, tasks_stride] int2 scratch: exact-head row ranges
   int64_t tasks_stride;          // head_tasks_stride(cmax, cap) int2 entries per head
