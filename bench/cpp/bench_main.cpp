@@ -20,6 +20,7 @@ void register_attention_cpu(const Axes& axes);
 void register_decoder_cpu(const Axes& axes);
 #ifdef TACTIC_BENCH_CUDA
 bool cuda_usable(std::string& why);
+void release_cuda_decoder();
 void register_cuda_kernels(const Axes& axes);
 void register_cuda_select(const Axes& axes);
 void register_cuda_step(const Axes& axes);
@@ -65,6 +66,9 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("tactic_sizes", set);
   benchmark::AddCustomContext("tactic_cuda", cuda);
   benchmark::RunSpecifiedBenchmarks();
+#ifdef TACTIC_BENCH_CUDA
+  if (cuda == "on") release_cuda_decoder();
+#endif
   benchmark::Shutdown();
   return 0;
 }

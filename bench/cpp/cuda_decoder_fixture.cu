@@ -4,8 +4,13 @@
 
 namespace tactic_bench {
 
+namespace {
+CudaDecoder cache;  // the last decoder built
+}  // namespace
+
+void release_cuda_decoder() { cache = CudaDecoder{}; }
+
 CudaDecoder& cuda_decoder(const Shape& s, DecoderMode mode) {
-  static CudaDecoder cache;
   const std::string key = std::to_string((int)mode) + "/" + std::to_string(s.N) + "/" + std::to_string(s.B) + "/" +
                           std::to_string(s.H) + "/" + std::to_string(s.G) + "/" + std::to_string(s.D) + "/" +
                           (mode == DecoderMode::tactic ? std::to_string(s.P) : "-");

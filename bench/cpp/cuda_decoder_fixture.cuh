@@ -34,5 +34,7 @@ struct CudaDecoder {
 // is released first. Throws tactic::Error / std::runtime_error (e.g. CapacityError when the
 // store does not fit in device memory).
 CudaDecoder& cuda_decoder(const Shape& s, DecoderMode mode);
+// Frees the cached decoder (before exit, while the CUDA runtime is still up).
+void release_cuda_decoder();
 
 }  // namespace tactic_bench
