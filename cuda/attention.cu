@@ -1,9 +1,10 @@
 // Split-KV decode attention (see attention.hpp).
 //
-// Kernel 1 (chunks): persistent blocks of 4 warps walk the work items (item i, chunk c) of
-// kAttentionChunkRows rows in chunk-major order with a grid stride; a block skips chunks that
-// start past counts[i] and stops after the largest count, so a large host bound max_count
-// costs nothing. Within a chunk, each warp takes steps of R rows: a row is read by L = 32 / R
+// Kernel 1 (chunks): persistent blocks of 4 warps walk the work items (item i, chunk c < kSplits)
+// in chunk-major order with a grid stride; item i's chunks are chunk_len(counts[i]) rows long
+// and a block skips chunks that start past counts[i], so a large host bound max_count costs
+// nothing. Within a chunk (staged 256 row indices at a time), each warp takes steps of R rows:
+// a row is read by L = 32 / R
 // lanes with 16-byte loads (a warp load covers R consecutive rows, coalesced), and the K/V
 // values stay in registers while all GB query heads of the group use them. Each lane group
 // keeps an online softmax state (m, l, acc over its 8 elements of d) per head; the groups
@@ -31,7 +32,19 @@ namespace cuda {
 
 namespace {
 
-constexpr int kChunk = (int)kAttentionChunkRows;
+// Each item's rows are split into at most kSplits chunks of chunk_len(count) rows (a multiple
+// of 64, at least 64): enough work items to fill the GPU for a single sequence (8 KV heads x
+// 64 = 512 blocks), chunks long enough that the per-chunk partial (g * (d + 2) floats) stays
+// small next to the chunk's K/V, and a workspace bounded by items * kSplits, not by capacity.
+constexpr int kSplits = (int)kAttentionSplits;
+constexpr int kMinChunk = 64;
+constexpr int kPiece = 256;  // row indices staged in shared memory at a time
+
+__host__ __device__ __forceinline__ int chunk_len(int count) {
+  const int per = (count + kSplits - 1) / kSplits;
+  const int len = (per + kMinChunk - 1) / kMinChunk * kMinChunk;
+  return len < kMinChunk ? kMinChunk : len;
+}
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMergeThreads = 256;
@@ -102,39 +115,22 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
                 S = Lay::kSlots;
   constexpr int U = GB <= 4 ? 4 : 2;  // warp steps whose loads are in flight together
 
-  __shared__ int32_t s_rows[kChunk];
+  __shared__ int32_t s_rows[kPiece];
   __shared__ float s_acc[kWarps][GB][D];
   __shared__ float s_m[kWarps][GB], s_l[kWarps][GB];
-  __shared__ int s_red[kWarps];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int grp = lane / L, t = lane % L;  // row within the warp step, lane within the row
 
-  // Largest count over all items (read on the device): bounds the chunk rounds.
-  int mc = 0;
-  for (int64_t x = tid; x < p.items; x += kThreads) mc = max(mc, clamp_count(p.counts[x], p.max_count));
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mc = max(mc, __shfl_xor_sync(kFull, mc, o));
-  if (lane == 0) s_red[warp] = mc;
-  __syncthreads();
-  mc = s_red[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) mc = max(mc, s_red[w]);
-  const int64_t total = (int64_t)((mc + kChunk - 1) / kChunk) * p.items;
+  const int64_t total = (int64_t)kSplits * p.items;
 
   for (int64_t work = blockIdx.x; work < total; work += gridDim.x) {
     const int64_t c = work / p.items, i = work - c * p.items;
     const int count = clamp_count(p.counts[i], p.max_count);
-    const int64_t start = c * kChunk;
+    const int len = chunk_len(count);
+    const int64_t start = (int64_t)c * len;
     if (start >= count) continue;  // uniform over the block
-    const int n = (int)min((int64_t)kChunk, count - start);
-
-    __syncthreads();  // the previous chunk's readers of s_rows are done
-    if (p.rows) {
-      const int32_t* src = p.rows + i * p.rows_stride + start;
-      for (int r = tid; r < n; r += kThreads) s_rows[r] = src[r];
-    }
-    __syncthreads();
+    const int n = (int)min((int64_t)len, count - start);
 
     const int64_t hi = p.head_index[i];
     const T* kb = static_cast<const T*>(p.k) + hi * p.cap * D;
@@ -167,16 +163,25 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         for (int e = 0; e < E; ++e) acc[hh][e] = 0.f;
       }
 
-      // Warp step st covers chunk rows [st * R, st * R + R); warps interleave so that a short
-      // chunk is still spread over all of them.
-      for (int st0 = warp; st0 * R < n; st0 += kWarps * U) {
+      // The chunk in pieces of kPiece rows whose row indices are staged in shared memory.
+      for (int p0 = 0; p0 < n; p0 += kPiece) {
+      const int pn = min(kPiece, n - p0);
+      __syncthreads();  // the previous piece's readers of s_rows are done
+      if (p.rows) {
+        const int32_t* src = p.rows + i * p.rows_stride + start + p0;
+        for (int r = tid; r < pn; r += kThreads) s_rows[r] = src[r];
+      }
+      __syncthreads();
+      // Warp step st covers piece rows [st * R, st * R + R); warps interleave so that a short
+      // piece is still spread over all of them.
+      for (int st0 = warp; st0 * R < pn; st0 += kWarps * U) {
         uint4 kr[U][NS], vr[U][NS];
         bool valid[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int pos = (st0 + u * kWarps) * R + grp;
-          valid[u] = pos < n;
-          const int64_t row = valid[u] ? (p.rows ? (int64_t)s_rows[pos] : start + pos) : 0;
+          valid[u] = pos < pn;
+          const int64_t row = valid[u] ? (p.rows ? (int64_t)s_rows[pos] : start + p0 + pos) : 0;
           const T* kp = kb + row * D;
           const T* vp = vb + row * D;
 #pragma unroll
@@ -250,6 +255,8 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
           }
         }
       }
+
+      }  // pieces
 
       // Merge the lane groups of the warp (they differ in the lane bits >= log2(L)).
 #pragma unroll
@@ -344,7 +351,7 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   const int64_t b = i / p.hkv, h = i - b * p.hkv;
   TO* out = static_cast<TO*>(p.out) + b * p.out_stride_b + (h * p.g + j) * p.out_stride_h;
   const int count = clamp_count(p.counts[i], p.max_count);
-  const int nch = (count + kChunk - 1) / kChunk;
+  const int nch = count > 0 ? (count + chunk_len(count) - 1) / chunk_len(count) : 0;
   if (nch == 0) {  // uniform over the block
     for (int dd = tid; dd < D; dd += kMergeThreads) out[dd] = from_float<TO>(0.f);
     return;
@@ -462,7 +469,7 @@ void launch_d(const AttentionArgs& a, const ChunkParams& cp, const MergeParams& 
 
 bool supported_head_dim(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
 
-int64_t chunks_for(int64_t max_count) { return (max_count + kChunk - 1) / kChunk; }
+int64_t chunks_for(int64_t max_count) { return max_count > 0 ? kSplits : 0; }
 
 // Float offset of the acc section: the (m, l) section rounded up to 16 bytes for float4 reads.
 int64_t acc_offset(int64_t records) { return (records * 2 + 3) / 4 * 4; }
