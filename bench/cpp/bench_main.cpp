@@ -22,8 +22,7 @@ void register_decoder_cpu(const Axes& axes);
 bool cuda_usable(std::string& why);
 void release_cuda_decoder();
 void register_cuda_kernels(const Axes& axes);
-void register_cuda_select(const Axes& axes);
-void register_cuda_step(const Axes& axes);
+void register_cuda_decoder(const Axes& axes);
 #endif
 }  // namespace tactic_bench
 
@@ -52,8 +51,7 @@ int main(int argc, char** argv) {
   std::string why;
   if (cuda_usable(why)) {
     register_cuda_kernels(sizes.cuda);
-    register_cuda_select(sizes.cuda);
-    register_cuda_step(sizes.cuda);
+    register_cuda_decoder(sizes.cuda);
     cuda = "on";
   } else {
     cuda = "off (" + why + ")";

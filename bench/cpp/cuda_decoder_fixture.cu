@@ -5,17 +5,32 @@
 namespace tactic_bench {
 
 namespace {
-CudaDecoder cache;  // the last decoder built
+// The two decoders used last: two, because BM_EstimateStopUnion times a step of the
+// score-rank decoder against one of the tactic decoder of the same shape. Entries stay in
+// place (no swapping), so a returned reference survives a later call that hits.
+CudaDecoder cache[2];
+int64_t last_use[2] = {0, 0};
+int64_t use_clock = 0;
 }  // namespace
 
-void release_cuda_decoder() { cache = CudaDecoder{}; }
+void release_cuda_decoder() {
+  for (CudaDecoder& c : cache) c = CudaDecoder{};
+}
 
 CudaDecoder& cuda_decoder(const Shape& s, DecoderMode mode) {
+  // P is not part of the key: a tactic decoder serves every target of its shape through
+  // set_target, so a sweep over P prefills (and clusters) once.
   const std::string key = std::to_string((int)mode) + "/" + std::to_string(s.N) + "/" + std::to_string(s.B) + "/" +
-                          std::to_string(s.H) + "/" + std::to_string(s.G) + "/" + std::to_string(s.D) + "/" +
-                          (mode == DecoderMode::tactic ? std::to_string(s.P) : "-");
-  if (cache.key == key) return cache;
-  cache = CudaDecoder{};
+                          std::to_string(s.H) + "/" + std::to_string(s.G) + "/" + std::to_string(s.D);
+  for (int i = 0; i < 2; ++i)
+    if (cache[i].key == key) {
+      last_use[i] = ++use_clock;
+      if (mode == DecoderMode::tactic) cache[i].dec->set_target(s.P / 100.0);
+      return cache[i];
+    }
+  const int slot = last_use[0] <= last_use[1] ? 0 : 1;
+  cache[slot] = CudaDecoder{};  // freed before the new one is allocated
+  last_use[slot] = ++use_clock;
   TB_CUDA_OK(cudaDeviceSynchronize());
 
   int dev = 0;
@@ -61,8 +76,8 @@ CudaDecoder& cuda_decoder(const Shape& s, DecoderMode mode) {
   d.out_view = tactic::make_view(d.out.get(), tactic::DType::f16, {s.B, s.H * s.G, s.D}, device);
   for (int64_t b = 0; b < s.B; ++b) d.slots.push_back(b);
   d.key = key;
-  cache = std::move(d);
-  return cache;
+  cache[slot] = std::move(d);
+  return cache[slot];
 }
 
 }  // namespace tactic_bench

@@ -30,11 +30,35 @@ struct CudaDecoder {
 };
 
 // The decoder for (shape, mode), built (prefill + clustering of every layer and slot, then a
-// device synchronisation) unless the previous call asked for the same; the previous decoder
-// is released first. Throws tactic::Error / std::runtime_error (e.g. CapacityError when the
+// device synchronisation) unless one of the last two calls asked for the same shape and mode
+// (a tactic decoder is then set to target s.P); the least recently used of the two held
+// decoders is released first. A returned reference stays valid until the second next call
+// that builds. Throws tactic::Error / std::runtime_error (e.g. CapacityError when the
 // store does not fit in device memory).
 CudaDecoder& cuda_decoder(const Shape& s, DecoderMode mode);
-// Frees the cached decoder (before exit, while the CUDA runtime is still up).
+// Frees the cached decoders (before exit, while the CUDA runtime is still up).
 void release_cuda_decoder();
+
+// Points a decoder at a benchmark's stream for the guard's life: a benchmark that fails half
+// way must not leave a cached decoder on a stream its GpuTimer has destroyed (declare the
+// guard after the timer, so it resets first).
+class StreamGuard {
+ public:
+  StreamGuard(CudaDecoder& d, cudaStream_t s) : dec_(*d.dec) { dec_.set_stream(s); }
+  ~StreamGuard() { dec_.set_stream(nullptr); }
+  StreamGuard(const StreamGuard&) = delete;
+  StreamGuard& operator=(const StreamGuard&) = delete;
+
+ private:
+  tactic::Decoder& dec_;
+};
+
+// The decoder benchmarks of one shape, registered by register_cuda_decoder (bench_cuda_step.cu)
+// in the order that builds each decoder once per shape: dense, score-rank, then per target P
+// the tactic decoder's (set_target, no new prefill).
+void register_dense(const Shape& base);         // BM_DenseAttention (bench_cuda_step.cu)
+void register_score_rank(const Shape& base);    // BM_ScoreRank (bench_cuda_select.cu)
+void register_select(const Shape& s);           // BM_Select, BM_EstimateStopUnion at s.P
+void register_step(const Shape& s);             // BM_DecodeStep, BM_StepAttention, BM_DecodeStepGraph
 
 }  // namespace tactic_bench
