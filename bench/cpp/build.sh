@@ -68,6 +68,11 @@ if [ -n "$debs" ]; then
   cmake_args+=(-Dbenchmark_DIR="${cfg[0]}")
 fi
 
+# Ninja where present (the GPU image has no guarantee of make); an existing build folder keeps
+# the generator it was configured with (CMake refuses a change).
+if [ ! -f "$build/CMakeCache.txt" ] && ninja --version >/dev/null 2>&1; then
+  cmake_args+=(-G Ninja)
+fi
 cmake -S "$repo" -B "$build" "${cmake_args[@]}" "${extra[@]}"
 cmake --build "$build" --target tactic_bench -j "$(nproc 2>/dev/null || echo 2)"
 bin="$build/bench/cpp/tactic_bench"
