@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 N = 4096  # the smaller CPU context of the default size set (bench/cpp/grid.cpp)
 FAMILIES = ["BM_Copy", "BM_KMeansIter", "BM_Reindex", "BM_DenseAttention", "BM_SparseAttention",
-            "BM_ScoreRank", "BM_Select", "BM_DecodeStep"]
+            "BM_ScoreRank", "BM_Select", "BM_EstimateStopUnion", "BM_DecodeStep"]
 TIME_UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -145,3 +145,10 @@ def test_byte_models(bench_json):
     a = _args(score["name"])
     assert score["read"] * a["N"] <= 4 + a["G"] * 64, score["read"]
     assert select["read"] > score["read"]
+    # Estimate/stop/union: each iteration times a score-rank step and a selection step and
+    # reports their difference, so its time is the difference of the two means.
+    [esu] = _rows(bench_json, "BM_EstimateStopUnion")
+    assert esu["select_us"] > esu["score_rank_us"] > 0
+    assert esu["real_time"] * TIME_UNIT[esu["time_unit"]] * 1e6 == pytest.approx(
+        esu["select_us"] - esu["score_rank_us"], rel=1e-6, abs=1e-3)
+    assert esu["read"] == pytest.approx(select["read"], rel=1e-9)
