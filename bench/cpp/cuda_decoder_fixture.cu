@@ -45,6 +45,7 @@ CudaDecoder& cuda_decoder(const Shape& s, DecoderMode mode) {
   cfg.dtype = tactic::DType::f16;
   cfg.device = device;
   cfg.select.policy = mode == DecoderMode::dense ? tactic::Policy::dense : tactic::Policy::tactic;
+  cfg.select.share_group = false;  // the CUDA backend selects each query head on its own
   if (mode == DecoderMode::score_rank) {
     cfg.select.target = 1e-6;
     cfg.select.margin = 0;
