@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build attention_check with compile-time variants of the chunk kernel and time each (dense
 # 1 x 8 KV heads x G 4 x D 128 fp16) at the given contexts; for A/B decisions on the GPU.
-#   bash bench/attention_variants.sh "NAME:-DFLAG=1 ..." ...   (env: NS="32768 131072 524288")
+#   bash bench/attention_variants.sh "NAME:-DFLAG=1 ..." ...   (env: NS="32768 131072 524288", TIME_ARGS="--time-g 8 --time-hkv 4")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NS=${NS:-"32768 131072 524288"}
@@ -15,5 +15,5 @@ done
 wait
 for v in "$@"; do
   name=${v%%:*}
-  for n in $NS; do echo "[$name n=$n] $(/tmp/att_$name --time-only --time-n $n | grep TIME | tr '\n' ' ')"; done
+  for n in $NS; do echo "[$name n=$n] $(/tmp/att_$name --time-only --time-n $n ${TIME_ARGS:-} | grep TIME | tr '\n' ' ')"; done
 done

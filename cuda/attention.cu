@@ -107,6 +107,7 @@ struct ChunkParams {
   float* ws_ml;   // [units, g, 2]: m (log2 units), l
   float* ws_acc;  // [units, g, D]
   int32_t* plan;  // [items + 1]: L, then the first unit of every item (written by block 0)
+  int hsplit;     // blocks per unit, each for GB of the group's heads (1: one block, all heads)
 };
 
 // Blocks per SM the register allocation must allow: 4 (16 warps) for the common 16-bit cases
@@ -118,12 +119,24 @@ struct ChunkParams {
 #ifndef TACTIC_ATT_U
 #define TACTIC_ATT_U 4
 #endif
+#ifndef TACTIC_ATT_U8
+#define TACTIC_ATT_U8 2
+#endif
+#ifndef TACTIC_ATT_QSMEM8
+#define TACTIC_ATT_QSMEM8 0
+#endif
+#ifndef TACTIC_ATT_HSPLIT
+#define TACTIC_ATT_HSPLIT 1
+#endif
+#ifndef TACTIC_ATT_BLOCKS_G8
+#define TACTIC_ATT_BLOCKS_G8 2
+#endif
 #ifndef TACTIC_ATT_PREFETCH
 #define TACTIC_ATT_PREFETCH 1
 #endif
 template <class T, int D, int GB>
 constexpr int chunk_min_blocks() {
-  return GB >= 8 ? 2 : (sizeof(T) == 4 || D == 256) ? 3 : TACTIC_ATT_BLOCKS_16BIT;
+  return GB >= 8 ? TACTIC_ATT_BLOCKS_G8 : (sizeof(T) == 4 || D == 256) ? 3 : TACTIC_ATT_BLOCKS_16BIT;
 }
 
 template <class T, int D, int GB>
@@ -131,7 +144,9 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
   using Lay = RowLayout<T, D>;
   constexpr int L = Lay::kLanes, NS = Lay::kNS, VEC = Lay::kVec, E = Lay::kE, R = Lay::kRows,
                 S = Lay::kSlots;
-  constexpr int U = GB <= 4 ? TACTIC_ATT_U : 2;  // warp steps whose loads are in flight together
+  constexpr int U = GB <= 4 ? TACTIC_ATT_U : TACTIC_ATT_U8;  // warp steps whose loads are in flight together
+  constexpr bool QS = GB >= 8 && TACTIC_ATT_QSMEM8;
+  __shared__ __align__(16) float s_q[QS ? GB : 1][QS ? L * E : 1];
 
   extern __shared__ int32_t s_first[];  // [items + 1]: first unit of item i; [items] = all units
   __shared__ int32_t s_rows[kPiece];
@@ -180,7 +195,12 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
   }
   const int32_t units = s_first[p.items];
 
-  for (int32_t work = blockIdx.x; work < units; work += gridDim.x) {
+  // Head split: with hsplit > 1 each unit is taken by hsplit blocks, one per GB query heads;
+  // they hold adjacent work indices, so they run at the same time and the second reader of the
+  // unit's K/V mostly hits L2 (instead of 8 heads' state in one block's registers).
+  const int hsplit = p.hsplit;
+  for (int32_t wk = blockIdx.x; wk < units * hsplit; wk += gridDim.x) {
+    const int32_t work = wk / hsplit, hpart = wk - work * hsplit;
     // The item holding unit `work`: the last i with s_first[i] <= work.
     int64_t lo = 0, hi_i = p.items - 1;
     while (lo < hi_i) {
@@ -198,20 +218,31 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
     const float* qi = p.q + i * p.g * D;
     const int64_t rec_base = (int64_t)work * p.g;  // partial record of head 0
 
-    for (int h0 = 0; h0 < p.g; h0 += GB) {
+    const int h_end = hsplit > 1 ? (int)min((int64_t)(hpart + 1) * GB, p.g) : (int)p.g;
+    for (int h0 = hpart * GB; h0 < h_end; h0 += GB) {
       const int nh = (int)min((int64_t)GB, p.g - h0);
 
-      float q[GB][E];
+      // q in log2 units: in registers, or for 8 heads per pass in shared memory (lane t's 8
+      // elements at [hh][t * E]), which frees 64 registers for more blocks and loads in flight.
+      float q[QS ? 1 : GB][E];
+      if constexpr (QS) {
+        for (int x = tid; x < GB * L * E; x += kThreads) {
+          const int hh = x / (L * E), r = x - hh * (L * E), tt = r / E, el = r - tt * E;
+          const int slot = tt + (el / VEC) * L;
+          s_q[hh][r] = (hh < nh && slot < S) ? qi[(int64_t)(h0 + hh) * D + slot * VEC + el % VEC] * kLog2e : 0.f;
+        }  // read after the piece loop's first barrier
+      } else {
 #pragma unroll
-      for (int hh = 0; hh < GB; ++hh)
+        for (int hh = 0; hh < GB; ++hh)
 #pragma unroll
-        for (int j = 0; j < NS; ++j)
+          for (int j = 0; j < NS; ++j)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const int slot = t + j * L;
-            q[hh][j * VEC + e] =
-                (hh < nh && slot < S) ? qi[(int64_t)(h0 + hh) * D + slot * VEC + e] * kLog2e : 0.f;
-          }
+            for (int e = 0; e < VEC; ++e) {
+              const int slot = t + j * L;
+              q[hh][j * VEC + e] =
+                  (hh < nh && slot < S) ? qi[(int64_t)(h0 + hh) * D + slot * VEC + e] * kLog2e : 0.f;
+            }
+      }
 
       // -FLT_MAX rather than -inf: exp2(m_old - m_new) stays 0 or 1, never NaN.
       float m[GB], l[GB], acc[GB][E];
@@ -289,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
             float dot = 0.f;
             if (hh < nh) {
 #pragma unroll
-              for (int e = 0; e < E; ++e) dot = fmaf(q[hh][e], kf[e], dot);
+              for (int e = 0; e < E; ++e) dot = fmaf(QS ? s_q[hh][t * E + e] : q[QS ? 0 : hh][e], kf[e], dot);
 #pragma unroll
               for (int o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(kFull, dot, o);
             }
@@ -527,7 +558,7 @@ void launch_chunks(const ChunkParams& p, int64_t work, cudaStream_t stream) {
     TACTIC_CUDA_CHECK(cudaFuncSetAttribute(attention_chunks_kernel<T, D, GB>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
-  const int64_t grid = std::min<int64_t>(work, resident_blocks<T, D, GB>(smem));
+  const int64_t grid = std::min<int64_t>(work * p.hsplit, resident_blocks<T, D, GB>(smem));
   attention_chunks_kernel<T, D, GB><<<(unsigned)grid, kThreads, smem, stream>>>(p);
   TACTIC_CUDA_LAUNCH_CHECK("attention_chunks_kernel");
 }
@@ -538,7 +569,11 @@ void launch_chunks_g(const ChunkParams& p, int64_t work, cudaStream_t stream) {
   if (p.g <= 1) launch_chunks<T, D, 1>(p, work, stream);
   else if (p.g <= 2) launch_chunks<T, D, 2>(p, work, stream);
   else if (p.g <= 4) launch_chunks<T, D, 4>(p, work, stream);
-  else launch_chunks<T, D, 8>(p, work, stream);
+  else if (TACTIC_ATT_HSPLIT) {  // 4 heads per block, ceil(g / 4) blocks per unit
+    ChunkParams q = p;
+    q.hsplit = (int)((p.g + 3) / 4);
+    launch_chunks<T, D, 4>(q, work, stream);
+  } else launch_chunks<T, D, 8>(p, work, stream);
 }
 
 template <int D>
@@ -635,6 +670,7 @@ void decode_attention(const AttentionArgs& a) {
   cp.ws_ml = a.workspace;
   cp.ws_acc = a.workspace + acc_offset(records);
   cp.plan = reinterpret_cast<int32_t*>(cp.ws_acc + records * a.d);
+  cp.hsplit = 1;
 
   MergeParams mp{};
   mp.hkv = a.hkv;

@@ -500,8 +500,8 @@ double copy_bandwidth_gbs() {
   return 2.0 * bytes / (median(ms) * 1e-3) / 1e9;
 }
 
-void timing(int64_t n) {
-  const int64_t batch = 1, hkv = 8, g = 4, d = 128;
+void timing(int64_t n, int64_t g, int64_t hkv) {
+  const int64_t batch = 1, d = 128;
   Store st(DType::f16, hkv, n, d, 99);
   Rng rng(5);
   Problem pb = make_problem(st, batch, hkv, g, std::vector<int64_t>((size_t)hkv, n), true, rng);
@@ -515,9 +515,9 @@ void timing(int64_t n) {
   const double kv_bytes = 2.0 * batch * hkv * n * d * 2;  // K and V, fp16
   const double us = time_attention(a);
   const double copy = copy_bandwidth_gbs();
-  std::printf("TIME dense batch 1, hkv 8, g 4, d 128, fp16, count %lld: median %.2f us, %.0f GB/s "
+  std::printf("TIME dense batch 1, hkv %lld, g %lld, d 128, fp16, count %lld: median %.2f us, %.0f GB/s "
               "(K+V %.1f MB); device-to-device copy %.0f GB/s -> %.0f%% of it\n",
-              (long long)n, us, kv_bytes / (us * 1e-6) / 1e9, kv_bytes / 1e6, copy, 100.0 * kv_bytes / (us * 1e-6) / 1e9 / copy);
+              (long long)hkv, (long long)g, (long long)n, us, kv_bytes / (us * 1e-6) / 1e9, kv_bytes / 1e6, copy, 100.0 * kv_bytes / (us * 1e-6) / 1e9 / copy);
 
   // The same rows through the gather path, with max_count 4x the counts (the decoder passes
   // the capacity): the persistent grid must not pay for the empty chunks.
@@ -536,11 +536,13 @@ void timing(int64_t n) {
 
 int main(int argc, char** argv) {
   bool quick = false, time_only = false;
-  int64_t time_n = 32768;
+  int64_t time_n = 32768, time_g = 4, time_hkv = 8;
   for (int x = 1; x < argc; ++x) {
     if (std::string(argv[x]) == "--quick") quick = true;
     if (std::string(argv[x]) == "--time-only") time_only = true;  // just the timing case
     if (std::string(argv[x]) == "--time-n" && x + 1 < argc) time_n = std::atoll(argv[++x]);
+    if (std::string(argv[x]) == "--time-g" && x + 1 < argc) time_g = std::atoll(argv[++x]);
+    if (std::string(argv[x]) == "--time-hkv" && x + 1 < argc) time_hkv = std::atoll(argv[++x]);
   }
   int dev = 0;
   CK(cudaGetDevice(&dev));
@@ -548,7 +550,7 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, dev));
   std::printf("device: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
   if (time_only) {
-    timing(time_n);
+    timing(time_n, time_g, time_hkv);
     return g_failures ? 1 : 0;
   }
 
@@ -594,7 +596,7 @@ int main(int argc, char** argv) {
 
   graph_case(quick);
   unsupported_case();
-  if (!quick) timing(time_n);
+  if (!quick) timing(time_n, time_g, time_hkv);
 
   if (g_failures) {
     std::printf("%d case(s) FAILED\n", g_failures);
