@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import os
 import re
 import subprocess
 import time
@@ -31,7 +32,13 @@ def device_slug(device) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout the benchmark runs from ('+dirty' with local changes), or 'unknown'."""
+    """HEAD of the checkout the benchmark runs from ('+dirty' with local changes), or 'unknown'.
+
+    TACTIC_GIT_COMMIT overrides it: a copied working tree (the GPU machine's) can carry a stale
+    .git whose HEAD is not the code that runs."""
+    env = os.environ.get("TACTIC_GIT_COMMIT")
+    if env:
+        return env
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
