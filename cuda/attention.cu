@@ -18,9 +18,9 @@
 // Kernel 2 (merge): one block per (item, query head) combines the ceil(count / L) partials of
 // its units by log-sum-exp and writes acc / l (zeros when the item has no rows).
 //
-// Registers: q and acc take 2 * GB * 8 floats per lane, so at most GB = 8 heads are resident;
-// larger groups run in passes of 8 heads over the same chunk (the second pass re-reads K/V,
-// mostly from L2).
+// Registers: q and acc take 2 * GB * 8 floats per lane, so a block holds at most GB = 4 heads;
+// a larger group's unit is taken by ceil(G / 4) blocks on adjacent work indices, 4 heads each
+// (each reads the unit's K/V; the twin's reads partly hit L2).
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
@@ -119,24 +119,12 @@ struct ChunkParams {
 #ifndef TACTIC_ATT_U
 #define TACTIC_ATT_U 4
 #endif
-#ifndef TACTIC_ATT_U8
-#define TACTIC_ATT_U8 2
-#endif
-#ifndef TACTIC_ATT_QSMEM8
-#define TACTIC_ATT_QSMEM8 0
-#endif
-#ifndef TACTIC_ATT_HSPLIT
-#define TACTIC_ATT_HSPLIT 1
-#endif
-#ifndef TACTIC_ATT_BLOCKS_G8
-#define TACTIC_ATT_BLOCKS_G8 2
-#endif
 #ifndef TACTIC_ATT_PREFETCH
 #define TACTIC_ATT_PREFETCH 1
 #endif
 template <class T, int D, int GB>
 constexpr int chunk_min_blocks() {
-  return GB >= 8 ? TACTIC_ATT_BLOCKS_G8 : (sizeof(T) == 4 || D == 256) ? 3 : TACTIC_ATT_BLOCKS_16BIT;
+  return GB >= 8 ? 2 : (sizeof(T) == 4 || D == 256) ? 3 : TACTIC_ATT_BLOCKS_16BIT;
 }
 
 template <class T, int D, int GB>
@@ -144,9 +132,7 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
   using Lay = RowLayout<T, D>;
   constexpr int L = Lay::kLanes, NS = Lay::kNS, VEC = Lay::kVec, E = Lay::kE, R = Lay::kRows,
                 S = Lay::kSlots;
-  constexpr int U = GB <= 4 ? TACTIC_ATT_U : TACTIC_ATT_U8;  // warp steps whose loads are in flight together
-  constexpr bool QS = GB >= 8 && TACTIC_ATT_QSMEM8;
-  __shared__ __align__(16) float s_q[QS ? GB : 1][QS ? L * E : 1];
+  constexpr int U = GB <= 4 ? TACTIC_ATT_U : 2;  // warp steps whose loads are in flight together
 
   extern __shared__ int32_t s_first[];  // [items + 1]: first unit of item i; [items] = all units
   __shared__ int32_t s_rows[kPiece];
@@ -222,27 +208,18 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
     for (int h0 = hpart * GB; h0 < h_end; h0 += GB) {
       const int nh = (int)min((int64_t)GB, p.g - h0);
 
-      // q in log2 units: in registers, or for 8 heads per pass in shared memory (lane t's 8
-      // elements at [hh][t * E]), which frees 64 registers for more blocks and loads in flight.
-      float q[QS ? 1 : GB][E];
-      if constexpr (QS) {
-        for (int x = tid; x < GB * L * E; x += kThreads) {
-          const int hh = x / (L * E), r = x - hh * (L * E), tt = r / E, el = r - tt * E;
-          const int slot = tt + (el / VEC) * L;
-          s_q[hh][r] = (hh < nh && slot < S) ? qi[(int64_t)(h0 + hh) * D + slot * VEC + el % VEC] * kLog2e : 0.f;
-        }  // read after the piece loop's first barrier
-      } else {
+      // q in log2 units, in registers.
+      float q[GB][E];
 #pragma unroll
-        for (int hh = 0; hh < GB; ++hh)
+      for (int hh = 0; hh < GB; ++hh)
 #pragma unroll
-          for (int j = 0; j < NS; ++j)
+        for (int j = 0; j < NS; ++j)
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-              const int slot = t + j * L;
-              q[hh][j * VEC + e] =
-                  (hh < nh && slot < S) ? qi[(int64_t)(h0 + hh) * D + slot * VEC + e] * kLog2e : 0.f;
-            }
-      }
+          for (int e = 0; e < VEC; ++e) {
+            const int slot = t + j * L;
+            q[hh][j * VEC + e] =
+                (hh < nh && slot < S) ? qi[(int64_t)(h0 + hh) * D + slot * VEC + e] * kLog2e : 0.f;
+          }
 
       // -FLT_MAX rather than -inf: exp2(m_old - m_new) stays 0 or 1, never NaN.
       float m[GB], l[GB], acc[GB][E];
@@ -320,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
             float dot = 0.f;
             if (hh < nh) {
 #pragma unroll
-              for (int e = 0; e < E; ++e) dot = fmaf(QS ? s_q[hh][t * E + e] : q[QS ? 0 : hh][e], kf[e], dot);
+              for (int e = 0; e < E; ++e) dot = fmaf(q[hh][e], kf[e], dot);
 #pragma unroll
               for (int o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(kFull, dot, o);
             }
@@ -565,15 +542,16 @@ void launch_chunks(const ChunkParams& p, int64_t work, cudaStream_t stream) {
 
 template <class T, int D>
 void launch_chunks_g(const ChunkParams& p, int64_t work, cudaStream_t stream) {
-  // Heads per pass: the group size rounded up to a power of two, at most 8 (registers).
+  // Heads per block: the group size rounded up to a power of two, at most 4.
   if (p.g <= 1) launch_chunks<T, D, 1>(p, work, stream);
   else if (p.g <= 2) launch_chunks<T, D, 2>(p, work, stream);
   else if (p.g <= 4) launch_chunks<T, D, 4>(p, work, stream);
-  else if (TACTIC_ATT_HSPLIT) {  // 4 heads per block, ceil(g / 4) blocks per unit
+  else {  // 4 heads per block, ceil(g / 4) blocks per unit (registers: 8 heads' state per warp
+          // left 2 blocks of 4 warps per SM, 1254 -> 779 us at 512K, G 8)
     ChunkParams q = p;
     q.hsplit = (int)((p.g + 3) / 4);
     launch_chunks<T, D, 4>(q, work, stream);
-  } else launch_chunks<T, D, 8>(p, work, stream);
+  }
 }
 
 template <int D>
