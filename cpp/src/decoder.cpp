@@ -5,6 +5,7 @@
 #include <string>
 
 #include "device_decoder.hpp"
+#include "host_memory.hpp"
 #include "parallel.hpp"
 #include "tactic/attention.hpp"
 #include "tactic/convert.hpp"
@@ -17,6 +18,13 @@ constexpr int64_t kChunkRows = 512;  // split-KV chunk: balances heads with larg
 
 Decoder::Decoder(const DecoderConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
+  // record_selection keeps [max_batch, Hkv + Hq, max_tokens] masks per layer, filled by
+  // decode: count them now, so that decode never fails for want of memory halfway.
+  const uint64_t masks = cfg_.record_selection
+      ? mul_sat(mul_sat(mul_sat(cfg_.num_layers, cfg_.max_batch), cfg_.num_kv_heads + cfg_.num_q_heads), cfg_.max_tokens)
+      : 0;
+  if (!on_cuda()) require_host_bytes(add_sat(KVStore::bytes_needed(cfg_), masks), "the KV store");
+  else if (masks) require_host_bytes(masks, "record_selection's masks");
   if (on_cuda()) device_ = std::make_unique<cuda::DeviceDecoder>(cfg_);
   else store_ = std::make_unique<KVStore>(cfg_);
   stats_.resize(cfg_.num_layers);
@@ -69,9 +77,9 @@ void Decoder::check_prefill(int64_t layer, int64_t slot, const TensorView& keys,
   if (keys.shape[0] > cfg_.max_tokens)
     throw CapacityError("prefill of " + std::to_string(keys.shape[0]) +
                         " tokens exceeds `max_tokens`=" + std::to_string(cfg_.max_tokens));
-  if (!on_cuda()) {  // reading device memory here would synchronise; see README (NaN/Inf)
-    check_finite(keys, "keys");
-    check_finite(values, "values");
+  if (!on_cuda()) {  // reading device memory here would synchronise: docs/CONTRACT.md (NaN/Inf)
+    check_storable(keys, "keys", cfg_.dtype);
+    check_storable(values, "values", cfg_.dtype);
   }
 }
 
@@ -108,10 +116,17 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
         throw CapacityError("sequence slot " + std::to_string(s) + " of layer " + std::to_string(layer) +
                             " is full: decoding one more token exceeds `max_tokens`=" +
                             std::to_string(cfg_.max_tokens));
+  } else {
+    // Attention over no tokens has no value: refuse rather than write zeros.
+    for (int64_t s : slots)
+      if (length(layer, s) == 0)
+        throw ValueError("sequence slot " + std::to_string(s) + " of layer " + std::to_string(layer) +
+                         " is empty: prefill it, or pass `k_new`/`v_new` to append a token, first");
   }
   if (out) {
     check_shape(*out, "out", {B, Hq, D});
     check_kv_input(*out, "out", cfg_);
+    check_no_overlap(*out, "out");
   }
   const Policy pol = cfg_.select.policy;
   if (pol == Policy::quest || pol == Policy::topk) {
@@ -131,10 +146,10 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
     st.batch = -1;  // filled from the device on the first stats() call
     return;
   }
-  check_finite(q, "q");
+  check_finite(q, "q");  // q is converted to float32, which holds every finite input
   if (append) {
-    check_finite(*k_new, "k_new");
-    check_finite(*v_new, "v_new");
+    check_storable(*k_new, "k_new", cfg_.dtype);
+    check_storable(*v_new, "v_new", cfg_.dtype);
   }
 
   // ---- append ----

@@ -61,6 +61,17 @@ def prepare(x, name: str):
     return x
 
 
+def writable(x, name: str):
+    """`x` prepared as an output: an array the core may write into (read-only numpy views,
+    e.g. np.broadcast_to results, are refused here with a message naming the argument)."""
+    x = prepare(x, name)
+    if framework(x) == "numpy" and not x.flags.writeable:
+        raise ValueError(f"`{name}` must be a writable array, got a read-only numpy view")
+    if framework(x) == "jax":
+        raise TypeError(f"`{name}` cannot be a JAX array (immutable); pass a numpy or torch array")
+    return x
+
+
 def device_of(x) -> str:
     fw = framework(x)
     if fw == "torch":

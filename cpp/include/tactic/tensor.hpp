@@ -80,5 +80,11 @@ void check_last_dim_contiguous(const TensorView& t, const char* name);
 void check_contiguous(const TensorView& t, const char* name);  // row-major, no gaps
 // Throws ValueError if any element is NaN or Inf (float views only; CPU only).
 void check_finite(const TensorView& t, const char* name);
+// check_finite, and also ValueError if a finite element would round to Inf when converted
+// to `storage` (e.g. |x| >= 65520 into float16): what is stored must stay finite.
+void check_storable(const TensorView& t, const char* name, DType storage);
+// ValueError if two index tuples of `t` address the same element (a zero or interleaved
+// stride): an output written through such a view would overwrite its own results.
+void check_no_overlap(const TensorView& t, const char* name);
 
 }  // namespace tactic
