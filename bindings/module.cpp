@@ -204,13 +204,14 @@ NB_MODULE(_core, m) {
            nb::arg("layer"), nb::arg("q"), nb::arg("k_new").none(), nb::arg("v_new").none(),
            nb::arg("out").none(), nb::arg("slots"), nb::arg("budgets").none(), nb::arg("append"))
       .def("attend",
-           [](Decoder& d, int64_t layer, InArray q, OutArray out, std::vector<int64_t> slots) {
+           [](PyDecoder& d, int64_t layer, InArray q, OutArray out, std::vector<int64_t> slots) {
              TensorView qv = view_of(q, "q"), ov = view_of(out, "out");
-             nb::gil_scoped_release release;
-             d.attend(layer, qv, ov, slots);
+             locked(d, [&](Decoder& dec) { dec.attend(layer, qv, ov, slots); });
            },
            nb::arg("layer"), nb::arg("q"), nb::arg("out"), nb::arg("slots"))
-      .def("set_target", &Decoder::set_target, nb::arg("target"))
+      .def("set_target",
+           [](PyDecoder& d, double target) { locked(d, [&](Decoder& dec) { dec.set_target(target); }); },
+           nb::arg("target"))
       .def("stats",
            [](PyDecoder& d, int64_t layer) {
              // A copy taken under the lock: the next decode of the layer replaces the original.

@@ -298,6 +298,7 @@ void Decoder::attend(int64_t layer, const TensorView& q, const TensorView& out,
   check_kv_input(q, "q", cfg_);
   check_shape(out, "out", {B, Hq, D});
   check_kv_input(out, "out", cfg_);
+  check_no_overlap(out, "out");  // as decode(): aliased elements would be written twice
   if (slots != device_->last_slots(layer))
     throw ValueError("reuse_selection needs a selection of layer " + std::to_string(layer) +
                      " for these `seq` slots: call decode() or select() with the same slots first (a "

@@ -272,6 +272,8 @@ class SparseDecoder:
         to time attention alone. ValueError when no such selection exists.
         """
         layer = self._layer(layer)
+        if not isinstance(reuse_selection, bool):
+            raise TypeError(f"`reuse_selection` must be a bool, got {type(reuse_selection).__name__}")
         q = _arrays.prepare(q, "q")
         self._use_stream(q, stream)
         if reuse_selection:
@@ -281,7 +283,8 @@ class SparseDecoder:
                 raise ValueError(f"`q` must be [B, num_q_heads={self.num_q_heads}, head_dim={self.head_dim}], "
                                  f"got shape {tuple(q.shape)}")
             slots = self._slots(seq, q.shape[0])
-            result = out if out is not None else _arrays.empty(q, q.shape, _arrays.array_dtype(q))
+            result = (_arrays.writable(out, "out") if out is not None
+                      else _arrays.empty(q, q.shape, _arrays.array_dtype(q)))
             self._core.attend(layer, q, result, slots)
             return _arrays.finish(q, result) if out is None else out
         append = k_new is not None or v_new is not None
