@@ -58,6 +58,15 @@ def prepare(x, name: str):
         raise TypeError(
             f"`{name}` must be an array (numpy, torch, CuPy, JAX or any DLPack object), "
             f"got {type(x).__name__}")
+    # Arrays DLPack cannot describe would reach the bindings and fail there with an anonymous
+    # overload error: refuse them here, by name.
+    if fw == "numpy" and (not x.dtype.isnative or x.dtype.kind not in "fiub" or x.dtype.fields):
+        raise TypeError(f"`{name}` must be a numeric array in native byte order, got dtype {x.dtype}")
+    if fw == "torch":
+        if str(x.layout) != "torch.strided":
+            raise TypeError(f"`{name}` must be a dense (strided) tensor, got layout {x.layout}")
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"`{name}` must be on a cpu or cuda device, got {x.device}")
     return x
 
 

@@ -68,7 +68,9 @@ def dense_decode(q, keys, values, lengths=None, *, scale: Optional[float] = None
     """
     q = _arrays.prepare(q, "q")
     keys, values = _arrays.prepare(keys, "keys"), _arrays.prepare(values, "values")
-    if lengths is not None and not hasattr(lengths, "__dlpack__"):
+    if lengths is not None and hasattr(lengths, "__dlpack__"):
+        lengths = _arrays.prepare(lengths, "lengths")
+    elif lengths is not None:
         try:
             lengths = np.asarray([_int("lengths", n, 0, _INT32_MAX) for n in lengths], dtype=np.int32)
         except TypeError as e:
