@@ -27,13 +27,11 @@ uint64_t host_memory_bytes() {
 #endif
 }
 
-namespace {
 std::string gib(uint64_t bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f GiB", (double)bytes / (1024.0 * 1024.0 * 1024.0));
   return buf;
 }
-}  // namespace
 
 void require_host_bytes(uint64_t need, const std::string& what) {
   const uint64_t have = host_memory_bytes();

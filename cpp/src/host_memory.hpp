@@ -16,6 +16,9 @@ inline uint64_t mul_sat(uint64_t a, uint64_t b) {
 }
 inline uint64_t add_sat(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
 
+// "12.3 GiB", for messages.
+std::string gib(uint64_t bytes);
+
 // Throws CapacityError naming `need` bytes, what they are for (`what`) and the memory
 // available, when `need` exceeds host_memory_bytes().
 void require_host_bytes(uint64_t need, const std::string& what);
