@@ -271,14 +271,24 @@ def test_bad_options(opts, exc, words):
 def test_capacity_error_names_the_bytes_needed():
     # 1 layer x 1 slot x 8 KV heads x 10**9 tokens (2.2 TB): K and V in float16 (2 * 64 * 2 bytes a
     # row), int32 positions, and (tactic) centroids and offsets of ceil(10**9 / 16) + 1
-    # clusters: computed here independently of the library.
+    # clusters, an int64 cluster count per head and three int64 counts per slot: computed here
+    # independently of the library. On top: the layer's statistics record (a few vectors).
     heads, cap, d = 8, 10**9, 64
     clusters = -(-cap // 16) + 1
-    need = heads * (2 * cap * d * 2 + 4 * cap + 4 * (clusters + 1 + clusters * d))
+    store = heads * (2 * cap * d * 2 + 4 * cap + 4 * (clusters + 1 + clusters * d) + 8) + 3 * 8
     with pytest.raises(tactic.CapacityError) as info:
         tactic.SparseDecoder(1, heads, heads, d, max_tokens=cap)
-    assert f"needs {need} bytes" in str(info.value), str(info.value)
-    assert "lower max_tokens" in str(info.value)
+    msg = str(info.value)
+    need = int(re.search(r"needs (\d+) bytes", msg).group(1))
+    assert store <= need <= store + 1024, (store, msg)
+    assert "lower max_tokens" in msg
+
+
+def test_billions_of_tiny_layers_are_refused_by_capacity():
+    # 40 bytes of store and ~160 of bookkeeping a layer, 2^34 layers: 3.4 TB, refused up front
+    # with a CapacityError (it used to pass the store check and die in std::bad_alloc)
+    with pytest.raises(tactic.CapacityError, match=r"needs \d+ bytes"):
+        tactic.SparseDecoder(2**34, 1, 1, 1, max_tokens=1, policy="dense")
 
 
 def test_quest_without_budget_is_rejected_before_appending():

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "device_decoder.hpp"
@@ -23,12 +24,26 @@ Decoder::Decoder(const DecoderConfig& cfg) : cfg_(cfg) {
   const uint64_t masks = cfg_.record_selection
       ? mul_sat(mul_sat(mul_sat(cfg_.num_layers, cfg_.max_batch), cfg_.num_kv_heads + cfg_.num_q_heads), cfg_.max_tokens)
       : 0;
-  if (!on_cuda()) require_host_bytes(add_sat(KVStore::bytes_needed(cfg_), masks), "the KV store");
-  else if (masks) require_host_bytes(masks, "record_selection's masks");
-  if (on_cuda()) device_ = std::make_unique<cuda::DeviceDecoder>(cfg_);
-  else store_ = std::make_unique<KVStore>(cfg_);
-  stats_.resize(cfg_.num_layers);
-  scratch_.resize(resolve_threads(cfg_.num_threads));
+  // Host bookkeeping per layer counts too (statistics; on CUDA the slot mirror and the last
+  // selections): billions of tiny layers are refused here, not by std::bad_alloc below.
+  const uint64_t layers = cfg_.num_layers;
+  uint64_t book = mul_sat(layers, sizeof(LayerStats));
+  if (on_cuda())
+    book = add_sat(book, add_sat(mul_sat(mul_sat(layers, cfg_.max_batch), sizeof(SlotState)),
+                                 mul_sat(layers, sizeof(std::vector<int64_t>))));
+  if (!on_cuda()) require_host_bytes(add_sat(add_sat(KVStore::bytes_needed(cfg_), masks), book), "the decoder (its KV store first)");
+  else require_host_bytes(add_sat(masks, book), "the decoder's host bookkeeping and record_selection's masks");
+  try {
+    if (on_cuda()) device_ = std::make_unique<cuda::DeviceDecoder>(cfg_);
+    else store_ = std::make_unique<KVStore>(cfg_);
+    stats_.resize(cfg_.num_layers);
+    scratch_.resize(resolve_threads(cfg_.num_threads));
+  } catch (const std::bad_alloc&) {  // fits RAM + swap on paper, not in what is free now
+    throw CapacityError("cannot allocate the decoder's host memory (" + std::to_string(layers) +
+                        " layers; the KV store alone needs " +
+                        std::to_string(on_cuda() ? 0 : KVStore::bytes_needed(cfg_)) +
+                        " bytes); lower max_tokens, max_batch or num_layers");
+  }
 }
 
 Decoder::~Decoder() = default;

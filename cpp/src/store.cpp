@@ -57,7 +57,9 @@ uint64_t KVStore::bytes_needed(const DecoderConfig& c) {
   if (c.select.policy == Policy::tactic)
     per_head = add_sat(per_head, mul_sat(4, add_sat(clusters + 1, mul_sat(clusters, D))));
   if (c.select.policy == Policy::quest) per_head = add_sat(per_head, mul_sat(8, mul_sat(pages, D)));
-  return mul_sat(heads, per_head);
+  per_head = add_sat(per_head, sizeof(int64_t));  // num_clusters_
+  const uint64_t states = mul_sat(mul_sat(c.num_layers, c.max_batch), sizeof(SlotState));
+  return add_sat(mul_sat(heads, per_head), states);
 }
 
 std::size_t KVStore::bytes() const {
