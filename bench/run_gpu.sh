@@ -3,9 +3,11 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|selftest|pytest|sanitize|bench|quick|fixture|profile|ncu|e2e]...
+#   bash bench/run_gpu.sh [build|selftest|pytest|sanitize|bench|quick|fixture|profile|ncu|e2e|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
-# sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit.
+# sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
+# (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
+# carried along) builds its own binary and needs no `build` step: ~1-2 min build + <4 min runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tactic-gpu}
@@ -46,6 +48,23 @@ for s in $steps; do
       grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots Busy|No Eligible" "$OUT/ncu.txt" | head -120 ;;
     e2e)      # Llama-3.1-8B-shaped decode loop at 32K and 128K, tokens/s
       python3 -m tactic.bench e2e --out "$OUT" 2>&1 | tee "$OUT/e2e.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    gbench)   # tactic_bench: build with CUDA, then every CUDA benchmark at the default sizes
+      bash bench/cpp/build.sh --debs bench/cpp/third_party --build /tmp/tactic-gbench --cuda ON \
+        --arch "$ARCH" > "$OUT/gbench-build.log" 2>&1 || { tail -40 "$OUT/gbench-build.log"; rc=1; continue; }
+      exe=$(tail -1 "$OUT/gbench-build.log")
+      tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')-$(date +%F)
+      # Two runs, each under its own time limit, so a slow half cannot cost the other its
+      # results; the console log (tee) keeps every finished row even when a limit cuts the JSON.
+      for part in "kernels:BM_(Copy|KMeansIter|Reindex|SparseAttention)/cuda" \
+                  "decoder:BM_(DenseAttention|ScoreRank|Select|EstimateStopUnion|DecodeStep|StepAttention|DecodeStepGraph)/cuda"; do
+        name=${part%%:*}
+        timeout "${GBENCH_LIMIT_S:-110}" "$exe" --benchmark_filter="${part#*:}" --benchmark_min_time=0.1 \
+          --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+          --benchmark_out="$OUT/$tag-gbench-cuda-$name.json" --benchmark_out_format=json 2>&1 \
+          | tee "$OUT/$tag-gbench-cuda-$name.log"
+        st=${PIPESTATUS[0]}
+        [ "$st" = 0 ] || { echo "gbench $name: exit $st (124: time limit)"; rc=1; }
+      done ;;
   esac
 done
 exit $rc

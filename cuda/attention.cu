@@ -83,6 +83,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // Counts outside [0, max_count] are clamped so that a bad count can never index past the
 // workspace (max_count sizes it) or the row list.
 __device__ __forceinline__ int clamp_count(int32_t c, int32_t max_count) {
@@ -108,9 +112,18 @@ struct ChunkParams {
 // Blocks per SM the register allocation must allow: 4 (16 warps) for the common 16-bit cases
 // up to 4 heads per pass; fewer where the in-flight f32 loads or 8 heads need more registers
 // (asking for more there makes ptxas spill).
+#ifndef TACTIC_ATT_BLOCKS_16BIT
+#define TACTIC_ATT_BLOCKS_16BIT 4
+#endif
+#ifndef TACTIC_ATT_U
+#define TACTIC_ATT_U 4
+#endif
+#ifndef TACTIC_ATT_PREFETCH
+#define TACTIC_ATT_PREFETCH 1
+#endif
 template <class T, int D, int GB>
 constexpr int chunk_min_blocks() {
-  return GB >= 8 ? 2 : (sizeof(T) == 4 || D == 256) ? 3 : 4;
+  return GB >= 8 ? 2 : (sizeof(T) == 4 || D == 256) ? 3 : TACTIC_ATT_BLOCKS_16BIT;
 }
 
 template <class T, int D, int GB>
@@ -118,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
   using Lay = RowLayout<T, D>;
   constexpr int L = Lay::kLanes, NS = Lay::kNS, VEC = Lay::kVec, E = Lay::kE, R = Lay::kRows,
                 S = Lay::kSlots;
-  constexpr int U = GB <= 4 ? 4 : 2;  // warp steps whose loads are in flight together
+  constexpr int U = GB <= 4 ? TACTIC_ATT_U : 2;  // warp steps whose loads are in flight together
 
   extern __shared__ int32_t s_first[];  // [items + 1]: first unit of item i; [items] = all units
   __shared__ int32_t s_rows[kPiece];
@@ -240,6 +253,25 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
             } else {
               kr[u][j] = make_uint4(0u, 0u, 0u, 0u);
               vr[u][j] = make_uint4(0u, 0u, 0u, 0u);
+            }
+          }
+        }
+
+        // The next step's rows (this warp's, within the staged piece) into L2 while this
+        // step's loads are in flight: more bytes on the way than the registers can hold, so
+        // the kernel waits less per load (one prefetch per 128-byte line of K and of V).
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int pos = (st0 + kWarps * U + u * kWarps) * R + grp;
+          if (TACTIC_ATT_PREFETCH && pos < pn) {
+            const int64_t row = p.rows ? (int64_t)s_rows[pos] : start + p0 + pos;
+#pragma unroll
+            for (int j = 0; j < NS; ++j) {
+              const int slot = t + j * L;
+              if (slot < S && (slot * VEC * (int)sizeof(T)) % 128 == 0) {
+                prefetch_l2(kb + row * D + slot * VEC);
+                prefetch_l2(vb + row * D + slot * VEC);
+              }
             }
           }
         }

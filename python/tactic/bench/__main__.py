@@ -139,6 +139,7 @@ def e2e_main(argv) -> int:
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timed loops per method; the median is reported")
     ap.add_argument("--methods", nargs="+", help="of none, dense, dense-flash, dense-cudnn, tactic")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--hidden", type=int)
@@ -167,7 +168,7 @@ def e2e_main(argv) -> int:
     methods = a.methods or (["none", "dense-flash", "dense-cudnn", "tactic"] if cuda else ["none", "dense", "tactic"])
     env = report.environment(a.device)
     print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}")
-    res = run(contexts, a.batch, a.dtype, a.target, a.device, shape, methods, a.warmup, a.steps, a.seed)
+    res = run(contexts, a.batch, a.dtype, a.target, a.device, shape, methods, a.warmup, a.steps, a.seed, reps=a.reps)
     for r in res["rows"]:
         if "speedup_vs_faster_dense" in r:
             print(f"N={r['N']}: Tactic {r['methods']['tactic']['tokens_per_s']:.2f} tokens/s, "

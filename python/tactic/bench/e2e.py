@@ -206,12 +206,12 @@ def decode_loop(model: RandomModel, attend: Callable, inputs: Callable, tokens: 
 
 
 def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, target: float,
-               warmup: int, steps: int, seed: int = 0, log=print) -> dict:
+               warmup: int, steps: int, seed: int = 0, log=print, reps: int = 3) -> dict:
     """Prefill the KV of every layer with the workload and time the decode loop with `method`:
     'tactic', 'dense-flash', 'dense-cudnn', 'dense' (default SDPA dispatch) or 'none'."""
     s, dev = model.shape, model.device
     inputs = WorkloadInputs(s, n, batch, dtype, dev, seed)
-    cap = n + warmup + steps + 1
+    cap = n + reps * (warmup + steps) + 1
     t0 = time.perf_counter()
     dec = cache = None
     if method == "tactic":
@@ -242,13 +242,23 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
     else:
         def attend(l, q, k, v):
             return q
-    tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-    res = decode_loop(model, attend, inputs, tokens, n, warmup, steps)
+    # `reps` timed loops, the median reported: single 16-step loops of this host-bound eager
+    # model varied up to 2x between runs on the H100 machine (2026-11-23).
+    runs = []
+    for r in range(max(1, reps)):
+        tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        runs.append(decode_loop(model, attend, inputs, tokens, n + r * (warmup + steps), warmup, steps))
+    per_step = sorted(x["s_per_step"] for x in runs)
+    res = dict(runs[-1])
+    res["s_per_step"] = per_step[len(per_step) // 2]
+    res["tokens_per_s"] = batch / res["s_per_step"]
+    res["s_per_step_reps"] = [x["s_per_step"] for x in runs]
     if dec is not None:
         reads = [float(dec.stats(l)["read_fraction"].mean()) for l in range(s.layers)]
     res.update(method=method, N=n, prefill_s=prefill_s,
                read_fraction=(sum(reads) / len(reads)) if reads else (1.0 if cache is not None else 0.0))
-    log(f"  {method:<12} N={n}: {res['tokens_per_s']:.2f} tokens/s ({res['s_per_step'] * 1e3:.2f} ms/step), "
+    log(f"  {method:<12} N={n}: {res['tokens_per_s']:.2f} tokens/s ({res['s_per_step'] * 1e3:.2f} ms/step, "
+        f"median of {' / '.join(f'{x * 1e3:.1f}' for x in res['s_per_step_reps'])}), "
         f"prefill {prefill_s:.1f} s" + (f", Tactic reads {res['read_fraction']:.2%}" if reads else ""))
     del dec, cache
     return res
@@ -256,7 +266,7 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
 
 def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelShape = ModelShape(),
         methods=("none", "dense-flash", "dense-cudnn", "tactic"), warmup: int = 3, steps: int = 16,
-        seed: int = 0, log=print) -> dict:
+        seed: int = 0, log=print, reps: int = 3) -> dict:
     """Every method at every context; returns the JSON-ready result (logits dropped)."""
     model = RandomModel(shape, dtype, device, seed)
     rows = []
@@ -264,7 +274,7 @@ def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelSha
         per: Dict[str, dict] = {}
         for m in methods:
             try:
-                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log)
+                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log, reps)
             except RuntimeError as e:  # e.g. an SDPA backend this GPU lacks
                 log(f"  {m:<12} N={n}: n/a ({str(e).strip().splitlines()[0]})")
                 per[m] = {"unavailable": str(e).strip().splitlines()[0]}
