@@ -98,29 +98,6 @@ def test_strided_inputs_are_read_not_misread():
                                rtol=RTOL["float16"], atol=ATOL["float16"])
 
 
-def _unaligned(a):
-    """A copy of `a` whose data starts one byte past an aligned address."""
-    raw = np.zeros(a.nbytes + 1, np.uint8)
-    out = raw[1:].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    assert out.ctypes.data % a.itemsize != 0
-    return out
-
-
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_misaligned_inputs_are_read_correctly(dtype):
-    # DLPack allows any byte offset: the core reads element by element, never assuming alignment
-    k, v, q, kn, vn = _data(70, seed=12, dtype=np.dtype(dtype))
-    dec, ref = _decoder(dtype=dtype), _decoder(dtype=dtype)
-    dec.prefill(0, _unaligned(k), _unaligned(v))
-    ref.prefill(0, k, v)
-    out = _unaligned(np.zeros((1, HQ, D), dtype))
-    dec.decode(0, _unaligned(q), _unaligned(kn), _unaligned(vn), out=out)
-    np.testing.assert_array_equal(out, ref.decode(0, q, kn, vn))
-    np.testing.assert_allclose(to64(out[0]), _reference(q, np.concatenate([k, kn]), np.concatenate([v, vn])),
-                               rtol=RTOL[dtype], atol=ATOL[dtype])
-
-
 def test_broadcast_inputs_are_accepted():
     # a zero stride is a valid read-only input (every token the same row); as output it is refused
     k, v, q, kn, vn = _data(40, seed=6)

@@ -61,6 +61,15 @@ def _torch_sparse(a):
     return torch.from_numpy(a).to_sparse()
 
 
+def misaligned(a):
+    """A copy of `a` whose data starts one byte past an aligned address (DLPack allows it)."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = raw[1:].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % a.itemsize != 0
+    return out
+
+
 BIG = np.float32(1e5)  # finite in float32, beyond float16's range (65504)
 KN32 = KN.astype(np.float32)
 K4, V4 = K.transpose(1, 0, 2)[None], V.transpose(1, 0, 2)[None]  # [1, Hkv, N, D]
@@ -164,6 +173,11 @@ BAD_CALLS = [
     ("q-structured", lambda d: d.decode(0, np.zeros((1, HQ, D), [("a", "f2")]), KN, KN), TypeError, "`q` must be a numeric array"),
     ("k-torch-meta", lambda d: d.decode(0, Q, _torch_meta(KN), KN), ValueError, "`k_new` must be on a cpu or cuda device, got meta"),
     ("prefill-torch-sparse", lambda d: d.prefill(0, _torch_sparse(K), V), TypeError, "`keys` must be a dense (strided) tensor"),
+    # misaligned data: typed reads of it are undefined behaviour (UBSan), refused by name
+    ("q-misaligned", lambda d: d.decode(0, misaligned(Q), KN, KN), ValueError, "`q` must be aligned to its 2-byte elements"),
+    ("v-misaligned", lambda d: d.decode(0, Q, KN, misaligned(KN)), ValueError, "`v_new` must be aligned"),
+    ("out-misaligned", lambda d: d.decode(0, Q, KN, KN, out=misaligned(np.empty((1, HQ, D), np.float32))), ValueError, "`out` must be aligned to its 4-byte elements"),
+    ("prefill-misaligned", lambda d: d.prefill(0, misaligned(K), V), ValueError, "`keys` must be aligned"),
     # reuse_selection and the target setter (main's additions)
     ("reuse-selection-on-cpu", lambda d: d.decode(0, Q, None, None, reuse_selection=True), RuntimeError, "CUDA decoders only"),
     ("reuse-selection-with-append", lambda d: d.decode(0, Q, KN, KN, reuse_selection=True), ValueError, "pass k_new=v_new=None"),
@@ -318,6 +332,9 @@ OP_CALLS = [
     ("dense-q-nan", lambda: tactic.ops.dense_decode(nan(Q), K[None], V[None]), ValueError, "`q` contains NaN"),
     ("dense-lengths-big-endian", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=np.array([N], ">i4")), TypeError, "`lengths` must be a numeric array in native byte order"),
     ("kmeans-big-endian", lambda: tactic.ops.kmeans(np.ones((5, 2), ">f4"), 2), TypeError, "`x` must be a numeric array in native byte order"),
+    ("dense-lengths-misaligned", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=misaligned(np.array([N], np.int32))), ValueError, "`lengths` must be aligned"),
+    ("kmeans-misaligned", lambda: tactic.ops.kmeans(misaligned(np.ones((5, 2), np.float32)), 2), ValueError, "`x` must be aligned"),
+    ("sparse-values-misaligned", lambda: tactic.ops.sparse_decode(Q[0], K, misaligned(V), np.ones((HKV, N), bool)), ValueError, "`values` must be aligned"),
     ("dense-out-readonly", lambda: tactic.ops.dense_decode(Q, K[None], V[None], out=readonly(np.empty((1, HQ, D), np.float16))), ValueError, "`out` must be a writable"),
     ("select-rank", lambda: tactic.ops.select(Q, K), ValueError, "`q` must be [Hq, D]"),
 ]

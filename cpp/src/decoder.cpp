@@ -70,6 +70,7 @@ void Decoder::check_slot(int64_t slot, const char* name) const {
 static void check_kv_input(const TensorView& t, const char* name, const DecoderConfig& cfg) {
   check_float(t, name);
   check_device(t, name, cfg.device);
+  check_aligned(t, name);
   check_last_dim_contiguous(t, name);
 }
 

@@ -16,6 +16,7 @@ constexpr int64_t kChunkRows = 512;
 void check_input(const TensorView& t, const char* name) {
   check_float(t, name);
   check_device(t, name, Device{});
+  check_aligned(t, name);
   check_last_dim_contiguous(t, name);
 }
 
@@ -96,6 +97,7 @@ void dense_decode(const TensorView& q, const TensorView& keys, const TensorView&
     check_shape(*lengths, "lengths", {B});
     check_dtype(*lengths, "lengths", DType::i32);
     check_device(*lengths, "lengths", Device{});
+    check_aligned(*lengths, "lengths");
     for (int64_t b = 0; b < B; ++b) {
       len[b] = lengths->ptr<int32_t>()[b * lengths->strides[0]];
       if (len[b] < 0 || len[b] > N)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <sstream>
 #include <utility>
@@ -138,6 +139,14 @@ void check_device(const TensorView& t, const char* name, Device want) {
   if (t.device != want)
     throw ValueError(std::string("`") + name + "` must be on device " + device_name(want) +
                      ", got " + device_name(t.device));
+}
+
+void check_aligned(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;
+  const std::size_t size = dtype_size(t.dtype);
+  if (size > 1 && reinterpret_cast<uintptr_t>(t.data) % size != 0)
+    throw ValueError(std::string("`") + name + "` must be aligned to its " + std::to_string(size) +
+                     "-byte elements (its data starts at an odd address); pass an aligned copy");
 }
 
 void check_last_dim_contiguous(const TensorView& t, const char* name) {

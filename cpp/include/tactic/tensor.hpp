@@ -77,6 +77,10 @@ void check_dtype(const TensorView& t, const char* name, DType want);  // TypeErr
 void check_device(const TensorView& t, const char* name, Device want);
 // Last dimension has unit stride (rows are contiguous) and no stride is negative.
 void check_last_dim_contiguous(const TensorView& t, const char* name);
+// ValueError unless `data` is a multiple of the element size (DLPack allows any byte offset;
+// the kernels read typed elements, and a misaligned one is undefined behaviour in C++ and a
+// fault on the GPU).
+void check_aligned(const TensorView& t, const char* name);
 void check_contiguous(const TensorView& t, const char* name);  // row-major, no gaps
 // Throws ValueError if any element is NaN or Inf (float views only; CPU only).
 void check_finite(const TensorView& t, const char* name);
