@@ -4,7 +4,7 @@
 Each input is a small program: build a SparseDecoder from fuzzed options (valid or not), then
 run up to 8 fuzzed calls (prefill, decode, select, stats, length, reset, recluster, layout,
 and the functional ops) with arrays of fuzzed shapes, dtypes, strides (sliced, transposed,
-broadcast, reversed, read-only, overlapping), values (NaN, Inf, beyond float16) and
+broadcast, reversed, read-only, overlapping, misaligned), values (NaN, Inf, beyond float16) and
 options. The contract it enforces:
 
 - only documented exceptions come out: ValueError (tactic.CapacityError included),
@@ -92,6 +92,11 @@ class Program:
                                                 writeable=True)
         elif layout == 7:
             return a.tolist() if a.size < 64 else None
+        elif layout == 8 and a.itemsize > 1:  # data one byte past an aligned address
+            raw = np.zeros(a.nbytes + 1, np.uint8)
+            b = raw[1:].view(a.dtype).reshape(a.shape)
+            b[...] = a
+            return b
         return a
 
     def decoder(self):
