@@ -8,6 +8,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -60,6 +61,21 @@ nb::ndarray<nb::numpy, T> to_numpy(const std::vector<T>& v, std::vector<size_t> 
   if (!v.empty()) std::memcpy(buf, v.data(), v.size() * sizeof(T));
   nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<T*>(p); });
   return nb::ndarray<nb::numpy, T>(buf, shape.size(), shape.data(), owner);
+}
+
+// A Decoder plus the lock that serialises Python threads calling the same one.
+struct PyDecoder {
+  Decoder dec;
+  std::mutex mu;
+  explicit PyDecoder(const DecoderConfig& c) : dec(c) {}
+};
+
+// Run fn(decoder) without the GIL, holding the decoder's lock; returns fn's (C++) result.
+template <class Fn>
+auto locked(PyDecoder& d, Fn&& fn) {
+  nb::gil_scoped_release release;
+  std::lock_guard<std::mutex> guard(d.mu);
+  return fn(d.dec);
 }
 
 DType parse_dtype(const std::string& s) {
@@ -139,24 +155,31 @@ NB_MODULE(_core, m) {
       .def_prop_rw("page_size", [](DecoderConfig& c) { return c.select.page_size; }, [](DecoderConfig& c, int64_t v) { c.select.page_size = v; })
       .def("validate", &DecoderConfig::validate);
 
-  nb::class_<Decoder>(m, "Decoder")
-      .def(nb::init<const DecoderConfig&>(), nb::arg("config"))
-      .def("prefill",
-           [](Decoder& d, int64_t layer, int64_t slot, InArray k, InArray v) {
-             TensorView kv = view_of(k, "keys"), vv = view_of(v, "values");
+  // Every method releases the GIL for its C++ work (other Python threads run meanwhile) and
+  // then takes the decoder's own lock, so calls on one decoder from several threads run one
+  // at a time instead of racing on its store. Lock after releasing: a thread that waits for
+  // the lock never holds the GIL that the lock's holder needs to return.
+  nb::class_<PyDecoder>(m, "Decoder")
+      .def("__init__",
+           [](PyDecoder* self, const DecoderConfig& c) {
              nb::gil_scoped_release release;
-             d.prefill(layer, slot, kv, vv);
+             new (self) PyDecoder(c);
+           },
+           nb::arg("config"))
+      .def("prefill",
+           [](PyDecoder& d, int64_t layer, int64_t slot, InArray k, InArray v) {
+             TensorView kv = view_of(k, "keys"), vv = view_of(v, "values");
+             locked(d, [&](Decoder& dec) { dec.prefill(layer, slot, kv, vv); });
            },
            nb::arg("layer"), nb::arg("slot"), nb::arg("keys"), nb::arg("values"))
       .def("check_prefill",
-           [](const Decoder& d, int64_t layer, int64_t slot, InArray k, InArray v) {
+           [](PyDecoder& d, int64_t layer, int64_t slot, InArray k, InArray v) {
              TensorView kv = view_of(k, "keys"), vv = view_of(v, "values");
-             nb::gil_scoped_release release;
-             d.check_prefill(layer, slot, kv, vv);
+             locked(d, [&](Decoder& dec) { dec.check_prefill(layer, slot, kv, vv); });
            },
            nb::arg("layer"), nb::arg("slot"), nb::arg("keys"), nb::arg("values"))
       .def("decode",
-           [](Decoder& d, int64_t layer, InArray q, std::optional<InArray> k, std::optional<InArray> v,
+           [](PyDecoder& d, int64_t layer, InArray q, std::optional<InArray> k, std::optional<InArray> v,
               std::optional<OutArray> out, std::vector<int64_t> slots, std::optional<InArray> budgets,
               bool append) {
              TensorView qv = view_of(q, "q"), kv, vv, ov, bv;
@@ -166,30 +189,34 @@ NB_MODULE(_core, m) {
              std::vector<int64_t> b;
              if (budgets) {
                bv = view_of(*budgets, "budget");
-               const int64_t want = (int64_t)slots.size() * d.config().num_kv_heads;
-               if (bv.dtype != DType::i64 || !bv.is_contiguous() || bv.numel() != want)
-                 throw ValueError("`budget` must be an int or an int64 array of " + std::to_string(want) +
+               const int64_t want = (int64_t)slots.size() * d.dec.config().num_kv_heads;
+               if (bv.dtype != DType::i64 || bv.device.kind != DeviceKind::cpu || !bv.is_contiguous() ||
+                   bv.numel() != want)
+                 throw ValueError("`budget` must be an int or a CPU int64 array of " + std::to_string(want) +
                                   " entries ([B, num_kv_heads])");
                b.assign(bv.ptr<int64_t>(), bv.ptr<int64_t>() + want);
              }
-             nb::gil_scoped_release release;
-             d.decode(layer, qv, k ? &kv : nullptr, v ? &vv : nullptr, out ? &ov : nullptr, slots,
-                      budgets ? b.data() : nullptr, append);
+             locked(d, [&](Decoder& dec) {
+               dec.decode(layer, qv, k ? &kv : nullptr, v ? &vv : nullptr, out ? &ov : nullptr, slots,
+                          budgets ? b.data() : nullptr, append);
+             });
            },
            nb::arg("layer"), nb::arg("q"), nb::arg("k_new").none(), nb::arg("v_new").none(),
            nb::arg("out").none(), nb::arg("slots"), nb::arg("budgets").none(), nb::arg("append"))
       .def("attend",
-           [](Decoder& d, int64_t layer, InArray q, OutArray out, std::vector<int64_t> slots) {
+           [](PyDecoder& d, int64_t layer, InArray q, OutArray out, std::vector<int64_t> slots) {
              TensorView qv = view_of(q, "q"), ov = view_of(out, "out");
-             nb::gil_scoped_release release;
-             d.attend(layer, qv, ov, slots);
+             locked(d, [&](Decoder& dec) { dec.attend(layer, qv, ov, slots); });
            },
            nb::arg("layer"), nb::arg("q"), nb::arg("out"), nb::arg("slots"))
-      .def("set_target", &Decoder::set_target, nb::arg("target"))
+      .def("set_target",
+           [](PyDecoder& d, double target) { locked(d, [&](Decoder& dec) { dec.set_target(target); }); },
+           nb::arg("target"))
       .def("stats",
-           [](const Decoder& d, int64_t layer) {
-             const LayerStats& s = d.stats(layer);
-             const size_t B = s.batch, H = d.config().num_kv_heads, Hq = d.config().num_q_heads;
+           [](PyDecoder& d, int64_t layer) {
+             // A copy taken under the lock: the next decode of the layer replaces the original.
+             const LayerStats s = locked(d, [&](Decoder& dec) { return dec.stats(layer); });
+             const size_t B = s.batch, H = d.dec.config().num_kv_heads, Hq = d.dec.config().num_q_heads;
              nb::dict r;
              r["slots"] = to_numpy(s.slots, {B});
              r["context"] = to_numpy(s.context, {B});
@@ -203,40 +230,72 @@ NB_MODULE(_core, m) {
              return r;
            },
            nb::arg("layer"))
-      .def("length", &Decoder::length, nb::arg("layer"), nb::arg("slot"))
-      .def("reset", &Decoder::reset, nb::arg("slot"))
-      .def("reset_all", &Decoder::reset_all)
-      .def("recluster", &Decoder::recluster, nb::arg("layer"), nb::arg("slot"))
-      .def("store_bytes", &Decoder::store_bytes)
-      .def("set_stream", [](Decoder& d, uintptr_t s) { d.set_stream(reinterpret_cast<void*>(s)); },
+      .def("length",
+           [](PyDecoder& d, int64_t layer, int64_t slot) {
+             return locked(d, [&](Decoder& dec) { return dec.length(layer, slot); });
+           },
+           nb::arg("layer"), nb::arg("slot"))
+      .def("reset", [](PyDecoder& d, int64_t slot) { locked(d, [&](Decoder& dec) { dec.reset(slot); }); },
+           nb::arg("slot"))
+      .def("reset_all", [](PyDecoder& d) { locked(d, [&](Decoder& dec) { dec.reset_all(); }); })
+      .def("recluster",
+           [](PyDecoder& d, int64_t layer, int64_t slot) {
+             locked(d, [&](Decoder& dec) { dec.recluster(layer, slot); });
+           },
+           nb::arg("layer"), nb::arg("slot"))
+      .def("store_bytes", [](PyDecoder& d) { return d.dec.store_bytes(); })
+      .def("set_stream",
+           [](PyDecoder& d, uintptr_t s) {
+             locked(d, [&](Decoder& dec) { dec.set_stream(reinterpret_cast<void*>(s)); });
+           },
            nb::arg("stream"))
       .def("layout",
-           [](const Decoder& d, int64_t layer, int64_t slot, int64_t head) {
+           [](PyDecoder& d, int64_t layer, int64_t slot, int64_t head) {
              // The physical layout of one (layer, slot, KV head), as copies (tests, debugging).
-             (void)d.length(layer, slot);
-             if (head < 0 || head >= d.config().num_kv_heads)
-               throw ValueError("`head` must be in [0, " + std::to_string(d.config().num_kv_heads) + ")");
-             const KVStore& st = d.store();
-             const SlotState& ss = st.state(layer, slot);
-             const int64_t n = ss.total(), D = d.config().head_dim, C = st.num_clusters(layer, slot, head);
-             std::vector<float> k(n * D), v(n * D);
-             for (int64_t r = 0; r < n; ++r) {
-               load_floats(st.k_row(layer, slot, head, r), d.config().dtype, D, &k[r * D]);
-               load_floats(st.v_row(layer, slot, head, r), d.config().dtype, D, &v[r * D]);
-             }
-             const int32_t* pos = st.positions(layer, slot, head);
+             struct Layout {
+               SlotState ss;
+               int64_t C = 0;
+               std::vector<float> k, v, centroids;
+               std::vector<int32_t> pos, offsets;
+             };
+             const int64_t D = d.dec.config().head_dim;
+             const Layout lay = locked(d, [&](Decoder& dec) {
+               (void)dec.length(layer, slot);  // checks layer and slot
+               if (head < 0 || head >= dec.config().num_kv_heads)
+                 throw ValueError("`head` must be in [0, " + std::to_string(dec.config().num_kv_heads) + "), got " +
+                                  std::to_string(head));
+               const KVStore& st = dec.store();
+               Layout r;
+               r.ss = st.state(layer, slot);
+               const int64_t n = r.ss.total();
+               r.C = st.num_clusters(layer, slot, head);
+               r.k.resize(n * D);
+               r.v.resize(n * D);
+               for (int64_t i = 0; i < n; ++i) {
+                 load_floats(st.k_row(layer, slot, head, i), dec.config().dtype, D, &r.k[i * D]);
+                 load_floats(st.v_row(layer, slot, head, i), dec.config().dtype, D, &r.v[i * D]);
+               }
+               const int32_t* pos = st.positions(layer, slot, head);
+               r.pos.assign(pos, pos + n);
+               if (r.C > 0) {
+                 const int32_t* off = st.offsets(layer, slot, head);
+                 const float* c = st.centroids(layer, slot, head);
+                 r.offsets.assign(off, off + r.C + 1);
+                 r.centroids.assign(c, c + r.C * D);
+               }
+               return r;
+             });
+             const size_t n = lay.pos.size();
              nb::dict r;
-             r["n_sink"] = ss.n_sink;
-             r["n_clustered"] = ss.n_clustered;
-             r["n_recent"] = ss.n_recent;
-             r["positions"] = to_numpy(std::vector<int32_t>(pos, pos + n), {(size_t)n});
-             r["keys"] = to_numpy(k, {(size_t)n, (size_t)D});
-             r["values"] = to_numpy(v, {(size_t)n, (size_t)D});
-             if (C > 0) {
-               const int32_t* off = st.offsets(layer, slot, head);
-               const float* c = st.centroids(layer, slot, head);
-               r["offsets"] = to_numpy(std::vector<int32_t>(off, off + C + 1), {(size_t)C + 1});
-               r["centroids"] = to_numpy(std::vector<float>(c, c + C * D), {(size_t)C, (size_t)D});
+             r["n_sink"] = lay.ss.n_sink;
+             r["n_clustered"] = lay.ss.n_clustered;
+             r["n_recent"] = lay.ss.n_recent;
+             r["positions"] = to_numpy(lay.pos, {n});
+             r["keys"] = to_numpy(lay.k, {n, (size_t)D});
+             r["values"] = to_numpy(lay.v, {n, (size_t)D});
+             if (lay.C > 0) {
+               r["offsets"] = to_numpy(lay.offsets, {(size_t)lay.C + 1});
+               r["centroids"] = to_numpy(lay.centroids, {(size_t)lay.C, (size_t)D});
              }
              return r;
            },

@@ -6,6 +6,7 @@
 
 #include "attention.hpp"
 #include "common.cuh"
+#include "host_memory.hpp"
 #include "kmeans.hpp"
 #include "select.hpp"
 #include "store.hpp"
@@ -183,42 +184,64 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   if ((m.cmax + 63) / 64 > 65535)  // the scoring kernel's grid.y covers 64 clusters per block
     throw UnsupportedError("max_tokens / cluster_size must stay below 4194240 clusters on CUDA, got " +
                            std::to_string(m.cmax));
-  const std::size_t heads = (std::size_t)(m.L * m.B * m.H);
-  m.k.allocate(heads * m.cap * m.D * m.es, "keys");
-  m.v.allocate(heads * m.cap * m.D * m.es, "values");
-  m.pos.allocate(heads * m.cap * 4, "positions");
+  if (mul_sat(m.B, m.Hq) >= ((uint64_t)1 << 31))  // the kernels' grids index (sequence, head) in int
+    throw UnsupportedError("max_batch * num_q_heads must stay below 2^31 on CUDA");
+  // Every buffer's size first, in saturating arithmetic (an absurd configuration must not wrap
+  // around to a small number), so that a capacity that cannot fit is refused with the total it
+  // needs before anything is allocated.
+  struct Want { DeviceBuffer* buf; uint64_t bytes; const char* what; };
+  std::vector<Want> want;
+  auto need = [&](DeviceBuffer& b, uint64_t bytes, const char* what) { want.push_back({&b, bytes, what}); };
+  const uint64_t heads = mul_sat(mul_sat(m.L, m.B), m.H), segs = (uint64_t)m.B * m.Hq,
+                 items = (uint64_t)m.B * m.H, cap = m.cap, cmax = m.cmax, D = m.D, es = m.es;
+  const uint64_t kv_bytes = mul_sat(mul_sat(heads, cap), D * es);
+  need(m.k, kv_bytes, "keys");
+  need(m.v, kv_bytes, "values");
+  need(m.pos, mul_sat(mul_sat(heads, cap), 4), "positions");
   if (m.clusters()) {
-    m.centroids.allocate(heads * m.cmax * m.D * 4, "centroids");
+    need(m.centroids, mul_sat(mul_sat(heads, cmax), D * 4), "centroids");
     // What the ranking reads: the centroids rounded to the storage dtype (see store.cpp).
-    if (m.cfg.dtype != DType::f32) m.centroids_low.allocate(heads * m.cmax * m.D * m.es, "centroids");
-    m.offsets.allocate(heads * (m.cmax + 1) * 4, "cluster offsets");
+    if (m.cfg.dtype != DType::f32) need(m.centroids_low, mul_sat(mul_sat(heads, cmax), D * es), "centroids");
+    need(m.offsets, mul_sat(heads, (cmax + 1) * 4), "cluster offsets");
   }
-  m.state.allocate((std::size_t)(m.L * m.B) * sizeof(SlotCounts), "sequence counts");
-  TACTIC_CUDA_CHECK(cudaMemset(m.state.p, 0, m.state.n));
-  const std::size_t segs = (std::size_t)(m.B * m.Hq), items = (std::size_t)(m.B * m.H);
-  m.qf.allocate(segs * m.D * 4, "queries");
+  need(m.state, mul_sat(mul_sat(m.L, m.B), sizeof(SlotCounts)), "sequence counts");
+  need(m.qf, segs * D * 4, "queries");
   if (m.clusters()) {
-    m.scores.allocate(segs * m.cmax * 4, "cluster scores");
-    m.seg_max.allocate(segs * 8, "best and worst scores");
+    need(m.scores, segs * cmax * 4, "cluster scores");
+    need(m.seg_max, segs * 8, "best and worst scores");
+    need(m.ids, segs * cmax * 4, "exact-head lists");
+    need(m.tasks, mul_sat(segs * 8, head_tasks_stride(m.cmax, m.cap)), "exact-head tasks");
+    need(m.sel_scratch, select_scratch_bytes((int64_t)segs), "selection scratch");
+    need(m.kv_mark, items * cmax, "selection marks");
+    if (cfg.record_selection) need(m.head_mark, mul_sat(m.L, segs * cmax), "selection marks");
+    need(m.rows, mul_sat(mul_sat(m.L, items), cap * 4), "row lists");  // per layer: attend() reuses them
+    need(m.chunk_sums, items * row_chunks(m.cmax) * 4, "row list chunks");
+  }
+  need(m.counts, mul_sat(m.L, items * 4), "row counts");
+  need(m.head_tokens, mul_sat(m.L, segs * 8), "statistics");
+  need(m.est_mass, mul_sat(m.L, segs * 8), "statistics");
+  need(m.head_index, items * 4, "head indices");
+  need(m.slots, (uint64_t)m.B * 4, "slots");
+  need(m.attn_ws, attention_workspace_bytes(m.B, m.H, m.G, m.D, m.cap), "attention workspace");
+  uint64_t total = 0;
+  for (const Want& w : want) total = add_sat(total, w.bytes);
+  std::size_t free_bytes = 0, device_bytes = 0;
+  TACTIC_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &device_bytes));
+  if (total > free_bytes)
+    throw CapacityError("the CUDA decoder needs " + std::to_string(total) + " bytes (" + gib(total) +
+                        ") of GPU memory, keys and values " + std::to_string(add_sat(kv_bytes, kv_bytes)) + " of them; cuda:" +
+                        std::to_string(m.dev) + " has " + std::to_string(free_bytes) + " bytes free (" +
+                        gib(free_bytes) + " of " + gib(device_bytes) +
+                        "); lower max_tokens, max_batch or num_layers");
+  for (const Want& w : want) w.buf->allocate(w.bytes, w.what);
+  TACTIC_CUDA_CHECK(cudaMemset(m.state.p, 0, m.state.n));
+  if (m.clusters()) {
     // [segs] best, then [segs] worst: 0x80808080 orders below the int of every finite score,
     // 0x7f7f7f7f above it (see select.hpp).
     TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.p, 0x80, segs * 4));
     TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.as<int32_t>() + segs, 0x7f, segs * 4));
-    m.ids.allocate(segs * m.cmax * 4, "exact-head lists");
-    m.tasks.allocate(segs * head_tasks_stride(m.cmax, m.cap) * 8, "exact-head tasks");
-    m.sel_scratch.allocate(select_scratch_bytes((int64_t)segs), "selection scratch");
-    m.kv_mark.allocate(items * m.cmax, "selection marks");
     TACTIC_CUDA_CHECK(cudaMemset(m.kv_mark.p, 0, m.kv_mark.n));
-    if (cfg.record_selection) m.head_mark.allocate((std::size_t)m.L * segs * m.cmax, "selection marks");
-    m.rows.allocate((std::size_t)m.L * items * m.cap * 4, "row lists");  // per layer: attend() reuses them
-    m.chunk_sums.allocate(items * row_chunks(m.cmax) * 4, "row list chunks");
   }
-  m.counts.allocate((std::size_t)m.L * items * 4, "row counts");
-  m.head_tokens.allocate((std::size_t)m.L * segs * 8, "statistics");
-  m.est_mass.allocate((std::size_t)m.L * segs * 8, "statistics");
-  m.head_index.allocate(items * 4, "head indices");
-  m.slots.allocate((std::size_t)m.B * 4, "slots");
-  m.attn_ws.allocate(attention_workspace_bytes(m.B, m.H, m.G, m.D, m.cap), "attention workspace");
   TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
   m.host_state.assign(m.L * m.B, SlotState{});
   m.last_slots.assign(m.L, {});

@@ -1,4 +1,12 @@
-"""Bad input raises a clear exception naming the argument, and leaves the decoder as it was."""
+"""Bad input raises a clear exception naming the argument, and leaves the decoder as it was.
+
+Every row of BAD_CALLS is one distinct bad call: the test asserts the exact exception type,
+that the message matches (pytest.raises(match=...), the argument's name or the reason), and
+that a following valid call on the same decoder returns bitwise what a fresh decoder returns.
+docs/CONTRACT.md lists the checks these cases exercise.
+"""
+import re
+
 import numpy as np
 import pytest
 
@@ -30,6 +38,43 @@ def strided_last(a):
     return wide[..., ::2]
 
 
+def overlapping(shape, dtype):
+    """A writable array whose every row is the same memory (stride 0 in the leading axes)."""
+    base = np.zeros(shape[-1], dtype)
+    strides = (0,) * (len(shape) - 1) + (base.itemsize,)
+    return np.lib.stride_tricks.as_strided(base, shape, strides, writeable=True)
+
+
+def readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _torch_meta(a):
+    torch = pytest.importorskip("torch")
+    return torch.empty(a.shape, dtype=torch.float16, device="meta")
+
+
+def _torch_sparse(a):
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(a).to_sparse()
+
+
+def misaligned(a):
+    """A copy of `a` whose data starts one byte past an aligned address (DLPack allows it)."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = raw[1:].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % a.itemsize != 0
+    return out
+
+
+BIG = np.float32(1e5)  # finite in float32, beyond float16's range (65504)
+KN32 = KN.astype(np.float32)
+K4, V4 = K.transpose(1, 0, 2)[None], V.transpose(1, 0, 2)[None]  # [1, Hkv, N, D]
+
+
 BAD_CALLS = [
     # (id, call, exception, words the message must contain)
     ("layer-high", lambda d: d.decode(L, Q, KN, KN), ValueError, "`layer`"),
@@ -54,7 +99,7 @@ BAD_CALLS = [
     ("v-nan", lambda d: d.decode(0, Q, KN, nan(KN)), ValueError, "`v_new`"),
     ("out-shape", lambda d: d.decode(0, Q, KN, KN, out=np.empty((1, HQ, 8), np.float16)), ValueError, "`out`"),
     ("out-dtype", lambda d: d.decode(0, Q, KN, KN, out=np.empty((1, HQ, D), np.int32)), TypeError, "`out`"),
-    ("out-readonly", lambda d: d.decode(0, Q, KN, KN, out=np.broadcast_to(np.zeros((1, 1, D), np.float16), (1, HQ, D))), (ValueError, TypeError), ""),
+    ("out-readonly", lambda d: d.decode(0, Q, KN, KN, out=np.broadcast_to(np.zeros((1, 1, D), np.float16), (1, HQ, D))), ValueError, "`out` must be a writable"),
     ("seq-high", lambda d: d.decode(0, Q, KN, KN, seq=2), ValueError, "`seq`"),
     ("seq-negative", lambda d: d.decode(0, Q, KN, KN, seq=-1), ValueError, "`seq`"),
     ("seq-count", lambda d: d.decode(0, Q, KN, KN, seq=[0, 1]), ValueError, "`seq`"),
@@ -77,6 +122,70 @@ BAD_CALLS = [
     ("length-seq", lambda d: d.length(0, 5), ValueError, "`seq`"),
     ("reset-seq", lambda d: d.reset(9), ValueError, "`seq`"),
     ("select-rank", lambda d: d.select(0, Q[0]), ValueError, "`q`"),
+    # added with docs/CONTRACT.md
+    ("out-readonly-copy", lambda d: d.decode(0, Q, KN, KN, out=readonly(np.empty((1, HQ, D), np.float16))), ValueError, "`out` must be a writable"),
+    ("out-overlapping", lambda d: d.decode(0, Q, KN, KN, out=overlapping((1, HQ, D), np.float16)), ValueError, "`out` has overlapping"),
+    ("out-stride", lambda d: d.decode(0, Q, KN, KN, out=strided_last(np.empty((1, HQ, D), np.float16))), ValueError, "`out` must have a unit stride"),
+    ("out-batch", lambda d: d.decode(0, Q, KN, KN, out=np.empty((2, HQ, D), np.float16)), ValueError, "`out` must have shape"),
+    ("out-list", lambda d: d.decode(0, Q, KN, KN, out=[0.0]), TypeError, "`out` must be an array"),
+    ("q-4d", lambda d: d.decode(0, Q[None], KN, KN), ValueError, "`q` must be [B"),
+    ("q-empty-batch", lambda d: d.decode(0, Q[:0], KN[:0], KN[:0]), ValueError, "at least one"),
+    ("q-bool", lambda d: d.decode(0, Q > 0, KN, KN), TypeError, "`q` must be float16"),
+    ("q-negative-stride", lambda d: d.decode(0, Q[:, ::-1], KN, KN), ValueError, "`q` must not have negative strides"),
+    ("k-inf", lambda d: d.decode(0, Q, KN * np.float16(np.inf), KN), ValueError, "`k_new` contains NaN or Inf"),
+    ("k-beyond-float16", lambda d: d.decode(0, Q, KN32 * BIG, KN32), ValueError, "`k_new` holds values beyond the range of the float16"),
+    ("v-beyond-float16", lambda d: d.decode(0, Q, KN32, KN32 * BIG), ValueError, "`v_new` holds values beyond"),
+    ("k-without-v", lambda d: d.decode(0, Q, KN, None), TypeError, "`v_new` must be an array"),
+    ("v-without-k", lambda d: d.decode(0, Q, None, KN), TypeError, "`k_new` must be an array"),
+    ("k-list", lambda d: d.decode(0, Q, KN.tolist(), KN), TypeError, "`k_new` must be an array"),
+    ("k-rank", lambda d: d.decode(0, Q, KN[0], KN[0]), ValueError, "`k_new` must have shape"),
+    ("select-empty-seq", lambda d: d.select(0, Q, seq=1), ValueError, "slot 1 of layer 0 is empty"),
+    ("attend-empty-seq", lambda d: d.decode(1, Q, None, None, seq=1), ValueError, "slot 1 of layer 1 is empty"),
+    ("seq-huge", lambda d: d.decode(0, Q, KN, KN, seq=2**70), ValueError, "`seq` must be <="),
+    ("seq-float", lambda d: d.decode(0, Q, KN, KN, seq=0.0), TypeError, "`seq`"),
+    ("layer-huge", lambda d: d.decode(2**80, Q, KN, KN), ValueError, "`layer` must be <="),
+    ("layer-str", lambda d: d.decode("0", Q, KN, KN), TypeError, "`layer` must be an int"),
+    ("budget-float-array", lambda d: d.decode(0, Q, KN, KN, budget=np.ones((1, HKV))), ValueError, "`budget` must be an int or an integer array"),
+    ("budget-zero-entry", lambda d: d.decode(0, Q, KN, KN, budget=np.array([[4, 0]])), ValueError, "`budget` entries must be positive"),
+    ("prefill-inf-values", lambda d: d.prefill(0, K, V * np.float16(np.inf)), ValueError, "`values` contains NaN or Inf"),
+    ("prefill-beyond-float16", lambda d: d.prefill(0, K.astype(np.float32) * BIG, V), ValueError, "`keys` holds values beyond the range of the float16"),
+    ("prefill-negative-stride", lambda d: d.prefill(0, K[::-1], V), ValueError, "`keys` must not have negative strides"),
+    ("prefill-last-stride", lambda d: d.prefill(0, strided_last(K), V), ValueError, "`keys` must have a unit stride"),
+    ("prefill-values-dtype", lambda d: d.prefill(0, K, V.astype(np.int32)), TypeError, "`values` must be float16"),
+    ("prefill-values-list", lambda d: d.prefill(0, K, V.tolist()), TypeError, "`values` must be an array"),
+    ("prefill-head-dim", lambda d: d.prefill(0, K[..., :32], V[..., :32]), ValueError, "`keys` must have shape [*, 2, 64]"),
+    ("prefill-4d-values-shape", lambda d: d.prefill(0, K4, V4[:, :, :-1]), ValueError, "`values` must have the shape of `keys`"),
+    ("prefill-4d-seq-repeat", lambda d: d.prefill(0, np.concatenate([K4, K4]), np.concatenate([V4, V4]), seq=[1, 1]), ValueError, "must not repeat"),
+    ("prefill-4d-lengths-negative", lambda d: d.prefill(0, K4, V4, lengths=[-1]), ValueError, "`lengths` must be >= 0"),
+    ("prefill-4d-lengths-count", lambda d: d.prefill(0, K4, V4, lengths=[3, 3]), ValueError, "`lengths` must hold 1"),
+    ("prefill-4d-over-capacity", lambda d: d.prefill(0, np.zeros((1, HKV, CAP + 1, D), np.float16), np.zeros((1, HKV, CAP + 1, D), np.float16)), tactic.CapacityError, "exceeds `max_tokens`=40"),
+    ("prefill-seq-huge", lambda d: d.prefill(0, K, V, seq=2**64), ValueError, "`seq` must be <="),
+    ("recluster-layer", lambda d: d.recluster(L, 0), ValueError, "`layer` must be in [0, 2)"),
+    ("recluster-seq", lambda d: d.recluster(0, 2), ValueError, "`seq` must be a sequence slot in [0, 2)"),
+    ("layout-head", lambda d: d.layout(0, 0, HKV), ValueError, "`head` must be in [0, 2)"),
+    ("length-layer", lambda d: d.length(-1, 0), ValueError, "`layer` must be in"),
+    ("stats-layer-float", lambda d: d.stats(0.5), TypeError, "`layer` must be an int"),
+    ("reset-seq-float", lambda d: d.reset(1.0), TypeError, "`seq` must be an int"),
+    # arrays DLPack cannot describe: refused by name, not by an anonymous overload error
+    ("k-big-endian", lambda d: d.decode(0, Q, KN.astype(">f2"), KN), TypeError, "`k_new` must be a numeric array in native byte order"),
+    ("prefill-big-endian", lambda d: d.prefill(0, K, V.astype(">f2")), TypeError, "`values` must be a numeric array in native byte order"),
+    ("out-object", lambda d: d.decode(0, Q, KN, KN, out=np.empty((1, HQ, D), object)), TypeError, "`out` must be a numeric array"),
+    ("q-structured", lambda d: d.decode(0, np.zeros((1, HQ, D), [("a", "f2")]), KN, KN), TypeError, "`q` must be a numeric array"),
+    ("k-torch-meta", lambda d: d.decode(0, Q, _torch_meta(KN), KN), ValueError, "`k_new` must be on a cpu or cuda device, got meta"),
+    ("prefill-torch-sparse", lambda d: d.prefill(0, _torch_sparse(K), V), TypeError, "`keys` must be a dense (strided) tensor"),
+    # misaligned data: typed reads of it are undefined behaviour (UBSan), refused by name
+    ("q-misaligned", lambda d: d.decode(0, misaligned(Q), KN, KN), ValueError, "`q` must be aligned to its 2-byte elements"),
+    ("v-misaligned", lambda d: d.decode(0, Q, KN, misaligned(KN)), ValueError, "`v_new` must be aligned"),
+    ("out-misaligned", lambda d: d.decode(0, Q, KN, KN, out=misaligned(np.empty((1, HQ, D), np.float32))), ValueError, "`out` must be aligned to its 4-byte elements"),
+    ("prefill-misaligned", lambda d: d.prefill(0, misaligned(K), V), ValueError, "`keys` must be aligned"),
+    # reuse_selection and the target setter (main's additions)
+    ("reuse-selection-on-cpu", lambda d: d.decode(0, Q, None, None, reuse_selection=True), RuntimeError, "CUDA decoders only"),
+    ("reuse-selection-with-append", lambda d: d.decode(0, Q, KN, KN, reuse_selection=True), ValueError, "pass k_new=v_new=None"),
+    ("reuse-selection-not-bool", lambda d: d.decode(0, Q, KN, KN, reuse_selection="yes"), TypeError, "`reuse_selection` must be a bool"),
+    ("target-set-zero", lambda d: setattr(d, "target", 0.0), ValueError, "`target` must be in (0, 1]"),
+    ("target-set-above-one", lambda d: setattr(d, "target", 1.01), ValueError, "`target` must be in (0, 1]"),
+    ("target-set-nan", lambda d: setattr(d, "target", float("nan")), ValueError, "`target` must be in (0, 1]"),
+    ("target-set-str", lambda d: setattr(d, "target", "0.5"), TypeError, "`target` must be a number"),
 ]
 
 
@@ -84,10 +193,12 @@ BAD_CALLS = [
 def test_bad_call_raises_and_changes_nothing(case):
     _, call, exc, words = case
     dec, ref = fresh(), fresh()
-    with pytest.raises(exc) as info:
+    with pytest.raises(exc, match=re.escape(words)) as info:
         call(dec)
-    assert words in str(info.value), str(info.value)
+    # exactly the documented type (CapacityError is a ValueError, but not the other way round)
+    assert type(info.value) is exc, type(info.value)
     # a following valid call returns exactly what a fresh decoder returns
+    assert dec.target == ref.target
     for layer in range(L):
         a = dec.decode(layer, Q, KN, KN)
         b = ref.decode(layer, Q, KN, KN)
@@ -144,6 +255,20 @@ BAD_OPTIONS = [
     ({"max_batch": 0}, ValueError, "`max_batch`"),
     ({"head_dim": 2.5}, TypeError, "`head_dim`"),
     ({"max_tokens": 2**40}, ValueError, "`max_tokens`"),
+    ({"num_layers": 2**70}, ValueError, "`num_layers` must be <="),
+    ({"seed": -1}, ValueError, "`seed` must be >= 0"),
+    ({"kmeans_iters": 2**40}, ValueError, "`kmeans_iters` must be <="),
+    ({"target": 10**400}, ValueError, "`target` must be a finite number"),
+    ({"record_selection": 1}, TypeError, "`record_selection` must be a bool"),
+    ({"share_group": "yes"}, TypeError, "`share_group` must be a bool"),
+    ({"dtype": "float64"}, TypeError, "`dtype`"),
+    ({"head_dim": 2048}, ValueError, "`head_dim` must be in [1, 1024]"),
+    ({"num_kv_heads": 0}, ValueError, "`num_kv_heads`"),
+    # a store that cannot fit: refused at construction, naming the bytes it needs
+    ({"max_tokens": 10**9, "num_kv_heads": 8, "num_q_heads": 8}, tactic.CapacityError, "bytes ("),
+    # the store fits, record_selection's masks (1 TiB here) do not
+    ({"num_q_heads": 2**22, "num_kv_heads": 1, "max_tokens": 4096, "max_batch": 64, "record_selection": True},
+     tactic.CapacityError, "needs "),
 ]
 
 
@@ -152,9 +277,32 @@ BAD_OPTIONS = [
 def test_bad_options(opts, exc, words):
     args = dict(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64, max_tokens=64)
     args.update(opts)
-    with pytest.raises(exc) as info:
+    with pytest.raises(exc, match=re.escape(words)) as info:
         tactic.SparseDecoder(**args)
-    assert words in str(info.value), str(info.value)
+    assert type(info.value) is exc, type(info.value)
+
+
+def test_capacity_error_names_the_bytes_needed():
+    # 1 layer x 1 slot x 8 KV heads x 10**9 tokens (2.2 TB): K and V in float16 (2 * 64 * 2 bytes a
+    # row), int32 positions, and (tactic) centroids and offsets of ceil(10**9 / 16) + 1
+    # clusters, an int64 cluster count per head and three int64 counts per slot: computed here
+    # independently of the library. On top: the layer's statistics record (a few vectors).
+    heads, cap, d = 8, 10**9, 64
+    clusters = -(-cap // 16) + 1
+    store = heads * (2 * cap * d * 2 + 4 * cap + 4 * (clusters + 1 + clusters * d) + 8) + 3 * 8
+    with pytest.raises(tactic.CapacityError) as info:
+        tactic.SparseDecoder(1, heads, heads, d, max_tokens=cap)
+    msg = str(info.value)
+    need = int(re.search(r"needs (\d+) bytes", msg).group(1))
+    assert store <= need <= store + 1024, (store, msg)
+    assert "lower max_tokens" in msg
+
+
+def test_billions_of_tiny_layers_are_refused_by_capacity():
+    # 40 bytes of store and ~160 of bookkeeping a layer, 2^34 layers: 3.4 TB, refused up front
+    # with a CapacityError (it used to pass the store check and die in std::bad_alloc)
+    with pytest.raises(tactic.CapacityError, match=r"needs \d+ bytes"):
+        tactic.SparseDecoder(2**34, 1, 1, 1, max_tokens=1, policy="dense")
 
 
 def test_quest_without_budget_is_rejected_before_appending():
@@ -165,6 +313,47 @@ def test_quest_without_budget_is_rejected_before_appending():
     assert dec.length(0, 0) == N
     dec.decode(0, Q, KN, KN, budget=16)
     assert dec.length(0, 0) == N + 1
+
+
+OP_CALLS = [
+    ("kmeans-rank", lambda: tactic.ops.kmeans(np.zeros(5, np.float32), 2), ValueError, "`x`"),
+    ("kmeans-clusters", lambda: tactic.ops.kmeans(np.zeros((5, 2), np.float32), 0), ValueError, "`num_clusters`"),
+    ("kmeans-nan", lambda: tactic.ops.kmeans(nan(np.ones((5, 2), np.float32)), 2), ValueError, "`x` contains NaN"),
+    ("kmeans-metric", lambda: tactic.ops.kmeans(np.ones((5, 2), np.float32), 2, metric=3), TypeError, "`metric`"),
+    ("kmeans-iters", lambda: tactic.ops.kmeans(np.ones((5, 2), np.float32), 2, max_iters=2**40), ValueError, "`max_iters`"),
+    ("sparse-mask-shape", lambda: tactic.ops.sparse_decode(Q[0], K, V, np.ones((HKV, N + 1), bool)), ValueError, "`mask`"),
+    ("sparse-mask-dtype", lambda: tactic.ops.sparse_decode(Q[0], K, V, np.ones((HKV, N), np.float32)), TypeError, "`mask` must be bool"),
+    ("sparse-nan", lambda: tactic.ops.sparse_decode(Q[0], nan(K), V, np.ones((HKV, N), bool)), ValueError, "`keys` contains NaN"),
+    ("sparse-out-overlap", lambda: tactic.ops.sparse_decode(Q[0], K, V, np.ones((HKV, N), bool), out=overlapping((HQ, D), np.float16)), ValueError, "`out` has overlapping"),
+    ("dense-lengths", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=[N + 5]), ValueError, "`lengths`"),
+    ("dense-lengths-float", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=[2.5]), TypeError, "`lengths`"),
+    ("dense-heads", lambda: tactic.ops.dense_decode(Q[:, :3], K[None], V[None]), ValueError, "multiple"),
+    ("dense-scale-inf", lambda: tactic.ops.dense_decode(Q, K[None], V[None], scale=float("inf")), ValueError, "`scale` must be a finite"),
+    ("dense-q-nan", lambda: tactic.ops.dense_decode(nan(Q), K[None], V[None]), ValueError, "`q` contains NaN"),
+    ("dense-lengths-big-endian", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=np.array([N], ">i4")), TypeError, "`lengths` must be a numeric array in native byte order"),
+    ("kmeans-big-endian", lambda: tactic.ops.kmeans(np.ones((5, 2), ">f4"), 2), TypeError, "`x` must be a numeric array in native byte order"),
+    ("dense-lengths-misaligned", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=misaligned(np.array([N], np.int32))), ValueError, "`lengths` must be aligned"),
+    ("kmeans-misaligned", lambda: tactic.ops.kmeans(misaligned(np.ones((5, 2), np.float32)), 2), ValueError, "`x` must be aligned"),
+    ("sparse-values-misaligned", lambda: tactic.ops.sparse_decode(Q[0], K, misaligned(V), np.ones((HKV, N), bool)), ValueError, "`values` must be aligned"),
+    ("dense-out-readonly", lambda: tactic.ops.dense_decode(Q, K[None], V[None], out=readonly(np.empty((1, HQ, D), np.float16))), ValueError, "`out` must be a writable"),
+    ("select-rank", lambda: tactic.ops.select(Q, K), ValueError, "`q` must be [Hq, D]"),
+]
+
+
+@pytest.mark.parametrize("case", OP_CALLS, ids=[c[0] for c in OP_CALLS])
+def test_op_bad_calls(case):
+    _, call, exc, words = case
+    with pytest.raises(exc, match=re.escape(words)) as info:
+        call()
+    assert type(info.value) is exc, type(info.value)
+
+
+def test_dense_decode_ignores_nan_padding_past_lengths():
+    # rows past lengths[b] are padding the op never reads: NaN there is not an error
+    k = np.concatenate([K, nan(K)])[None]
+    v = np.concatenate([V, nan(V)])[None]
+    out = tactic.ops.dense_decode(Q, k, v, lengths=[N])
+    np.testing.assert_array_equal(out, tactic.ops.dense_decode(Q, K[None], V[None]))
 
 
 def test_op_argument_errors():

@@ -60,8 +60,11 @@ TACTIC_HOT void block_update(const float* kb, const float* vb, int64_t nb, int64
     for (int64_t j = 0; j < nb; ++j) bm = std::max(bm, e[j]);
     const float nm = std::max(m[h], bm);
     const float corr = std::exp(m[h] - nm);  // 0 when m[h] was -inf
+    // The whole block runs (fixed trip count vectorises); its unused tail holds -inf, not
+    // uninitialised floats, and contributes exp(-inf) = 0.
+    for (int64_t j = nb; j < kBlock; ++j) e[j] = -std::numeric_limits<float>::infinity();
 #pragma omp simd
-    for (int64_t j = 0; j < kBlock; ++j) e[j] = exp_nonpos(e[j] - nm);  // tail unused
+    for (int64_t j = 0; j < kBlock; ++j) e[j] = exp_nonpos(e[j] - nm);
     float lsum = 0.f;
     for (int64_t j = 0; j < nb; ++j) lsum += e[j];
     if (vec) {

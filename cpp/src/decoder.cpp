@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "device_decoder.hpp"
+#include "host_memory.hpp"
 #include "parallel.hpp"
 #include "tactic/attention.hpp"
 #include "tactic/convert.hpp"
@@ -17,10 +19,31 @@ constexpr int64_t kChunkRows = 512;  // split-KV chunk: balances heads with larg
 
 Decoder::Decoder(const DecoderConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
-  if (on_cuda()) device_ = std::make_unique<cuda::DeviceDecoder>(cfg_);
-  else store_ = std::make_unique<KVStore>(cfg_);
-  stats_.resize(cfg_.num_layers);
-  scratch_.resize(resolve_threads(cfg_.num_threads));
+  // record_selection keeps [max_batch, Hkv + Hq, max_tokens] masks per layer, filled by
+  // decode: count them now, so that decode never fails for want of memory halfway.
+  const uint64_t masks = cfg_.record_selection
+      ? mul_sat(mul_sat(mul_sat(cfg_.num_layers, cfg_.max_batch), cfg_.num_kv_heads + cfg_.num_q_heads), cfg_.max_tokens)
+      : 0;
+  // Host bookkeeping per layer counts too (statistics; on CUDA the slot mirror and the last
+  // selections): billions of tiny layers are refused here, not by std::bad_alloc below.
+  const uint64_t layers = cfg_.num_layers;
+  uint64_t book = mul_sat(layers, sizeof(LayerStats));
+  if (on_cuda())
+    book = add_sat(book, add_sat(mul_sat(mul_sat(layers, cfg_.max_batch), sizeof(SlotState)),
+                                 mul_sat(layers, sizeof(std::vector<int64_t>))));
+  if (!on_cuda()) require_host_bytes(add_sat(add_sat(KVStore::bytes_needed(cfg_), masks), book), "the decoder (its KV store first)");
+  else require_host_bytes(add_sat(masks, book), "the decoder's host bookkeeping and record_selection's masks");
+  try {
+    if (on_cuda()) device_ = std::make_unique<cuda::DeviceDecoder>(cfg_);
+    else store_ = std::make_unique<KVStore>(cfg_);
+    stats_.resize(cfg_.num_layers);
+    scratch_.resize(resolve_threads(cfg_.num_threads));
+  } catch (const std::bad_alloc&) {  // fits RAM + swap on paper, not in what is free now
+    throw CapacityError("cannot allocate the decoder's host memory (" + std::to_string(layers) +
+                        " layers; the KV store alone needs " +
+                        std::to_string(on_cuda() ? 0 : KVStore::bytes_needed(cfg_)) +
+                        " bytes); lower max_tokens, max_batch or num_layers");
+  }
 }
 
 Decoder::~Decoder() = default;
@@ -47,6 +70,7 @@ void Decoder::check_slot(int64_t slot, const char* name) const {
 static void check_kv_input(const TensorView& t, const char* name, const DecoderConfig& cfg) {
   check_float(t, name);
   check_device(t, name, cfg.device);
+  check_aligned(t, name);
   check_last_dim_contiguous(t, name);
 }
 
@@ -69,9 +93,9 @@ void Decoder::check_prefill(int64_t layer, int64_t slot, const TensorView& keys,
   if (keys.shape[0] > cfg_.max_tokens)
     throw CapacityError("prefill of " + std::to_string(keys.shape[0]) +
                         " tokens exceeds `max_tokens`=" + std::to_string(cfg_.max_tokens));
-  if (!on_cuda()) {  // reading device memory here would synchronise; see README (NaN/Inf)
-    check_finite(keys, "keys");
-    check_finite(values, "values");
+  if (!on_cuda()) {  // reading device memory here would synchronise: docs/CONTRACT.md (NaN/Inf)
+    check_storable(keys, "keys", cfg_.dtype);
+    check_storable(values, "values", cfg_.dtype);
   }
 }
 
@@ -108,10 +132,17 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
         throw CapacityError("sequence slot " + std::to_string(s) + " of layer " + std::to_string(layer) +
                             " is full: decoding one more token exceeds `max_tokens`=" +
                             std::to_string(cfg_.max_tokens));
+  } else {
+    // Attention over no tokens has no value: refuse rather than write zeros.
+    for (int64_t s : slots)
+      if (length(layer, s) == 0)
+        throw ValueError("sequence slot " + std::to_string(s) + " of layer " + std::to_string(layer) +
+                         " is empty: prefill it, or pass `k_new`/`v_new` to append a token, first");
   }
   if (out) {
     check_shape(*out, "out", {B, Hq, D});
     check_kv_input(*out, "out", cfg_);
+    check_no_overlap(*out, "out");
   }
   const Policy pol = cfg_.select.policy;
   if (pol == Policy::quest || pol == Policy::topk) {
@@ -131,10 +162,10 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
     st.batch = -1;  // filled from the device on the first stats() call
     return;
   }
-  check_finite(q, "q");
+  check_finite(q, "q");  // q is converted to float32, which holds every finite input
   if (append) {
-    check_finite(*k_new, "k_new");
-    check_finite(*v_new, "v_new");
+    check_storable(*k_new, "k_new", cfg_.dtype);
+    check_storable(*v_new, "v_new", cfg_.dtype);
   }
 
   // ---- append ----
@@ -283,6 +314,7 @@ void Decoder::attend(int64_t layer, const TensorView& q, const TensorView& out,
   check_kv_input(q, "q", cfg_);
   check_shape(out, "out", {B, Hq, D});
   check_kv_input(out, "out", cfg_);
+  check_no_overlap(out, "out");  // as decode(): aliased elements would be written twice
   if (slots != device_->last_slots(layer))
     throw ValueError("reuse_selection needs a selection of layer " + std::to_string(layer) +
                      " for these `seq` slots: call decode() or select() with the same slots first (a "

@@ -207,6 +207,7 @@ KMeansResult kmeans(const TensorView& x, const KMeansOptions& opt, const TensorV
   const bool on_gpu = false;
 #endif
   check_device(x, "x", on_gpu ? x.device : Device{});
+  check_aligned(x, "x");
   check_last_dim_contiguous(x, "x");
   if (!on_gpu) check_finite(x, "x");
   validate(opt);
@@ -216,10 +217,12 @@ KMeansResult kmeans(const TensorView& x, const KMeansOptions& opt, const TensorV
   check_dtype(centroids, "centroids", DType::f32);
   check_contiguous(centroids, "centroids");
   check_device(centroids, "centroids", x.device);
+  check_aligned(centroids, "centroids");
   check_shape(assign, "assign", {n});
   check_dtype(assign, "assign", DType::i32);
   check_contiguous(assign, "assign");
   check_device(assign, "assign", x.device);
+  check_aligned(assign, "assign");
 #ifdef TACTIC_WITH_CUDA
   if (on_gpu) return cuda::kmeans_op(x, opt, centroids, assign);
 #endif

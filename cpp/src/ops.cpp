@@ -16,7 +16,14 @@ constexpr int64_t kChunkRows = 512;
 void check_input(const TensorView& t, const char* name) {
   check_float(t, name);
   check_device(t, name, Device{});
+  check_aligned(t, name);
   check_last_dim_contiguous(t, name);
+}
+
+// scale <= 0 asks for 1/sqrt(D); NaN or Inf would make every output NaN.
+void check_scale(double scale) {
+  if (!std::isfinite(scale))
+    throw ValueError("`scale` must be a finite number (<= 0: 1/sqrt(head_dim)), got " + std::to_string(scale));
 }
 
 // q rows [G, D] of KV head h (query heads h*G .. h*G+G-1) to fp32, scaled.
@@ -84,17 +91,34 @@ void dense_decode(const TensorView& q, const TensorView& keys, const TensorView&
   check_shape(out, "out", {B, Hq, D});
   for (auto* t : {&q, &keys, &values, &out}) check_input(*t, t == &q ? "q" : t == &keys ? "keys" : t == &values ? "values" : "out");
   if (keys.dtype != values.dtype) throw TypeError("`values` must have the dtype of `keys`");
+  check_no_overlap(out, "out");
   std::vector<int64_t> len(B, N);
   if (lengths) {
     check_shape(*lengths, "lengths", {B});
     check_dtype(*lengths, "lengths", DType::i32);
     check_device(*lengths, "lengths", Device{});
+    check_aligned(*lengths, "lengths");
     for (int64_t b = 0; b < B; ++b) {
       len[b] = lengths->ptr<int32_t>()[b * lengths->strides[0]];
       if (len[b] < 0 || len[b] > N)
         throw ValueError("`lengths` must be in [0, " + std::to_string(N) + "], got " + std::to_string(len[b]));
     }
   }
+  // NaN/Inf would silently poison whole heads: refuse them, in the valid rows only (rows past
+  // lengths[b] are padding and never read).
+  check_finite(q, "q");
+  for (int64_t b = 0; b < B; ++b)
+    for (const TensorView* t : {&keys, &values}) {
+      TensorView rows = *t;
+      rows.data = static_cast<uint8_t*>(t->data) + b * t->strides[0] * (int64_t)dtype_size(t->dtype);
+      rows.ndim = 3;
+      for (int i = 0; i < 3; ++i) {
+        rows.shape[i] = i == 0 ? len[b] : t->shape[i + 1];
+        rows.strides[i] = t->strides[i + 1];
+      }
+      check_finite(rows, t == &keys ? "keys" : "values");
+    }
+  check_scale(scale);
   if (!(scale > 0)) scale = 1.0 / std::sqrt((double)D);
   const int64_t G = Hq / H;
   const std::size_t ek = dtype_size(keys.dtype), eo = dtype_size(out.dtype);
@@ -129,9 +153,14 @@ void sparse_decode(const TensorView& q, const TensorView& keys, const TensorView
   check_shape(out, "out", {Hq, D});
   for (auto* t : {&q, &keys, &values, &out}) check_input(*t, t == &q ? "q" : t == &keys ? "keys" : t == &values ? "values" : "out");
   if (keys.dtype != values.dtype) throw TypeError("`values` must have the dtype of `keys`");
+  check_no_overlap(out, "out");
   if (mask.dtype != DType::u8)
     throw TypeError(std::string("`mask` must be bool or uint8, got ") + dtype_name(mask.dtype));
   check_device(mask, "mask", Device{});
+  check_finite(q, "q");
+  check_finite(keys, "keys");
+  check_finite(values, "values");
+  check_scale(scale);
   if (!(scale > 0)) scale = 1.0 / std::sqrt((double)D);
   const int64_t G = Hq / H;
   const std::size_t ek = dtype_size(keys.dtype), eo = dtype_size(out.dtype);

@@ -11,11 +11,15 @@ namespace tactic {
 // x = n ln2 + r, |r| <= ln2/2 (n rounded by the 1.5 * 2^23 trick, which vectorises where
 // roundeven does not), then a degree-6 Taylor polynomial (rel. error < 2e-7, below fp32
 // accumulation noise); inputs below -87.3 flush to 0 like expf underflow.
+// The reduction runs on x clamped to [-87.3, 0] so that n converts to an int in [-126, 0]
+// for every input (NaN or x > 0 would make the int conversion and the shift undefined, as
+// UBSan reported); x > 0 gives 1, NaN stays NaN, both as blends the vectoriser keeps.
 inline float exp_nonpos(float x) {
   const bool under = x < -87.3f;
-  x = under ? -87.3f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float xc = x >= -87.3f ? x : -87.3f;  // NaN -> -87.3
+  xc = xc <= 0.f ? xc : 0.f;
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   float p = 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
@@ -23,10 +27,10 @@ inline float exp_nonpos(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = ((int32_t)n + 127) << 23;
+  const int32_t bits = ((int32_t)n + 127) * (int32_t(1) << 23);
   float scale;
   __builtin_memcpy(&scale, &bits, 4);
-  return under ? 0.f : p * scale;
+  return x != x ? x : under ? 0.f : p * scale;
 }
 
 // 8 floats; unaligned loads/stores through memcpy. In the AVX2 clone these are ymm

@@ -5,6 +5,7 @@
 #include <new>
 #include <string>
 
+#include "host_memory.hpp"
 #include "tactic/convert.hpp"
 #include "tactic/kmeans.hpp"
 
@@ -18,7 +19,7 @@ void KVStore::Buffer<T>::allocate(std::size_t count, const char* what) {
   if (!raw)
     throw CapacityError(std::string("cannot allocate ") + std::to_string(count * sizeof(T)) +
                         " bytes for the KV store's " + what +
-                        "; lower max_tokens, max_batch or num_layers");
+                        " (the whole store needs more); lower max_tokens, max_batch or num_layers");
   p.reset(raw);
 }
 
@@ -30,10 +31,7 @@ KVStore::KVStore(const DecoderConfig& cfg) : cfg_(cfg) {
   max_clusters_ = (cfg_.max_tokens + cfg_.cluster_size - 1) / cfg_.cluster_size + 1;
   max_pages_ = (cfg_.max_tokens + cfg_.select.page_size - 1) / cfg_.select.page_size;
   // Report the whole requirement at once, before allocating, in case it cannot fit.
-  const double total = (double)L * B * H * (2.0 * cap * row_bytes_ + 4.0 * cap);
-  if (total > 1.0e15)
-    throw CapacityError("the KV store would need " + std::to_string((long double)total) +
-                        " bytes; lower max_tokens, max_batch or num_layers");
+  require_host_bytes(bytes_needed(cfg_), "the KV store");
   k_.allocate(L * B * H * cap * row_bytes_, "keys");
   v_.allocate(L * B * H * cap * row_bytes_, "values");
   pos_.allocate(L * B * H * cap, "positions");
@@ -47,6 +45,21 @@ KVStore::KVStore(const DecoderConfig& cfg) : cfg_(cfg) {
   }
   num_clusters_.assign(L * B * H, 0);
   state_.assign(L * B, SlotState{});
+}
+
+uint64_t KVStore::bytes_needed(const DecoderConfig& c) {
+  // Mirrors the allocations of the constructor, in saturating arithmetic.
+  const uint64_t heads = mul_sat(mul_sat(c.num_layers, c.max_batch), c.num_kv_heads);
+  const uint64_t cap = c.max_tokens, D = c.head_dim;
+  const uint64_t clusters = (cap + c.cluster_size - 1) / c.cluster_size + 1;
+  const uint64_t pages = (cap + c.select.page_size - 1) / c.select.page_size;
+  uint64_t per_head = add_sat(mul_sat(2 * cap, mul_sat(D, dtype_size(c.dtype))), 4 * cap);
+  if (c.select.policy == Policy::tactic)
+    per_head = add_sat(per_head, mul_sat(4, add_sat(clusters + 1, mul_sat(clusters, D))));
+  if (c.select.policy == Policy::quest) per_head = add_sat(per_head, mul_sat(8, mul_sat(pages, D)));
+  per_head = add_sat(per_head, sizeof(int64_t));  // num_clusters_
+  const uint64_t states = mul_sat(mul_sat(c.num_layers, c.max_batch), sizeof(SlotState));
+  return add_sat(mul_sat(heads, per_head), states);
 }
 
 std::size_t KVStore::bytes() const {

@@ -1,7 +1,12 @@
 #include "tactic/tensor.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -52,6 +57,7 @@ int64_t TensorView::numel() const {
 }
 
 bool TensorView::is_contiguous() const {
+  if (numel() == 0) return true;  // no element to misplace, whatever the strides say
   int64_t expect = 1;
   for (int i = ndim - 1; i >= 0; --i) {
     if (shape[i] != 1 && strides[i] != expect) return false;
@@ -135,7 +141,16 @@ void check_device(const TensorView& t, const char* name, Device want) {
                      ", got " + device_name(t.device));
 }
 
+void check_aligned(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;
+  const std::size_t size = dtype_size(t.dtype);
+  if (size > 1 && reinterpret_cast<uintptr_t>(t.data) % size != 0)
+    throw ValueError(std::string("`") + name + "` must be aligned to its " + std::to_string(size) +
+                     "-byte elements (its data starts at an odd address); pass an aligned copy");
+}
+
 void check_last_dim_contiguous(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;  // nothing is read; exporters give empty arrays any strides
   if (t.ndim > 0 && t.shape[t.ndim - 1] > 1 && t.strides[t.ndim - 1] != 1)
     throw ValueError(std::string("`") + name +
                      "` must have a unit stride in its last dimension (got stride " +
@@ -151,17 +166,17 @@ void check_contiguous(const TensorView& t, const char* name) {
 }
 
 namespace {
-template <class Load>
-bool all_finite(const TensorView& t, Load load) {
-  // Walk every element through the strides (the view may be non-contiguous).
+// True when every element, loaded as float, passes `ok`. Walks the strides (the view may be
+// non-contiguous, broadcast or transposed).
+template <class Load, class Ok>
+bool all_elements(const TensorView& t, Load load, Ok ok) {
   int64_t idx[kMaxDims] = {0};
   const int64_t n = t.numel();
   const std::size_t es = dtype_size(t.dtype);
   for (int64_t i = 0; i < n; ++i) {
     int64_t off = 0;
     for (int k = 0; k < t.ndim; ++k) off += idx[k] * t.strides[k];
-    if (!std::isfinite(load(static_cast<const uint8_t*>(t.data) + off * (int64_t)es)))
-      return false;
+    if (!ok(load(static_cast<const uint8_t*>(t.data) + off * (int64_t)es))) return false;
     for (int k = t.ndim - 1; k >= 0; --k) {
       if (++idx[k] < t.shape[k]) break;
       idx[k] = 0;
@@ -169,23 +184,69 @@ bool all_finite(const TensorView& t, Load load) {
   }
   return true;
 }
+
+template <class Ok>
+bool all_floats(const TensorView& t, Ok ok) {
+  switch (t.dtype) {
+    case DType::f32:
+      return all_elements(t, [](const uint8_t* p) { float f; std::memcpy(&f, p, 4); return f; }, ok);
+    case DType::f16:
+      return all_elements(t, [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); }, ok);
+    case DType::bf16:
+      return all_elements(t, [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return bf16_to_float(h); }, ok);
+    default: return true;
+  }
+}
 }  // namespace
 
 void check_finite(const TensorView& t, const char* name) {
-  bool ok = true;
-  switch (t.dtype) {
-    case DType::f32:
-      ok = all_finite(t, [](const uint8_t* p) { float f; std::memcpy(&f, p, 4); return f; });
-      break;
-    case DType::f16:
-      ok = all_finite(t, [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); });
-      break;
-    case DType::bf16:
-      ok = all_finite(t, [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return bf16_to_float(h); });
-      break;
-    default: return;
+  if (!all_floats(t, [](float x) { return std::isfinite(x); }))
+    throw ValueError(std::string("`") + name + "` contains NaN or Inf values");
+}
+
+void check_storable(const TensorView& t, const char* name, DType storage) {
+  check_finite(t, name);
+  // Only a narrower storage type can overflow: float16 rounds |x| >= 65520 to Inf, bfloat16
+  // rounds |x| >= 0x7f7f8000 (about 3.396e38) to Inf; float32 holds every finite input.
+  float limit = 0;
+  const char* range = "";
+  if (storage == DType::f16 && t.dtype != DType::f16) {
+    limit = 65520.f;
+    range = "65504";
+  } else if (storage == DType::bf16 && t.dtype == DType::f32) {
+    const uint32_t bits = 0x7f7f8000u;
+    std::memcpy(&limit, &bits, 4);
+    range = "3.39e38";
+  } else {
+    return;
   }
-  if (!ok) throw ValueError(std::string("`") + name + "` contains NaN or Inf values");
+  if (!all_floats(t, [limit](float x) { return std::fabs(x) < limit; }))
+    throw ValueError(std::string("`") + name + "` holds values beyond the range of the " +
+                     dtype_name(storage) + " KV storage (|x| <= " + range +
+                     "); they would be stored as Inf: scale them or use dtype='float32'");
+}
+
+void check_no_overlap(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;
+  // Sufficient test: sorted by stride, each dimension's stride exceeds the furthest offset
+  // the smaller-stride dimensions reach. Extent-1 dimensions never overlap.
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (|stride|, extent)
+  for (int i = 0; i < t.ndim; ++i)
+    if (t.shape[i] > 1) dims.push_back({t.strides[i] < 0 ? -t.strides[i] : t.strides[i], t.shape[i]});
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& d : dims) {
+    if (d.first <= reach || d.first == 0)
+      throw ValueError(std::string("`") + name + "` has overlapping elements (strides " +
+                       [&] {
+                         std::ostringstream s;
+                         s << "[";
+                         for (int i = 0; i < t.ndim; ++i) s << (i ? ", " : "") << t.strides[i];
+                         s << "]";
+                         return s.str();
+                       }() + " for shape " + t.shape_str() + "); pass a writable array with distinct elements");
+    reach += (d.second - 1) * d.first;
+  }
 }
 
 namespace {

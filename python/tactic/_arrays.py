@@ -58,6 +58,26 @@ def prepare(x, name: str):
         raise TypeError(
             f"`{name}` must be an array (numpy, torch, CuPy, JAX or any DLPack object), "
             f"got {type(x).__name__}")
+    # Arrays DLPack cannot describe would reach the bindings and fail there with an anonymous
+    # overload error: refuse them here, by name.
+    if fw == "numpy" and (not x.dtype.isnative or x.dtype.kind not in "fiub" or x.dtype.fields):
+        raise TypeError(f"`{name}` must be a numeric array in native byte order, got dtype {x.dtype}")
+    if fw == "torch":
+        if str(x.layout) != "torch.strided":
+            raise TypeError(f"`{name}` must be a dense (strided) tensor, got layout {x.layout}")
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"`{name}` must be on a cpu or cuda device, got {x.device}")
+    return x
+
+
+def writable(x, name: str):
+    """`x` prepared as an output: an array the core may write into (read-only numpy views,
+    e.g. np.broadcast_to results, are refused here with a message naming the argument)."""
+    x = prepare(x, name)
+    if framework(x) == "numpy" and not x.flags.writeable:
+        raise ValueError(f"`{name}` must be a writable array, got a read-only numpy view")
+    if framework(x) == "jax":
+        raise TypeError(f"`{name}` cannot be a JAX array (immutable); pass a numpy or torch array")
     return x
 
 

@@ -14,19 +14,30 @@ ESTIMATORS = ("centroid_prior", "two_segment")
 METRICS = ("euclidean", "spherical")
 
 
-def _int(name: str, value, minimum: Optional[int] = None) -> int:
+_INT64_MAX = 2**63 - 1
+_INT32_MAX = 2**31 - 1  # fields the core holds as C `int`
+
+
+def _int(name: str, value, minimum: Optional[int] = None, maximum: int = _INT64_MAX) -> int:
+    """`value` as a Python int, checked here so that the core's fixed-width integers never
+    see (and nanobind never refuses with an anonymous error) a value they cannot hold."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    if value > maximum or value < -_INT64_MAX - 1:
+        raise ValueError(f"`{name}` must be <= {maximum}, got {value}")
     return value
 
 
 def _float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"`{name}` must be a finite number, got {value}") from None
 
 
 def _choice(name: str, value, allowed: Sequence[str]) -> str:
@@ -106,7 +117,7 @@ class SparseDecoder:
         c.set_estimator(_choice("estimator", estimator, ESTIMATORS))
         c.margin = _float("margin", margin)
         c.cluster_size = _int("cluster_size", cluster_size)
-        c.kmeans_iters = _int("kmeans_iters", kmeans_iters)
+        c.kmeans_iters = _int("kmeans_iters", kmeans_iters, maximum=_INT32_MAX)
         c.set_metric(_choice("metric", metric, METRICS))
         c.num_sink = _int("num_sink", num_sink)
         c.recluster_interval = _int("recluster_interval", recluster_interval)
@@ -114,21 +125,21 @@ class SparseDecoder:
         c.page_size = _int("page_size", page_size)
         c.head_fraction = _float("head_fraction", head_fraction)
         c.sample_fraction = _float("sample_fraction", sample_fraction)
-        c.sample_segments = _int("sample_segments", sample_segments)
+        c.sample_segments = _int("sample_segments", sample_segments, maximum=_INT32_MAX)
         c.min_clusters = _int("min_clusters", min_clusters)
         if share_group is None:  # the CUDA backend selects every query head independently
             share_group = _parse_device(device)[0] == "cpu"
         if not isinstance(share_group, bool):
             raise TypeError(f"`share_group` must be a bool, got {type(share_group).__name__}")
         c.share_group = share_group
-        c.seed = _int("seed", seed, 0)
+        c.seed = _int("seed", seed, 0, maximum=2**64 - 1)
         c.scale = 0.0 if scale is None else _float("scale", scale)
         if scale is not None and not c.scale > 0:
             raise ValueError(f"`scale` must be > 0, got {scale}")
         if not isinstance(record_selection, bool):
-            raise TypeError("`record_selection` must be a bool")
+            raise TypeError(f"`record_selection` must be a bool, got {type(record_selection).__name__}")
         c.record_selection = record_selection
-        c.num_threads = _int("num_threads", num_threads, 0)
+        c.num_threads = _int("num_threads", num_threads, 0, maximum=_INT32_MAX)
         c.validate()
         self._cfg = c
         self._core = _core.Decoder(c)
@@ -261,6 +272,8 @@ class SparseDecoder:
         to time attention alone. ValueError when no such selection exists.
         """
         layer = self._layer(layer)
+        if not isinstance(reuse_selection, bool):
+            raise TypeError(f"`reuse_selection` must be a bool, got {type(reuse_selection).__name__}")
         q = _arrays.prepare(q, "q")
         self._use_stream(q, stream)
         if reuse_selection:
@@ -270,7 +283,8 @@ class SparseDecoder:
                 raise ValueError(f"`q` must be [B, num_q_heads={self.num_q_heads}, head_dim={self.head_dim}], "
                                  f"got shape {tuple(q.shape)}")
             slots = self._slots(seq, q.shape[0])
-            result = out if out is not None else _arrays.empty(q, q.shape, _arrays.array_dtype(q))
+            result = (_arrays.writable(out, "out") if out is not None
+                      else _arrays.empty(q, q.shape, _arrays.array_dtype(q)))
             self._core.attend(layer, q, result, slots)
             return _arrays.finish(q, result) if out is None else out
         append = k_new is not None or v_new is not None
@@ -281,7 +295,7 @@ class SparseDecoder:
             raise ValueError(f"`q` must be [B, num_q_heads={self.num_q_heads}, head_dim={self.head_dim}], "
                              f"got shape {tuple(q.shape)}")
         slots = self._slots(seq, q.shape[0])
-        result = out
+        result = out if out is None else _arrays.writable(out, "out")
         if out is None:
             dt = _arrays.array_dtype(q)
             if dt not in ("float16", "bfloat16", "float32"):

@@ -12,7 +12,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import _arrays, _core
-from .decoder import SparseDecoder, _int
+from .decoder import _INT32_MAX, SparseDecoder, _float, _int
 
 
 @dataclass
@@ -41,15 +41,18 @@ def kmeans(x, num_clusters: Optional[int] = None, *, cluster_size: int = 16, max
     c = max(1, min(num_clusters, n))
     centroids = _arrays.empty(x, (c, int(x.shape[1])), "float32")
     assign = _arrays.empty(x, (n,), "int32")
-    inertia, iters = _core.kmeans(x, num_clusters, _int("max_iters", max_iters), metric,
-                                  _int("seed", seed, 0), _int("num_threads", num_threads, 0),
+    if not isinstance(metric, str):
+        raise TypeError(f"`metric` must be a str, got {type(metric).__name__}")
+    inertia, iters = _core.kmeans(x, num_clusters, _int("max_iters", max_iters, maximum=_INT32_MAX),
+                                  metric, _int("seed", seed, 0, maximum=2**64 - 1),
+                                  _int("num_threads", num_threads, 0, maximum=_INT32_MAX),
                                   centroids, assign)
     return KMeansResult(_arrays.finish(x, centroids), _arrays.finish(x, assign), list(inertia), iters)
 
 
 def _out(like, shape, out, name="out"):
     if out is not None:
-        return _arrays.prepare(out, name), False
+        return _arrays.writable(out, name), False
     dt = _arrays.array_dtype(like)
     if dt not in ("float16", "bfloat16", "float32"):
         raise TypeError(f"`q` must be float16, bfloat16 or float32, got {dt}")
@@ -65,11 +68,16 @@ def dense_decode(q, keys, values, lengths=None, *, scale: Optional[float] = None
     """
     q = _arrays.prepare(q, "q")
     keys, values = _arrays.prepare(keys, "keys"), _arrays.prepare(values, "values")
-    if lengths is not None and not hasattr(lengths, "__dlpack__"):
-        lengths = np.asarray(lengths, dtype=np.int32)
+    if lengths is not None and hasattr(lengths, "__dlpack__"):
+        lengths = _arrays.prepare(lengths, "lengths")
+    elif lengths is not None:
+        try:
+            lengths = np.asarray([_int("lengths", n, 0, _INT32_MAX) for n in lengths], dtype=np.int32)
+        except TypeError as e:
+            raise TypeError(f"`lengths` must be an int32 array or a sequence of ints ({e})") from None
     res, fresh = _out(q, q.shape, out)
-    _core.dense_decode(q, keys, values, lengths, res, 0.0 if scale is None else float(scale),
-                       _int("num_threads", num_threads, 0))
+    _core.dense_decode(q, keys, values, lengths, res, 0.0 if scale is None else _float("scale", scale),
+                       _int("num_threads", num_threads, 0, maximum=_INT32_MAX))
     return _arrays.finish(q, res) if fresh else res
 
 
@@ -85,8 +93,8 @@ def sparse_decode(q, keys, values, mask, *, scale: Optional[float] = None, out=N
     keys, values = _arrays.prepare(keys, "keys"), _arrays.prepare(values, "values")
     mask = _arrays.prepare(mask, "mask")
     res, fresh = _out(q, q.shape, out)
-    _core.sparse_decode(q, keys, values, mask, res, 0.0 if scale is None else float(scale),
-                        _int("num_threads", num_threads, 0))
+    _core.sparse_decode(q, keys, values, mask, res, 0.0 if scale is None else _float("scale", scale),
+                        _int("num_threads", num_threads, 0, maximum=_INT32_MAX))
     return _arrays.finish(q, res) if fresh else res
 
 

@@ -31,7 +31,11 @@ struct SlotState {
 // mutating calls below do not check their arguments, Decoder does that first.
 class KVStore {
  public:
-  explicit KVStore(const DecoderConfig& cfg);  // allocates everything up front
+  // Allocates everything up front; CapacityError naming the bytes needed when they exceed
+  // the machine's memory (RAM + swap) or cannot be allocated.
+  explicit KVStore(const DecoderConfig& cfg);
+  // Bytes a store for `cfg` allocates (saturates at UINT64_MAX), before building it.
+  static uint64_t bytes_needed(const DecoderConfig& cfg);
 
   const DecoderConfig& config() const { return cfg_; }
   int64_t capacity() const { return cfg_.max_tokens; }  // tokens per (layer, slot)

@@ -77,8 +77,18 @@ void check_dtype(const TensorView& t, const char* name, DType want);  // TypeErr
 void check_device(const TensorView& t, const char* name, Device want);
 // Last dimension has unit stride (rows are contiguous) and no stride is negative.
 void check_last_dim_contiguous(const TensorView& t, const char* name);
+// ValueError unless `data` is a multiple of the element size (DLPack allows any byte offset;
+// the kernels read typed elements, and a misaligned one is undefined behaviour in C++ and a
+// fault on the GPU).
+void check_aligned(const TensorView& t, const char* name);
 void check_contiguous(const TensorView& t, const char* name);  // row-major, no gaps
 // Throws ValueError if any element is NaN or Inf (float views only; CPU only).
 void check_finite(const TensorView& t, const char* name);
+// check_finite, and also ValueError if a finite element would round to Inf when converted
+// to `storage` (e.g. |x| >= 65520 into float16): what is stored must stay finite.
+void check_storable(const TensorView& t, const char* name, DType storage);
+// ValueError if two index tuples of `t` address the same element (a zero or interleaved
+// stride): an output written through such a view would overwrite its own results.
+void check_no_overlap(const TensorView& t, const char* name);
 
 }  // namespace tactic
