@@ -135,9 +135,11 @@ struct DeviceDecoder::Impl {
     a.inertia_out = nullptr;
     a.stream = stream;
     kmeans_reindex(a);
-    if (centroids_low.p)
-      round_centroids(a.centroids, static_cast<uint8_t*>(centroids_low.p) + (std::size_t)first * cmax * D * es,
-                      cfg.dtype, H * cmax * D, stream);
+    if (centroids_low.p)  // only the a.c centroids each head has (the rest was never written)
+      for (int64_t h = 0; h < H; ++h)
+        round_centroids(a.centroids + (std::size_t)h * cmax * D,
+                        static_cast<uint8_t*>(centroids_low.p) + ((std::size_t)first + h) * cmax * D * es,
+                        cfg.dtype, a.c * D, stream);
   }
 };
 
