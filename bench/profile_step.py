@@ -1,5 +1,5 @@
 """Per-kernel GPU time of one Tactic decode step (torch.profiler / CUPTI), to see where the
-step's time goes. Same workload as bench/gpu_step.py.
+step's time goes. Workload: the calibrated synthetic generator of `python -m tactic.bench`.
 
     python bench/profile_step.py [--context 32768] [--policy tactic]
 """
@@ -9,7 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tactic
-from gpu_step import mixture
+from tactic.bench.workloads import synthetic
 
 
 def main():
@@ -17,17 +17,12 @@ def main():
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--policy", default="tactic")
     p.add_argument("--target", type=float, default=0.9)
-    p.add_argument("--sharpness", type=float, default=6.0)
     a = p.parse_args()
     hq, hkv, d, n = 32, 8, 128, a.context
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    k, cent = mixture(n, hkv, d, gen)
-    v = torch.randn(hkv, n, d, generator=gen, device="cuda")
-    pick = torch.randint(0, cent.shape[1], (hq, 3), generator=gen, device="cuda")
-    heads = torch.arange(hq, device="cuda")
-    q = (a.sharpness * cent[heads // (hq // hkv)][heads[:, None], pick].sum(1)).half()[None]
+    wl = synthetic(n, 1, hq, hkv, d, "float16", "cuda", seed=0)
+    q = wl.queries
     dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, device="cuda", target=a.target, policy=a.policy)
-    dec.prefill(0, k.half().permute(1, 0, 2), v.half().permute(1, 0, 2))
+    dec.prefill(0, wl.keys, wl.values)
     out = torch.empty_like(q)
     for _ in range(5):
         dec.decode(0, q, None, None, out=out)

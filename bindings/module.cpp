@@ -178,6 +178,14 @@ NB_MODULE(_core, m) {
            },
            nb::arg("layer"), nb::arg("q"), nb::arg("k_new").none(), nb::arg("v_new").none(),
            nb::arg("out").none(), nb::arg("slots"), nb::arg("budgets").none(), nb::arg("append"))
+      .def("attend",
+           [](Decoder& d, int64_t layer, InArray q, OutArray out, std::vector<int64_t> slots) {
+             TensorView qv = view_of(q, "q"), ov = view_of(out, "out");
+             nb::gil_scoped_release release;
+             d.attend(layer, qv, ov, slots);
+           },
+           nb::arg("layer"), nb::arg("q"), nb::arg("out"), nb::arg("slots"))
+      .def("set_target", &Decoder::set_target, nb::arg("target"))
       .def("stats",
            [](const Decoder& d, int64_t layer) {
              const LayerStats& s = d.stats(layer);

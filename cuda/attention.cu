@@ -1,9 +1,13 @@
 // Split-KV decode attention (see attention.hpp).
 //
-// Kernel 1 (chunks): persistent blocks of 4 warps walk the work items (item i, chunk c) of
-// kAttentionChunkRows rows in chunk-major order with a grid stride; a block skips chunks that
-// start past counts[i] and stops after the largest count, so a large host bound max_count
-// costs nothing. Within a chunk, each warp takes steps of R rows: a row is read by L = 32 / R
+// Kernel 1 (chunks): the rows of all items are cut into units of one common length L (a
+// multiple of 64, about total / (kSplits * items) rows), so every unit costs the same however
+// unequal the items' counts are (a head whose group selects 90% of the context next to heads
+// at 10% no longer leaves most SMs idle behind its long chunks). Each block derives the plan
+// (L and the prefix of units per item) from the device counts itself, so nothing syncs with
+// the host and a large host bound max_count costs nothing; block 0 also stores it for the
+// merge. Persistent blocks of 4 warps take units with a grid stride. Within a unit (staged 256 row indices at a time), each warp takes steps of R rows:
+// a row is read by L = 32 / R
 // lanes with 16-byte loads (a warp load covers R consecutive rows, coalesced), and the K/V
 // values stay in registers while all GB query heads of the group use them. Each lane group
 // keeps an online softmax state (m, l, acc over its 8 elements of d) per head; the groups
@@ -11,8 +15,8 @@
 // to the workspace. Scores are kept in log2 units (q is multiplied by log2(e) on load) so
 // every exponential is one ex2.approx.
 //
-// Kernel 2 (merge): one block per (item, query head) combines the ceil(count / chunk) partials
-// by log-sum-exp and writes acc / l (zeros when the item has no rows).
+// Kernel 2 (merge): one block per (item, query head) combines the ceil(count / L) partials of
+// its units by log-sum-exp and writes acc / l (zeros when the item has no rows).
 //
 // Registers: q and acc take 2 * GB * 8 floats per lane, so at most GB = 8 heads are resident;
 // larger groups run in passes of 8 heads over the same chunk (the second pass re-reads K/V,
@@ -31,10 +35,24 @@ namespace cuda {
 
 namespace {
 
-constexpr int kChunk = (int)kAttentionChunkRows;
+// Units of L = unit_len(total, items) rows (a multiple of 64, at least 64): about kSplits
+// units per item on average, enough to fill the GPU for a single sequence (8 KV heads x 64 =
+// 512 blocks), units long enough that a partial (g * (d + 2) floats) stays small next to the
+// unit's K/V. Sum over items of ceil(count_i / L) <= total / L + items <= (kSplits + 1) * items,
+// which bounds the workspace by the item count, not by capacity.
+constexpr int kSplits = (int)kAttentionSplits;
+constexpr int kMinChunk = 64;
+constexpr int kPiece = 256;  // row indices staged in shared memory at a time
+constexpr int64_t kMaxItems = 8192;  // plan prefix in shared memory: (items + 1) ints
+
+__host__ __device__ __forceinline__ int unit_len(int64_t total, int64_t items) {
+  const int64_t per = (total + kSplits * items - 1) / (kSplits * items);
+  const int64_t len = (per + kMinChunk - 1) / kMinChunk * kMinChunk;
+  return len < kMinChunk ? kMinChunk : (int)len;
+}
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kMergeThreads = 256;
+constexpr int kMergeThreads = 512;  // 16 warps: a long item's ~200 partials in few rounds
 constexpr int kMergeWarps = kMergeThreads / 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
@@ -82,9 +100,9 @@ struct ChunkParams {
   int64_t rows_stride;
   const int32_t* counts;
   int32_t max_count;
-  int64_t max_chunks;
-  float* ws_ml;   // [items, max_chunks, g, 2]: m (log2 units), l
-  float* ws_acc;  // [items, max_chunks, g, D]
+  float* ws_ml;   // [units, g, 2]: m (log2 units), l
+  float* ws_acc;  // [units, g, D]
+  int32_t* plan;  // [items + 1]: L, then the first unit of every item (written by block 0)
 };
 
 // Blocks per SM the register allocation must allow: 4 (16 warps) for the common 16-bit cases
@@ -102,45 +120,70 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
                 S = Lay::kSlots;
   constexpr int U = GB <= 4 ? 4 : 2;  // warp steps whose loads are in flight together
 
-  __shared__ int32_t s_rows[kChunk];
+  extern __shared__ int32_t s_first[];  // [items + 1]: first unit of item i; [items] = all units
+  __shared__ int32_t s_rows[kPiece];
   __shared__ float s_acc[kWarps][GB][D];
   __shared__ float s_m[kWarps][GB], s_l[kWarps][GB];
-  __shared__ int s_red[kWarps];
+  __shared__ long long s_red[kWarps];
+  __shared__ int32_t s_wsum[kWarps];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int grp = lane / L, t = lane % L;  // row within the warp step, lane within the row
 
-  // Largest count over all items (read on the device): bounds the chunk rounds.
-  int mc = 0;
-  for (int64_t x = tid; x < p.items; x += kThreads) mc = max(mc, clamp_count(p.counts[x], p.max_count));
+  // The plan: total rows -> unit length -> exclusive prefix of units per item.
+  long long tot = 0;
+  for (int64_t i = tid; i < p.items; i += kThreads) tot += clamp_count(p.counts[i], p.max_count);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mc = max(mc, __shfl_xor_sync(kFull, mc, o));
-  if (lane == 0) s_red[warp] = mc;
+  for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(kFull, tot, o);
+  if (lane == 0) s_red[warp] = tot;
   __syncthreads();
-  mc = s_red[0];
+  tot = 0;
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) mc = max(mc, s_red[w]);
-  const int64_t total = (int64_t)((mc + kChunk - 1) / kChunk) * p.items;
-
-  for (int64_t work = blockIdx.x; work < total; work += gridDim.x) {
-    const int64_t c = work / p.items, i = work - c * p.items;
-    const int count = clamp_count(p.counts[i], p.max_count);
-    const int64_t start = c * kChunk;
-    if (start >= count) continue;  // uniform over the block
-    const int n = (int)min((int64_t)kChunk, count - start);
-
-    __syncthreads();  // the previous chunk's readers of s_rows are done
-    if (p.rows) {
-      const int32_t* src = p.rows + i * p.rows_stride + start;
-      for (int r = tid; r < n; r += kThreads) s_rows[r] = src[r];
+  for (int w = 0; w < kWarps; ++w) tot += s_red[w];
+  const int len = unit_len(tot, p.items);
+  int32_t run = 0;
+  for (int64_t base = 0; base < p.items; base += kThreads) {
+    const int64_t i = base + tid;
+    const int c = i < p.items ? clamp_count(p.counts[i], p.max_count) : 0;
+    int32_t x = (int32_t)(((int64_t)c + len - 1) / len);
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t y = __shfl_up_sync(kFull, x, o);
+      if (lane >= o) x += y;
     }
+    if (lane == 31) s_wsum[warp] = x;
     __syncthreads();
+    int32_t before = run;
+    for (int w = 0; w < warp; ++w) before += s_wsum[w];
+    if (i < p.items) s_first[i + 1] = before + x;
+    for (int w = 0; w < kWarps; ++w) run += s_wsum[w];
+    __syncthreads();
+  }
+  if (tid == 0) s_first[0] = 0;
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    for (int64_t i = tid; i < p.items; i += kThreads) p.plan[1 + i] = s_first[i];
+    if (tid == 0) p.plan[0] = len;
+  }
+  const int32_t units = s_first[p.items];
+
+  for (int32_t work = blockIdx.x; work < units; work += gridDim.x) {
+    // The item holding unit `work`: the last i with s_first[i] <= work.
+    int64_t lo = 0, hi_i = p.items - 1;
+    while (lo < hi_i) {
+      const int64_t mid = (lo + hi_i + 1) / 2;
+      if (s_first[mid] <= work) lo = mid; else hi_i = mid - 1;
+    }
+    const int64_t i = lo;
+    const int count = clamp_count(p.counts[i], p.max_count);
+    const int64_t start = (int64_t)(work - s_first[i]) * len;
+    const int n = (int)min((int64_t)len, count - start);
 
     const int64_t hi = p.head_index[i];
     const T* kb = static_cast<const T*>(p.k) + hi * p.cap * D;
     const T* vb = static_cast<const T*>(p.v) + hi * p.cap * D;
     const float* qi = p.q + i * p.g * D;
-    const int64_t rec_base = (i * p.max_chunks + c) * p.g;  // partial record of head 0
+    const int64_t rec_base = (int64_t)work * p.g;  // partial record of head 0
 
     for (int h0 = 0; h0 < p.g; h0 += GB) {
       const int nh = (int)min((int64_t)GB, p.g - h0);
@@ -167,16 +210,25 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         for (int e = 0; e < E; ++e) acc[hh][e] = 0.f;
       }
 
-      // Warp step st covers chunk rows [st * R, st * R + R); warps interleave so that a short
-      // chunk is still spread over all of them.
-      for (int st0 = warp; st0 * R < n; st0 += kWarps * U) {
+      // The chunk in pieces of kPiece rows whose row indices are staged in shared memory.
+      for (int p0 = 0; p0 < n; p0 += kPiece) {
+      const int pn = min(kPiece, n - p0);
+      __syncthreads();  // the previous piece's readers of s_rows are done
+      if (p.rows) {
+        const int32_t* src = p.rows + i * p.rows_stride + start + p0;
+        for (int r = tid; r < pn; r += kThreads) s_rows[r] = src[r];
+      }
+      __syncthreads();
+      // Warp step st covers piece rows [st * R, st * R + R); warps interleave so that a short
+      // piece is still spread over all of them.
+      for (int st0 = warp; st0 * R < pn; st0 += kWarps * U) {
         uint4 kr[U][NS], vr[U][NS];
         bool valid[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int pos = (st0 + u * kWarps) * R + grp;
-          valid[u] = pos < n;
-          const int64_t row = valid[u] ? (p.rows ? (int64_t)s_rows[pos] : start + pos) : 0;
+          valid[u] = pos < pn;
+          const int64_t row = valid[u] ? (p.rows ? (int64_t)s_rows[pos] : start + p0 + pos) : 0;
           const T* kp = kb + row * D;
           const T* vp = vb + row * D;
 #pragma unroll
@@ -251,6 +303,8 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         }
       }
 
+      }  // pieces
+
       // Merge the lane groups of the warp (they differ in the lane bits >= log2(L)).
 #pragma unroll
       for (int off = L; off < 32; off <<= 1) {
@@ -322,7 +376,7 @@ struct MergeParams {
   int64_t hkv, g;
   const int32_t* counts;
   int32_t max_count;
-  int64_t max_chunks;
+  const int32_t* plan;
   const float* ws_ml;
   const float* ws_acc;
   void* out;
@@ -344,12 +398,13 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   const int64_t b = i / p.hkv, h = i - b * p.hkv;
   TO* out = static_cast<TO*>(p.out) + b * p.out_stride_b + (h * p.g + j) * p.out_stride_h;
   const int count = clamp_count(p.counts[i], p.max_count);
-  const int nch = (count + kChunk - 1) / kChunk;
-  if (nch == 0) {  // uniform over the block
+  if (count == 0) {  // uniform over the block; the plan is not read (no chunk kernel ran then)
     for (int dd = tid; dd < D; dd += kMergeThreads) out[dd] = from_float<TO>(0.f);
     return;
   }
-  const int64_t rec0 = i * p.max_chunks * p.g + j;  // chunk c's record: rec0 + c * g
+  const int len = p.plan[0];
+  const int nch = (int)(((int64_t)count + len - 1) / len);
+  const int64_t rec0 = (int64_t)p.plan[1 + i] * p.g + j;  // unit c's record: rec0 + c * g
 
   float mx = -FLT_MAX;
   for (int c = tid; c < nch; c += kMergeThreads) mx = fmaxf(mx, p.ws_ml[(rec0 + c * p.g) * 2]);
@@ -410,29 +465,38 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
 constexpr int kMaxDevices = 64;
 
 // Resident blocks of the chunk kernel on the current device (SMs x occupancy), queried once
-// per instantiation and device: the persistent grid never exceeds one wave.
+// per instantiation and device for a small plan (the common case; a larger plan is queried
+// each call): the persistent grid never exceeds one wave.
 template <class T, int D, int GB>
-int resident_blocks() {
+int resident_blocks(std::size_t smem) {
   static std::atomic<int> cache[kMaxDevices];
+  constexpr std::size_t kSmallPlan = 4096;
   int dev = 0;
   TACTIC_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 0 && dev < kMaxDevices) {
+  const bool cached = smem <= kSmallPlan && dev >= 0 && dev < kMaxDevices;
+  if (cached) {
     const int v = cache[dev].load(std::memory_order_relaxed);
     if (v > 0) return v;
   }
   int sms = 0, per_sm = 0;
   TACTIC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   TACTIC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, attention_chunks_kernel<T, D, GB>, kThreads, 0));
+      &per_sm, attention_chunks_kernel<T, D, GB>, kThreads, cached ? kSmallPlan : smem));
   const int v = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+  if (cached) cache[dev].store(v, std::memory_order_relaxed);
   return v;
 }
 
 template <class T, int D, int GB>
 void launch_chunks(const ChunkParams& p, int64_t work, cudaStream_t stream) {
-  const int64_t grid = std::min<int64_t>(work, resident_blocks<T, D, GB>());
-  attention_chunks_kernel<T, D, GB><<<(unsigned)grid, kThreads, 0, stream>>>(p);
+  const std::size_t smem = (std::size_t)(p.items + 1) * sizeof(int32_t);
+  if (smem > 16 * 1024) {  // past the default 48 KB with the static arrays: opt in (once is enough,
+                           // but the call is cheap and rare)
+    TACTIC_CUDA_CHECK(cudaFuncSetAttribute(attention_chunks_kernel<T, D, GB>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  }
+  const int64_t grid = std::min<int64_t>(work, resident_blocks<T, D, GB>(smem));
+  attention_chunks_kernel<T, D, GB><<<(unsigned)grid, kThreads, smem, stream>>>(p);
   TACTIC_CUDA_LAUNCH_CHECK("attention_chunks_kernel");
 }
 
@@ -462,7 +526,8 @@ void launch_d(const AttentionArgs& a, const ChunkParams& cp, const MergeParams& 
 
 bool supported_head_dim(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
 
-int64_t chunks_for(int64_t max_count) { return (max_count + kChunk - 1) / kChunk; }
+// Units for all items together at most (see unit_len); none when no item can have rows.
+int64_t units_for(int64_t items, int64_t max_count) { return max_count > 0 ? (kSplits + 1) * items : 0; }
 
 // Float offset of the acc section: the (m, l) section rounded up to 16 bytes for float4 reads.
 int64_t acc_offset(int64_t records) { return (records * 2 + 3) / 4 * 4; }
@@ -470,6 +535,9 @@ int64_t acc_offset(int64_t records) { return (records * 2 + 3) / 4 * 4; }
 void require(bool ok, const std::string& msg) {
   if (!ok) throw ValueError("decode_attention: " + msg);
 }
+
+// The plan (items + 1 ints) after the partials.
+int64_t plan_floats(int64_t items) { return items + 1; }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
@@ -482,8 +550,9 @@ std::size_t attention_workspace_bytes(int64_t batch, int64_t hkv, int64_t g, int
                      std::to_string(batch) + " hkv=" + std::to_string(hkv) + " g=" +
                      std::to_string(g) + " d=" + std::to_string(d) +
                      " max_count=" + std::to_string(max_count));
-  const int64_t records = batch * hkv * chunks_for(max_count) * g;
-  const int64_t floats = acc_offset(records) + records * d;
+  const int64_t items = batch * hkv;
+  const int64_t records = units_for(items, max_count) * g;
+  const int64_t floats = acc_offset(records) + records * d + plan_floats(items);
   return std::max<std::size_t>(16, (std::size_t)floats * sizeof(float));
 }
 
@@ -512,8 +581,9 @@ void decode_attention(const AttentionArgs& a) {
   require(a.max_count == 0 || (a.k && a.v && a.q), "k, v and q must be set");
   require(aligned16(a.k) && aligned16(a.v), "k and v must be 16-byte aligned");
   require(aligned16(a.workspace), "workspace must be 16-byte aligned");
-  const int64_t max_chunks = chunks_for(a.max_count);
-  const int64_t work = items * max_chunks;
+  require(items <= kMaxItems, "batch * hkv must be <= " + std::to_string(kMaxItems) + ", got " +
+                                 std::to_string(items));
+  const int64_t work = units_for(items, a.max_count);
   const int64_t merge_blocks = items * a.g;
   require(merge_blocks <= INT32_MAX, "batch * hkv * g must be < 2^31");
   const int64_t records = work * a.g;
@@ -530,16 +600,16 @@ void decode_attention(const AttentionArgs& a) {
   cp.rows_stride = a.rows_stride;
   cp.counts = a.counts;
   cp.max_count = (int32_t)a.max_count;
-  cp.max_chunks = max_chunks;
   cp.ws_ml = a.workspace;
   cp.ws_acc = a.workspace + acc_offset(records);
+  cp.plan = reinterpret_cast<int32_t*>(cp.ws_acc + records * a.d);
 
   MergeParams mp{};
   mp.hkv = a.hkv;
   mp.g = a.g;
   mp.counts = a.counts;
   mp.max_count = (int32_t)a.max_count;
-  mp.max_chunks = max_chunks;
+  mp.plan = cp.plan;
   mp.ws_ml = cp.ws_ml;
   mp.ws_acc = cp.ws_acc;
   mp.out = a.out;

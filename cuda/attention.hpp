@@ -13,12 +13,11 @@
 namespace tactic {
 namespace cuda {
 
-// Rows per split-KV chunk: each chunk writes one partial (m, l, acc[g][d]) to the workspace.
-// 256 because the partial (g * (d + 2) floats) is then ~1.6% of the chunk's K+V bytes at
-// g = 4, d = 128, fp16 (write + read ~3%), dense 8 heads x 32K gives 1024 chunks (two full
-// rounds of the persistent grid on an H100), and a sparse selection of a few thousand rows per
-// head still spreads over enough blocks; 512 would halve that parallelism for ~1.5% less traffic.
-constexpr int64_t kAttentionChunkRows = 256;
+// Split-KV chunks per (sequence, KV head) at most: each writes one partial (m, l, acc[g][d]) to
+// the workspace, and the chunk length adapts to the item's row count (a multiple of 64 rows, at
+// least 64), so a short sparse selection still spreads over many blocks and a long one keeps
+// the partials small next to the K/V it reads.
+constexpr int64_t kAttentionSplits = 64;
 
 struct AttentionArgs {
   const void* k = nullptr;          // device KV store, row length d, 16-byte aligned

@@ -56,15 +56,19 @@ struct DeviceDecoder::Impl {
   int dev = 0;
   int64_t L, B, H, Hq, G, D, cap, cmax;
   std::size_t es;
-  DeviceBuffer k, v, pos, centroids, offsets, state;
-  DeviceBuffer qf, scores, scores_sorted, ids, ids_sorted, seg_begin, seg_end, sort_temp;
+  DeviceBuffer k, v, pos, centroids, centroids_low, offsets, state;
+  DeviceBuffer qf, scores, seg_max, ids, tasks, sel_scratch;
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
-  std::size_t sort_bytes = 0;
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
   std::vector<std::vector<int64_t>> last_slots;  // [L] slots of the last decode
   std::vector<int64_t> slots_on_device;          // what `slots` holds now
 
   int64_t ls(int64_t l, int64_t s) const { return l * B + s; }
+  // A selection of `layer` that covers `slot` is stale once the slot's rows change.
+  void forget_selection(int64_t layer, int64_t slot) {
+    std::vector<int64_t>& ls_ = last_slots[layer];
+    if (std::find(ls_.begin(), ls_.end(), slot) != ls_.end()) ls_.clear();
+  }
   int64_t lsh(int64_t l, int64_t s, int64_t h) const { return ls(l, s) * H + h; }
   bool clusters() const { return cfg.select.policy == Policy::tactic; }
   // Clusters of a clustered region of n tokens: ceil(n / cluster_size), at most n (the CPU
@@ -72,6 +76,8 @@ struct DeviceDecoder::Impl {
   int64_t clusters_for(int64_t n) const {
     return n > 0 ? std::min<int64_t>((n + cfg.cluster_size - 1) / cfg.cluster_size, n) : 0;
   }
+
+  void attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream);
 
   StepGeometry geometry(int64_t layer, int64_t batch, void* stream) {
     StepGeometry g;
@@ -128,6 +134,9 @@ struct DeviceDecoder::Impl {
     a.inertia_out = nullptr;
     a.stream = stream;
     kmeans_reindex(a);
+    if (centroids_low.p)
+      round_centroids(a.centroids, static_cast<uint8_t*>(centroids_low.p) + (std::size_t)first * cmax * D * es,
+                      cfg.dtype, H * cmax * D, stream);
   }
 };
 
@@ -180,6 +189,8 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   m.pos.allocate(heads * m.cap * 4, "positions");
   if (m.clusters()) {
     m.centroids.allocate(heads * m.cmax * m.D * 4, "centroids");
+    // What the ranking reads: the centroids rounded to the storage dtype (see store.cpp).
+    if (m.cfg.dtype != DType::f32) m.centroids_low.allocate(heads * m.cmax * m.D * m.es, "centroids");
     m.offsets.allocate(heads * (m.cmax + 1) * 4, "cluster offsets");
   }
   m.state.allocate((std::size_t)(m.L * m.B) * sizeof(SlotCounts), "sequence counts");
@@ -188,16 +199,18 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   m.qf.allocate(segs * m.D * 4, "queries");
   if (m.clusters()) {
     m.scores.allocate(segs * m.cmax * 4, "cluster scores");
-    m.scores_sorted.allocate(segs * m.cmax * 4, "cluster scores");
-    m.ids.allocate(segs * m.cmax * 4, "cluster ranks");
-    m.ids_sorted.allocate(segs * m.cmax * 4, "cluster ranks");
-    m.seg_begin.allocate(segs * 4, "segments");
-    m.seg_end.allocate(segs * 4, "segments");
-    m.sort_bytes = select_sort_temp_bytes((int64_t)segs, m.cmax);
-    m.sort_temp.allocate(std::max<std::size_t>(m.sort_bytes, 16), "sort workspace");
+    m.seg_max.allocate(segs * 8, "best and worst scores");
+    // [segs] best, then [segs] worst: 0x80808080 orders below the int of every finite score,
+    // 0x7f7f7f7f above it (see select.hpp).
+    TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.p, 0x80, segs * 4));
+    TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.as<int32_t>() + segs, 0x7f, segs * 4));
+    m.ids.allocate(segs * m.cmax * 4, "exact-head lists");
+    m.tasks.allocate(segs * head_tasks_stride(m.cmax, m.cap) * 8, "exact-head tasks");
+    m.sel_scratch.allocate(select_scratch_bytes((int64_t)segs), "selection scratch");
     m.kv_mark.allocate(items * m.cmax, "selection marks");
+    TACTIC_CUDA_CHECK(cudaMemset(m.kv_mark.p, 0, m.kv_mark.n));
     if (cfg.record_selection) m.head_mark.allocate((std::size_t)m.L * segs * m.cmax, "selection marks");
-    m.rows.allocate(items * m.cap * 4, "row lists");
+    m.rows.allocate((std::size_t)m.L * items * m.cap * 4, "row lists");  // per layer: attend() reuses them
     m.chunk_sums.allocate(items * row_chunks(m.cmax) * 4, "row list chunks");
   }
   m.counts.allocate((std::size_t)m.L * items * 4, "row counts");
@@ -223,7 +236,7 @@ DeviceDecoder::~DeviceDecoder() {
 
 std::size_t DeviceDecoder::bytes() const {
   const Impl& m = *p_;
-  return m.k.n + m.v.n + m.pos.n + m.centroids.n + m.offsets.n;
+  return m.k.n + m.v.n + m.pos.n + m.centroids.n + m.centroids_low.n + m.offsets.n;
 }
 
 const SlotState& DeviceDecoder::state(int64_t layer, int64_t slot) const {
@@ -240,6 +253,7 @@ void DeviceDecoder::prefill(int64_t layer, int64_t slot, const TensorView& keys,
     throw TypeError(std::string("`values` must have the dtype of `keys` on CUDA (") + dtype_name(keys.dtype) + ")");
   prefill_copy(keys.data, values.data, keys.dtype, keys.strides[0], keys.strides[1], values.strides[0],
                values.strides[1], n, m.H, m.D, m.k.p, m.v.p, m.pos.as<int32_t>(), m.cfg.dtype, m.cap, first, stream);
+  m.forget_selection(layer, slot);
   SlotState& st = m.host_state[m.ls(layer, slot)];
   st.n_sink = std::min<int64_t>(m.cfg.num_sink, n);
   st.n_clustered = n - st.n_sink;
@@ -253,6 +267,7 @@ void DeviceDecoder::recluster(int64_t layer, int64_t slot, void* stream) {
   DeviceGuard guard(m.dev);
   SlotState& st = m.host_state[m.ls(layer, slot)];
   if (!m.clusters() || st.n_recent == 0) return;
+  m.forget_selection(layer, slot);
   st.n_clustered += st.n_recent;
   st.n_recent = 0;
   m.cluster(layer, slot, stream);
@@ -264,6 +279,7 @@ void DeviceDecoder::reset(int64_t slot) {
   DeviceGuard guard(m.dev);
   for (int64_t l = 0; l < m.L; ++l) {
     m.host_state[m.ls(l, slot)] = SlotState{};
+    m.forget_selection(l, slot);
     m.push_counts(l, slot, nullptr);
   }
   TACTIC_CUDA_CHECK(cudaStreamSynchronize(nullptr));
@@ -297,22 +313,21 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   SelectArgs a{};
   a.k = m.k.p;
   a.dtype = m.cfg.dtype;
-  a.centroids = m.centroids.as<float>();
+  a.centroids = m.centroids_low.p ? m.centroids_low.p : m.centroids.p;  // storage dtype
   a.offsets = m.offsets.as<int32_t>();
   a.qf = m.qf.as<float>();
   a.scores = m.scores.as<float>();
-  a.scores_sorted = m.scores_sorted.as<float>();
+  a.seg_max = m.seg_max.as<int32_t>();
+  a.seg_min = m.seg_max.as<int32_t>() + segs;
   a.ids = m.ids.as<int32_t>();
-  a.ids_sorted = m.ids_sorted.as<int32_t>();
-  a.seg_begin = m.seg_begin.as<int32_t>();
-  a.seg_end = m.seg_end.as<int32_t>();
-  a.sort_temp = m.sort_temp.p;
-  a.sort_temp_bytes = m.sort_bytes;
+  a.scratch = m.sel_scratch.p;
+  a.tasks = m.tasks.as<int32_t>();
+  a.tasks_stride = head_tasks_stride(m.cmax, m.cap);
   a.kv_mark = m.kv_mark.as<uint8_t>();
   a.head_mark = m.head_mark.p ? m.head_mark.as<uint8_t>() + (std::size_t)layer * segs * m.cmax : nullptr;
   a.head_tokens = m.head_tokens.as<int64_t>() + (std::size_t)layer * segs;
   a.est_mass = m.est_mass.as<double>() + (std::size_t)layer * segs;
-  a.rows = m.rows.as<int32_t>();
+  a.rows = m.rows.as<int32_t>() + (std::size_t)layer * items * m.cap;
   a.chunk_sums = m.chunk_sums.as<int32_t>();
   a.counts = m.counts.as<int32_t>() + (std::size_t)layer * items;
   a.target = m.cfg.select.target;
@@ -322,32 +337,53 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.dense = !m.clusters();
   select_step(geo, a);
   m.last_slots[layer] = slot_list;
-  if (out) {
-    head_indices(geo, m.head_index.as<int32_t>());
-    AttentionArgs at{};
-    at.k = m.k.p;
-    at.v = m.v.p;
-    at.kv_dtype = m.cfg.dtype;
-    at.cap = m.cap;
-    at.d = m.D;
-    at.batch = batch;
-    at.hkv = m.H;
-    at.g = m.G;
-    at.head_index = m.head_index.as<int32_t>();
-    at.q = m.qf.as<float>();
-    at.rows = a.dense ? nullptr : m.rows.as<int32_t>();
-    at.rows_stride = m.cap;
-    at.counts = a.counts;
-    at.max_count = m.cap;
-    at.workspace = m.attn_ws.as<float>();
-    at.out = out->data;
-    at.out_dtype = out->dtype;
-    at.out_stride_b = out->strides[0];
-    at.out_stride_h = out->strides[1];
-    at.stream = stream;
-    decode_attention(at);
-  }
+  if (out) m.attention(layer, geo, *out, stream);
 }
+
+void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream) {
+  const std::size_t items = (std::size_t)(B * H);
+  head_indices(geo, head_index.as<int32_t>());
+  AttentionArgs at{};
+  at.k = k.p;
+  at.v = v.p;
+  at.kv_dtype = cfg.dtype;
+  at.cap = cap;
+  at.d = D;
+  at.batch = geo.batch;
+  at.hkv = H;
+  at.g = G;
+  at.head_index = head_index.as<int32_t>();
+  at.q = qf.as<float>();
+  at.rows = clusters() ? rows.as<int32_t>() + (std::size_t)layer * items * cap : nullptr;
+  at.rows_stride = cap;
+  at.counts = counts.as<int32_t>() + (std::size_t)layer * items;
+  at.max_count = cap;
+  at.workspace = attn_ws.as<float>();
+  at.out = out.data;
+  at.out_dtype = out.dtype;
+  at.out_stride_b = out.strides[0];
+  at.out_stride_h = out.strides[1];
+  at.stream = stream;
+  decode_attention(at);
+}
+
+void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView& out,
+                           const std::vector<int64_t>& slot_list, void* stream) {
+  Impl& m = *p_;
+  DeviceGuard guard(m.dev);
+  const int64_t batch = (int64_t)slot_list.size();
+  if (slot_list != m.slots_on_device) {
+    set_slots(m.slots.as<int32_t>(), slot_list.data(), batch, stream);
+    m.slots_on_device = slot_list;
+  }
+  StepGeometry geo = m.geometry(layer, batch, stream);
+  prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>());
+  m.attention(layer, geo, out, stream);
+}
+
+const std::vector<int64_t>& DeviceDecoder::last_slots(int64_t layer) const { return p_->last_slots[layer]; }
+
+void DeviceDecoder::set_target(double target) { p_->cfg.select.target = target; }
 
 void DeviceDecoder::stats(int64_t layer, LayerStats& st) {
   Impl& m = *p_;

@@ -35,6 +35,13 @@ class DeviceDecoder {
   void decode(int64_t layer, const TensorView& q, const TensorView* k_new,
               const TensorView* v_new, const TensorView* out, const std::vector<int64_t>& slots,
               bool append, void* stream);
+  // Attention of q over the rows the last decode/select of `layer` chose for the same slots
+  // (no selection work). The Decoder checks the arguments.
+  void attend(int64_t layer, const TensorView& q, const TensorView& out, const std::vector<int64_t>& slots,
+              void* stream);
+  // Slots of the last decode/select of `layer` (empty before the first).
+  const std::vector<int64_t>& last_slots(int64_t layer) const;
+  void set_target(double target);
   // Copies the statistics of the last decode of `layer` to the host (synchronises).
   void stats(int64_t layer, LayerStats& out);
   const SlotState& state(int64_t layer, int64_t slot) const;

@@ -8,10 +8,10 @@
 // where two candidates are within rounding of the stop threshold.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <cub/device/device_segmented_radix_sort.cuh>
 #include <cuda/functional>
 
 #include <cfloat>
+#include <algorithm>
 #include <climits>
 
 #include "common.cuh"
@@ -20,18 +20,25 @@
 namespace tactic {
 namespace cuda {
 
+// Per-head state handed from select_head_kernel to select_stop_kernel.
+struct SelInfo {
+  int32_t all;       // 1: every cluster selected already (degenerate or P = 1)
+  int32_t bh, bh_whole, nh_cand, cut_h, n_head, n_tasks;
+  float mx;          // best centroid score
+  float bpl;         // histogram buckets per unit of logit (bucket_of)
+  double prior_head; // sum over head clusters of size * exp(score - mx)
+};
+struct ExactPart {   // one block's online (max, sum) of sinks + recent (a) and head rows (h)
+  double am, as, hm, hs;
+};
+
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kMaxExactSplits = 16;
 
 __device__ __forceinline__ int64_t head_index(const StepGeometry& s, int32_t slot, int64_t h) {
   return (s.layer * s.max_batch + slot) * s.hkv + h;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 template <class T>
@@ -68,37 +75,97 @@ __global__ void count_token_kernel(StepGeometry s, int num_sink) {
   else ++st.n_recent;
 }
 
-// scores[b*Hq + h*g + j, c] = qf . centroid_c for the g query heads of KV head h; one warp
-// per centroid, the g queries in shared memory. Also writes the sort's segment bounds.
-__global__ void score_kernel(StepGeometry s, SelectArgs a) {
-  extern __shared__ float qs[];  // [g, d]
+// Scores as ordered ints, so one atomicMax keeps a float maximum (larger float, larger int).
+__device__ __forceinline__ int32_t order_float(float f) {
+  const int32_t i = __float_as_int(f);
+  return i >= 0 ? i : i ^ 0x7fffffff;
+}
+__device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_float(i >= 0 ? i : i ^ 0x7fffffff); }
+
+// scores[b*Hq + h*g + j, c] = qf . centroid_c for the g query heads of KV head h, and
+// seg_max / seg_min[b*Hq + h*g + j] = the largest / smallest of them (atomicMax / atomicMin;
+// select_head resets them). A quad of
+// lanes takes one centroid (each lane D/16 float4 slots, so a warp load covers 8 centroids'
+// 64-byte pieces) and all g heads use the centroid while it is in registers: the centroids,
+// the largest read of the selection, are read once per KV head, not once per query head.
+// Centroids per quad of lanes in score_kernel: as many as keep the raw 16-byte slots within
+// 32 registers per thread (more spilled once the compiler hoisted their unpacking).
+template <class T, int D>
+__host__ __device__ constexpr int kScoreUnroll() {
+  constexpr int nv = (D / (16 / (int)sizeof(T)) + 3) / 4;
+  return nv <= 2 ? 4 : (nv <= 4 ? 2 : 1);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, SelectArgs a) {
+  constexpr int VEC = 16 / (int)sizeof(T), SL = D / VEC, NV = (SL + 3) / 4;  // 16-byte slots (per lane)
+  extern __shared__ float qs[];  // [g, D]
+  __shared__ int32_t s_max[16], s_min[16];
   const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, hq = s.hkv * s.g;
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
   const int64_t hi = head_index(s, slot, h), c_count = st.n_clusters;
-  const float* q = a.qf + (b * hq + h * s.g) * s.d;
-  for (int64_t e = threadIdx.x; e < s.g * s.d; e += blockDim.x) qs[e] = q[e];
-  if (blockIdx.y == 0 && threadIdx.x < s.g) {
-    const int64_t seg = b * hq + h * s.g + threadIdx.x;
-    a.seg_begin[seg] = (int32_t)(seg * s.cmax);
-    a.seg_end[seg] = (int32_t)(seg * s.cmax + c_count);
+  const int64_t seg0 = b * hq + h * s.g;
+  const float* q = a.qf + seg0 * D;
+  for (int64_t e = threadIdx.x; e < s.g * D; e += blockDim.x) qs[e] = q[e];
+  if (threadIdx.x < s.g) {
+    s_max[threadIdx.x] = INT_MIN;
+    s_min[threadIdx.x] = INT_MAX;
   }
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* cent = a.centroids + hi * s.cmax * s.d;
-  const int64_t per_block = (int64_t)kWarps * 8;
-  for (int64_t c = blockIdx.y * per_block + warp; c < min(c_count, (int64_t)(blockIdx.y + 1) * per_block);
-       c += kWarps) {
-    for (int64_t j = 0; j < s.g; ++j) {
+  const int quad = threadIdx.x >> 2, t = threadIdx.x & 3;
+  // U centroids per quad, all loads issued before any use (one centroid per thread and launch
+  // left the kernel latency-bound at ~40% of the bandwidth).
+  constexpr int U = kScoreUnroll<T, D>();
+  const int64_t c0 = (int64_t)blockIdx.y * (kThreads / 4) * U + quad;
+  uint4 raw[U][NV];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + (int64_t)u * (kThreads / 4);
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(a.centroids) +
+                                                      (hi * s.cmax + (c < c_count ? c : 0)) * D);
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+      raw[u][k] = c < c_count && t + 4 * k < SL ? __ldg(src + t + 4 * k) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  for (int64_t j = 0; j < s.g; ++j) {
+    const float* qv = qs + j * D;
+    float best = -INFINITY, worst = INFINITY;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + (int64_t)u * (kThreads / 4);
       float acc = 0.f;
-      for (int64_t e = lane; e < s.d; e += 32) acc += qs[j * s.d + e] * cent[c * s.d + e];
-      acc = warp_sum(acc);
-      if (lane == 0) {
-        const int64_t seg = b * hq + h * s.g + j;
-        a.scores[seg * s.cmax + c] = acc;
-        a.ids[seg * s.cmax + c] = (int32_t)c;
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+        if (t + 4 * k < SL) {
+          float cf[VEC];
+          unpack16<T>(raw[u][k], cf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc = fmaf(qv[(t + 4 * k) * VEC + e], cf[e], acc);
+        }
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      if (c < c_count) {
+        if (t == 0) a.scores[(seg0 + j) * s.cmax + c] = acc;
+        best = fmaxf(best, acc);
+        worst = fminf(worst, acc);
       }
     }
+    // The warp's extremes first, then one shared atomic per warp and head.
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+      worst = fminf(worst, __shfl_xor_sync(0xffffffffu, worst, o));
+    }
+    if ((threadIdx.x & 31) == 0 && best >= worst) {
+      atomicMax(&s_max[j], order_float(best));
+      atomicMin(&s_min[j], order_float(worst));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < s.g && s_max[threadIdx.x] != INT_MIN) {
+    atomicMax(a.seg_max + seg0 + threadIdx.x, s_max[threadIdx.x]);
+    atomicMin(a.seg_min + seg0 + threadIdx.x, s_min[threadIdx.x]);
   }
 }
 
@@ -125,38 +192,225 @@ __device__ __forceinline__ MaxSum warp_combine(MaxSum a) {
   return a;
 }
 
-// q . row for one thread: 16-byte loads (d is a multiple of 8, rows 16-byte aligned).
-template <class T>
-__device__ __forceinline__ float thread_dot(const T* row, const float* q, int64_t d) {
-  constexpr int kPer = 16 / sizeof(T);
+// q . row for one thread: D known at compile time, so the row's 16-byte loads are issued in
+// batches of 8 without waiting for each other (a runtime loop left one load in flight).
+template <class T, int D>
+__device__ __forceinline__ float thread_dot(const T* row, const float* q) {
+  constexpr int kPer = 16 / sizeof(T), N = D / kPer, kBatch = 8;
   const uint4* p = reinterpret_cast<const uint4*>(row);
   float acc = 0.f;
-  for (int64_t c = 0; c < d / kPer; ++c) {
-    float e[kPer];
-    unpack16<T>(__ldg(p + c), e);
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) acc += q[c * kPer + i] * e[i];
+  for (int c0 = 0; c0 < N; c0 += kBatch) {
+    uint4 r[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      if (c0 + j < N) r[j] = __ldg(p + c0 + j);
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      if (c0 + j < N) {
+        float e[kPer];
+        unpack16<T>(r[j], e);
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) acc = fmaf(q[(c0 + j) * kPer + k], e[k], acc);
+      }
   }
   return acc;
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) select_heads_kernel(StepGeometry s, SelectArgs a) {
-  typedef cub::BlockScan<int64_t, kThreads> ScanI;
-  typedef cub::BlockScan<double, kThreads> ScanD;
-  typedef cub::BlockReduce<double, kThreads> ReduceD;
-  typedef cub::BlockReduce<int64_t, kThreads> ReduceI;
-  __shared__ union {
-    typename ScanI::TempStorage scan_i;
-    typename ScanD::TempStorage scan_d;
-    typename ReduceD::TempStorage reduce_d;
-    typename ReduceI::TempStorage reduce_i;
-  } tmp;
-  __shared__ float qs[256];
-  __shared__ MaxSum warp_a[kWarps], warp_h[kWarps];
-  __shared__ int64_t sh_i;
-  __shared__ double sh_d[4];
+// The selection without a sort. Both decisions of the CPU reference walk the clusters in rank
+// order and take every cluster whose running sum *before* it is below a goal: the exact head
+// (sum of sizes, goal head_fraction * n) and the stop point (sum of estimated masses, goal
+// P_eff * z). A histogram of the scores relative to the head's best score gives both sums per
+// bucket in one pass. Its resolution adapts to the head's score range (bucket_width): the
+// buckets span [worst, best], at least kMinBucketsPerLogit per logit, so a flat head whose
+// thousands of clusters lie within a fraction of a logit spreads over the buckets instead of
+// filling a few (which overflowed the candidate list, took whole buckets into the exact head
+// and serialised the shared-memory atomics); buckets before the
+// crossing one are taken whole, and only the crossing bucket's few clusters are ranked exactly
+// (score descending, cluster id ascending: the CPU's order), so the chosen set equals the
+// sorted walk's. A crossing bucket with more than kCand clusters is taken whole (more tokens,
+// never fewer).
+constexpr int kSelThreads = 512;
+constexpr int kSelWarps = kSelThreads / 32;
+constexpr int kBuckets = 2048;
+constexpr float kMinBucketsPerLogit = 64.f;  // a range over 32 logits: the rest in the last bucket
+constexpr float kMaxBucketsPerLogit = 1e6f;  // finer than float scores resolve: no use
+constexpr int kCand = 512;
 
+// Buckets per logit for a head whose scores span [mn, mx]: the range over kBuckets - 1 buckets.
+__device__ __forceinline__ float bucket_width(float mx, float mn) {
+  const float r = mx - mn;
+  if (!(r > 0.f) || !isfinite(r)) return kMinBucketsPerLogit;  // one score, or -inf / NaN ones
+  return fminf(kMaxBucketsPerLogit, fmaxf(kMinBucketsPerLogit, (float)(kBuckets - 1) / r));
+}
+
+__device__ __forceinline__ int bucket_of(float sc, float mx, float bpl) {
+  const float x = (mx - sc) * bpl;
+  return x < (float)(kBuckets - 1) ? max(0, (int)x) : kBuckets - 1;  // NaN: last bucket
+}
+
+typedef cub::BlockScan<int, kSelThreads> HeadScan;
+
+struct SelShared {
+  int32_t tok[kBuckets];    // tokens per bucket
+  float pri[kBuckets];      // sum of size * exp(score - best) per bucket
+  float cs[kCand];          // crossing-bucket candidates: score, id, then in rank order
+  int32_t cid[kCand];
+  int32_t sorted[kCand];
+  double cval[kCand];       // their values in rank order (size, or estimated mass)
+  double red_d[kSelWarps];
+  int64_t red_i[kSelWarps];
+  typename HeadScan::TempStorage scan;
+  int n_cand, n_head, cut, bucket;
+  double dsh[4];
+};
+
+// Block-wide sums over kSelThreads through shared memory (every thread gets the result).
+__device__ __forceinline__ double block_sum(double v, SelShared& S) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) S.red_d[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double t = 0.0;
+  for (int w = 0; w < kSelWarps; ++w) t += S.red_d[w];
+  return t;
+}
+
+// First bucket whose inclusive running sum (start + vals[0..b]) reaches `goal`, with the sum
+// before it in *before; kBuckets if none. vals: per-bucket values (float or int) in shared
+// memory. Each thread owns kBuckets / kSelThreads consecutive buckets.
+template <class V>
+__device__ int crossing_bucket(const V* vals, double scale, double start, double goal, SelShared& S,
+                               double* before) {
+  constexpr int PER = kBuckets / kSelThreads;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  double local = 0.0;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) local += scale * (double)vals[tid * PER + k];
+  // Exclusive prefix over threads: warp scan, then the warps' totals.
+  double incl = local;
+  for (int o = 1; o < 32; o <<= 1) {
+    const double y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  __syncthreads();
+  if (lane == 31) S.red_d[warp] = incl;
+  if (tid == 0) S.bucket = kBuckets;
+  __syncthreads();
+  double ex = start + incl - local;
+  for (int w = 0; w < warp; ++w) ex += S.red_d[w];
+  // The crossing bucket is unique: the first with ex + its value >= goal.
+  double run = ex;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const double nxt = run + scale * (double)vals[tid * PER + k];
+    if (run < goal && nxt >= goal) {
+      S.bucket = tid * PER + k;
+      S.dsh[3] = run;
+    }
+    run = nxt;
+  }
+  __syncthreads();
+  *before = S.dsh[3];
+  return S.bucket;
+}
+
+// Calls f(j, score_j, size_j) for each cluster j < C of this thread (j = tid, tid + kSelThreads,
+// ...), loading 8 clusters' score and offsets before using any: one block serves a whole head,
+// and with one load in flight per thread these passes were latency-bound (~1 us per step).
+template <class F>
+__device__ __forceinline__ void for_clusters(const float* sc, const int32_t* off, int64_t C, F&& f) {
+  constexpr int U = 8;
+  for (int64_t base = threadIdx.x; base < C; base += (int64_t)U * kSelThreads) {
+    float v[U];
+    int32_t o0[U], o1[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + (int64_t)u * kSelThreads;
+      if (j < C) {
+        v[u] = __ldg(sc + j);
+        o0[u] = __ldg(off + j);
+        o1[u] = __ldg(off + j + 1);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + (int64_t)u * kSelThreads;
+      if (j < C) f(j, v[u], o1[u] - o0[u]);
+    }
+  }
+}
+
+// Gathers the clusters of bucket `bk` (excluding those with head[j] set, when given) into
+// S.cs/S.cid, ranks them (score descending, id ascending) into S.sorted; returns their
+// number, or -1 if more than kCand.
+__device__ int rank_bucket(const float* sc, const int32_t* off, int64_t C, float mx, float bpl, int bk,
+                           SelShared& S) {
+  if (threadIdx.x == 0) S.n_cand = 0;
+  __syncthreads();
+  for_clusters(sc, off, C, [&](int64_t j, float v, int32_t) {
+    if (bucket_of(v, mx, bpl) == bk) {
+      const int at = atomicAdd(&S.n_cand, 1);
+      if (at < kCand) {
+        S.cs[at] = v;
+        S.cid[at] = (int32_t)j;
+      }
+    }
+  });
+  __syncthreads();
+  const int n = S.n_cand;
+  if (n > kCand) return -1;
+  for (int i = threadIdx.x; i < n; i += kSelThreads) {
+    const float v = S.cs[i];
+    const int32_t id = S.cid[i];
+    int r = 0;
+    for (int k = 0; k < n; ++k) r += (S.cs[k] > v) || (S.cs[k] == v && S.cid[k] < id);
+    S.sorted[r] = id;
+  }
+  __syncthreads();
+  return n;
+}
+
+// Over ranked candidates S.cval[from..n): the first k with start + sum(cval[from..k)) >= goal
+// (n if none), computed by warp 0 with a running scan; the sum through the last taken
+// candidate goes to *taken_sum.
+__device__ int cut_candidates(int from, int n, double start, double goal, SelShared& S, double* taken_sum) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    double run = start;
+    int cut = n;
+    for (int base = from; base < n; base += 32) {
+      const int k = base + lane;
+      const double v = k < n ? S.cval[k] : 0.0;
+      double incl = v;
+      for (int o = 1; o < 32; o <<= 1) {
+        const double y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+      }
+      const double before = run + incl - v;
+      const unsigned hit = __ballot_sync(0xffffffffu, k < n && before >= goal);
+      if (hit) {
+        const int first = __ffs(hit) - 1;
+        cut = base + first;
+        run = __shfl_sync(0xffffffffu, before, first);
+        break;
+      }
+      run += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) {
+      S.cut = cut;
+      S.dsh[2] = run;
+    }
+  }
+  __syncthreads();
+  *taken_sum = S.dsh[2];
+  return S.cut;
+}
+
+// Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
+// bucket), their prior. Leaves the histogram and the ranked candidates in global scratch.
+__global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s, SelectArgs a) {
+  __shared__ SelShared S;
   const int64_t hq = s.hkv * s.g, i = blockIdx.x, b = i / hq, qh = i % hq, h = qh / s.g;
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
@@ -166,102 +420,220 @@ __global__ void __launch_bounds__(kThreads) select_heads_kernel(StepGeometry s, 
   const int64_t always = nsink + nrec, total = always + nclu;
   uint8_t* kmark = a.kv_mark + (b * s.hkv + h) * s.cmax;
   uint8_t* hmark = a.head_mark ? a.head_mark + i * s.cmax : nullptr;
-  const float* sc = a.scores_sorted + i * s.cmax;
-  const int32_t* ord = a.ids_sorted + i * s.cmax;
-  const T* K = static_cast<const T*>(a.k) + hi * s.cap * s.d;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const float* sc = a.scores + i * s.cmax;
+  int32_t* head_list = a.ids + i * s.cmax;
+  SelInfo* info = a.info + i;
+  const int tid = threadIdx.x;
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
-  auto mark = [&](int64_t j) {
-    kmark[j] = 1;
-    if (hmark) hmark[j] = 1;
-  };
+  const float mx = unorder_float(a.seg_max[i]);
+  const float bpl = bucket_width(mx, unorder_float(a.seg_min[i]));
+  __syncthreads();
+  if (tid == 0) {  // ready for the next step's atomicMax / atomicMin
+    a.seg_max[i] = INT_MIN;
+    a.seg_min[i] = INT_MAX;
+  }
 
-  for (int64_t e = tid; e < s.d; e += kThreads) qs[e] = a.qf[i * s.d + e];
-  bool all = C == 0 || C < a.min_clusters || a.target >= 1.0;
+  const bool all = C == 0 || C < a.min_clusters || a.target >= 1.0;
   if (all) {
-    for (int64_t j = tid; j < C; j += kThreads) mark(j);
+    for (int64_t j = tid; j < C; j += kSelThreads) {
+      kmark[j] = 1;
+      if (hmark) hmark[j] = 1;
+    }
     if (tid == 0) {
+      info->all = 1;
+      info->n_head = 0;
       a.head_tokens[i] = C == 0 ? always : total;
       a.est_mass[i] = 1.0;
     }
     return;
   }
+
+  // Histogram: tokens and prior mass per score bucket.
+  for (int k = tid; k < kBuckets; k += kSelThreads) {
+    S.tok[k] = 0;
+    S.pri[k] = 0.f;
+  }
   __syncthreads();
+  for_clusters(sc, off, C, [&](int64_t, float v, int32_t n) {
+    const int bk = bucket_of(v, mx, bpl);
+    atomicAdd(&S.tok[bk], n);
+    atomicAdd(&S.pri[bk], (float)n * __expf(v - mx));
+  });
+  __syncthreads();
+  for (int k = tid; k < kBuckets; k += kSelThreads) a.hist_pri[i * kBuckets + k] = S.pri[k];
 
-  // 1) The exact head: ranked clusters while fewer than head_fraction * nclu tokens precede.
+  // The exact head: take clusters while fewer than thr tokens precede them.
   const double thr = fmax(1.0, a.head_fraction * (double)nclu);
-  int64_t i_head = C, carry = 0;
-  for (int64_t base = 0; base < C; base += kThreads) {
-    const int64_t r = base + tid;
-    const int64_t v = r < C ? csize(ord[r]) : 0;
-    int64_t ex, agg;
-    ScanI(tmp.scan_i).ExclusiveSum(v, ex, agg);
-    __syncthreads();
-    const int64_t cand = (r < C && r >= 1 && (double)(ex + carry) >= thr) ? r : INT64_MAX;
-    const int64_t first = ReduceI(tmp.reduce_i).Reduce(cand, ::cuda::minimum<>{});
-    if (tid == 0) sh_i = first;
-    __syncthreads();
-    if (sh_i != INT64_MAX) {
-      i_head = sh_i;
-      break;
+  double before = 0.0;
+  const int bh = crossing_bucket(S.tok, 1.0, 0.0, thr, S, &before);
+  int nh_cand = 0, cut_h = 0;
+  if (bh < kBuckets) {
+    nh_cand = rank_bucket(sc, off, C, mx, bpl, bh, S);
+    if (nh_cand >= 0) {
+      for (int k = tid; k < nh_cand; k += kSelThreads) {
+        S.cval[k] = (double)csize(S.sorted[k]);
+        a.cand[i * kCand + k] = S.sorted[k];
+      }
+      __syncthreads();
+      double dummy;
+      cut_h = cut_candidates(0, nh_cand, before, thr, S, &dummy);
     }
+  }
+  // Head = buckets < bh, plus sorted[0..cut_h) of bh (all of bh when it overflowed).
+  const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
+  if (tid == 0) S.n_head = 0;
+  __syncthreads();
+  double prior_head = 0.0;
+  for_clusters(sc, off, C, [&](int64_t j, float v, int32_t n) {
+    if (bucket_of(v, mx, bpl) < bh_whole) {
+      head_list[atomicAdd(&S.n_head, 1)] = (int32_t)j;
+      prior_head += (double)n * exp((double)v - (double)mx);
+    }
+  });
+  __syncthreads();
+  const bool partial = nh_cand > 0 && bh_whole == bh;
+  const int n_whole = S.n_head;
+  if (partial)
+    for (int k = tid; k < cut_h; k += kSelThreads) {
+      const int32_t j = S.sorted[k];
+      head_list[n_whole + k] = j;
+      prior_head += (double)csize(j) * exp((double)sc[j] - (double)mx);
+    }
+  prior_head = block_sum(prior_head, S);
+  // Split the head's clusters into tasks of at most 16 rows (row ranges), so select_exact
+  // spreads rows evenly over threads however uneven the cluster sizes are.
+  const int n_head = n_whole + (partial ? cut_h : 0);
+  int2* tasks = reinterpret_cast<int2*>(a.tasks) + i * a.tasks_stride;
+  int carry = 0;
+  for (int base = 0; base < n_head; base += kSelThreads) {
+    const int k = base + tid;
+    const int32_t j = k < n_head ? head_list[k] : 0;
+    const int sz = k < n_head ? (int)csize(j) : 0;
+    const int nt = (sz + 15) / 16;
+    int ex, agg;
+    HeadScan(S.scan).ExclusiveSum(nt, ex, agg);
+    const int start = (int)nsink + off[j];
+    for (int t = 0; t < nt; ++t) tasks[carry + ex + t] = make_int2(start + 16 * t, start + min(sz, 16 * t + 16));
     carry += agg;
+    __syncthreads();
   }
+  if (tid == 0) {
+    info->n_tasks = carry;
+    info->all = 0;
+    info->bh = bh;
+    info->bh_whole = bh_whole;
+    info->nh_cand = nh_cand;
+    info->cut_h = cut_h;
+    info->n_head = n_head;
+    info->mx = mx;
+    info->bpl = bpl;
+    info->prior_head = prior_head;
+  }
+}
 
-  // 2) Exact logits: sinks + recent (group A) and head clusters (group H), online max/sum.
-  // One thread per row with 16-byte loads, so every thread has a whole row's loads in flight
-  // (a warp per row left one latency-bound chain per warp). Head rows: slot u is rank u / 16,
-  // rows u % 16, u % 16 + 16, ... of that cluster.
+// Kernel 2 (query head x split): exact logits of sinks + recent rows and of the head clusters'
+// rows, one thread per row; slot u is head cluster u / 16, rows u % 16, u % 16 + 16, ... of it.
+// Spread over many blocks because this is the selection's largest read (~2% of the context
+// per query head) and one block per head left most SMs idle.
+constexpr int kExactThreads = 256;
+
+template <class T, int D>
+__global__ void __launch_bounds__(kExactThreads) select_exact_kernel(StepGeometry s, SelectArgs a) {
+  __shared__ float qs[D];
+  __shared__ MaxSum wa[kExactThreads / 32], wh[kExactThreads / 32];
+  const int64_t hq = s.hkv * s.g, i = blockIdx.x, b = i / hq, qh = i % hq, h = qh / s.g;
+  const int splits = gridDim.y, split = blockIdx.y;
+  const int32_t slot = s.slots[b];
+  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
+  const int64_t hi = head_index(s, slot, h);
+  const int32_t* off = a.offsets + hi * (s.cmax + 1);
+  const int64_t nclu = st.n_clustered, nsink = st.n_sink, nrec = st.n_recent, always = nsink + nrec;
+  const SelInfo info = a.info[i];
+  const T* K = static_cast<const T*>(a.k) + hi * s.cap * D;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int e = tid; e < D; e += kExactThreads) qs[e] = a.qf[i * D + e];
+  __syncthreads();
   MaxSum ma{-INFINITY, 0.0}, mh{-INFINITY, 0.0};
-  for (int64_t t = tid; t < always; t += kThreads) {
-    const int64_t row = t < nsink ? t : nsink + nclu + (t - nsink);
-    ma = add(ma, thread_dot(K + row * s.d, qs, s.d));
-  }
-  for (int64_t u = tid; u < i_head * 16; u += kThreads) {
-    const int64_t j = ord[u >> 4];
-    for (int64_t row = nsink + off[j] + (u & 15); row < nsink + off[j + 1]; row += 16)
-      mh = add(mh, thread_dot(K + row * s.d, qs, s.d));
+  if (!info.all) {
+    const int64_t stride = (int64_t)splits * kExactThreads, first = (int64_t)split * kExactThreads + tid;
+    for (int64_t t = first; t < always; t += stride) {
+      const int64_t row = t < nsink ? t : nsink + nclu + (t - nsink);
+      ma = add(ma, thread_dot<T, D>(K + row * D, qs));
+    }
+    const int2* tasks = reinterpret_cast<const int2*>(a.tasks) + i * a.tasks_stride;
+    for (int64_t u = first; u < (int64_t)info.n_tasks * 16; u += stride) {
+      const int2 tk = tasks[u >> 4];
+      const int64_t row = tk.x + (u & 15);
+      if (row < tk.y) mh = add(mh, thread_dot<T, D>(K + row * D, qs));
+    }
   }
   ma = warp_combine(ma);
   mh = warp_combine(mh);
   if (lane == 0) {
-    warp_a[warp] = ma;
-    warp_h[warp] = mh;
+    wa[warp] = ma;
+    wh[warp] = mh;
   }
   __syncthreads();
   if (tid == 0) {
     MaxSum A{-INFINITY, 0.0}, H{-INFINITY, 0.0};
-    for (int w = 0; w < kWarps; ++w) {
-      A = combine(A, warp_a[w]);
-      H = combine(H, warp_h[w]);
+    for (int w = 0; w < kExactThreads / 32; ++w) {
+      A = combine(A, wa[w]);
+      H = combine(H, wh[w]);
+    }
+    a.parts[i * kMaxExactSplits + split] = ExactPart{A.m, A.s, H.m, H.s};
+  }
+}
+
+// Kernel 3 (one block per query head): alpha, z, the stop point, marks and statistics.
+__global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
+  __shared__ SelShared S;
+  const int64_t hq = s.hkv * s.g, i = blockIdx.x, b = i / hq, qh = i % hq, h = qh / s.g;
+  const SelInfo info = a.info[i];
+  if (info.all) return;  // uniform: kernel 1 finished this head
+  const int32_t slot = s.slots[b];
+  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
+  const int64_t hi = head_index(s, slot, h);
+  const int32_t* off = a.offsets + hi * (s.cmax + 1);
+  const int64_t C = st.n_clusters, nclu = st.n_clustered, nsink = st.n_sink, nrec = st.n_recent;
+  const int64_t always = nsink + nrec, total = always + nclu;
+  uint8_t* kmark = a.kv_mark + (b * s.hkv + h) * s.cmax;
+  uint8_t* hmark = a.head_mark ? a.head_mark + i * s.cmax : nullptr;
+  const float* sc = a.scores + i * s.cmax;
+  const int tid = threadIdx.x;
+  auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+  auto mark = [&](int64_t j) {
+    kmark[j] = 1;
+    if (hmark) hmark[j] = 1;
+  };
+  const float mx = info.mx, bpl = info.bpl;
+  const int bh = info.bh, bh_whole = info.bh_whole, nh_cand = info.nh_cand, cut_h = info.cut_h;
+  for (int k = tid; k < kBuckets; k += kSelThreads) S.pri[k] = a.hist_pri[i * kBuckets + k];
+  for (int k = tid; k < max(nh_cand, 0); k += kSelThreads) S.sorted[k] = a.cand[i * kCand + k];
+  if (tid == 0) {
+    MaxSum A{-INFINITY, 0.0}, H{-INFINITY, 0.0};
+    for (int p = 0; p < splits; ++p) {
+      const ExactPart e = a.parts[i * kMaxExactSplits + p];
+      A = combine(A, MaxSum{e.am, e.as});
+      H = combine(H, MaxSum{e.hm, e.hs});
     }
     const double m = fmax(A.m, H.m);
-    sh_d[0] = m;
-    sh_d[1] = A.m == -INFINITY ? 0.0 : A.s * exp(A.m - m);
-    sh_d[2] = H.m == -INFINITY ? 0.0 : H.s * exp(H.m - m);
+    S.dsh[0] = m;
+    S.dsh[1] = A.m == -INFINITY ? 0.0 : A.s * exp(A.m - m);
+    S.dsh[2] = H.m == -INFINITY ? 0.0 : H.s * exp(H.m - m);
   }
   __syncthreads();
-  const double m = sh_d[0], a_mass = sh_d[1], read_exact = sh_d[2];
-
-  // 3) Prior of the head clusters and of the unread rest.
-  double prior_head = 0.0, prior_rest = 0.0;
-  for (int64_t r = tid; r < C; r += kThreads) {
-    const double p = (double)csize(ord[r]) * exp((double)sc[r] - m);
-    if (r < i_head) prior_head += p;
-    else prior_rest += p;
-  }
-  prior_head = ReduceD(tmp.reduce_d).Sum(prior_head);
-  __syncthreads();
-  prior_rest = ReduceD(tmp.reduce_d).Sum(prior_rest);
-  if (tid == 0) {
-    sh_d[1] = prior_head;
-    sh_d[2] = prior_rest;
-  }
-  __syncthreads();
-  const double alpha = read_exact / sh_d[1];
-  const double z = a_mass + read_exact + alpha * sh_d[2];
+  const double a_mass = S.dsh[1], read_exact = S.dsh[2];
+  double prior_all = 0.0;
+  for (int k = tid; k < kBuckets; k += kSelThreads) prior_all += (double)S.pri[k];
+  prior_all = block_sum(prior_all, S);
+  // Priors are relative to the best centroid score mx; exact masses to their own max. alpha
+  // maps the first onto the second, so the estimate needs no common reference.
+  const double prior_head = info.prior_head;
+  const double prior_rest = fmax(0.0, prior_all - prior_head);
+  const double alpha = read_exact / prior_head;
+  const double z = a_mass + read_exact + alpha * prior_rest;
   if (!(isfinite(alpha) && alpha > 0) || !(z > 0) || !isfinite(z)) {  // read everything
-    for (int64_t j = tid; j < C; j += kThreads) mark(j);
+    for (int64_t j = tid; j < C; j += kSelThreads) mark(j);
     if (tid == 0) {
       a.head_tokens[i] = total;
       a.est_mass[i] = 1.0;
@@ -269,42 +641,83 @@ __global__ void __launch_bounds__(kThreads) select_heads_kernel(StepGeometry s, 
     return;
   }
 
-  // 4) Stop point: ranked unread clusters until the estimate reaches P_eff * z.
+  // Stop point: ranked clusters after the head until the estimate reaches P_eff * z.
   const double p_eff = fmin(1.0, a.target + a.margin * (1.0 - a.target));
   const double goal = p_eff * z;
-  double acc = a_mass + read_exact;
-  int64_t r_sel = i_head;
-  if (acc < goal) {
-    r_sel = C;
-    for (int64_t base = i_head; base < C; base += kThreads) {
-      const int64_t r = base + tid;
-      const double e = r < C ? alpha * (double)csize(ord[r]) * exp((double)sc[r] - m) : 0.0;
-      double inc, agg;
-      ScanD(tmp.scan_d).InclusiveSum(e, inc, agg);
+  const double acc0 = a_mass + read_exact;
+  int bs = bh_whole, cut_s = 0;  // selected: buckets < bs, plus sorted[0..cut_s) of bs
+  bool bs_ranked = false;
+  double acc = acc0;
+  if (nh_cand > 0 && bh_whole == bh) {  // the head's crossing bucket is partly taken
+    bs = bh;
+    cut_s = cut_h;
+    bs_ranked = true;
+  }
+  if (acc0 < goal) {
+    bool done = false;
+    if (bs_ranked) {  // the rest of bucket bh first: its ranked candidates after the head's cut
+      for (int k = tid; k < nh_cand; k += kSelThreads)
+        S.cval[k] = alpha * (double)csize(S.sorted[k]) * exp((double)sc[S.sorted[k]] - (double)mx);
       __syncthreads();
-      const int64_t cand = (r < C && acc + inc >= goal) ? r : INT64_MAX;
-      const int64_t first = ReduceI(tmp.reduce_i).Reduce(cand, ::cuda::minimum<>{});
-      if (tid == 0) sh_i = first;
-      __syncthreads();
-      if (sh_i != INT64_MAX) {
-        if (r == sh_i) sh_d[3] = acc + inc;
-        __syncthreads();
-        r_sel = sh_i + 1;
-        acc = sh_d[3];
-        break;
+      double taken;
+      const int c2 = cut_candidates(cut_h, nh_cand, acc0, goal, S, &taken);
+      acc = taken;
+      if (c2 < nh_cand || acc >= goal) {
+        cut_s = c2;
+        done = true;
+      } else {
+        bs = bh + 1;  // bh taken whole; continue after it
+        cut_s = 0;
+        bs_ranked = false;
       }
-      acc += agg;
+    }
+    if (!done) {
+      // Buckets from bs on, whole, until one crosses the goal.
+      for (int k = tid; k < kBuckets; k += kSelThreads)
+        if (k < bs) S.pri[k] = 0.f;
+      __syncthreads();
+      double bbefore = 0.0;
+      const int bx = crossing_bucket(S.pri, alpha, acc, goal, S, &bbefore);
+      if (bx >= kBuckets) {  // rounding left the goal unreached: take everything
+        bs = kBuckets;
+        cut_s = 0;
+        bs_ranked = false;
+        acc = z;
+      } else {
+        const int n = rank_bucket(sc, off, C, mx, bpl, bx, S);
+        if (n < 0) {
+          bs = bx + 1;
+          cut_s = 0;
+          bs_ranked = false;
+          acc = bbefore + alpha * (double)S.pri[bx];
+        } else {
+          for (int k = tid; k < n; k += kSelThreads)
+            S.cval[k] = alpha * (double)csize(S.sorted[k]) * exp((double)sc[S.sorted[k]] - (double)mx);
+          __syncthreads();
+          double taken;
+          cut_s = cut_candidates(0, n, bbefore, goal, S, &taken);
+          acc = taken;
+          bs = bx;
+          bs_ranked = true;
+        }
+      }
     }
   }
 
-  // 5) Marks and counts.
+  // Marks and counts: buckets < bs whole, plus the ranked prefix of bs.
   int64_t tokens = 0;
-  for (int64_t r = tid; r < r_sel; r += kThreads) {
-    const int64_t j = ord[r];
-    mark(j);
-    tokens += csize(j);
-  }
-  tokens = ReduceI(tmp.reduce_i).Sum(tokens);
+  for_clusters(sc, off, C, [&](int64_t j, float v, int32_t n) {
+    if (bucket_of(v, mx, bpl) < bs) {
+      mark(j);
+      tokens += n;
+    }
+  });
+  if (bs_ranked)
+    for (int k = tid; k < cut_s; k += kSelThreads) {
+      mark(S.sorted[k]);
+      tokens += csize(S.sorted[k]);
+    }
+  tokens = (int64_t)block_sum((double)tokens, S);
   if (tid == 0) {
     a.head_tokens[i] = always + tokens;
     a.est_mass[i] = fmin(1.0, acc / z);
@@ -314,7 +727,7 @@ __global__ void __launch_bounds__(kThreads) select_heads_kernel(StepGeometry s, 
 // Row list of each (sequence, KV head): sinks, the marked clusters in physical order, recent.
 // Two passes over chunks of kRowChunk clusters, so every (item, chunk) is its own block: the
 // sizes of each chunk's marked clusters, then each chunk's rows at the sum of earlier chunks.
-constexpr int64_t kRowChunk = 1024;
+constexpr int64_t kRowChunk = 256;  // one scan batch per block: more blocks, shorter serial work
 
 __global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, SelectArgs a) {
   typedef cub::BlockReduce<int64_t, kThreads> ReduceI;
@@ -339,7 +752,7 @@ __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, Se
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
   const int32_t* off = a.offsets + head_index(s, slot, h) * (s.cmax + 1);
-  const uint8_t* kmark = a.kv_mark + item * s.cmax;
+  uint8_t* kmark = a.kv_mark + item * s.cmax;
   int32_t* out = a.rows + item * s.cap;
   const int64_t nsink = st.n_sink, nclu = st.n_clustered, nrec = st.n_recent, C = st.n_clusters;
   const int32_t* sums = a.chunk_sums + item * gridDim.y;
@@ -352,15 +765,32 @@ __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, Se
     for (int64_t t = threadIdx.x; t < nrec; t += kThreads) out[all + t] = (int32_t)(nsink + nclu + t);
     if (threadIdx.x == 0) a.counts[item] = (int32_t)(all + nrec);
   }
+  // Each batch of kThreads clusters: a scan gives each marked cluster its offset, then the
+  // threads write the batch's rows together (consecutive threads, consecutive rows: coalesced;
+  // a thread per cluster writing its own rows left each store instruction scattered).
+  __shared__ int32_t s_ex[kThreads], s_start[kThreads];
   const int64_t end = min((chunk + 1) * kRowChunk, C);
   for (int64_t base = chunk * kRowChunk; base < end; base += kThreads) {
     const int64_t j = base + threadIdx.x;
-    const int64_t v = (j < end && kmark[j]) ? (int64_t)off[j + 1] - off[j] : 0;
+    const bool marked = j < end && kmark[j];
+    if (marked) kmark[j] = 0;  // read for the last time: ready for the next step
+    const int64_t v = marked ? (int64_t)off[j + 1] - off[j] : 0;
     int64_t ex, agg;
     ScanI(tmp).ExclusiveSum(v, ex, agg);
+    s_ex[threadIdx.x] = (int32_t)ex;
+    s_start[threadIdx.x] = marked ? (int32_t)(nsink + off[j]) : 0;
     __syncthreads();
-    for (int64_t k = 0; k < v; ++k) out[carry + ex + k] = (int32_t)(nsink + off[j] + k);
+    for (int64_t r = threadIdx.x; r < agg; r += kThreads) {
+      int lo = 0, hi = kThreads;  // last entry with s_ex <= r: the cluster holding row r
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (s_ex[mid] <= r) lo = mid;
+        else hi = mid;
+      }
+      out[carry + r] = s_start[lo] + (int32_t)(r - s_ex[lo]);
+    }
     carry += agg;
+    __syncthreads();  // s_ex / s_start / tmp are reused by the next batch
   }
 }
 
@@ -406,18 +836,28 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
   TACTIC_CUDA_LAUNCH_CHECK("append_token (counts)");
 }
 
-int64_t row_chunks(int64_t cmax) { return (cmax + kRowChunk - 1) / kRowChunk; }
-
-size_t select_sort_temp_bytes(int64_t segments, int64_t cmax) {
-  size_t bytes = 0;
-  TACTIC_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      nullptr, bytes, (const float*)nullptr, (float*)nullptr, (const int32_t*)nullptr,
-      (int32_t*)nullptr, (int64_t)(segments * cmax), (int64_t)segments, (const int32_t*)nullptr,
-      (const int32_t*)nullptr));
-  return bytes;
+size_t select_scratch_bytes(int64_t heads) {
+  return (size_t)heads * (sizeof(SelInfo) + kMaxExactSplits * sizeof(ExactPart) + kBuckets * sizeof(float) +
+                          kCand * sizeof(int32_t)) + 4 * 16;
 }
 
-void select_step(const StepGeometry& s, const SelectArgs& a) {
+int64_t row_chunks(int64_t cmax) { return (cmax + kRowChunk - 1) / kRowChunk; }
+
+void select_step(const StepGeometry& s, const SelectArgs& args) {
+  SelectArgs a = args;
+  {  // carve the scratch: info, parts, histograms, candidates (each 16-byte aligned)
+    const int64_t heads = s.batch * s.hkv * s.g;
+    char* p = static_cast<char*>(a.scratch);
+    auto take = [&](size_t bytes) {
+      char* r = p;
+      p += (bytes + 15) / 16 * 16;
+      return r;
+    };
+    a.info = reinterpret_cast<SelInfo*>(take(heads * sizeof(SelInfo)));
+    a.parts = reinterpret_cast<ExactPart*>(take(heads * kMaxExactSplits * sizeof(ExactPart)));
+    a.hist_pri = reinterpret_cast<float*>(take(heads * kBuckets * sizeof(float)));
+    a.cand = reinterpret_cast<int32_t*>(take(heads * kCand * sizeof(int32_t)));
+  }
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv, heads = items * s.g;
   if (a.dense) {
@@ -426,22 +866,43 @@ void select_step(const StepGeometry& s, const SelectArgs& a) {
     return;
   }
   if (s.d > 256) throw UnsupportedError("CUDA selection supports head_dim <= 256");
-  TACTIC_CUDA_CHECK(cudaMemsetAsync(a.kv_mark, 0, (size_t)(items * s.cmax), st));
+  // kv_mark is all zero here: build_rows clears each mark after its last read.
   if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
-  const int64_t per_block = (int64_t)kWarps * 8;
-  const dim3 grid((unsigned)items, (unsigned)((s.cmax + per_block - 1) / per_block));
-  score_kernel<<<grid, kThreads, (size_t)(s.g * s.d * sizeof(float)), st>>>(s, a);
-  TACTIC_CUDA_LAUNCH_CHECK("score_centroids");
-  size_t bytes = a.sort_temp_bytes;
-  // Stable radix sort: equal scores keep ascending cluster ids, the CPU's tie-break.
-  TACTIC_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      a.sort_temp, bytes, a.scores, a.scores_sorted, a.ids, a.ids_sorted, heads * s.cmax, heads,
-      a.seg_begin, a.seg_end, 0, 32, st));
+  const size_t qbytes = (size_t)(s.g * s.d * sizeof(float));
   dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    select_heads_kernel<T><<<(unsigned)heads, kThreads, 0, st>>>(s, a);
+    auto grid = [&](int u) {
+      const int64_t per = (int64_t)(kThreads / 4) * u;
+      return dim3((unsigned)items, (unsigned)((s.cmax + per - 1) / per));
+    };
+    switch (s.d) {
+      case 64: score_kernel<T, 64><<<grid(kScoreUnroll<T, 64>()), kThreads, qbytes, st>>>(s, a); break;
+      case 80: score_kernel<T, 80><<<grid(kScoreUnroll<T, 80>()), kThreads, qbytes, st>>>(s, a); break;
+      case 96: score_kernel<T, 96><<<grid(kScoreUnroll<T, 96>()), kThreads, qbytes, st>>>(s, a); break;
+      case 128: score_kernel<T, 128><<<grid(kScoreUnroll<T, 128>()), kThreads, qbytes, st>>>(s, a); break;
+      case 256: score_kernel<T, 256><<<grid(kScoreUnroll<T, 256>()), kThreads, qbytes, st>>>(s, a); break;
+      default: throw UnsupportedError("CUDA selection supports head_dim 64, 80, 96, 128 or 256");
+    }
   });
-  TACTIC_CUDA_LAUNCH_CHECK("select_heads");
+  TACTIC_CUDA_LAUNCH_CHECK("score_centroids");
+  select_head_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a);
+  TACTIC_CUDA_LAUNCH_CHECK("select_head");
+  // Enough blocks for about two per SM of an H100, at most kMaxExactSplits per head.
+  const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (264 + heads - 1) / heads));
+  dispatch_float(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 eg((unsigned)heads, (unsigned)splits);
+    switch (s.d) {
+      case 64: select_exact_kernel<T, 64><<<eg, kExactThreads, 0, st>>>(s, a); break;
+      case 80: select_exact_kernel<T, 80><<<eg, kExactThreads, 0, st>>>(s, a); break;
+      case 96: select_exact_kernel<T, 96><<<eg, kExactThreads, 0, st>>>(s, a); break;
+      case 128: select_exact_kernel<T, 128><<<eg, kExactThreads, 0, st>>>(s, a); break;
+      default: select_exact_kernel<T, 256><<<eg, kExactThreads, 0, st>>>(s, a); break;
+    }
+  });
+  TACTIC_CUDA_LAUNCH_CHECK("select_exact");
+  select_stop_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a, splits);
+  TACTIC_CUDA_LAUNCH_CHECK("select_stop");
   const dim3 rows_grid((unsigned)items, (unsigned)row_chunks(s.cmax));
   chunk_sums_kernel<<<rows_grid, kThreads, 0, st>>>(s, a);
   TACTIC_CUDA_LAUNCH_CHECK("chunk_sums");

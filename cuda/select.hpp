@@ -37,21 +37,29 @@ void append_token(const StepGeometry& s, const void* k_new, const void* v_new, D
                   int64_t stride_b, int64_t stride_h, void* k, void* v, int32_t* pos, DType dst,
                   int num_sink);
 
+struct SelInfo;    // per-head hand-over between the selection kernels (select.cu)
+struct ExactPart;  // one block's exact (max, sum) partial (select.cu)
+
 struct SelectArgs {
   const void* k;                 // store keys (storage dtype)
   DType dtype;
-  const float* centroids;        // [L, B, Hkv, cmax, d]
+  const void* centroids;         // [L, B, Hkv, cmax, d] in the storage dtype `dtype`
   const int32_t* offsets;        // [L, B, Hkv, cmax + 1]
   const float* qf;               // [batch, Hq, d], scaled
-  float* scores;                 // [batch * Hq, cmax] scratch
-  float* scores_sorted;          // [batch * Hq, cmax] scratch
-  int32_t* ids;                  // [batch * Hq, cmax] scratch
-  int32_t* ids_sorted;           // [batch * Hq, cmax] scratch
-  int32_t* seg_begin;            // [batch * Hq] scratch
-  int32_t* seg_end;              // [batch * Hq] scratch
-  void* sort_temp;               // CUB temp storage of select_sort_temp_bytes()
-  size_t sort_temp_bytes;
-  uint8_t* kv_mark;              // [batch * Hkv, cmax] union marks (zeroed by the launcher)
+  float* scores;                 // [batch * Hq, cmax] scratch: q . centroid
+  int32_t* seg_max;              // [batch * Hq] best score as an ordered int; every entry must
+                                 // be below any score before a step (select_step leaves it so)
+  int32_t* seg_min;              // [batch * Hq] worst score, likewise: above any score before a step
+  int32_t* ids;                  // [batch * Hq, cmax] scratch: each head's exact-head clusters
+  int32_t* tasks;                // [batch * Hq, tasks_stride] int2 scratch: exact-head row ranges
+  int64_t tasks_stride;          // head_tasks_stride(cmax, cap) int2 entries per head
+  void* scratch;                 // select_scratch_bytes(batch * Hq) bytes; carved by select_step
+  SelInfo* info;                 // (set by select_step from scratch)
+  ExactPart* parts;
+  float* hist_pri;
+  int32_t* cand;
+  uint8_t* kv_mark;              // [batch * Hkv, cmax] union marks: zero before a step
+                                 // (zero them at allocation; each step leaves them zero)
   uint8_t* head_mark;            // [batch * Hq, cmax] or null: each head's own clusters
   int64_t* head_tokens;          // [batch * Hq]
   double* est_mass;              // [batch * Hq]
@@ -63,10 +71,13 @@ struct SelectArgs {
   bool dense;                    // policy dense: every row, no selection
 };
 
-size_t select_sort_temp_bytes(int64_t segments, int64_t cmax);
+size_t select_scratch_bytes(int64_t heads);
+// Row-range tasks a head's exact clusters can need: one per 16 rows plus one per cluster.
+inline int64_t head_tasks_stride(int64_t cmax, int64_t cap) { return cmax + (cap + 15) / 16 + 1; }  // per step, heads = batch * Hq (at most)
 int64_t row_chunks(int64_t cmax);  // size of SelectArgs::chunk_sums per (sequence, KV head)
 
-// The whole selection of one step: scores, segmented sort, per-head stop point, union rows.
+// The whole selection of one step: scores, per-head exact head and stop point (no sort: a
+// score histogram plus exact ranking of the one crossing bucket), union rows.
 void select_step(const StepGeometry& s, const SelectArgs& a);
 
 }  // namespace cuda

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include "store.hpp"
 
 #include "common.cuh"
@@ -79,6 +80,24 @@ void head_indices(const StepGeometry& s, int32_t* out) {
   const int64_t n = s.batch * s.hkv;
   head_indices_kernel<<<(unsigned)((n + 255) / 256), 256, 0, as_stream(s.stream)>>>(s, out);
   TACTIC_CUDA_LAUNCH_CHECK("head_indices");
+}
+
+namespace {
+template <class T>
+__global__ void round_kernel(const float* src, T* dst, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = from_float<T>(src[i]);
+}
+}  // namespace
+
+void round_centroids(const float* src, void* dst, DType dtype, int64_t n, void* stream) {
+  if (n <= 0) return;
+  const unsigned blocks = (unsigned)std::min<int64_t>((n + 255) / 256, 4096);
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    round_kernel<T><<<blocks, 256, 0, as_stream(stream)>>>(src, static_cast<T*>(dst), n);
+  });
+  TACTIC_CUDA_LAUNCH_CHECK("round_centroids");
 }
 
 }  // namespace cuda

@@ -24,5 +24,8 @@ void set_slots(int32_t* dst, const int64_t* slots, int64_t n, void* stream);
 // out[b * hkv + h] = (layer * max_batch + slots[b]) * hkv + h.
 void head_indices(const StepGeometry& s, int32_t* out);
 
+// dst[i] = src[i] rounded to `dtype` (f16 or bf16), n elements: the scoring copy of centroids.
+void round_centroids(const float* src, void* dst, DType dtype, int64_t n, void* stream);
+
 }  // namespace cuda
 }  // namespace tactic

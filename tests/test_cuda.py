@@ -243,3 +243,77 @@ def test_batch_of_different_lengths():
             else:
                 err = np.linalg.norm(out[b] - ref, axis=1) / np.linalg.norm(ref, axis=1)
                 assert np.median(err) < 0.2, err
+
+
+@pytest.mark.parametrize("n", [40000, 120000])
+def test_selection_matches_cpu_long_context(n):
+    """Thousands of clusters (the histogram selection's buckets hold many): GPU picks = CPU picks."""
+    gen = torch.Generator().manual_seed(n)
+    hkv, g, d, steps = 1, 8, 128, 3
+    k, _ = mixture_keys(n + steps, hkv, d, gen, centres=256)
+    k = k.half()
+    v = torch.randn(n + steps, hkv, d, generator=gen).half()
+    opts = dict(max_tokens=n + steps, dtype="float16", target=0.9, share_group=False)
+    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+    cpu.prefill(0, k[:n], v[:n])
+    gpu.prefill(0, k[:n].cuda(), v[:n].cuda())
+    same = total = 0
+    for i in range(steps):
+        q = (k[n + i].repeat_interleave(g, 0)[None].float() * 2 + torch.randn(1, hkv * g, d, generator=gen)).half()
+        oc = cpu.decode(0, q, k[n + i][None], v[n + i][None])
+        og = gpu.decode(0, q.cuda(), k[n + i][None].cuda(), v[n + i][None].cuda())
+        sc, sg = cpu.stats(0), gpu.stats(0)
+        assert (sg["head_tokens"] < sg["context"][:, None]).any(), "the test must exercise a real selection"
+        same += int((sc["head_tokens"] == sg["head_tokens"]).sum())
+        total += sc["head_tokens"].size
+        if (sc["kv_tokens"] == sg["kv_tokens"]).all():
+            np.testing.assert_allclose(og.float().cpu().numpy(), oc.float().numpy(), atol=3e-3, rtol=3e-3)
+    assert same >= 0.9 * total, f"{same}/{total} heads selected the same token count"
+
+
+@pytest.mark.parametrize("g", [1, 4, 8])
+def test_reuse_selection_attends_over_the_last_selection(g):
+    """decode(reuse_selection=True) = float64 attention of a new query over the kept union."""
+    gen = torch.Generator().manual_seed(70 + g)
+    hkv, d, n, dtype = 2, 128, 5000, "float16"
+    k, _ = mixture_keys(n + 1, hkv, d, gen)
+    k = k.half()
+    v = torch.randn(n + 1, hkv, d, generator=gen).half()
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype=dtype,
+                               target=0.8, share_group=False, record_selection=True)
+    dec.prefill(0, k[:n].cuda(), v[:n].cuda())
+    q1 = (k[n].repeat_interleave(g, 0)[None].float() * 3).half().cuda()
+    out1 = dec.decode(0, q1, k[n][None].cuda(), v[n][None].cuda())
+    again = dec.decode(0, q1, None, None, reuse_selection=True)
+    assert torch.equal(again, out1)
+    st = dec.stats(0)
+    assert st["read_fraction"].max() < 0.9, st["read_fraction"]
+    q2, q2_64 = rand((1, hkv * g, d), dtype, gen)
+    out2 = dec.decode(0, q2.cuda(), None, None, reuse_selection=True).double().cpu().numpy()
+    k64, v64 = k.double().numpy(), v.double().numpy()
+    for hq in range(hkv * g):
+        keep = st["kv_mask"][0, hq // g]
+        ref, _ = ref_attention(q2_64[0, hq:hq + 1], k64[keep][:, hq // g:hq // g + 1], v64[keep][:, hq // g:hq // g + 1],
+                               d ** -0.5)
+        np.testing.assert_allclose(out2[0, hq], ref[0], atol=ATOL[dtype], rtol=RTOL[dtype])
+    dec.prefill(0, k[:n].cuda(), v[:n].cuda())  # the slot's rows change: the selection is gone
+    with pytest.raises(ValueError, match="reuse_selection needs a selection"):
+        dec.decode(0, q2.cuda(), None, None, reuse_selection=True)
+
+
+def test_target_setter_changes_later_steps():
+    gen = torch.Generator().manual_seed(5)
+    hkv, g, d, n = 2, 4, 128, 8000
+    k, _ = mixture_keys(n, hkv, d, gen)
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n, device="cuda", dtype="float16",
+                               target=0.5, share_group=False)
+    dec.prefill(0, k.half().cuda(), k.half().cuda())
+    q = (k[n - 1].repeat_interleave(g, 0)[None] * 3).half().cuda()
+    low = dec.select(0, q)["head_tokens"].sum()
+    dec.target = 0.95
+    high = dec.select(0, q)["head_tokens"].sum()
+    assert dec.target == 0.95 and high > low, (low, high)
+    with pytest.raises(ValueError, match="target"):
+        dec.target = 1.5
+    assert dec.target == 0.95

@@ -19,12 +19,14 @@ def _check_layout(dec, layer, seq, head, k64, v64, n, dtype):
     if nc:
         off = lay["offsets"]
         assert off[0] == 0 and off[-1] == nc and (np.diff(off) >= 0).all()
-        # each cluster is one contiguous block; its centroid is the mean of its keys
+        # each cluster is one contiguous block; its centroid is the mean of its keys, rounded
+        # to the storage dtype (what the ranking reads on both backends)
         keys = lay["keys"][ns : ns + nc].astype(np.float64)
+        rtol = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 8e-3}[dtype]
         for c in range(len(off) - 1):
             if off[c + 1] > off[c]:
                 np.testing.assert_allclose(lay["centroids"][c], keys[off[c] : off[c + 1]].mean(0),
-                                           rtol=1e-4, atol=1e-5)
+                                           rtol=rtol, atol=10 * rtol * 1e-1)
     return lay
 
 

@@ -271,4 +271,31 @@ void Decoder::recluster(int64_t layer, int64_t slot) {
   else store_->recluster(layer, slot);
 }
 
+void Decoder::attend(int64_t layer, const TensorView& q, const TensorView& out,
+                     const std::vector<int64_t>& slots) {
+  check_layer(layer);
+  if (!device_)
+    throw UnsupportedError("attend (decode with reuse_selection) is implemented for CUDA decoders only");
+  const int64_t Hq = cfg_.num_q_heads, D = cfg_.head_dim;
+  check_ndim(q, "q", {3});
+  const int64_t B = q.shape[0];
+  check_shape(q, "q", {B, Hq, D});
+  check_kv_input(q, "q", cfg_);
+  check_shape(out, "out", {B, Hq, D});
+  check_kv_input(out, "out", cfg_);
+  if (slots != device_->last_slots(layer))
+    throw ValueError("reuse_selection needs a selection of layer " + std::to_string(layer) +
+                     " for these `seq` slots: call decode() or select() with the same slots first (a "
+                     "prefill, recluster or reset of those slots discards it)");
+  device_->attend(layer, q, out, slots, stream_);
+}
+
+void Decoder::set_target(double target) {
+  SelectOptions o = cfg_.select;
+  o.target = target;
+  validate(o);
+  cfg_.select.target = target;
+  if (device_) device_->set_target(target);
+}
+
 }  // namespace tactic

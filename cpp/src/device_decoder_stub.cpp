@@ -26,6 +26,12 @@ const SlotState& DeviceDecoder::state(int64_t, int64_t) const {
 void DeviceDecoder::reset(int64_t) {}
 void DeviceDecoder::recluster(int64_t, int64_t, void*) {}
 std::size_t DeviceDecoder::bytes() const { return 0; }
+void DeviceDecoder::attend(int64_t, const TensorView&, const TensorView&, const std::vector<int64_t>&, void*) {}
+const std::vector<int64_t>& DeviceDecoder::last_slots(int64_t) const {
+  static const std::vector<int64_t> none;
+  return none;
+}
+void DeviceDecoder::set_target(double) {}
 
 }  // namespace cuda
 }  // namespace tactic

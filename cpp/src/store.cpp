@@ -187,6 +187,14 @@ void KVStore::cluster_head(int64_t layer, int64_t slot, int64_t head, int64_t nc
       for (int64_t k = 0; k < D; ++k) cent[j * D + k] = cnt ? (float)(sum[k] / cnt) : 0.f;
     }
   }
+  // Ranking reads the centroids in the storage dtype (on the GPU they are the selection's
+  // largest read: half the bytes of fp32), so round them here: both backends then score the
+  // same values and pick the same clusters.
+  if (cfg_.dtype != DType::f32) {
+    std::vector<uint8_t> low((std::size_t)r.num_clusters * D * dtype_size(cfg_.dtype));
+    store_floats(cent, r.num_clusters * D, cfg_.dtype, low.data());
+    load_floats(low.data(), cfg_.dtype, r.num_clusters * D, cent);
+  }
   // Re-index: physically permute K, V and positions so each cluster is one block.
   std::vector<uint8_t> kt(nc * row_bytes_), vt(nc * row_bytes_);
   std::vector<int32_t> pt(nc);

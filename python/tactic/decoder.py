@@ -139,7 +139,7 @@ class SparseDecoder:
         self.num_layers, self.num_q_heads = c.num_layers, c.num_q_heads
         self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
         self.max_batch, self.max_tokens = c.max_batch, c.max_tokens
-        self.target = c.target
+        self._target = c.target
 
     # ------------------------------------------------------------------ helpers
     def _layer(self, layer) -> int:
@@ -232,7 +232,20 @@ class SparseDecoder:
                              f"[B, num_kv_heads, N, head_dim], got shape {tuple(keys.shape)}")
         self._core.prefill(layer, _int("seq", seq), keys, values)
 
-    def decode(self, layer: int, q, k_new, v_new, seq=None, out=None, budget=None, stream=None):
+    @property
+    def target(self) -> float:
+        """P, the fraction of attention mass each query head keeps; settable between steps
+        (the store and its clusters stay as they are)."""
+        return self._target
+
+    @target.setter
+    def target(self, value) -> None:
+        value = _float("target", value)
+        self._core.set_target(value)  # ValueError outside (0, 1]
+        self._target = value
+
+    def decode(self, layer: int, q, k_new, v_new, seq=None, out=None, budget=None, stream=None,
+               reuse_selection: bool = False):
         """One decode step of `layer`: append the new token's k/v, then attend.
 
         q: [B, Hq, D] queries of the new token; k_new, v_new: [B, Hkv, D] its key/value
@@ -243,10 +256,23 @@ class SparseDecoder:
         with q's dtype. stream (CUDA): where the step's kernels run; default the current
         stream of q's framework (torch.cuda.current_stream(), CuPy's current stream). The
         step never waits for the GPU, so it can be captured in a CUDA graph.
+        reuse_selection (CUDA): attend over the tokens the previous decode/select of this layer
+        chose for the same `seq` instead of selecting again (k_new, v_new must be None); e.g.
+        to time attention alone. ValueError when no such selection exists.
         """
         layer = self._layer(layer)
         q = _arrays.prepare(q, "q")
         self._use_stream(q, stream)
+        if reuse_selection:
+            if k_new is not None or v_new is not None:
+                raise ValueError("`reuse_selection` attends without appending: pass k_new=v_new=None")
+            if len(q.shape) != 3:
+                raise ValueError(f"`q` must be [B, num_q_heads={self.num_q_heads}, head_dim={self.head_dim}], "
+                                 f"got shape {tuple(q.shape)}")
+            slots = self._slots(seq, q.shape[0])
+            result = out if out is not None else _arrays.empty(q, q.shape, _arrays.array_dtype(q))
+            self._core.attend(layer, q, result, slots)
+            return _arrays.finish(q, result) if out is None else out
         append = k_new is not None or v_new is not None
         if append:
             k_new = _arrays.prepare(k_new, "k_new")

@@ -87,6 +87,15 @@ class Decoder {
               const TensorView* v_new, const TensorView* out, const std::vector<int64_t>& slots,
               const int64_t* budgets = nullptr, bool append = true);
 
+  // Attention of q [B, Hq, D] into out [B, Hq, D] over the tokens the last decode() of
+  // `layer` selected for the same `slots` (same order), without selecting again: e.g. to time
+  // attention alone, or to attend a second query set over one selection. ValueError when that
+  // selection does not exist (no decode yet, other slots, or the slots' rows changed since:
+  // prefill, recluster, reset). CUDA decoders only (UnsupportedError on the CPU).
+  void attend(int64_t layer, const TensorView& q, const TensorView& out, const std::vector<int64_t>& slots);
+  // Changes P for later decode() calls (ValueError outside (0, 1]); nothing else changes.
+  void set_target(double target);
+
   // Statistics of the last decode() of `layer`; the reference stays valid for the decoder's
   // life but its contents are replaced by the next decode() of that layer.
   const LayerStats& stats(int64_t layer) const;

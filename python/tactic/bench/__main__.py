@@ -1,0 +1,207 @@
+"""python -m tactic.bench [sweep options]   decode-attention sweep, every peer in one run
+   python -m tactic.bench e2e [options]     Llama-3.1-8B-shaped decode loop, tokens/s
+   python -m tactic.bench plot FILE.json    redraw the PNG of a sweep's JSON
+
+Results (JSON + PNG, named <device>-<kind>-<date>) go to --out (default bench/results).
+Defaults are the full GPU sweep (~8 min on an H100); --quick is a ~1 minute subset. On a
+machine without a GPU the defaults shrink to a tiny CPU run (--device cpu), skipping the
+GPU-only peers (torch SDPA cuDNN/flash, CUDA graphs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from . import report
+
+K = 1024
+
+
+def _tokens(text: str) -> int:
+    """'32K' / '512k' / '2048' -> tokens."""
+    t = text.strip().lower()
+    return int(float(t[:-1]) * K) if t.endswith("k") else int(t)
+
+
+def _heads(text: str):
+    hq, hkv = text.split("/")
+    return int(hq), int(hkv)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sweep_main(argv) -> int:
+    from .bandwidth import copy_bandwidth
+    from .plot import plot
+    from .sweep import Options, RunPolicy, Sweep
+
+    ap = argparse.ArgumentParser(prog="python -m tactic.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=_default_device())
+    ap.add_argument("--n", nargs="+", type=_tokens, help="contexts (e.g. 8K 32K 128K 512K)")
+    ap.add_argument("--batch", nargs="+", type=int)
+    ap.add_argument("--heads", nargs="+", type=_heads, help="Hq/Hkv pairs, e.g. 32/8 32/4")
+    ap.add_argument("--head-dim", type=int)
+    ap.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--target", nargs="+", type=float, help="P values")
+    ap.add_argument("--workload", default="synthetic", choices=["synthetic", "fixture"],
+                    help="synthetic: calibrated generator; fixture: real SmolLM2 KV tiled (9/3 heads, D 64)")
+    ap.add_argument("--quick", action="store_true", help="~1 minute: 8K-128K, B=1, 32/8, fp16, P=0.9")
+    ap.add_argument("--rotate-mb", type=float, help="bytes the rotation cycles through (default 200 on CUDA, 0 on CPU)")
+    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the sweep (default 420; 60 with --quick)")
+    ap.add_argument("--max-prefill-s", type=float, default=30.0, help="skip cases whose k-means would take longer")
+    ap.add_argument("--series-s", type=float, default=0.15, help="time per timed series (sets the run count)")
+    ap.add_argument("--min-runs", type=int, default=20)
+    ap.add_argument("--max-runs", type=int, default=100)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-padded-gather", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="", help="added to the file names")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plan", type=float, metavar="GPU_GIB", default=None,
+                    help="print the cases, rotation, memory and time estimates for a GPU with this much "
+                         "free memory, and exit (no GPU needed)")
+    a = ap.parse_args(argv)
+
+    cuda = torch.device(a.device).type == "cuda" or a.plan is not None
+    if a.plan is None and cuda and not torch.cuda.is_available():
+        ap.error("no CUDA device visible: pass --device cpu (tiny sizes) or run on a GPU machine")
+    import tactic
+    if cuda and a.plan is None and not tactic.with_cuda:
+        ap.error("this build of tactic has no CUDA backend (rebuild with -Ccmake.define.TACTIC_CUDA=ON)")
+    opt = Options(device=a.device, workload=a.workload, seed=a.seed, graphs=not a.no_graphs,
+                  padded_gather=not a.no_padded_gather, max_prefill_s=a.max_prefill_s,
+                  runs=RunPolicy(warmup=5, min_runs=a.min_runs, max_runs=a.max_runs, budget_s=a.series_s))
+    if not cuda:  # development defaults: a few seconds on a laptop core
+        opt.ns, opt.batches, opt.heads, opt.head_dim = (2048,), (1,), ((8, 2),), 64
+        opt.dtypes, opt.targets, opt.rotate_bytes = ("float16",), (0.9,), 0
+    if a.quick:
+        opt.ns, opt.batches, opt.heads = (8 * K, 32 * K, 128 * K), (1,), ((32, 8),)
+        opt.dtypes, opt.targets = ("float16",), (0.9,)
+    for name, val in (("ns", a.n), ("batches", a.batch), ("heads", a.heads), ("dtypes", a.dtype),
+                      ("targets", a.target)):
+        if val:
+            setattr(opt, name, tuple(val))
+    if a.head_dim:
+        opt.head_dim = a.head_dim
+    if a.rotate_mb is not None:
+        opt.rotate_bytes = int(a.rotate_mb * 2**20)
+    opt.time_budget_s = a.budget_s if a.budget_s is not None else (60.0 if a.quick else 420.0)
+
+    if a.plan is not None:
+        opt.device = "cuda"  # estimates for the GPU, whatever runs this
+        print(Sweep(opt, 0.0).plan_text(a.plan * 2**30))
+        return 0
+    env = report.environment(a.device)
+    print(f"tactic.bench on {env['device']}, torch {env['torch']}, commit {env['git_commit'][:12]}, {env['date']}")
+    bw = copy_bandwidth(a.device, (1 << 30) if cuda else (256 << 20))
+    print(f"device copy bandwidth: {bw['median_gbps']:.0f} GB/s (read + write, median)")
+    sw = Sweep(opt, bw["median_gbps"])
+    t0 = time.perf_counter()
+    sw.run()
+    wall = time.perf_counter() - t0
+    print()
+    print(report.table(sw.rows))
+    for s in sw.skipped:
+        c = s["case"]
+        print(f"skipped N={c['n']} B={c['batch']} {c['hq']}/{c['hkv']} {c['dtype']}: {s['reason']}")
+    print(f"sweep wall time {wall:.0f} s")
+    kind = f"bench-{a.workload}" + ("-quick" if a.quick else "") + (f"-{a.tag}" if a.tag else "")
+    payload = {**env, "kind": "sweep", "workload": a.workload, "copy_bandwidth": bw,
+               "options": {k: v for k, v in vars(opt).items() if k != "runs"} | {"runs": vars(opt.runs)},
+               "argv": sys.argv[1:], "wall_s": wall, "rows": sw.rows, "skipped": sw.skipped, "cases": sw.cases_run}
+    path = report.result_path(a.out, a.device, kind, "json")
+    report.write_json(path, payload)
+    print(f"wrote {path}")
+    if not a.no_plot and sw.rows:
+        png = path.with_suffix(".png")
+        if plot(sw.rows, png, f"{env['device']}, {env['date']}, commit {env['git_commit'][:10]}"):
+            print(f"wrote {png}")
+    return 0
+
+
+def e2e_main(argv) -> int:
+    from .e2e import ModelShape, run
+
+    ap = argparse.ArgumentParser(prog="python -m tactic.bench e2e",
+                                 description="Llama-3.1-8B-shaped decode loop: Tactic vs dense attention, tokens/s")
+    ap.add_argument("--device", default=_default_device())
+    ap.add_argument("--context", nargs="+", type=_tokens, help="default 32K 128K (CPU: 1K)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--target", type=float, default=0.9)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", help="of none, dense, dense-flash, dense-cudnn, tactic")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--heads", type=_heads)
+    ap.add_argument("--head-dim", type=int)
+    ap.add_argument("--ffn", type=int)
+    ap.add_argument("--vocab", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args(argv)
+    cuda = torch.device(a.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("no CUDA device visible: pass --device cpu with small --layers/--hidden/... for a dry run")
+    kw = {}
+    if not cuda:  # a shape a CPU runs in seconds
+        kw = dict(layers=2, hidden=256, hq=4, hkv=2, head_dim=64, ffn=512, vocab=1024)
+    for name, val in (("layers", a.layers), ("hidden", a.hidden), ("head_dim", a.head_dim),
+                      ("ffn", a.ffn), ("vocab", a.vocab)):
+        if val:
+            kw[name] = val
+    if a.heads:
+        kw["hq"], kw["hkv"] = a.heads
+    shape = ModelShape(**kw)
+    contexts = a.context or ([32 * K, 128 * K] if cuda else [1024])
+    methods = a.methods or (["none", "dense-flash", "dense-cudnn", "tactic"] if cuda else ["none", "dense", "tactic"])
+    env = report.environment(a.device)
+    print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}")
+    res = run(contexts, a.batch, a.dtype, a.target, a.device, shape, methods, a.warmup, a.steps, a.seed)
+    for r in res["rows"]:
+        if "speedup_vs_faster_dense" in r:
+            print(f"N={r['N']}: Tactic {r['methods']['tactic']['tokens_per_s']:.2f} tokens/s, "
+                  f"{r['speedup_vs_faster_dense']:.2f}x the faster dense (Tactic reads {r['tactic_read_fraction']:.2%})")
+    path = report.result_path(a.out, a.device, "e2e" + (f"-{a.tag}" if a.tag else ""), "json")
+    report.write_json(path, {**env, "kind": "e2e", "argv": sys.argv[1:], **res})
+    print(f"wrote {path}")
+    return 0
+
+
+def plot_main(argv) -> int:
+    from .plot import plot
+    ap = argparse.ArgumentParser(prog="python -m tactic.bench plot")
+    ap.add_argument("json")
+    ap.add_argument("--png")
+    a = ap.parse_args(argv)
+    with open(a.json) as f:
+        d = json.load(f)
+    png = a.png or a.json.rsplit(".", 1)[0] + ".png"
+    plot(d["rows"], png, f"{d['device']}, {d['date']}, commit {d['git_commit'][:10]}")
+    print(f"wrote {png}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "e2e":
+        return e2e_main(argv[1:])
+    if argv and argv[0] == "plot":
+        return plot_main(argv[1:])
+    if argv and argv[0] == "sweep":
+        argv = argv[1:]
+    return sweep_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""End to end: a Llama-3.1-8B-shaped decode loop with Tactic or dense attention.
+
+Model: 32 layers, hidden 4096, 32 query / 8 KV heads of 128, SwiGLU MLP 14336, vocabulary
+128256, RMSNorm, RoPE (theta 500000), random weights in the KV dtype, a distinct set per layer
+(so every layer reads its own 436 MB of weights, as the real model does; 16 GB in all).
+Each step embeds the last token, runs every layer (fused QKV projection, attention, output
+projection, MLP), the final norm and the LM head, and picks the next token by argmax.
+
+Attention sees realistic inputs: the KV cache of every layer is prefilled with the calibrated
+synthetic workload (workloads.synthetic; running the model over 128K tokens would take long
+and random weights would not make realistic attention anyway), and the attention's query is
+that workload's query of the layer plus 1% of the projected q (the projection runs and feeds
+attention, but random weights cannot aim a query at the workload's relevant tokens). The new
+token's key/value likewise are a background token of the workload plus 1% of the projections.
+Both methods do exactly this; only the attention differs:
+- tactic: SparseDecoder.decode(layer, q, k_new, v_new), appending the token.
+- dense: a preallocated torch KV cache [B, Hkv, capacity, D] per layer; the token is written in
+  place, then torch SDPA over the filled part (flash or cuDNN backend, G query heads folded
+  into query rows).
+- none: attention skipped (its output is q): the step's cost without attention, the bound.
+No CUDA graphs: Tactic's decode with append keeps host-side lengths, so the step cannot be
+replayed as a graph; both methods run eagerly (the host launches ahead of the GPU at B = 1).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import SparseDecoder
+from .workloads import TORCH_DTYPES, synthetic
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int = 32
+    hidden: int = 4096
+    hq: int = 32
+    hkv: int = 8
+    head_dim: int = 128
+    ffn: int = 14336
+    vocab: int = 128256
+    rope_theta: float = 500000.0
+
+    def weight_bytes(self, elem_bytes: int) -> int:
+        per_layer = self.hidden * (self.hq + 2 * self.hkv) * self.head_dim + self.hq * self.head_dim * self.hidden \
+            + 3 * self.hidden * self.ffn + 2 * self.hidden
+        return elem_bytes * (self.layers * per_layer + 2 * self.vocab * self.hidden + self.hidden)
+
+
+class RandomModel:
+    """Random weights of `shape` (scaled 1/sqrt(fan_in) so activations stay O(1) in fp16)."""
+
+    def __init__(self, shape: ModelShape, dtype: str, device, seed: int = 0):
+        self.shape, self.dtype, self.device = shape, TORCH_DTYPES[dtype], torch.device(device)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        s, dt, dev = shape, self.dtype, self.device
+
+        def w(rows, cols):
+            x = torch.randn(rows, cols, generator=gen, device=dev, dtype=dt)
+            return x.mul_(1.0 / math.sqrt(rows))
+        qkv = (s.hq + 2 * s.hkv) * s.head_dim
+        self.wqkv = [w(s.hidden, qkv) for _ in range(s.layers)]
+        self.wo = [w(s.hq * s.head_dim, s.hidden) for _ in range(s.layers)]
+        self.wgu = [w(s.hidden, 2 * s.ffn) for _ in range(s.layers)]
+        self.wdown = [w(s.ffn, s.hidden) for _ in range(s.layers)]
+        self.norm_attn = [torch.ones(s.hidden, device=dev, dtype=dt) for _ in range(s.layers)]
+        self.norm_mlp = [torch.ones(s.hidden, device=dev, dtype=dt) for _ in range(s.layers)]
+        self.norm_final = torch.ones(s.hidden, device=dev, dtype=dt)
+        self.embed = torch.randn(s.vocab, s.hidden, generator=gen, device=dev, dtype=dt)
+        self.lm_head = w(s.hidden, s.vocab)
+        inv = 1.0 / s.rope_theta ** (torch.arange(0, s.head_dim, 2, device=dev, dtype=torch.float32) / s.head_dim)
+        self.inv_freq = inv
+
+    def rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """Rotate-half RoPE of x [B, H, D] at position pos."""
+        ang = pos * self.inv_freq
+        cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+    def step(self, tokens: torch.Tensor, pos: int, attend: Callable, inputs: Callable) -> torch.Tensor:
+        """One decode step for tokens [B] at position pos; returns logits [B, vocab].
+
+        attend(layer, q, k, v) -> [B, Hq, D]; inputs(layer, q, k, v, pos) -> the (q, k, v) the
+        attention sees (see the module docstring)."""
+        s = self.shape
+        b = tokens.shape[0]
+        x = self.embed[tokens]
+        eps = 1e-5
+        for l in range(s.layers):
+            h = F.rms_norm(x, (s.hidden,), self.norm_attn[l], eps)
+            qkv = h @ self.wqkv[l]
+            q = qkv[:, :s.hq * s.head_dim].view(b, s.hq, s.head_dim)
+            k = qkv[:, s.hq * s.head_dim:(s.hq + s.hkv) * s.head_dim].view(b, s.hkv, s.head_dim)
+            v = qkv[:, (s.hq + s.hkv) * s.head_dim:].view(b, s.hkv, s.head_dim)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+            q, k, v = inputs(l, q, k, v, pos)
+            o = attend(l, q, k, v)
+            x = x + o.reshape(b, s.hq * s.head_dim) @ self.wo[l]
+            h = F.rms_norm(x, (s.hidden,), self.norm_mlp[l], eps)
+            g, u = (h @ self.wgu[l]).chunk(2, dim=-1)
+            x = x + (F.silu(g) * u) @ self.wdown[l]
+        return F.rms_norm(x, (s.hidden,), self.norm_final, eps) @ self.lm_head
+
+
+class WorkloadInputs:
+    """Calibrated attention inputs per layer (synthetic workload b), shared by all methods."""
+
+    def __init__(self, shape: ModelShape, n: int, batch: int, dtype: str, device, seed: int = 0, mix: float = 0.01):
+        self.mix = mix
+        self.n = n
+        self.q: List[torch.Tensor] = []
+        self.bg_k: List[torch.Tensor] = []
+        self.bg_v: List[torch.Tensor] = []
+        self.seed, self.shape, self.batch, self.dtype, self.device = seed, shape, batch, dtype, device
+
+    def layer(self, l: int):
+        """The workload of layer l (regenerated on demand: identical for every method)."""
+        return synthetic(self.n, self.batch, self.shape.hq, self.shape.hkv, self.shape.head_dim,
+                         self.dtype, self.device, seed=self.seed + l)
+
+    def remember(self, l: int, wl) -> None:
+        """Keep what decode steps need from layer l's workload: its query and 64 background tokens."""
+        idx = torch.randint(1, self.n, (64,), generator=torch.Generator().manual_seed(self.seed + l)).to(wl.keys.device)
+        if len(self.q) <= l:
+            self.q.append(wl.queries.clone())
+            self.bg_k.append(wl.keys[:, :, idx].clone())    # [B, Hkv, 64, D]
+            self.bg_v.append(wl.values[:, :, idx].clone())
+
+    def __call__(self, l, q, k, v, pos):
+        j = pos % self.bg_k[l].shape[2]
+        return (self.q[l] + self.mix * q, self.bg_k[l][:, :, j] + self.mix * k, self.bg_v[l][:, :, j] + self.mix * v)
+
+
+class DenseCache:
+    """Preallocated torch KV cache per layer; attention by torch SDPA over the filled part."""
+
+    def __init__(self, shape: ModelShape, batch: int, capacity: int, dtype, device, backend: Optional[str]):
+        self.k = [torch.empty(batch, shape.hkv, capacity, shape.head_dim, dtype=dtype, device=device)
+                  for _ in range(shape.layers)]
+        self.v = [torch.empty_like(x) for x in self.k]
+        self.length = [0] * shape.layers
+        self.backend = backend
+        self.g = shape.hq // shape.hkv
+
+    def prefill(self, l: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[2]
+        self.k[l][:, :, :n].copy_(keys)
+        self.v[l][:, :, :n].copy_(values)
+        self.length[l] = n
+
+    def __call__(self, l, q, k, v):
+        n = self.length[l]
+        self.k[l][:, :, n].copy_(k)
+        self.v[l][:, :, n].copy_(v)
+        self.length[l] = n + 1
+        b, hkv, _, d = self.k[l].shape
+        qf = q.reshape(b, hkv, self.g, d)
+        kk, vv = self.k[l][:, :, :n + 1], self.v[l][:, :, :n + 1]
+        if self.backend is None:
+            o = F.scaled_dot_product_attention(qf, kk, vv)
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[self.backend]
+            with sdpa_kernel(be):
+                o = F.scaled_dot_product_attention(qf, kk, vv)
+        return o.reshape(b, hkv * self.g, d)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_loop(model: RandomModel, attend: Callable, inputs: Callable, tokens: torch.Tensor, pos: int,
+                warmup: int, steps: int) -> dict:
+    """Greedy decode: `warmup` untimed steps, then `steps` timed ones (CUDA events / wall clock).
+    Returns seconds per step, tokens/s and the last logits."""
+    dev = model.device
+    logits = None
+    for i in range(warmup):
+        logits = model.step(tokens, pos + i, attend, inputs)
+        tokens = logits.argmax(-1)
+    _sync(dev)
+    cuda = dev.type == "cuda"
+    if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+    t = time.perf_counter()
+    for i in range(steps):
+        logits = model.step(tokens, pos + warmup + i, attend, inputs)
+        tokens = logits.argmax(-1)
+    if cuda:
+        b.record()
+        b.synchronize()
+        total = a.elapsed_time(b) / 1e3
+    else:
+        total = time.perf_counter() - t
+    return {"s_per_step": total / max(steps, 1), "tokens_per_s": tokens.shape[0] * steps / total,
+            "steps": steps, "warmup": warmup, "logits": logits, "tokens": tokens}
+
+
+def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, target: float,
+               warmup: int, steps: int, seed: int = 0, log=print) -> dict:
+    """Prefill the KV of every layer with the workload and time the decode loop with `method`:
+    'tactic', 'dense-flash', 'dense-cudnn', 'dense' (default SDPA dispatch) or 'none'."""
+    s, dev = model.shape, model.device
+    inputs = WorkloadInputs(s, n, batch, dtype, dev, seed)
+    cap = n + warmup + steps + 1
+    t0 = time.perf_counter()
+    dec = cache = None
+    if method == "tactic":
+        dec = SparseDecoder(s.layers, s.hq, s.hkv, s.head_dim, max_batch=batch, max_tokens=cap, device=str(dev),
+                            dtype=dtype, target=target)
+    elif method.startswith("dense"):
+        cache = DenseCache(s, batch, cap, model.dtype, dev, method.split("-", 1)[1] if "-" in method else None)
+    elif method != "none":
+        raise ValueError(f"`method` must be tactic, dense, dense-flash, dense-cudnn or none, got {method!r}")
+    for l in range(s.layers):
+        wl = inputs.layer(l)
+        inputs.remember(l, wl)
+        if dec is not None:
+            dec.prefill(l, wl.keys, wl.values)
+        elif cache is not None:
+            cache.prefill(l, wl.keys, wl.values)
+        del wl
+    _sync(dev)
+    prefill_s = time.perf_counter() - t0
+    out = [torch.empty(batch, s.hq, s.head_dim, dtype=model.dtype, device=dev) for _ in range(s.layers)]
+    reads: List[float] = []
+
+    if dec is not None:
+        def attend(l, q, k, v):
+            return dec.decode(l, q, k, v, out=out[l])
+    elif cache is not None:
+        attend = cache
+    else:
+        def attend(l, q, k, v):
+            return q
+    tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+    res = decode_loop(model, attend, inputs, tokens, n, warmup, steps)
+    if dec is not None:
+        reads = [float(dec.stats(l)["read_fraction"].mean()) for l in range(s.layers)]
+    res.update(method=method, N=n, prefill_s=prefill_s,
+               read_fraction=(sum(reads) / len(reads)) if reads else (1.0 if cache is not None else 0.0))
+    log(f"  {method:<12} N={n}: {res['tokens_per_s']:.2f} tokens/s ({res['s_per_step'] * 1e3:.2f} ms/step), "
+        f"prefill {prefill_s:.1f} s" + (f", Tactic reads {res['read_fraction']:.2%}" if reads else ""))
+    del dec, cache
+    return res
+
+
+def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelShape = ModelShape(),
+        methods=("none", "dense-flash", "dense-cudnn", "tactic"), warmup: int = 3, steps: int = 16,
+        seed: int = 0, log=print) -> dict:
+    """Every method at every context; returns the JSON-ready result (logits dropped)."""
+    model = RandomModel(shape, dtype, device, seed)
+    rows = []
+    for n in contexts:
+        per: Dict[str, dict] = {}
+        for m in methods:
+            try:
+                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log)
+            except RuntimeError as e:  # e.g. an SDPA backend this GPU lacks
+                log(f"  {m:<12} N={n}: n/a ({str(e).strip().splitlines()[0]})")
+                per[m] = {"unavailable": str(e).strip().splitlines()[0]}
+                continue
+            r.pop("logits")
+            r.pop("tokens")
+            per[m] = r
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+        dense = [per[m]["tokens_per_s"] for m in per if m.startswith("dense") and "tokens_per_s" in per[m]]
+        row = {"N": n, "methods": per}
+        if dense and "tokens_per_s" in per.get("tactic", {}):
+            row["speedup_vs_faster_dense"] = per["tactic"]["tokens_per_s"] / max(dense)
+            row["tactic_read_fraction"] = per["tactic"]["read_fraction"]
+        rows.append(row)
+    return {"shape": asdict(shape), "batch": batch, "dtype": dtype, "target": target,
+            "weight_bytes": shape.weight_bytes(torch.finfo(TORCH_DTYPES[dtype]).bits // 8),
+            "cuda_graphs": False, "rows": rows}

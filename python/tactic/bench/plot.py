@@ -1,0 +1,85 @@
+"""The sweep's figure: latency vs N per method, and speedup over the faster torch SDPA vs N.
+
+One column per batch size, for one (heads, dtype, P, workload) slice; log axes. Each Tactic
+point is labelled with the selected-token fraction it was measured at.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+LATENCY = [("tactic_step", "Tactic step", "C0", "-"), ("tactic_step_graph", "Tactic step (graph)", "C0", "--"),
+           ("tactic_attention", "Tactic attention", "C1", "-"), ("gather_sdpa", "gather + SDPA", "C2", "-"),
+           ("dense", "Tactic dense", "C3", "-")]
+SDPA = [("sdpa_cudnn", "SDPA cuDNN", "C4"), ("sdpa_flash", "SDPA flash", "C5")]
+
+
+def _best_sdpa(methods: dict, backend: str) -> Optional[float]:
+    ts = [methods[k]["median_us"] for k in (f"{backend}_gqa", f"{backend}_folded") if "median_us" in methods.get(k, {})]
+    return min(ts) if ts else None
+
+
+def choose_slice(rows: List[dict]) -> dict:
+    """The headline slice present in rows: fp16, 32/8 heads, P = 0.9 where available."""
+    def pick(key, want):
+        vals = sorted({r[key] for r in rows}, key=str)
+        return want if want in vals else vals[0]
+    s = {"dtype": pick("dtype", "float16"), "P": pick("P", 0.9), "workload": pick("workload", "synthetic")}
+    heads = sorted({(r["Hq"], r["Hkv"]) for r in rows})
+    s["heads"] = (32, 8) if (32, 8) in heads else heads[0]
+    return s
+
+
+def plot(rows: List[dict], path, title: str, slice_: Optional[dict] = None) -> Optional[dict]:
+    """Write the PNG; returns the slice plotted (None when no row matches)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return None
+    s = slice_ or choose_slice(rows)
+    sel = [r for r in rows if r["dtype"] == s["dtype"] and r["P"] == s["P"] and r["workload"] == s["workload"]
+           and (r["Hq"], r["Hkv"]) == tuple(s["heads"])]
+    if not sel:
+        return None
+    batches = sorted({r["B"] for r in sel})
+    fig, axes = plt.subplots(2, len(batches), figsize=(5.2 * len(batches), 8), squeeze=False)
+    for j, b in enumerate(batches):
+        rs = sorted((r for r in sel if r["B"] == b), key=lambda r: r["N"])
+        ns = [r["N"] for r in rs]
+        ax, axs = axes[0][j], axes[1][j]
+        for key, label, color, style in LATENCY:
+            pts = [(r["N"], r["methods"][key]["median_us"]) for r in rs if "median_us" in r["methods"].get(key, {})]
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, marker="o", label=label)
+        for key, label, color in SDPA:
+            pts = [(r["N"], _best_sdpa(r["methods"], key)) for r in rs if _best_sdpa(r["methods"], key)]
+            if pts:
+                ax.plot(*zip(*pts), ":", color=color, marker="s", label=label)
+        fl = [(r["N"], r["floor"]["us"]) for r in rs]
+        ax.plot(*zip(*fl), "-", color="0.6", lw=1, label="step floor (bytes / copy BW + launch)")
+        for r in rs:
+            if "median_us" in r["methods"].get("tactic_step", {}):
+                ax.annotate(f"{r['selected_fraction']:.1%}", (r["N"], r["methods"]["tactic_step"]["median_us"]),
+                            textcoords="offset points", xytext=(4, -10), fontsize=7, color="C0")
+        ax.set(xscale="log", yscale="log", title=f"B = {b}", xlabel="context N (tokens)", ylabel="latency (us, median)")
+        ax.set_xticks(ns, [f"{n // 1024}K" for n in ns])
+        ax.grid(True, which="both", alpha=0.3)
+        for key, label, color, style in LATENCY:
+            pts = [(r["N"], r["speedup"][key]) for r in rs if r["speedup"].get(key)]
+            if pts:
+                axs.plot(*zip(*pts), style, color=color, marker="o", label=label)
+        axs.axhline(1.0, color="k", lw=0.8)
+        axs.set(xscale="log", yscale="log", xlabel="context N (tokens)",
+                ylabel="speedup over the faster torch SDPA")
+        axs.set_xticks(ns, [f"{n // 1024}K" for n in ns])
+        axs.grid(True, which="both", alpha=0.3)
+    for ax in (axes[0][0], axes[1][0]):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}\n{s['workload']} workload, Hq/Hkv {s['heads'][0]}/{s['heads'][1]}, {s['dtype']}, "
+                 f"P = {s['P']}; labels: tokens read by Tactic / N", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return s

@@ -1,0 +1,387 @@
+"""The decode-speed sweep: every method on the same inputs, per (N, B, heads, dtype) and P.
+
+For each case (N, B, Hq/Hkv, dtype) the workload is generated for `layers` rotation slots,
+prefilled once into a Tactic decoder (clustered) and a dense one, and P is swept on the same
+Tactic decoder (dec.target = p). Cases are ordered so the headline setting (fp16, B = 1,
+32/8 heads) comes first, then by cost; a case that does not fit in memory, whose k-means
+prefill would take longer than `max_prefill_s`, or that would overrun the time budget is
+skipped with its reason (reported in the JSON).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .. import SparseDecoder
+from . import peers as P
+from . import traffic
+from .timing import RunPolicy, Timing, capture_graphs, time_calls
+from .workloads import make as make_workload
+
+ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+L2_BYTES = 50 << 20                 # H100 L2; the rotated set aims at several times this
+KMEANS_FLOPS = 32e12                # first guess of k-means speed (H100, measured 2026-11-23);
+                                    # refined from every prefill the sweep times
+FIXTURE_SHAPE = (9, 3, 64)          # SmolLM2 capture: query heads, KV heads, head dim
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    batch: int
+    hq: int
+    hkv: int
+    d: int
+    dtype: str
+    workload: str
+
+    @property
+    def kv_bytes(self) -> int:  # one layer's K and V
+        return traffic.dense_bytes(self.batch, self.hkv, self.n, self.d, ELEM_BYTES[self.dtype])
+
+    def label(self) -> str:
+        return f"N={self.n} B={self.batch} {self.hq}/{self.hkv} D={self.d} {self.dtype}"
+
+
+@dataclass
+class Options:
+    device: str = "cuda"
+    ns: Sequence[int] = (8192, 32768, 131072, 524288)
+    batches: Sequence[int] = (1, 8, 32)
+    heads: Sequence[Tuple[int, int]] = ((32, 8), (32, 4))
+    head_dim: int = 128
+    dtypes: Sequence[str] = ("float16", "bfloat16")
+    targets: Sequence[float] = (0.8, 0.9, 0.95)
+    workload: str = "synthetic"
+    rotate_bytes: int = 4 * L2_BYTES
+    max_layers: int = 64
+    runs: RunPolicy = field(default_factory=lambda: RunPolicy(warmup=5, min_runs=20, max_runs=100, budget_s=0.15))
+    graphs: bool = True
+    padded_gather: bool = True
+    time_budget_s: float = 420.0
+    max_prefill_s: float = 30.0
+    memory_fraction: float = 0.85
+    seed: int = 0
+
+
+def cases(opt: Options) -> List[Case]:
+    """All cases of the sweep, headline first (fp16, B = 1, the first heads), then by size."""
+    heads = [FIXTURE_SHAPE[:2]] if opt.workload == "fixture" else list(opt.heads)
+    d = FIXTURE_SHAPE[2] if opt.workload == "fixture" else opt.head_dim
+    out = [Case(n, b, hq, hkv, d, dt, opt.workload) for dt in opt.dtypes for (hq, hkv) in heads
+           for b in opt.batches for n in opt.ns]
+    head = (opt.dtypes[0], heads[0], 1)
+    return sorted(out, key=lambda c: ((c.dtype, (c.hq, c.hkv), c.batch) != head, c.batch * c.n * c.hkv, c.n))
+
+
+def tactic_read_estimate(c: Case, read_fraction: float = 0.05) -> int:
+    """Rough bytes one Tactic step reads (for sizing the rotation): a few % of K/V,
+    the fp32 centroids and the exact-head keys (traffic.step_floor's model)."""
+    es = ELEM_BYTES[c.dtype]
+    clusters = math.ceil(c.n / 16)
+    return int(read_fraction * c.kv_bytes + c.batch * c.hkv * clusters * c.d * 4
+               + c.batch * c.hq * 0.02 * c.n * c.d * es)
+
+
+def rotation_layers(c: Case, rotate_bytes: int, max_layers: int) -> int:
+    """Slots so that even the smallest reader (the Tactic step) cycles through rotate_bytes."""
+    if rotate_bytes <= 0:
+        return 1
+    per = min(tactic_read_estimate(c), c.kv_bytes)
+    return int(min(max_layers, max(1, math.ceil(rotate_bytes / per))))
+
+
+def memory_estimate(c: Case, layers: int) -> int:
+    """Device bytes a case needs: workload copies, both decoders, selection and scratch."""
+    es = ELEM_BYTES[c.dtype]
+    kv = layers * c.kv_bytes
+    tokens = layers * c.batch * c.hkv * c.n
+    clusters = math.ceil(c.n / 16)
+    tactic = kv + tokens * 4 + layers * c.batch * c.hkv * clusters * (c.d * 4 + 4) \
+        + c.batch * c.hkv * c.n * 4 + layers * c.batch * c.hq * clusters + c.batch * c.hq * clusters * 16
+    dense = kv + tokens * 4
+    gather = c.kv_bytes + c.batch * c.hkv * c.n * 8        # worst case: a whole layer selected
+    generate = 5 * c.n * c.d * 4 + c.hq * c.n * 4          # one (sequence, KV head) in fp32
+    return int(kv + tactic + dense + gather + generate + (1 << 30) * (es > 0))
+
+
+def prefill_estimate_s(c: Case, layers: int, flops: float) -> float:
+    """k-means time: 10 Lloyd iterations of N x C x D multiply-adds per (layer, seq, KV head)."""
+    return layers * c.batch * c.hkv * 10 * 2.0 * c.n * math.ceil(c.n / 16) * c.d / flops
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _set_target(dec: SparseDecoder, p: float) -> bool:
+    """dec.target = p where the decoder has that setter (True), else False."""
+    prop = getattr(type(dec), "target", None)
+    if isinstance(prop, property) and prop.fset is not None:
+        dec.target = p
+        return True
+    return False
+
+
+def _timed(method: P.Method, device, runs: RunPolicy, nbytes: Optional[int], copy_gbps: float,
+           mode="eager") -> dict:
+    t: Timing = time_calls(method.calls, device, runs, mode)
+    r = t.as_dict()
+    r["note"] = method.note
+    if nbytes is not None:
+        r["bytes"] = int(nbytes)
+        r["gbps"] = traffic.gbps(nbytes, t.median_us)
+        r["pct_of_copy"] = 100.0 * r["gbps"] / copy_gbps if copy_gbps else None
+    r.update(method.extra)
+    return r
+
+
+def _graph_of(method: P.Method, device) -> P.Method:
+    return P.Method(method.name + "_graph", capture_graphs(method.calls, device), method.outputs,
+                    method.note + "; CUDA graph replay")
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+class Sweep:
+    def __init__(self, opt: Options, copy_gbps: float, log: Callable[[str], None] = print):
+        self.opt = opt
+        self.copy_gbps = copy_gbps
+        self.log = log
+        self.kmeans_flops = KMEANS_FLOPS if torch.device(opt.device).type == "cuda" else 2e10
+        self.rows: List[dict] = []
+        self.skipped: List[dict] = []
+        self.cases_run: List[dict] = []
+
+    # -------------------------------------------------------------- planning
+    def _free_bytes(self) -> int:
+        if torch.device(self.opt.device).type == "cuda":
+            return torch.cuda.mem_get_info(self.opt.device)[0]
+        try:
+            import os
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return 8 << 30
+
+    def case_time_estimate(self, c: Case, layers: int) -> float:
+        n_series = 3 + 4 * (1 + self.opt.graphs) + len(self.opt.targets) * (4 + self.opt.graphs + self.opt.padded_gather)
+        return prefill_estimate_s(c, layers, self.kmeans_flops) + n_series * (self.opt.runs.budget_s + 0.1)
+
+    def _skip_reason(self, c: Case, layers: int, free: int, elapsed: float) -> Optional[str]:
+        need = memory_estimate(c, layers)
+        est_prefill = prefill_estimate_s(c, layers, self.kmeans_flops)
+        if need > self.opt.memory_fraction * free:
+            return f"memory: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+        if est_prefill > self.opt.max_prefill_s:
+            return f"k-means prefill ~{est_prefill:.0f} s > max_prefill_s {self.opt.max_prefill_s:.0f}"
+        if elapsed + self.case_time_estimate(c, layers) > self.opt.time_budget_s:
+            return (f"time budget: {elapsed:.0f} s spent, case needs ~{self.case_time_estimate(c, layers):.0f} s "
+                    f"of {self.opt.time_budget_s:.0f}")
+        return None
+
+    def plan_text(self, free: int) -> str:
+        """The sweep as it would run on a device with `free` bytes, by the estimates alone."""
+        lines, elapsed = [], 0.0
+        for c in cases(self.opt):
+            layers = rotation_layers(c, self.opt.rotate_bytes, self.opt.max_layers)
+            reason = self._skip_reason(c, layers, free, elapsed)
+            est = self.case_time_estimate(c, layers)
+            if not reason:
+                elapsed += est
+            lines.append(f"{c.label():<40} slots {layers:>2}  mem {memory_estimate(c, layers) / 2**30:6.1f} GiB  "
+                         f"k-means {prefill_estimate_s(c, layers, self.kmeans_flops):6.1f} s  case ~{est:5.1f} s  "
+                         + (f"SKIP ({reason})" if reason else f"run (t ~{elapsed:.0f} s)"))
+        return "\n".join(lines)
+
+    def run(self) -> None:
+        t_start = time.perf_counter()
+        for c in cases(self.opt):
+            layers = rotation_layers(c, self.opt.rotate_bytes, self.opt.max_layers)
+            reason = self._skip_reason(c, layers, self._free_bytes(), time.perf_counter() - t_start)
+            if reason:
+                self.skipped.append({"case": c.__dict__, "reason": reason})
+                self.log(f"skip {c.label()}: {reason}")
+                continue
+            self.run_case(c, layers)
+            if torch.device(self.opt.device).type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -------------------------------------------------------------- one case
+    def run_case(self, c: Case, layers: int) -> None:
+        opt, dev, es = self.opt, self.opt.device, ELEM_BYTES[c.dtype]
+        t0 = time.perf_counter()
+        wls = [make_workload(c.workload, c.n, c.batch, c.hq, c.hkv, c.d, c.dtype, dev, opt.seed + 1000 * l)
+               for l in range(layers)]
+        keys = [w.keys for w in wls]
+        values = [w.values for w in wls]
+        queries = [w.queries for w in wls]
+        _sync(dev)
+        t_gen = time.perf_counter() - t0
+        common = dict(max_batch=c.batch, max_tokens=c.n, device=dev, dtype=c.dtype, scale=wls[0].scale)
+
+        def build(policy: str, target: float) -> Tuple[SparseDecoder, float]:
+            dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy,
+                                record_selection=policy == "tactic", **common)
+            _sync(dev)
+            t = time.perf_counter()
+            for l in range(layers):
+                dec.prefill(l, keys[l], values[l])
+            _sync(dev)
+            return dec, time.perf_counter() - t
+
+        dense, t_dense_prefill = build("dense", 1.0)
+        tac, t_prefill = build("tactic", opt.targets[0])
+        flops = prefill_estimate_s(c, layers, 1.0)  # flop count
+        if t_prefill > 0.2:
+            self.kmeans_flops = flops / t_prefill
+        info = {"case": c.__dict__, "layers": layers, "generate_s": t_gen, "tactic_prefill_s": t_prefill,
+                "dense_prefill_s": t_dense_prefill, "kmeans_flops_est": flops / max(t_prefill, 1e-9),
+                "workload_info": wls[0].info}
+        self.log(f"{c.label()}: {layers} rotation slot(s), generate {t_gen:.1f} s, "
+                 f"tactic prefill {t_prefill:.1f} s, dense prefill {t_dense_prefill:.2f} s")
+
+        full = traffic.dense_bytes(c.batch, c.hkv, c.n, c.d, es)
+        shared, graphs_ok = {}, opt.graphs and torch.device(dev).type == "cuda"
+        out_dense = [torch.empty_like(q) for q in queries]
+        m = P.tactic_step(dense, queries, out_dense, name="dense")
+        shared["dense"] = _timed(m, dev, opt.runs, full, self.copy_gbps)
+        if graphs_ok:
+            shared["dense_graph"] = self._graph_timed(m, full)
+        checks = {}
+        for backend in P.SDPA_BACKENDS:
+            for form in ("gqa", "folded"):
+                name = f"sdpa_{backend}_{form}"
+                try:
+                    sm = P.sdpa(backend, form, keys, values, queries)
+                except P.Unavailable as e:
+                    shared[name] = {"unavailable": str(e)}
+                    continue
+                shared[name] = _timed(sm, dev, opt.runs, full, self.copy_gbps)
+                checks[f"dense_vs_{name}_max_abs"] = _maxdiff(out_dense[0], sm.outputs[0])
+                if graphs_ok:
+                    shared[name + "_graph"] = self._graph_timed(sm, full)
+        del dense
+
+        for p in opt.targets:
+            if tac.target != p and not _set_target(tac, p):
+                del tac
+                tac, extra = build("tactic", p)
+                info.setdefault("rebuilt_for_target_s", []).append(extra)
+            self.rows.append(self._p_row(c, layers, tac, p, keys, values, queries, shared, dict(checks), full))
+        info["total_s"] = time.perf_counter() - t0
+        self.cases_run.append(info)
+        del tac, wls, keys, values, queries
+
+    def _graph_timed(self, m: P.Method, nbytes) -> dict:
+        try:
+            g = _graph_of(m, self.opt.device)
+        except Exception as e:  # capture refuses host syncs and some kernels: say which
+            return {"unavailable": f"CUDA graph capture failed: {P._first_line(e)}"}
+        return _timed(g, self.opt.device, self.opt.runs, nbytes, self.copy_gbps, mode="graph")
+
+    def _p_row(self, c: Case, layers: int, tac: SparseDecoder, p: float, keys, values, queries,
+               shared: dict, checks: dict, full: int) -> dict:
+        opt, dev, es = self.opt, self.opt.device, ELEM_BYTES[c.dtype]
+        methods = dict(shared)
+        outs = [torch.empty_like(q) for q in queries]
+        step = P.tactic_step(tac, queries, outs)
+        t_step = time_calls(step.calls, dev, opt.runs)  # also leaves each layer's selection
+        stats = [tac.stats(l) for l in range(layers)]
+        kv_tokens = np.stack([s["kv_tokens"] for s in stats])        # [L, B, Hkv]
+        head_tokens = np.stack([s["head_tokens"] for s in stats])    # [L, B, Hq]
+        context = stats[0]["context"]
+        floors = [traffic.step_floor(s["kv_tokens"], s["context"], c.hq, c.d, es, self.copy_gbps)
+                  for s in stats]
+        floor_bytes = float(np.mean([f["bytes"] for f in floors]))
+        sel_bytes = float(np.mean([traffic.selected_bytes(s["kv_tokens"], c.d, es) for s in stats]))
+        r = t_step.as_dict()
+        r.update(note=step.note, bytes=int(floor_bytes), gbps=traffic.gbps(floor_bytes, t_step.median_us),
+                 pct_of_copy=100.0 * traffic.gbps(floor_bytes, t_step.median_us) / self.copy_gbps)
+        methods["tactic_step"] = r
+        out_step0 = outs[0].clone()
+
+        try:
+            am = P.tactic_attention(tac, queries, [torch.empty_like(q) for q in queries])
+            methods["tactic_attention"] = _timed(am, dev, opt.runs, sel_bytes, self.copy_gbps)
+            checks["attention_vs_step_max_abs"] = _maxdiff(am.outputs[0], out_step0)
+        except P.Unavailable as e:
+            methods["tactic_attention"] = {"unavailable": str(e)}
+
+        sels = [P.selection_from_mask(s["kv_mask"], dev) for s in stats]
+        builders = [P.gather_sdpa] + ([P.gather_sdpa_padded] if opt.padded_gather else [])
+        for b in builders:
+            name = b.__name__
+            try:
+                gm = b(keys, values, queries, sels)
+            except P.Unavailable as e:
+                methods[name] = {"unavailable": str(e)}
+                continue
+            methods[name] = _timed(gm, dev, opt.runs, sel_bytes, self.copy_gbps)
+            checks[f"step_vs_{name}_max_abs"] = _maxdiff(gm.outputs[0], out_step0)
+        del sels
+
+        if opt.graphs and torch.device(dev).type == "cuda":
+            methods["tactic_step_graph"] = self._graph_timed(step, floor_bytes)
+
+        floor_us = float(np.mean([f["us"] for f in floors]))
+        row = {
+            "workload": c.workload, "N": c.n, "B": c.batch, "Hq": c.hq, "Hkv": c.hkv, "D": c.d,
+            "dtype": c.dtype, "P": p, "rotation_layers": layers,
+            "selected_fraction": float(kv_tokens.mean() / c.n),
+            "selected_fraction_kv_heads": {q: float(np.quantile(kv_tokens / c.n, x))
+                                           for q, x in (("min", 0), ("median", 0.5), ("max", 1))},
+            "head_fraction_mean": float(head_tokens.mean() / c.n),
+            "context": [int(x) for x in context],
+            "methods": methods,
+            "floor": {"bytes": floor_bytes, "us": floor_us, "parts": floors[0]["parts"],
+                      "copy_gbps": self.copy_gbps, "launch_us": traffic.LAUNCH_US},
+            "checks": checks,
+        }
+        row["sdpa_best"], row["speedup"] = speedups(methods)
+        for mode, key in (("eager", "tactic_step"), ("graph", "tactic_step_graph")):
+            t = methods.get(key, {}).get("median_us")
+            row["floor"][f"ratio_{mode}"] = t / floor_us if t else None
+        self.log(format_row_line(row))
+        return row
+
+
+def speedups(methods: dict) -> Tuple[dict, dict]:
+    """Faster torch SDPA backend (eager and graph) and every method's speedup over it
+    (eager methods against eager SDPA, graph replays against graph replays)."""
+    best, out = {}, {}
+    for mode, suffix in (("eager", ""), ("graph", "_graph")):
+        cands = {k: v["median_us"] for k, v in methods.items()
+                 if k.startswith("sdpa_") and k.endswith(suffix) and (suffix or not k.endswith("_graph"))
+                 and "median_us" in v}
+        if cands:
+            name = min(cands, key=cands.get)
+            best[mode] = {"name": name, "median_us": cands[name]}
+    for k, v in methods.items():
+        if "median_us" not in v or k.startswith("sdpa_"):
+            continue
+        mode = "graph" if k.endswith("_graph") else "eager"
+        if mode in best:
+            out[k] = best[mode]["median_us"] / v["median_us"]
+    return best, out
+
+
+def format_row_line(row: dict) -> str:
+    m = row["methods"]
+
+    def t(name):
+        v = m.get(name, {})
+        return f"{v['median_us']:.1f}" if "median_us" in v else "n/a"
+    sp = row["speedup"].get("tactic_step")
+    return (f"  P={row['P']:.2f} sel {row['selected_fraction']:.2%}: step {t('tactic_step')} us "
+            f"(graph {t('tactic_step_graph')}), attn {t('tactic_attention')}, gather {t('gather_sdpa')}, "
+            f"dense {t('dense')}, best sdpa {row['sdpa_best'].get('eager', {}).get('name', 'n/a')} "
+            f"-> step speedup {sp:.2f}x" if sp else f"  P={row['P']:.2f} sel {row['selected_fraction']:.2%}: "
+            f"step {t('tactic_step')} us, attn {t('tactic_attention')}, gather {t('gather_sdpa')}, dense {t('dense')}")

@@ -1,0 +1,124 @@
+"""The benchmark CLI and its parts on the CPU, at tiny sizes (seconds).
+
+The peers are checked against an independent float64 NumPy attention over the same tokens;
+the byte model against hand arithmetic; the CLI's JSON against the schema the lead reads.
+"""
+import json
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from conftest import ref_attention  # noqa: E402
+from tactic.bench import peers, sweep, timing, traffic  # noqa: E402
+from tactic.bench.__main__ import main  # noqa: E402
+
+
+def _inputs(b, hkv, g, n, d, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    q = (2 * torch.randn(b, hkv * g, d, generator=gen)).to(dtype)
+    return k, v, q
+
+
+@pytest.mark.parametrize("builder", [peers.gather_sdpa, peers.gather_sdpa_padded])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3)])
+def test_gather_peer_matches_float64_attention_over_the_same_tokens(builder, dtype, tol):
+    b, hkv, g, n, d = 2, 2, 3, 257, 64
+    k, v, q = _inputs(b, hkv, g, n, d, dtype, 1)
+    rng = np.random.default_rng(2)
+    mask = rng.random((b, hkv, n)) < 0.2
+    mask[0, 1] = False
+    mask[0, 1, 17] = True          # a KV head with a single token
+    mask[1, 0] = True              # and one with all of them
+    sel = peers.selection_from_mask(mask, "cpu")
+    assert sel.counts.tolist() == mask.sum(axis=2).tolist()
+    m = builder([k], [v], [q], [sel])
+    m.calls[0]()
+    out = m.outputs[0].double().numpy()
+    for i in range(b):
+        ref, _ = ref_attention(q[i].double().numpy(), k[i].double().numpy().transpose(1, 0, 2),
+                               v[i].double().numpy().transpose(1, 0, 2), d ** -0.5, mask=mask[i])
+        np.testing.assert_allclose(out[i], ref, atol=tol, rtol=tol)
+
+
+def test_sdpa_peers_say_why_they_cannot_run_on_cpu():
+    k, v, q = _inputs(1, 2, 2, 16, 64, torch.float16, 0)
+    for backend in peers.SDPA_BACKENDS:
+        with pytest.raises(peers.Unavailable, match="CUDA"):
+            peers.sdpa(backend, "folded", [k], [v], [q])
+
+
+def test_step_floor_byte_model():
+    # 2 KV heads read 100 and 50 tokens of a 1004-token context (4 sinks, 1000 clustered):
+    # K+V 150 * 2 * 64 * 2 = 38400; centroids ceil(1000/16) = 63 per KV head, fp32:
+    # 63 * 2 * 64 * 4 = 32256; exact head keys 4 heads * 2% * 1000 * 64 * 2 = 10240; q+out 1024.
+    f = traffic.step_floor(np.array([[100, 50]]), np.array([1004]), num_q_heads=4, head_dim=64,
+                           elem_bytes=2, copy_gbps=1000.0)
+    assert f["parts"] == {"selected_kv": 38400, "centroids": 32256, "exact_head_keys": 10240, "q_out": 1024}
+    assert f["bytes"] == 81920
+    assert f["us"] == pytest.approx(81920 / 1e6 + 5.0)
+    assert traffic.dense_bytes(2, 8, 1000, 128, 2) == 2 * 8 * 1000 * 2 * 128 * 2
+
+
+def test_timing_percentiles_and_rotation():
+    calls_made = []
+    calls = [lambda i=i: (calls_made.append(i), time.sleep(0.002)) for i in range(3)]
+    t = timing.time_calls(calls, "cpu", timing.RunPolicy(warmup=2, min_runs=6, max_runs=6, budget_s=0.01))
+    assert t.runs == 6 and t.mode == "eager"
+    assert 2000 <= t.p10_us <= t.median_us <= t.p90_us < 200000
+    assert calls_made[-6:] == [0, 1, 2, 0, 1, 2]  # timed runs rotate through the slots
+    with pytest.raises(RuntimeError):
+        timing.capture_graphs(calls, "cpu")
+
+
+def test_speedups_pick_the_faster_sdpa_per_mode():
+    methods = {"sdpa_cudnn_gqa": {"median_us": 30.0}, "sdpa_flash_folded": {"median_us": 20.0},
+               "sdpa_flash_folded_graph": {"median_us": 10.0}, "sdpa_cudnn_folded": {"unavailable": "x"},
+               "tactic_step": {"median_us": 5.0}, "tactic_step_graph": {"median_us": 4.0},
+               "tactic_attention": {"unavailable": "y"}}
+    best, sp = sweep.speedups(methods)
+    assert best["eager"]["name"] == "sdpa_flash_folded" and best["graph"]["name"] == "sdpa_flash_folded_graph"
+    assert sp == {"tactic_step": 4.0, "tactic_step_graph": 2.5}
+
+
+def test_rotation_and_plan_cover_the_l2():
+    c = sweep.Case(8192, 1, 32, 8, 128, "float16", "synthetic")
+    layers = sweep.rotation_layers(c, 4 * sweep.L2_BYTES, 64)
+    assert layers * sweep.tactic_read_estimate(c) >= 4 * sweep.L2_BYTES
+    big = sweep.Case(524288, 1, 32, 8, 128, "float16", "synthetic")
+    assert sweep.rotation_layers(big, 4 * sweep.L2_BYTES, 64) == 1
+    assert sweep.memory_estimate(big, 1) > 3 * big.kv_bytes
+    order = sweep.cases(sweep.Options())
+    assert (order[0].dtype, order[0].hq, order[0].hkv, order[0].batch) == ("float16", 32, 8, 1)
+
+
+def test_cli_on_cpu_writes_the_json(tmp_path, capsys):
+    rc = main(["--device", "cpu", "--n", "1K", "--batch", "2", "--heads", "4/2", "--head-dim", "64",
+               "--target", "0.8", "0.95", "--series-s", "0.01", "--min-runs", "3", "--max-runs", "4",
+               "--out", str(tmp_path), "--tag", "test"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "floor" in printed and "sel" in printed and "n/a" in printed
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("cpu-bench-synthetic-test-") and files[1].endswith(".png")
+    d = json.loads((tmp_path / files[0]).read_text())
+    for key in ("device", "date", "git_commit", "torch", "tactic", "copy_bandwidth", "rows", "skipped", "options"):
+        assert key in d, key
+    assert d["copy_bandwidth"]["median_gbps"] > 0
+    assert [r["P"] for r in d["rows"]] == [0.8, 0.95]
+    for r in d["rows"]:
+        assert (r["N"], r["B"], r["Hq"], r["Hkv"], r["D"], r["dtype"]) == (1024, 2, 4, 2, 64, "float16")
+        assert 0 < r["selected_fraction"] <= 1
+        m = r["methods"]
+        for name in ("tactic_step", "dense", "gather_sdpa"):
+            assert m[name]["median_us"] > 0 and m[name]["p10_us"] <= m[name]["median_us"] <= m[name]["p90_us"]
+            assert m[name]["gbps"] > 0
+        assert "unavailable" in m["sdpa_flash_folded"] and "unavailable" in m["sdpa_cudnn_gqa"]
+        assert "median_us" in m["tactic_attention"] or "unavailable" in m["tactic_attention"]
+        assert r["floor"]["bytes"] > 0 and r["floor"]["ratio_eager"] > 0
+        # the gather peer attends over the step's own selection: same output up to fp16 rounding
+        assert r["checks"]["step_vs_gather_sdpa_max_abs"] < 2e-2
+    assert d["rows"][0]["selected_fraction"] <= d["rows"][1]["selected_fraction"]

@@ -1,0 +1,36 @@
+"""The end-to-end decode loop (tactic.bench.e2e) on the CPU at a tiny model shape.
+
+With P = 1 Tactic reads every token, so the model's logits must match the same loop with
+torch SDPA over a plain KV cache (stock library behaviour), token for token.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from tactic.bench import e2e  # noqa: E402
+
+SHAPE = e2e.ModelShape(layers=2, hidden=128, hq=4, hkv=2, head_dim=64, ffn=256, vocab=512)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return e2e.RandomModel(SHAPE, "float32", "cpu", seed=1)
+
+
+def test_tactic_at_p1_matches_dense_sdpa(model):
+    runs = {m: e2e.run_method(m, model, 600, 2, "float32", 1.0, warmup=1, steps=2, log=lambda s: None)
+            for m in ("dense", "tactic")}
+    a, b = runs["tactic"]["logits"], runs["dense"]["logits"]
+    assert a.shape == (2, SHAPE.vocab)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-3, rtol=2e-3)
+    assert torch.equal(runs["tactic"]["tokens"], runs["dense"]["tokens"])
+    assert runs["tactic"]["read_fraction"] == pytest.approx(1.0)
+    assert runs["dense"]["tokens_per_s"] > 0
+
+
+def test_sparse_run_reads_less_and_reports(model):
+    res = e2e.run([2048], 1, "float32", 0.9, "cpu", SHAPE, ("dense", "tactic"), warmup=1, steps=1, log=lambda s: None)
+    row = res["rows"][0]
+    assert 0 < row["tactic_read_fraction"] < 0.6
+    assert row["speedup_vs_faster_dense"] > 0
+    assert res["weight_bytes"] == 4 * (2 * (128 * 8 * 64 + 256 * 128 + 3 * 128 * 256 + 2 * 128) + 2 * 512 * 128 + 128)
