@@ -59,10 +59,31 @@ def test_selection_invariants(policy):
         assert ((sel["est_mass"] > 0) & (sel["est_mass"] <= 1)).all()
     if policy == "quest":
         assert (sel["kv_tokens"] <= 100 + 15).all()  # whole pages of 16 up to the budget
-    if policy == "topk":
-        assert (sel["head_tokens"] == 100).all()
+    if policy == "topk":  # a budget per KV head: every head attends the same 100 tokens
+        assert (sel["kv_tokens"] == 100).all() and (sel["head_tokens"] == 100).all()
+        assert (head == np.repeat(kv, g, axis=0)).all()
     if policy == "dense":
         assert kv.all()
+
+
+@pytest.mark.parametrize("g", [1, 3, 4])
+def test_topk_takes_the_groups_most_probable_tokens(g):
+    """topk at budget B per KV head: the B tokens with the largest probability under any
+    query head of the group (float64 reference), and est_mass is each head's kept mass."""
+    rng = np.random.default_rng(40 + g)
+    n, hkv, d, budget = 900, 2, 64, 70
+    q, k = _peaked(rng, n, hkv, d, hkv * g)
+    sel = tactic.ops.select(q, k, policy="topk", budget=budget, dtype="float32")
+    _, p = ref_attention(q.astype(np.float64), k.astype(np.float64), k.astype(np.float64),
+                         1 / np.sqrt(d))
+    for h in range(hkv):
+        best = p[h * g:(h + 1) * g].max(axis=0)
+        mask = sel["kv_mask"][h]
+        assert mask.sum() == budget
+        # chosen tokens outrank every other one (up to fp32 rounding of the scores)
+        assert best[mask].min() >= best[~mask].max() * (1 - 1e-5)
+        np.testing.assert_allclose(sel["est_mass"][h * g:(h + 1) * g], p[h * g:(h + 1) * g][:, mask].sum(1),
+                                   rtol=1e-4)
 
 
 def _pooled(fixture_data, policy_runs):

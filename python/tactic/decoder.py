@@ -74,7 +74,8 @@ class SparseDecoder:
         target: P in (0, 1], the fraction of attention mass to keep (1.0 reads everything).
         policy: 'tactic' (default), 'dense', 'oracle' (exact top-p; reads every key),
             'quest' (pages of `page_size` by min/max bound, at `budget` tokens per KV head),
-            'topk' (exact top-`budget` tokens per query head).
+            'topk' (the exact top-`budget` tokens per KV head: those with the largest
+            probability under any query head of its group; every head attends them).
         estimator: 'centroid_prior' (default, measured best) or 'two_segment' (the paper's
             a/x + b fit). margin: the stop rule aims at P + margin * (1 - P).
             share_group: a query head scores exactly the clusters that earlier heads of its

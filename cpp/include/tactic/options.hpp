@@ -15,7 +15,8 @@ enum class Policy : int {
   dense = 1,   // every token
   oracle = 2,  // exact minimal top-p set per query head (reads every key: a reference)
   quest = 3,   // positional pages of `page_size`, per-channel min/max bound, top pages at a budget
-  topk = 4,    // exact top-`budget` tokens per query head (reads every key: a reference)
+  topk = 4,    // exact top-`budget` tokens per KV head by the group's largest probability
+               // (reads every key: a reference)
 };
 
 // How the tactic policy estimates the mass of the clusters it has not read.

@@ -1,0 +1,4 @@
+"""Accuracy harness: `python -m tactic.eval` (SmolLM2-135M on real text, Tactic vs Quest/top-k/oracle/dense).
+
+See `python -m tactic.eval --help`; results go to bench/results/ as JSON, Markdown and PNG.
+"""

