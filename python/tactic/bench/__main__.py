@@ -122,8 +122,14 @@ def sweep_main(argv) -> int:
     print(f"wrote {path}")
     if not a.no_plot and sw.rows:
         png = path.with_suffix(".png")
-        if plot(sw.rows, png, f"{env['device']}, {env['date']}, commit {env['git_commit'][:10]}"):
-            print(f"wrote {png}")
+        try:
+            import matplotlib  # noqa: F401  (the 'plot' extra)
+        except ImportError:
+            print("no PNG: matplotlib is not installed (pip install matplotlib, or tactic[plot]); "
+                  f"redraw later with: python -m tactic.bench plot {path}", file=sys.stderr)
+        else:
+            if plot(sw.rows, png, f"{env['device']}, {env['date']}, commit {env['git_commit'][:10]}"):
+                print(f"wrote {png}")
     return 0
 
 
