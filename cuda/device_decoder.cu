@@ -64,6 +64,13 @@ struct DeviceDecoder::Impl {
   std::vector<std::vector<int64_t>> last_slots;  // [L] slots of the last decode
   std::vector<int64_t> slots_on_device;          // what `slots` holds now
 
+  // Uploads the step's slot list unless the device already holds it (decode and attend).
+  void use_slots(const std::vector<int64_t>& slot_list, void* stream) {
+    if (slot_list == slots_on_device) return;
+    set_slots(slots.as<int32_t>(), slot_list.data(), (int64_t)slot_list.size(), stream);
+    slots_on_device = slot_list;
+  }
+
   int64_t ls(int64_t l, int64_t s) const { return l * B + s; }
   // A selection of `layer` that covers `slot` is stale once the slot's rows change.
   void forget_selection(int64_t layer, int64_t slot) {
@@ -316,10 +323,7 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
   const int64_t batch = (int64_t)slot_list.size();
-  if (slot_list != m.slots_on_device) {
-    set_slots(m.slots.as<int32_t>(), slot_list.data(), batch, stream);
-    m.slots_on_device = slot_list;
-  }
+  m.use_slots(slot_list, stream);
   StepGeometry geo = m.geometry(layer, batch, stream);
   if (append) {
     for (int64_t s : slot_list)
@@ -397,10 +401,7 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
   const int64_t batch = (int64_t)slot_list.size();
-  if (slot_list != m.slots_on_device) {
-    set_slots(m.slots.as<int32_t>(), slot_list.data(), batch, stream);
-    m.slots_on_device = slot_list;
-  }
+  m.use_slots(slot_list, stream);
   StepGeometry geo = m.geometry(layer, batch, stream);
   prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>());
   m.attention(layer, geo, out, stream);
