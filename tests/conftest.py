@@ -56,3 +56,20 @@ def ref_attention(q, k, v, scale, mask=None):
 def fixture_data():
     from tactic.fixtures import load_fixture
     return load_fixture()
+
+
+@pytest.fixture(scope="session")
+def cmake_cxx():
+    """(cmake, C++ compiler) for the tests that build C++ with CMake; skips when either is
+    missing. The compiler is $CXX when set, else the first of c++, g++, clang++ on PATH."""
+    import os
+    import shutil
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not on PATH")
+    cxx = os.environ.get("CXX")
+    cxx = shutil.which(cxx.split()[0]) if cxx else next(
+        (p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
+    if cxx is None:
+        pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) on PATH")
+    return cmake, cxx

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,26 +20,14 @@ FAMILIES = ["BM_Copy", "BM_KMeansIter", "BM_Reindex", "BM_DenseAttention", "BM_S
 TIME_UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def _cxx_compiler():
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return shutil.which(cxx.split()[0])
-    return next((p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
-
-
 def _run(cmd, timeout=300):
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
     return r.returncode, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")
-def bench_json(tmp_path_factory):
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not on PATH")
-    cxx = _cxx_compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) on PATH")
+def bench_json(tmp_path_factory, cmake_cxx):
+    cmake, cxx = cmake_cxx
     build = tmp_path_factory.mktemp("bench") / "build"
     cfg = [cmake, "-S", ROOT, "-B", build, "-DTACTIC_CUDA=OFF", "-DTACTIC_BUILD_BENCH=ON",
            "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_CXX_COMPILER={cxx}"]

@@ -1,20 +1,11 @@
 """C++ embedding: build and install the library with plain CMake (no Python involved), build
 tests/embed against the installed package alone, and run it (shared and static linking)."""
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cxx_compiler():
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return shutil.which(cxx.split()[0])
-    return next((p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
 
 
 def _run(cmd, cwd=None, timeout=300):
@@ -26,13 +17,8 @@ def _run(cmd, cwd=None, timeout=300):
 
 
 @pytest.mark.slow
-def test_embed_from_installed_package(tmp_path):
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not on PATH")
-    cxx = _cxx_compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) on PATH")
+def test_embed_from_installed_package(tmp_path, cmake_cxx):
+    cmake, cxx = cmake_cxx
     build, prefix, demo = tmp_path / "build", tmp_path / "prefix", tmp_path / "embed"
     common = ["-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_CXX_COMPILER={cxx}"]
     # CPU only, so the result does not depend on the machine having nvcc.
