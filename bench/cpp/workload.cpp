@@ -53,25 +53,22 @@ float Mixture::value(int64_t t, int64_t h, int64_t k) const {
   return normal(key_of(seed_, kValue, (uint64_t)((t * h_ + h) * d_ + k)));
 }
 
-void Mixture::fill_kv(int64_t n, uint16_t* keys, uint16_t* values) const {
+// One loop for both layouts: only the row index of token t, head h differs.
+void Mixture::fill(int64_t n, uint16_t* keys, uint16_t* values, bool head_major) const {
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t h = 0; h < h_; ++h)
+    for (int64_t h = 0; h < h_; ++h) {
+      const int64_t row = head_major ? h * n + t : t * h_ + h;
       for (int64_t k = 0; k < d_; ++k) {
-        keys[(t * h_ + h) * d_ + k] = tactic::float_to_half(key(t, h, k));
-        values[(t * h_ + h) * d_ + k] = tactic::float_to_half(value(t, h, k));
+        keys[row * d_ + k] = tactic::float_to_half(key(t, h, k));
+        values[row * d_ + k] = tactic::float_to_half(value(t, h, k));
       }
+    }
 }
 
-void Mixture::fill_kv_heads(int64_t n, uint16_t* keys, uint16_t* values) const {
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t h = 0; h < h_; ++h)
-      for (int64_t k = 0; k < d_; ++k) {
-        keys[(h * n + t) * d_ + k] = tactic::float_to_half(key(t, h, k));
-        values[(h * n + t) * d_ + k] = tactic::float_to_half(value(t, h, k));
-      }
-}
+void Mixture::fill_kv(int64_t n, uint16_t* keys, uint16_t* values) const { fill(n, keys, values, false); }
+
+void Mixture::fill_kv_heads(int64_t n, uint16_t* keys, uint16_t* values) const { fill(n, keys, values, true); }
 
 void Mixture::fill_q(int64_t b, int64_t g, uint16_t* q) const {
   const int64_t hq = h_ * g;

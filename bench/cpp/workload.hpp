@@ -22,6 +22,7 @@ class Mixture {
   void fill_q(int64_t b, int64_t g, uint16_t* q) const;
 
  private:
+  void fill(int64_t n, uint16_t* keys, uint16_t* values, bool head_major) const;
   float key(int64_t t, int64_t h, int64_t k) const;
   float value(int64_t t, int64_t h, int64_t k) const;
   int64_t h_, d_, m_;
