@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|selftest|pytest|sanitize|bench|quick|fixture|profile|ncu|e2e|gbench]...
+#   bash bench/run_gpu.sh [build|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -28,7 +28,11 @@ for s in $steps; do
       $NVCC tests/cuda/kmeans_check.cu cuda/kmeans.cu cpp/src/*.cpp -o /tmp/kmeans_check && /tmp/kmeans_check || rc=1
       $NVCC tests/cuda/attention_check.cu cuda/attention.cu cpp/src/*.cpp -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
     pytest)
-      python3 -m pytest -q -x tests/test_cuda.py 2>&1 | tail -30 || rc=1 ;;
+      python3 -m pytest -q tests/test_cuda.py tests/test_cuda_hardening.py 2>&1 | tail -30
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    integration)  # the transformers integration on the GPU (tiny random models; SmolLM2 if installed)
+      python3 -m pytest -q -m gpu tests/test_transformers.py 2>&1 | tail -20
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     sanitize) # memcheck, racecheck, initcheck over a subset of the CUDA tests (~10 min in all)
       SKIP_BUILD=1 OUT="$OUT" .ci/compute-sanitizer || rc=1 ;;
     bench)    # full default sweep: N 8K-512K, B 1/8/32, 32/8 and 32/4 heads, fp16/bf16, P .8/.9/.95

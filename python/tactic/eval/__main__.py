@@ -38,13 +38,33 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0, help="passkey seed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a SparseDecoder option for every configuration, e.g. --option margin=0.5 "
+                        "(repeatable; values parsed as int, float, bool or str)")
     a = p.parse_args(argv)
+    a.decoder_opts = {}
+    for item in a.option:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            p.error(f"--option must be NAME=VALUE, got {item!r}")
+        a.decoder_opts[name] = _value(value)
     for t in a.targets:
         if not 0 < t <= 1:
             p.error(f"--targets: P must be in (0, 1], got {t}")
     if a.steps < 2 or a.context <= a.steps + 16:
         p.error("--steps must be >= 2 and --context larger than --steps + 16")
     return a
+
+
+def _value(text: str):
+    if text in ("True", "true", "False", "false"):
+        return text in ("True", "true")
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def load_text(tok, name: str, context: int):
@@ -82,7 +102,7 @@ def main(argv=None) -> int:
                        f"torch threads {torch.get_num_threads()}",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "targets": args.targets, "steps": args.steps, "passkey_lengths": args.passkey_lengths,
-            "passkey_trials": args.passkey_trials, "passkey_targets": args.passkey_targets, "decoder_opts": {}, "texts": [],
+            "passkey_trials": args.passkey_trials, "passkey_targets": args.passkey_targets, "decoder_opts": args.decoder_opts, "texts": [],
             "configs": [c.name for c in configs]}
 
     texts = [load_text(tok, n, args.context) for n in args.texts]
@@ -92,7 +112,8 @@ def main(argv=None) -> int:
                disable=args.quiet)
     for name, ids in texts:
         bar.set_postfix_str(Path(name).name)
-        per_text.append(teacher_forced.run_text(model, ids, args.steps, configs, bar))
+        per_text.append(teacher_forced.run_text(model, ids, args.steps, configs, bar,
+                                                   decoder_opts=args.decoder_opts))
     bar.close()
     text = report.pool_texts(per_text) if per_text else {}
 
@@ -107,7 +128,8 @@ def main(argv=None) -> int:
         for _ in range(args.passkey_trials):
             context, question, key = passkey.build(tok, length, rng)
             bar.set_postfix_str(f"{length} tokens")
-            answers.append(passkey.run_trial(model, tok, context, question, pk_configs, bar=bar))
+            answers.append(passkey.run_trial(model, tok, context, question, pk_configs,
+                                             decoder_opts=args.decoder_opts, bar=bar))
             keys.append(key)
         trials[length] = (answers, keys)
     bar.close()

@@ -186,6 +186,8 @@ def plot(data: dict, path) -> None:
         x = np.arange(len(layers))
         for pol in ("tactic", "oracle"):
             r = text.get(f"{pol}@0.9")
+            if r is None:  # a run without this policy (--policies)
+                continue
             a.plot(x, [r["layers"][l]["read_fraction" if pol == "tactic" else "attended"] /
                        (1 if pol == "tactic" else r["layers"][l]["context"]) for l in layers],
                    "o-", color=COLORS[pol], label=f"{pol} read" if pol == "tactic" else "oracle set")
