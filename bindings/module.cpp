@@ -146,6 +146,7 @@ NB_MODULE(_core, m) {
       })
       .def_prop_rw("target", [](DecoderConfig& c) { return c.select.target; }, [](DecoderConfig& c, double v) { c.select.target = v; })
       .def_prop_rw("margin", [](DecoderConfig& c) { return c.select.margin; }, [](DecoderConfig& c, double v) { c.select.margin = v; })
+      .def_prop_rw("spread", [](DecoderConfig& c) { return c.select.spread; }, [](DecoderConfig& c, double v) { c.select.spread = v; })
       .def_prop_rw("head_fraction", [](DecoderConfig& c) { return c.select.head_fraction; }, [](DecoderConfig& c, double v) { c.select.head_fraction = v; })
       .def_prop_rw("sample_fraction", [](DecoderConfig& c) { return c.select.sample_fraction; }, [](DecoderConfig& c, double v) { c.select.sample_fraction = v; })
       .def_prop_rw("sample_segments", [](DecoderConfig& c) { return c.select.sample_segments; }, [](DecoderConfig& c, int v) { c.select.sample_segments = v; })
@@ -255,7 +256,7 @@ NB_MODULE(_core, m) {
              struct Layout {
                SlotState ss;
                int64_t C = 0;
-               std::vector<float> k, v, centroids;
+               std::vector<float> k, v, centroids, spreads;
                std::vector<int32_t> pos, offsets;
              };
              const int64_t D = d.dec.config().head_dim;
@@ -282,6 +283,8 @@ NB_MODULE(_core, m) {
                  const float* c = st.centroids(layer, slot, head);
                  r.offsets.assign(off, off + r.C + 1);
                  r.centroids.assign(c, c + r.C * D);
+                 const float* sp = st.spreads(layer, slot, head);
+                 r.spreads.assign(sp, sp + r.C);
                }
                return r;
              });
@@ -296,6 +299,7 @@ NB_MODULE(_core, m) {
              if (lay.C > 0) {
                r["offsets"] = to_numpy(lay.offsets, {(size_t)lay.C + 1});
                r["centroids"] = to_numpy(lay.centroids, {(size_t)lay.C, (size_t)D});
+               r["spreads"] = to_numpy(lay.spreads, {(size_t)lay.C});
              }
              return r;
            },

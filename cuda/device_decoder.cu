@@ -57,7 +57,7 @@ struct DeviceDecoder::Impl {
   int dev = 0;
   int64_t L, B, H, Hq, G, D, cap, cmax;
   std::size_t es;
-  DeviceBuffer k, v, pos, centroids, centroids_low, offsets, state;
+  DeviceBuffer k, v, pos, centroids, centroids_low, spreads, offsets, state;
   DeviceBuffer qf, scores, seg_max, ids, tasks, sel_scratch;
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
@@ -147,6 +147,12 @@ struct DeviceDecoder::Impl {
         round_centroids(a.centroids + (std::size_t)h * cmax * D,
                         static_cast<uint8_t*>(centroids_low.p) + ((std::size_t)first + h) * cmax * D * es,
                         cfg.dtype, a.c * D, stream);
+    // The ranking's spread term, from the rows as stored and the centroids as ranked.
+    const void* ranked = centroids_low.p
+                             ? static_cast<const void*>(static_cast<uint8_t*>(centroids_low.p) + (std::size_t)first * cmax * D * es)
+                             : static_cast<const void*>(a.centroids);
+    cluster_spreads(a.k, ranked, cfg.dtype, cap, D, st.n_sink, a.offsets, a.off_stride, cmax, H, a.c,
+                    spreads.as<float>() + (std::size_t)first * cmax, stream);
   }
 };
 
@@ -212,6 +218,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     // What the ranking reads: the centroids rounded to the storage dtype (see store.cpp).
     if (m.cfg.dtype != DType::f32) need(m.centroids_low, mul_sat(mul_sat(heads, cmax), D * es), "centroids");
     need(m.offsets, mul_sat(heads, (cmax + 1) * 4), "cluster offsets");
+    need(m.spreads, mul_sat(heads, cmax * 4), "cluster spreads");
   }
   need(m.state, mul_sat(mul_sat(m.L, m.B), sizeof(SlotCounts)), "sequence counts");
   need(m.qf, segs * D * 4, "queries");
@@ -268,7 +275,7 @@ DeviceDecoder::~DeviceDecoder() {
 
 std::size_t DeviceDecoder::bytes() const {
   const Impl& m = *p_;
-  return m.k.n + m.v.n + m.pos.n + m.centroids.n + m.centroids_low.n + m.offsets.n;
+  return m.k.n + m.v.n + m.pos.n + m.centroids.n + m.centroids_low.n + m.spreads.n + m.offsets.n;
 }
 
 const SlotState& DeviceDecoder::state(int64_t layer, int64_t slot) const {
@@ -344,6 +351,8 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.dtype = m.cfg.dtype;
   a.centroids = m.centroids_low.p ? m.centroids_low.p : m.centroids.p;  // storage dtype
   a.offsets = m.offsets.as<int32_t>();
+  a.spreads = m.spreads.as<float>();
+  a.spread = m.cfg.select.spread;
   a.qf = m.qf.as<float>();
   a.scores = m.scores.as<float>();
   a.seg_max = m.seg_max.as<int32_t>();

@@ -82,7 +82,8 @@ __device__ __forceinline__ int32_t order_float(float f) {
 }
 __device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_float(i >= 0 ? i : i ^ 0x7fffffff); }
 
-// scores[b*Hq + h*g + j, c] = qf . centroid_c for the g query heads of KV head h, and
+// scores[b*Hq + h*g + j, c] = qf . centroid_c + spread * |qf|^2 * spreads_c / 2 for the g query
+// heads of KV head h (the spread term: SelectOptions::spread), and
 // seg_max / seg_min[b*Hq + h*g + j] = the largest / smallest of them (atomicMax / atomicMin;
 // select_head resets them). A quad of
 // lanes takes one centroid (each lane D/16 float4 slots, so a warp load covers 8 centroids'
@@ -101,6 +102,7 @@ __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, Sele
   constexpr int VEC = 16 / (int)sizeof(T), SL = D / VEC, NV = (SL + 3) / 4;  // 16-byte slots (per lane)
   extern __shared__ float qs[];  // [g, D]
   __shared__ int32_t s_max[16], s_min[16];
+  __shared__ float s_w[16];  // spread * |q_j|^2 / 2 per head
   const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, hq = s.hkv * s.g;
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
@@ -111,6 +113,10 @@ __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, Sele
   if (threadIdx.x < s.g) {
     s_max[threadIdx.x] = INT_MIN;
     s_min[threadIdx.x] = INT_MAX;
+    // |q|^2 summed in the CPU backend's order (select.cpp), from q itself, not from qs
+    float qq = 0.f;
+    for (int e = 0; e < D; ++e) qq = fmaf(q[threadIdx.x * D + e], q[threadIdx.x * D + e], qq);
+    s_w[threadIdx.x] = 0.5f * (float)a.spread * qq;
   }
   __syncthreads();
   const int quad = threadIdx.x >> 2, t = threadIdx.x & 3;
@@ -119,9 +125,11 @@ __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, Sele
   constexpr int U = kScoreUnroll<T, D>();
   const int64_t c0 = (int64_t)blockIdx.y * (kThreads / 4) * U + quad;
   uint4 raw[U][NV];
+  float spr[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int64_t c = c0 + (int64_t)u * (kThreads / 4);
+    spr[u] = a.spread > 0 && c < c_count ? __ldg(a.spreads + hi * s.cmax + c) : 0.f;
     const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(a.centroids) +
                                                       (hi * s.cmax + (c < c_count ? c : 0)) * D);
 #pragma unroll
@@ -145,6 +153,7 @@ __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, Sele
         }
       acc += __shfl_xor_sync(0xffffffffu, acc, 1);
       acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      acc = fmaf(s_w[j], spr[u], acc);
       if (c < c_count) {
         if (t == 0) a.scores[(seg0 + j) * s.cmax + c] = acc;
         best = fmaxf(best, acc);
@@ -546,7 +555,6 @@ __global__ void __launch_bounds__(kExactThreads) select_exact_kernel(StepGeometr
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
   const int64_t hi = head_index(s, slot, h);
-  const int32_t* off = a.offsets + hi * (s.cmax + 1);
   const int64_t nclu = st.n_clustered, nsink = st.n_sink, nrec = st.n_recent, always = nsink + nrec;
   const SelInfo info = a.info[i];
   const T* K = static_cast<const T*>(a.k) + hi * s.cap * D;

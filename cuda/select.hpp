@@ -45,6 +45,8 @@ struct SelectArgs {
   DType dtype;
   const void* centroids;         // [L, B, Hkv, cmax, d] in the storage dtype `dtype`
   const int32_t* offsets;        // [L, B, Hkv, cmax + 1]
+  const float* spreads;          // [L, B, Hkv, cmax]: see SelectOptions::spread
+  double spread;                 // its weight (0: rank by q . centroid alone)
   const float* qf;               // [batch, Hq, d], scaled
   float* scores;                 // [batch * Hq, cmax] scratch: q . centroid
   int32_t* seg_max;              // [batch * Hq] best score as an ordered int; every entry must

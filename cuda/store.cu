@@ -100,5 +100,45 @@ void round_centroids(const float* src, void* dst, DType dtype, int64_t n, void* 
   TACTIC_CUDA_LAUNCH_CHECK("round_centroids");
 }
 
+namespace {
+// A warp per cluster; double sums as on the CPU (clustering time, not the step).
+template <class T>
+__global__ void spread_kernel(const T* k, const T* cent, int64_t cap, int64_t d, int64_t row0,
+                              const int32_t* offsets, int64_t off_stride, int64_t cmax, int64_t c,
+                              float* out) {
+  const int64_t h = blockIdx.y, lane = threadIdx.x % 32;
+  const int64_t j = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (j >= c) return;
+  const int32_t* off = offsets + h * off_stride;
+  const int32_t b = off[j], e = off[j + 1];
+  const T* cj = cent + (h * cmax + j) * d;
+  double sum = 0;
+  for (int32_t r = b; r < e; ++r) {
+    const T* row = k + (h * cap + row0 + r) * d;
+    for (int64_t x = lane; x < d; x += 32) {
+      const double diff = (double)to_float(row[x]) - (double)to_float(cj[x]);
+      sum += diff * diff;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) out[h * cmax + j] = e > b ? (float)(sum / ((double)(e - b) * d)) : 0.f;
+}
+}  // namespace
+
+void cluster_spreads(const void* k, const void* centroids, DType dtype, int64_t cap, int64_t d,
+                     int64_t row0, const int32_t* offsets, int64_t off_stride, int64_t cmax,
+                     int64_t nheads, int64_t c, float* spreads, void* stream) {
+  if (c <= 0 || nheads <= 0) return;
+  constexpr int kWarps = 8;
+  const dim3 grid((unsigned)((c + kWarps - 1) / kWarps), (unsigned)nheads);
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    spread_kernel<T><<<grid, kWarps * 32, 0, as_stream(stream)>>>(
+        static_cast<const T*>(k), static_cast<const T*>(centroids), cap, d, row0, offsets, off_stride, cmax, c,
+        spreads);
+  });
+  TACTIC_CUDA_LAUNCH_CHECK("cluster_spreads");
+}
+
 }  // namespace cuda
 }  // namespace tactic

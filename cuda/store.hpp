@@ -27,5 +27,14 @@ void head_indices(const StepGeometry& s, int32_t* out);
 // dst[i] = src[i] rounded to `dtype` (f16 or bf16), n elements: the scoring copy of centroids.
 void round_centroids(const float* src, void* dst, DType dtype, int64_t n, void* stream);
 
+// spreads[h * cmax + j] = sum over the rows of cluster j of head h of ||k - c_j||^2 / (size_j * d),
+// for nheads consecutive store heads: k and centroids point at the first head's row 0 and
+// centroid 0, both in the storage dtype (the centroids as ranked); cluster j's rows are
+// row0 + offsets[h * off_stride + j] .. row0 + offsets[h * off_stride + j + 1]. Clusters
+// [0, c) of every head are written (the CPU store's KVStore::spreads).
+void cluster_spreads(const void* k, const void* centroids, DType dtype, int64_t cap, int64_t d,
+                     int64_t row0, const int32_t* offsets, int64_t off_stride, int64_t cmax,
+                     int64_t nheads, int64_t c, float* spreads, void* stream);
+
 }  // namespace cuda
 }  // namespace tactic

@@ -317,3 +317,29 @@ def test_target_setter_changes_later_steps():
     with pytest.raises(ValueError, match="target"):
         dec.target = 1.5
     assert dec.target == 0.95
+
+
+@pytest.mark.parametrize("spread", [0.0, 1.0])
+def test_ranking_spread_term_matches_cpu(spread):
+    """The spread term ranks a wide cluster above a narrow one with a larger q.c on both
+    backends (see test_selection.py::test_ranking_adds_the_spread_term for the float64 model)."""
+    rng = np.random.default_rng(7)
+    d, m = 64, 16
+    narrow, wide = np.zeros(d), np.zeros(d)
+    narrow[:2], wide[:2] = (1.0, 10.0), (0.5, -10.0)
+    keys = np.concatenate([narrow + 0.01 * rng.standard_normal((m, d)),
+                           wide + 1.5 * rng.standard_normal((m, d))]).astype(np.float32)[:, None]
+    q = np.zeros((1, 1, d), np.float32)
+    q[0, 0, 0] = 16.0  # scaled by 1/8: q.c is 2 for the narrow group, about 1 for the wide one
+    chosen = {}
+    for device in ("cpu", "cuda"):
+        dec = tactic.SparseDecoder(1, 1, 1, d, max_tokens=2 * m, dtype="float32", device=device,
+                                   num_sink=0, min_clusters=1, head_fraction=0.0, target=0.01,
+                                   margin=0.0, spread=spread, share_group=False, record_selection=True)
+        kk, qq = torch.from_numpy(keys), torch.from_numpy(q)
+        if device == "cuda":
+            kk, qq = kk.cuda(), qq.cuda()
+        dec.prefill(0, kk, kk)
+        chosen[device] = np.flatnonzero(np.asarray(dec.select(0, qq)["head_mask"][0, 0])).tolist()
+    want = list(range(m)) if spread == 0 else list(range(m, 2 * m))
+    assert chosen["cpu"] == want and chosen["cuda"] == want, chosen

@@ -235,6 +235,9 @@ BAD_OPTIONS = [
     ({"target": float("nan")}, ValueError, "`target`"),
     ({"target": "0.9"}, TypeError, "`target`"),
     ({"margin": -0.1}, ValueError, "`margin`"),
+    ({"spread": -0.5}, ValueError, "`spread`"),
+    ({"spread": float("inf")}, ValueError, "`spread`"),
+    ({"spread": 4.5}, ValueError, "`spread`"),
     ({"cluster_size": 0}, ValueError, "`cluster_size`"),
     ({"policy": "fast"}, ValueError, "`policy`"),
     ({"estimator": "magic"}, ValueError, "`estimator`"),
@@ -284,12 +287,12 @@ def test_bad_options(opts, exc, words):
 
 def test_capacity_error_names_the_bytes_needed():
     # 1 layer x 1 slot x 8 KV heads x 10**9 tokens (2.2 TB): K and V in float16 (2 * 64 * 2 bytes a
-    # row), int32 positions, and (tactic) centroids and offsets of ceil(10**9 / 16) + 1
+    # row), int32 positions, and (tactic) centroids, spreads and offsets of ceil(10**9 / 16) + 1
     # clusters, an int64 cluster count per head and three int64 counts per slot: computed here
     # independently of the library. On top: the layer's statistics record (a few vectors).
     heads, cap, d = 8, 10**9, 64
     clusters = -(-cap // 16) + 1
-    store = heads * (2 * cap * d * 2 + 4 * cap + 4 * (clusters + 1 + clusters * d) + 8) + 3 * 8
+    store = heads * (2 * cap * d * 2 + 4 * cap + 4 * (clusters + 1 + clusters * d + clusters) + 8) + 3 * 8
     with pytest.raises(tactic.CapacityError) as info:
         tactic.SparseDecoder(1, heads, heads, d, max_tokens=cap)
     msg = str(info.value)

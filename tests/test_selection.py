@@ -134,3 +134,37 @@ def test_estimators_and_metrics_run_on_real_attention(fixture_data):
         assert np.isfinite(acc.rel_error).all(), name
         assert ev.kv_union_success(acc, 0.9, 3).mean() >= 0.8, name
     assert runs["default"].read_fraction.mean() < runs["two_segment"].read_fraction.mean()
+
+
+@pytest.mark.parametrize("spread", [0.0, 1.0])
+def test_ranking_adds_the_spread_term(spread):
+    # Two groups of keys: a narrow one with the larger q.centroid and a wide one whose keys
+    # reach far higher scores. With a one-cluster exact head and a tiny target, the decoder
+    # attends exactly its top-ranked cluster: q.c ranks the narrow group first, the spread
+    # term (q.c + spread |q|^2 s_c / 2, computed here in float64 from the layout) the wide one.
+    rng = np.random.default_rng(7)
+    d, m = 4, 16
+    narrow = np.array([1.0, 10.0, 0.0, 0.0]) + 0.01 * rng.standard_normal((m, d))
+    wide = np.array([0.5, -10.0, 0.0, 0.0]) + 1.5 * rng.standard_normal((m, d))
+    keys = np.concatenate([narrow, wide]).astype(np.float32)[:, None, :]
+    q = np.array([[4.0, 0.0, 0.0, 0.0]], np.float32)  # scaled by 1/sqrt(4): (2, 0, 0, 0)
+    dec = tactic.SparseDecoder(1, 1, 1, d, max_tokens=2 * m, dtype="float32", num_sink=0,
+                               min_clusters=1, head_fraction=0.0, target=0.01, margin=0.0,
+                               spread=spread, record_selection=True)
+    dec.prefill(0, keys, keys)
+    lay = dec.layout(0)
+    off, cent = lay["offsets"], lay["centroids"].astype(np.float64)
+    assert len(off) == 3
+    groups = [set(lay["positions"][off[c]:off[c + 1]] // m) for c in range(2)]
+    assert sorted(map(sorted, groups)) == [[0], [1]], "k-means separates the two groups"
+    stored = lay["keys"].astype(np.float64)
+    var = np.array([((stored[off[c]:off[c + 1]] - cent[c]) ** 2).mean() for c in range(2)])
+    qs = q[0].astype(np.float64) / 2.0
+    score = cent @ qs + spread * 0.5 * (qs @ qs) * var
+    top = int(np.argmax(score))
+    st = dec.select(0, q[None])
+    chosen = np.flatnonzero(st["head_mask"][0, 0])
+    assert sorted(chosen.tolist()) == sorted(lay["positions"][off[top]:off[top + 1]].tolist())
+    # the test has teeth: the two rankings disagree on this data
+    expect_group = 0 if spread == 0 else 1
+    assert groups[top] == {expect_group}

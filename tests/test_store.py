@@ -27,6 +27,13 @@ def _check_layout(dec, layer, seq, head, k64, v64, n, dtype):
             if off[c + 1] > off[c]:
                 np.testing.assert_allclose(lay["centroids"][c], keys[off[c] : off[c + 1]].mean(0),
                                            rtol=rtol, atol=10 * rtol * 1e-1)
+        # each cluster's spread: mean squared distance of its stored keys to its stored
+        # centroid, per dimension (float64 here)
+        cent = lay["centroids"].astype(np.float64)
+        d = keys.shape[1]
+        want = np.array([((keys[off[c] : off[c + 1]] - cent[c]) ** 2).sum() / max(off[c + 1] - off[c], 1) / d
+                         for c in range(len(off) - 1)])
+        np.testing.assert_allclose(lay["spreads"], want, rtol=1e-5, atol=1e-7)
     return lay
 
 

@@ -50,6 +50,7 @@ void require(bool ok, const char* name, const char* expect, T got) {
 void validate(const SelectOptions& o) {
   require(std::isfinite(o.target) && o.target > 0 && o.target <= 1, "target", "in (0, 1]", o.target);
   require(std::isfinite(o.margin) && o.margin >= 0 && o.margin <= 1, "margin", "in [0, 1]", o.margin);
+  require(std::isfinite(o.spread) && o.spread >= 0 && o.spread <= 4, "spread", "in [0, 4]", o.spread);
   require(std::isfinite(o.head_fraction) && o.head_fraction >= 0 && o.head_fraction <= 1,
           "head_fraction", "in [0, 1]", o.head_fraction);
   require(std::isfinite(o.sample_fraction) && o.sample_fraction > 0 && o.sample_fraction <= 0.5,

@@ -172,6 +172,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   const int64_t always = ss.n_sink + ss.n_recent;
   const int32_t* off = st.offsets(layer, slot, head);
   const float* cent = st.centroids(layer, slot, head);
+  const float* spread = st.spreads(layer, slot, head);
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
 
   s.mark.assign(std::max<int64_t>(c, 1), 0);
@@ -199,6 +200,12 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   for (int64_t h = 0; h < g; ++h) {
     const float* qh = q + h * d;
     dot_many(qh, cent, c, d, s.score.data());
+    if (opt.spread > 0) {
+      float qq = 0.f;
+      for (int64_t k = 0; k < d; ++k) qq = std::fma(qh[k], qh[k], qq);
+      const float w = 0.5f * (float)opt.spread * qq;
+      for (int64_t j = 0; j < c; ++j) s.score[j] = std::fma(w, spread[j], s.score[j]);
+    }
     std::iota(s.order.begin(), s.order.end(), 0);
     // The ranked order is sorted lazily: the stop point usually comes after a small share
     // of the clusters, and a full sort of thousands of scores per head was the largest cost

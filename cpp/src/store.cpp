@@ -38,6 +38,7 @@ KVStore::KVStore(const DecoderConfig& cfg) : cfg_(cfg) {
   if (clusters()) {
     offsets_.allocate(L * B * H * (max_clusters_ + 1), "cluster offsets");
     centroids_.allocate(L * B * H * max_clusters_ * D, "centroids");
+    spreads_.allocate(L * B * H * max_clusters_, "cluster spreads");
   }
   if (cfg_.select.policy == Policy::quest) {
     page_min_.allocate(L * B * H * max_pages_ * D, "quest page bounds");
@@ -55,7 +56,7 @@ uint64_t KVStore::bytes_needed(const DecoderConfig& c) {
   const uint64_t pages = (cap + c.select.page_size - 1) / c.select.page_size;
   uint64_t per_head = add_sat(mul_sat(2 * cap, mul_sat(D, dtype_size(c.dtype))), 4 * cap);
   if (c.select.policy == Policy::tactic)
-    per_head = add_sat(per_head, mul_sat(4, add_sat(clusters + 1, mul_sat(clusters, D))));
+    per_head = add_sat(per_head, mul_sat(4, add_sat(2 * clusters + 1, mul_sat(clusters, D))));
   if (c.select.policy == Policy::quest) per_head = add_sat(per_head, mul_sat(8, mul_sat(pages, D)));
   per_head = add_sat(per_head, sizeof(int64_t));  // num_clusters_
   const uint64_t states = mul_sat(mul_sat(c.num_layers, c.max_batch), sizeof(SlotState));
@@ -63,7 +64,7 @@ uint64_t KVStore::bytes_needed(const DecoderConfig& c) {
 }
 
 std::size_t KVStore::bytes() const {
-  return k_.n + v_.n + 4 * (pos_.n + offsets_.n + centroids_.n + page_min_.n + page_max_.n);
+  return k_.n + v_.n + 4 * (pos_.n + offsets_.n + centroids_.n + spreads_.n + page_min_.n + page_max_.n);
 }
 
 const void* KVStore::k_row(int64_t layer, int64_t slot, int64_t head, int64_t row) const {
@@ -89,6 +90,9 @@ const int32_t* KVStore::offsets(int64_t layer, int64_t slot, int64_t head) const
 }
 const float* KVStore::centroids(int64_t layer, int64_t slot, int64_t head) const {
   return centroids_.data() + (std::size_t)lsh(layer, slot, head) * max_clusters_ * cfg_.head_dim;
+}
+const float* KVStore::spreads(int64_t layer, int64_t slot, int64_t head) const {
+  return spreads_.data() + (std::size_t)lsh(layer, slot, head) * max_clusters_;
 }
 const float* KVStore::page_min(int64_t layer, int64_t slot, int64_t head) const {
   return page_min_.data() + (std::size_t)lsh(layer, slot, head) * max_pages_ * cfg_.head_dim;
@@ -219,6 +223,22 @@ void KVStore::cluster_head(int64_t layer, int64_t slot, int64_t head, int64_t nc
     std::memcpy(k_row_mut(i, base + j), kt.data() + perm[j] * row_bytes_, row_bytes_);
     std::memcpy(v_row_mut(i, base + j), vt.data() + perm[j] * row_bytes_, row_bytes_);
     pos[j] = pt[perm[j]];
+  }
+  // Spreads, from the rows as stored and the centroids as ranked (double sums: the CUDA
+  // backend computes the same quantity, see cuda/kmeans.cu).
+  float* spr = spreads_.data() + (std::size_t)i * max_clusters_;
+  std::vector<float> row(D);
+  for (int64_t j = 0; j < r.num_clusters; ++j) {
+    double sum = 0;
+    for (int32_t t = off[j]; t < off[j + 1]; ++t) {
+      load_floats(k_row_mut(i, base + t), cfg_.dtype, D, row.data());
+      for (int64_t k = 0; k < D; ++k) {
+        const double e = (double)row[k] - cent[j * D + k];
+        sum += e * e;
+      }
+    }
+    const int64_t cnt = off[j + 1] - off[j];
+    spr[j] = cnt ? (float)(sum / ((double)cnt * D)) : 0.f;
   }
 }
 

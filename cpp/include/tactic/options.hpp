@@ -52,7 +52,12 @@ struct SelectOptions {
   double target = 0.9;  // P in (0, 1]: fraction of attention mass to keep
   Estimator estimator = Estimator::centroid_prior;
   // The stop rule aims at P_eff = P + margin * (1 - P), against estimation error.
-  double margin = 0.5;
+  double margin = 0.35;
+  // Ranking and the mass prior score cluster c by q.c + spread * |q|^2 s_c / 2, where s_c is
+  // the cluster's mean squared distance to its centroid per dimension: the log-normal mean
+  // of exp(q.k) over a cluster of that width, so a wide cluster's mass is not understated
+  // (Jensen). 0 ranks by q.c alone (the paper). Measured: bench/NOTES.md, "spread".
+  double spread = 0.75;
   double head_fraction = 0.02;    // exact head: first ~2% of ranked clustered tokens
   double sample_fraction = 0.01;  // size of each exact sample segment
   double sample_rank_1 = 0.10;    // where the two sample segments start (fraction of ranks)

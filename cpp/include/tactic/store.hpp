@@ -55,6 +55,9 @@ class KVStore {
   int64_t num_clusters(int64_t layer, int64_t slot, int64_t head) const;  // C
   const int32_t* offsets(int64_t layer, int64_t slot, int64_t head) const;   // [C + 1]
   const float* centroids(int64_t layer, int64_t slot, int64_t head) const;   // [C, D]
+  // [C]: each cluster's mean squared distance of its keys (storage dtype) to its centroid
+  // (as ranked: rounded to the storage dtype), per dimension. SelectOptions::spread uses it.
+  const float* spreads(int64_t layer, int64_t slot, int64_t head) const;
   // Quest page bounds over positions (policy quest only): [pages, D] each.
   const float* page_min(int64_t layer, int64_t slot, int64_t head) const;
   const float* page_max(int64_t layer, int64_t slot, int64_t head) const;
@@ -100,6 +103,7 @@ class KVStore {
   Buffer<int32_t> pos_;              // [L, B, Hkv, cap]
   Buffer<int32_t> offsets_;          // [L, B, Hkv, Cmax + 1]
   Buffer<float> centroids_;          // [L, B, Hkv, Cmax, D]
+  Buffer<float> spreads_;            // [L, B, Hkv, Cmax]
   std::vector<int64_t> num_clusters_;     // [L, B, Hkv]
   Buffer<float> page_min_, page_max_;  // [L, B, Hkv, pages, D] (quest only)
   std::vector<SlotState> state_;          // [L, B]
