@@ -449,8 +449,8 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
       if (hmark) hmark[j] = 1;
     }
     if (tid == 0) {
+      *info = SelInfo{};  // every field: select_exact_kernel copies the whole struct (initcheck)
       info->all = 1;
-      info->n_head = 0;
       a.head_tokens[i] = C == 0 ? always : total;
       a.est_mass[i] = 1.0;
     }
