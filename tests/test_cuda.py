@@ -197,9 +197,9 @@ def test_no_leak_across_create_destroy():
 
 
 def test_no_decoder_outlives_the_interpreter():
-    """A pytest run of the CUDA bad-call cases (decoders held by tracebacks until the cyclic GC
-    runs) used to end with nanobind's 'leaked instances' report: the decoders were still alive
-    when the extension was torn down. tactic collects at exit; nothing may be reported."""
+    """The CUDA bad-call cases (decoders held by pytest's tracebacks) in a process of their own
+    must end without nanobind's 'leaked instances' report: a reference the bindings never
+    release would keep a decoder alive past the extension's teardown and show up there."""
     import os
     import subprocess
     import sys

@@ -16,7 +16,6 @@ __all__ = ["SparseDecoder", "ops", "CapacityError", "__version__", "with_cuda", 
 
 # Decoders caught in reference cycles (a traceback kept by an exception handler, a closure) are
 # freed by the cyclic GC, which may not run again before the interpreter tears the extension
-# down: a CUDA decoder would then free its device memory after the CUDA runtime is gone, and
-# nanobind reports it as leaked. One collection at exit, while everything is still loaded,
-# releases them in order (measured: 0 decoders left after it over the CUDA test-suite).
+# down; a CUDA decoder would then free its device memory late in shutdown. One collection at
+# exit, while torch and the CUDA runtime are still loaded, releases them in order.
 _atexit.register(_gc.collect)
