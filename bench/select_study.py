@@ -15,7 +15,8 @@ true mass reaches P for every head).
 Variants (--rank): `dot` ranks clusters by q.c (the paper); `iso` adds the isotropic
 log-normal term |q|^2 s_c^2 / 2 (s_c^2: the cluster's mean squared distance to its
 centroid per dimension), so a wide cluster's expected exp-score is not understated
-(Jensen); `cov` uses the full covariance q^T S_c q / 2 (a reference, D^2 per cluster).
+(Jensen); `cov` uses the full covariance q^T S_c q / 2 (a reference, D^2 per cluster);
+`pc1`/`pc2` keep its top 1 or 2 principal directions plus an isotropic rest (D per direction).
 The prior mass of an unread cluster is size_c * exp(rank score), scaled to the exact reads.
 Stop rules (--stop): `peff` is the library's acc >= P_eff z; `tail` asks
 acc >= P (acc + kappa * rest), a margin on the estimated rest only; `adapt` is `tail` with
@@ -143,6 +144,9 @@ def cluster_optimal_union(p, cid, sizes, target):
     return pick
 
 
+_EIG = {}  # id(cov) -> (cov, its eigendecomposition); cov kept so the id stays unique
+
+
 def rank_scores(q, cent, var, cov, mode, beta):
     s = q @ cent.T                                     # [G, C]
     if mode == "iso":
@@ -151,6 +155,17 @@ def rank_scores(q, cent, var, cov, mode, beta):
         s = s + beta * 0.5 * (q ** 2) @ np.diagonal(cov, axis1=1, axis2=2).T
     elif mode == "cov":
         s = s + beta * 0.5 * np.einsum("gd,cde,ge->gc", q, cov, q)
+    elif mode in ("pc1", "pc2"):
+        # the covariance as its top r principal directions plus an isotropic rest: what r extra
+        # D-vectors per cluster (instead of D^2 floats) would keep of `cov`
+        r = int(mode[2])
+        if id(cov) not in _EIG:                        # once per (layer, KV head) layout
+            _EIG[id(cov)] = (cov, np.linalg.eigh(cov))
+        lam, vec = _EIG[id(cov)][1]                    # ascending; [C, D], [C, D, D]
+        top_l, top_v = lam[:, -r:], vec[:, :, -r:]     # [C, r], [C, D, r]
+        rest = (lam.sum(1) - top_l.sum(1)) / cov.shape[1]
+        proj = np.einsum("gd,cdr->gcr", q, top_v)
+        s = s + beta * 0.5 * ((q ** 2).sum(1)[:, None] * rest[None] + (proj ** 2 * top_l[None]).sum(2))
     return s
 
 
@@ -158,7 +173,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("fixtures", nargs="+")
     ap.add_argument("--target", type=float, nargs="+", default=[0.9])
-    ap.add_argument("--rank", nargs="+", default=["dot", "iso"], choices=["dot", "iso", "diag", "cov"])
+    ap.add_argument("--rank", nargs="+", default=["dot", "iso"], choices=["dot", "iso", "diag", "cov", "pc1", "pc2"])
     ap.add_argument("--beta", type=float, nargs="+", default=[1.0], help="weight of the variance term")
     ap.add_argument("--stop", nargs="+", default=["peff"], choices=["peff", "tail", "true", "adapt"])
     ap.add_argument("--kappa", type=float, nargs="+", default=[0.5],
