@@ -10,7 +10,9 @@ The clusters are the library's own: each (layer, KV head) is prefilled into a
 Per (text, layer, KV head, decode step) and variant it reports the union's tokens, the
 share of unions whose every query head keeps true mass >= P, and the ratio to the
 cluster-optimal union (fewest whole clusters, plus sinks and the recent segment, whose
-true mass reaches P for every head).
+true mass reaches P for every head), and `bytes`: what the step reads as a share of the
+context's K+V (the union's K and V, one centroid per cluster, and the exact-head K rows each
+query head scores before it stops, which the attention reads again).
 
 Variants (--rank): `dot` ranks clusters by q.c (the paper); `iso` adds the isotropic
 log-normal term |q|^2 s_c^2 / 2 (s_c^2: the cluster's mean squared distance to its
@@ -79,6 +81,7 @@ def select_case(p, logits, cid, sizes, rank_score, target, kappa, stop, head_fra
     # exact exp-scores per cluster (relative to each head's max logit), true masses
     union = np.zeros(c, bool)
     chosen_all = []
+    head_tok = 0  # exact-head tokens summed over the G heads (K rows scored before the stop)
     for h in range(g):
         m = logits[h].max()
         e = np.exp(logits[h] - m)
@@ -90,6 +93,7 @@ def select_case(p, logits, cid, sizes, rank_score, target, kappa, stop, head_fra
         nhead = min(nhead, c)
         read = np.zeros(c, bool)
         read[order[:nhead]] = True
+        head_tok += sizes[order[:nhead]].sum()
         if share:
             read |= union
         prior = sizes * np.exp(rank_score[h] - m)
@@ -124,7 +128,7 @@ def select_case(p, logits, cid, sizes, rank_score, target, kappa, stop, head_fra
         chosen[unread_order[:k]] = True
         chosen_all.append(chosen)
         union |= chosen
-    return union, chosen_all
+    return union, chosen_all, head_tok
 
 
 def cluster_optimal_union(p, cid, sizes, target):
@@ -193,7 +197,7 @@ def main():
             for k in args.kappa:
                 for ka in (args.kappa_a if st == "adapt" else [0.0]):
                     variants.append((t, r, b, st, k, ka))
-    acc = {v: {"tok": [], "opt": [], "ok": [], "head_ok": [], "ctx": []} for v in variants}
+    acc = {v: {"tok": [], "opt": [], "ok": [], "head_ok": [], "ctx": [], "bytes": []} for v in variants}
     for path in args.fixtures:
         fx = load_fixture(path)
         n0, scale = fx.n_prefill, fx.scale
@@ -220,7 +224,7 @@ def main():
                         if t not in opt:
                             opt[t] = n_always + sizes[cluster_optimal_union(p, cid, sizes, t)].sum()
                         rs = rank_scores(q, cent, var, cov, r, b)
-                        union, _ = select_case(p, logits, cid, sizes, rs, t, kap, st,
+                        union, _, head_tok = select_case(p, logits, cid, sizes, rs, t, kap, st,
                                                args.head_fraction, not args.no_share, ka)
                         tok = n_always + sizes[union].sum()
                         mask = np.concatenate([union, [True]])[np.where(cid >= 0, cid, len(sizes))]
@@ -231,20 +235,23 @@ def main():
                         a["ok"].append(bool((mass >= t - 1e-12).all()))
                         a["head_ok"].append(float((mass >= t - 1e-12).mean()))
                         a["ctx"].append(n)
+                        # bytes per step in K-row units: union K+V, centroids, exact-head K rows
+                        a["bytes"].append(2 * tok + len(sizes) + head_tok)
         print(f"done {path}", file=sys.stderr)
     rows = []
     print(f"{'P':>5} {'rank':>5} {'beta':>5} {'stop':>5} {'kappa':>6} {'k_a':>5} {'tokens':>8} {'optimal':>8} "
-          f"{'ratio':>6} {'unions>=P':>10} {'heads>=P':>9} {'read':>6}")
+          f"{'ratio':>6} {'unions>=P':>10} {'heads>=P':>9} {'read':>6} {'bytes':>6}")
     for v in variants:
         a = {k: np.asarray(x, float) for k, x in acc[v].items()}
         row = dict(target=v[0], rank=v[1], beta=v[2], stop=v[3], kappa=v[4], kappa_a=v[5], tokens=a["tok"].mean(),
                    optimal=a["opt"].mean(), ratio=a["tok"].mean() / a["opt"].mean(),
                    unions_ok=a["ok"].mean(), heads_ok=a["head_ok"].mean(),
-                   read=(a["tok"] / a["ctx"]).mean(), cases=len(a["tok"]))
+                   read=(a["tok"] / a["ctx"]).mean(), cases=len(a["tok"]),
+                   bytes_kv=(a["bytes"] / (2 * a["ctx"])).mean())
         rows.append(row)
         print(f"{v[0]:5.2f} {v[1]:>5} {v[2]:5.2f} {v[3]:>5} {v[4]:6.2f} {v[5]:5.2f} {row['tokens']:8.1f} "
               f"{row['optimal']:8.1f} {row['ratio']:6.3f} {row['unions_ok']:10.3f} {row['heads_ok']:9.3f} "
-              f"{row['read']:6.3f}")
+              f"{row['read']:6.3f} {row['bytes_kv']:6.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
