@@ -225,7 +225,7 @@ void KVStore::cluster_head(int64_t layer, int64_t slot, int64_t head, int64_t nc
     pos[j] = pt[perm[j]];
   }
   // Spreads, from the rows as stored and the centroids as ranked (double sums: the CUDA
-  // backend computes the same quantity, see cuda/kmeans.cu).
+  // backend computes the same quantity: cluster_spreads in cuda/store.cu).
   float* spr = spreads_.data() + (std::size_t)i * max_clusters_;
   std::vector<float> row(D);
   for (int64_t j = 0; j < r.num_clusters; ++j) {
