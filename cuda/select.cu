@@ -35,7 +35,7 @@ struct ExactPart {   // one block's online (max, sum) of sinks + recent (a) and 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxExactSplits = 16;
+constexpr int kMaxExactSplits = 16;  // <= 32: select_stop combines them in one warp
 
 __device__ __forceinline__ int64_t head_index(const StepGeometry& s, int32_t slot, int64_t h) {
   return (s.layer * s.max_batch + slot) * s.hkv + h;
@@ -181,24 +181,10 @@ __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, Sele
 struct MaxSum {  // online softmax state: sum of exp(x - m)
   double m, s;
 };
-__device__ __forceinline__ MaxSum combine(MaxSum x, MaxSum y) {
-  const double m = fmax(x.m, y.m);
-  if (m == -INFINITY) return {m, 0.0};
-  return {m, x.s * exp(x.m - m) + y.s * exp(y.m - m)};
-}
-
 // Adds exp(x - m) to an online (max, sum) pair: one exp per element.
 __device__ __forceinline__ MaxSum add(MaxSum a, double x) {
   if (x > a.m) return {x, a.s * exp(a.m - x) + 1.0};
   return {a.m, a.s + exp(x - a.m)};
-}
-
-__device__ __forceinline__ MaxSum warp_combine(MaxSum a) {
-  for (int o = 16; o > 0; o >>= 1) {
-    MaxSum b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
-    a = combine(a, b);
-  }
-  return a;
 }
 
 // q . row for one thread: D known at compile time, so the row's 16-byte loads are issued in
@@ -575,20 +561,38 @@ __global__ void __launch_bounds__(kExactThreads) select_exact_kernel(StepGeometr
       if (row < tk.y) mh = add(mh, thread_dot<T, D>(K + row * D, qs));
     }
   }
-  ma = warp_combine(ma);
-  mh = warp_combine(mh);
+  // Block totals without a chain of rescalings: the largest logit first (max is exact in any
+  // order), then every thread rescales its own sum once to it and the sums are added. One exp
+  // per thread, all in parallel (a serial combine over lanes and warps cost ~20 dependent
+  // double exps, several microseconds of the kernel).
+  double m2[2] = {ma.m, mh.m};
+  for (int o = 16; o > 0; o >>= 1)
+    for (int k = 0; k < 2; ++k) m2[k] = fmax(m2[k], __shfl_xor_sync(0xffffffffu, m2[k], o));
   if (lane == 0) {
-    wa[warp] = ma;
-    wh[warp] = mh;
+    wa[warp].m = m2[0];
+    wh[warp].m = m2[1];
+  }
+  __syncthreads();
+  double M[2] = {-INFINITY, -INFINITY};
+  for (int w = 0; w < kExactThreads / 32; ++w) {
+    M[0] = fmax(M[0], wa[w].m);
+    M[1] = fmax(M[1], wh[w].m);
+  }
+  double s2[2] = {ma.m == -INFINITY ? 0.0 : ma.s * exp(ma.m - M[0]), mh.m == -INFINITY ? 0.0 : mh.s * exp(mh.m - M[1])};
+  for (int o = 16; o > 0; o >>= 1)
+    for (int k = 0; k < 2; ++k) s2[k] += __shfl_xor_sync(0xffffffffu, s2[k], o);
+  if (lane == 0) {
+    wa[warp].s = s2[0];
+    wh[warp].s = s2[1];
   }
   __syncthreads();
   if (tid == 0) {
-    MaxSum A{-INFINITY, 0.0}, H{-INFINITY, 0.0};
+    double A = 0.0, H = 0.0;
     for (int w = 0; w < kExactThreads / 32; ++w) {
-      A = combine(A, wa[w]);
-      H = combine(H, wh[w]);
+      A += wa[w].s;
+      H += wh[w].s;
     }
-    a.parts[i * kMaxExactSplits + split] = ExactPart{A.m, A.s, H.m, H.s};
+    a.parts[i * kMaxExactSplits + split] = ExactPart{M[0], A, M[1], H};
   }
 }
 
@@ -617,17 +621,21 @@ __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s
   const int bh = info.bh, bh_whole = info.bh_whole, nh_cand = info.nh_cand, cut_h = info.cut_h;
   for (int k = tid; k < kBuckets; k += kSelThreads) S.pri[k] = a.hist_pri[i * kBuckets + k];
   for (int k = tid; k < max(nh_cand, 0); k += kSelThreads) S.sorted[k] = a.cand[i * kCand + k];
-  if (tid == 0) {
-    MaxSum A{-INFINITY, 0.0}, H{-INFINITY, 0.0};
-    for (int p = 0; p < splits; ++p) {
-      const ExactPart e = a.parts[i * kMaxExactSplits + p];
-      A = combine(A, MaxSum{e.am, e.as});
-      H = combine(H, MaxSum{e.hm, e.hs});
+  if (tid < 32) {  // the splits' parts, one per lane (splits <= kMaxExactSplits <= 32)
+    const ExactPart e = tid < splits ? a.parts[i * kMaxExactSplits + tid] : ExactPart{-INFINITY, 0.0, -INFINITY, 0.0};
+    double m = fmax(e.am, e.hm);
+    for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
+    double sa = e.am == -INFINITY ? 0.0 : e.as * exp(e.am - m);
+    double sh = e.hm == -INFINITY ? 0.0 : e.hs * exp(e.hm - m);
+    for (int o = 16; o > 0; o >>= 1) {
+      sa += __shfl_xor_sync(0xffffffffu, sa, o);
+      sh += __shfl_xor_sync(0xffffffffu, sh, o);
     }
-    const double m = fmax(A.m, H.m);
-    S.dsh[0] = m;
-    S.dsh[1] = A.m == -INFINITY ? 0.0 : A.s * exp(A.m - m);
-    S.dsh[2] = H.m == -INFINITY ? 0.0 : H.s * exp(H.m - m);
+    if (tid == 0) {
+      S.dsh[0] = m;
+      S.dsh[1] = sa;
+      S.dsh[2] = sh;
+    }
   }
   __syncthreads();
   const double a_mass = S.dsh[1], read_exact = S.dsh[2];
@@ -764,11 +772,30 @@ __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, Se
   int32_t* out = a.rows + item * s.cap;
   const int64_t nsink = st.n_sink, nclu = st.n_clustered, nrec = st.n_recent, C = st.n_clusters;
   const int32_t* sums = a.chunk_sums + item * gridDim.y;
-  int64_t carry = nsink;
-  for (int64_t c = 0; c < chunk; ++c) carry += sums[c];
+  // Rows before this chunk and rows of all chunks, summed by the whole block (a serial loop
+  // over up to 128 earlier chunks' sums was a chain of dependent loads in the last blocks).
+  __shared__ int64_t s_red[2][kThreads / 32];
+  int64_t before = 0, every = 0;
+  for (int64_t c = threadIdx.x; c < gridDim.y; c += kThreads) {
+    const int64_t v = sums[c];
+    every += v;
+    if (c < chunk) before += v;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    before += __shfl_xor_sync(0xffffffffu, before, o);
+    every += __shfl_xor_sync(0xffffffffu, every, o);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    s_red[0][threadIdx.x >> 5] = before;
+    s_red[1][threadIdx.x >> 5] = every;
+  }
+  __syncthreads();
+  int64_t carry = nsink, all = nsink;
+  for (int w = 0; w < kThreads / 32; ++w) {
+    carry += s_red[0][w];
+    all += s_red[1][w];
+  }
   if (chunk == 0) {
-    int64_t all = nsink;
-    for (int64_t c = 0; c < gridDim.y; ++c) all += sums[c];
     for (int64_t t = threadIdx.x; t < nsink; t += kThreads) out[t] = (int32_t)t;
     for (int64_t t = threadIdx.x; t < nrec; t += kThreads) out[all + t] = (int32_t)(nsink + nclu + t);
     if (threadIdx.x == 0) a.counts[item] = (int32_t)(all + nrec);
