@@ -95,6 +95,49 @@ def test_rotation_and_plan_cover_the_l2():
     assert (order[0].dtype, order[0].hq, order[0].hkv, order[0].batch) == ("float16", 32, 8, 1)
 
 
+def _layer_mix(slots, batch, seed, n_layers):
+    # the layer of every (slot, sequence) pair, written out here from the two rules (run_case
+    # makes slot l with seed + 1000 l; tiled_fixture gives sequence b layer (that + b) mod n);
+    # test_fixture_layer_matches_the_workload_generator checks the rules against the workloads
+    counts = [0] * n_layers
+    for l in range(slots):
+        for b in range(batch):
+            counts[(seed + 1000 * l + b) % n_layers] += 1
+    return counts
+
+
+@pytest.mark.parametrize("layers,batch,seed", [(1, 1, 0), (4, 1, 0), (4, 1, 5), (2, 2, 0), (59, 1, 0),
+                                                (15, 1, 0), (1, 8, 0), (1, 3, 0), (7, 4, 2)])
+def test_fixture_slots_weigh_every_captured_layer_the_same(layers, batch, seed):
+    got = sweep.balanced_fixture_slots(layers, batch, 3, seed, lambda L: True, 64)
+    mix = _layer_mix(got, batch, seed, 3)
+    assert min(mix) == max(mix), (got, mix)
+    assert abs(got - layers) <= 2  # the nearest balanced count, not an arbitrary one
+    if batch % 3 == 0 or layers % 3 == 0:
+        assert got == layers
+
+
+def test_fixture_slots_round_down_when_more_do_not_fit():
+    # 4 slots do not balance 3 layers with B = 1; 6 would, but only 4 fit: 3 (balanced) is taken
+    got = sweep.balanced_fixture_slots(4, 1, 3, 0, lambda L: L <= 4, 64)
+    assert got == 3 and min(_layer_mix(3, 1, 0, 3)) == max(_layer_mix(3, 1, 0, 3))
+    # nothing balanced fits below either: keep what rotation asked for
+    assert sweep.balanced_fixture_slots(1, 1, 3, 0, lambda L: L <= 1, 64) == 1
+
+
+def test_fixture_layer_matches_the_workload_generator():
+    from tactic.bench import workloads
+    from tactic.fixtures import load_fixture
+    fx = load_fixture()
+    caps = sorted(fx.layers)
+    for slot, seed in ((0, 0), (1, 0), (2, 7)):
+        wl = workloads.make("fixture", 3100, 2, 9, 3, 64, "float32", "cpu", seed + 1000 * slot)
+        for b in range(2):
+            want = fx.layers[caps[sweep.fixture_layer(seed, slot, b, len(caps))]]
+            q = want.queries[b % want.queries.shape[0]]
+            np.testing.assert_array_equal(wl.queries[b].numpy(), q.astype(np.float32))
+
+
 def test_cli_on_cpu_writes_the_json(tmp_path, capsys):
     rc = main(["--device", "cpu", "--n", "1K", "--batch", "2", "--heads", "4/2", "--head-dim", "64",
                "--target", "0.8", "0.95", "--series-s", "0.01", "--min-runs", "3", "--max-runs", "4",

@@ -96,6 +96,43 @@ def rotation_layers(c: Case, rotate_bytes: int, max_layers: int) -> int:
     return int(min(max_layers, max(1, math.ceil(rotate_bytes / per))))
 
 
+def fixture_layer(seed: int, slot: int, seq: int, n_layers: int) -> int:
+    """Index (into the sorted captured layers) that rotation slot `slot`, sequence `seq` of a
+    fixture case reads: run_case makes slot l with seed + 1000 l, and tiled_fixture gives
+    sequence b the captured layer (seed + b) mod n_layers."""
+    return (seed + 1000 * slot + seq) % n_layers
+
+
+def balanced_fixture_slots(layers: int, batch: int, n_layers: int, seed: int,
+                           fits: Callable[[int], bool], max_layers: int) -> int:
+    """Rotation slots for a fixture case such that every captured layer is read by as many
+    (slot, sequence) pairs as every other one.
+
+    The captured layers differ a lot (SmolLM2's layer 0 needs ~75% of its tokens at P = 0.9,
+    layer 18 about 6%), so an unbalanced mix makes the reported read fraction and speed depend
+    on the slot count: with B = 1 and 4 slots, layer 0 was half of the steps timed. Prefers
+    the nearest balanced count at or above `layers` that `fits` (memory) and stays within
+    max_layers, then the nearest one below; keeps `layers` if there is none."""
+    def balanced(L: int) -> bool:
+        counts = [0] * n_layers
+        for l in range(L):
+            for b in range(batch):
+                counts[fixture_layer(seed, l, b, n_layers)] += 1
+        return min(counts) == max(counts)
+
+    if n_layers <= 1 or balanced(layers):
+        return layers
+    for L in range(layers + 1, max(layers, max_layers) + 1):
+        if balanced(L):
+            if fits(L):
+                return L
+            break
+    for L in range(layers - 1, 0, -1):
+        if balanced(L):
+            return L
+    return layers
+
+
 def memory_estimate(c: Case, layers: int) -> int:
     """Device bytes a case needs: workload copies, both decoders, selection and scratch."""
     es = ELEM_BYTES[c.dtype]
@@ -187,11 +224,24 @@ class Sweep:
                     f"of {self.opt.time_budget_s:.0f}")
         return None
 
+    def slots(self, c: Case, free: int) -> int:
+        """Rotation slots of a case: enough to rotate past L2 (rotation_layers); for the fixture,
+        adjusted so every captured layer weighs the same (balanced_fixture_slots)."""
+        layers = rotation_layers(c, self.opt.rotate_bytes, self.opt.max_layers)
+        if c.workload != "fixture":
+            return layers
+        from ..fixtures import load_fixture
+        n_layers = len(load_fixture().layers)
+        return balanced_fixture_slots(
+            layers, c.batch, n_layers, self.opt.seed,
+            lambda L: memory_estimate(c, L) <= self.opt.memory_fraction * free,
+            max(self.opt.max_layers, n_layers))
+
     def plan_text(self, free: int) -> str:
         """The sweep as it would run on a device with `free` bytes, by the estimates alone."""
         lines, elapsed = [], 0.0
         for c in cases(self.opt):
-            layers = rotation_layers(c, self.opt.rotate_bytes, self.opt.max_layers)
+            layers = self.slots(c, free)
             reason = self._skip_reason(c, layers, free, elapsed)
             est = self.case_time_estimate(c, layers)
             if not reason:
@@ -204,8 +254,9 @@ class Sweep:
     def run(self) -> None:
         t_start = time.perf_counter()
         for c in cases(self.opt):
-            layers = rotation_layers(c, self.opt.rotate_bytes, self.opt.max_layers)
-            reason = self._skip_reason(c, layers, self._free_bytes(), time.perf_counter() - t_start)
+            free = self._free_bytes()
+            layers = self.slots(c, free)
+            reason = self._skip_reason(c, layers, free, time.perf_counter() - t_start)
             if reason:
                 self.skipped.append({"case": c.__dict__, "reason": reason})
                 self.log(f"skip {c.label()}: {reason}")
@@ -245,8 +296,16 @@ class Sweep:
         info = {"case": c.__dict__, "layers": layers, "generate_s": t_gen, "tactic_prefill_s": t_prefill,
                 "dense_prefill_s": t_dense_prefill, "kmeans_flops_est": flops / max(t_prefill, 1e-9),
                 "workload_info": wls[0].info}
+        if c.workload == "fixture":  # which captured layers the timed steps read, and how often
+            caps = wls[0].info["captured_layers"]
+            mix = [0] * len(caps)
+            for l in range(layers):
+                for b in range(c.batch):
+                    mix[fixture_layer(opt.seed, l, b, len(caps))] += 1
+            info["fixture_layer_mix"] = {str(caps[i]): m for i, m in enumerate(mix)}
         self.log(f"{c.label()}: {layers} rotation slot(s), generate {t_gen:.1f} s, "
-                 f"tactic prefill {t_prefill:.1f} s, dense prefill {t_dense_prefill:.2f} s")
+                 f"tactic prefill {t_prefill:.1f} s, dense prefill {t_dense_prefill:.2f} s"
+                 + (f", layers read {info['fixture_layer_mix']}" if "fixture_layer_mix" in info else ""))
 
         full = traffic.dense_bytes(c.batch, c.hkv, c.n, c.d, es)
         shared, graphs_ok = {}, opt.graphs and torch.device(dev).type == "cuda"
