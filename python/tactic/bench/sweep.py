@@ -9,6 +9,7 @@ skipped with its reason (reported in the JSON).
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,21 @@ def fixture_layer(seed: int, slot: int, seq: int, n_layers: int) -> int:
     return (seed + 1000 * slot + seq) % n_layers
 
 
+def fixture_layer_mix(slots: int, batch: int, seed: int, n_layers: int) -> List[int]:
+    """How many (slot, sequence) pairs of a fixture case read each captured layer."""
+    counts = [0] * n_layers
+    for l in range(slots):
+        for b in range(batch):
+            counts[fixture_layer(seed, l, b, n_layers)] += 1
+    return counts
+
+
+@functools.lru_cache(maxsize=1)
+def fixture_layer_count() -> int:
+    from ..fixtures import load_fixture
+    return len(load_fixture().layers)
+
+
 def balanced_fixture_slots(layers: int, batch: int, n_layers: int, seed: int,
                            fits: Callable[[int], bool], max_layers: int) -> int:
     """Rotation slots for a fixture case such that every captured layer is read by as many
@@ -114,10 +130,7 @@ def balanced_fixture_slots(layers: int, batch: int, n_layers: int, seed: int,
     the nearest balanced count at or above `layers` that `fits` (memory) and stays within
     max_layers, then the nearest one below; keeps `layers` if there is none."""
     def balanced(L: int) -> bool:
-        counts = [0] * n_layers
-        for l in range(L):
-            for b in range(batch):
-                counts[fixture_layer(seed, l, b, n_layers)] += 1
+        counts = fixture_layer_mix(L, batch, seed, n_layers)
         return min(counts) == max(counts)
 
     if n_layers <= 1 or balanced(layers):
@@ -230,8 +243,7 @@ class Sweep:
         layers = rotation_layers(c, self.opt.rotate_bytes, self.opt.max_layers)
         if c.workload != "fixture":
             return layers
-        from ..fixtures import load_fixture
-        n_layers = len(load_fixture().layers)
+        n_layers = fixture_layer_count()
         return balanced_fixture_slots(
             layers, c.batch, n_layers, self.opt.seed,
             lambda L: memory_estimate(c, L) <= self.opt.memory_fraction * free,
@@ -298,10 +310,7 @@ class Sweep:
                 "workload_info": wls[0].info}
         if c.workload == "fixture":  # which captured layers the timed steps read, and how often
             caps = wls[0].info["captured_layers"]
-            mix = [0] * len(caps)
-            for l in range(layers):
-                for b in range(c.batch):
-                    mix[fixture_layer(opt.seed, l, b, len(caps))] += 1
+            mix = fixture_layer_mix(layers, c.batch, opt.seed, len(caps))
             info["fixture_layer_mix"] = {str(caps[i]): m for i, m in enumerate(mix)}
         self.log(f"{c.label()}: {layers} rotation slot(s), generate {t_gen:.1f} s, "
                  f"tactic prefill {t_prefill:.1f} s, dense prefill {t_dense_prefill:.2f} s"
