@@ -125,6 +125,22 @@ def test_fixture_slots_round_down_when_more_do_not_fit():
     assert sweep.balanced_fixture_slots(1, 1, 3, 0, lambda L: L <= 1, 64) == 1
 
 
+def test_sweep_balances_fixture_slots_only_where_the_case_still_runs():
+    opt = sweep.Options(device="cpu", workload="fixture", ns=[524288], batches=[8], dtypes=["float16"])
+    c = sweep.cases(opt)[0]
+    sw = sweep.Sweep(opt, 1.0)
+    free = 1 << 40
+    base = sweep.rotation_layers(c, opt.rotate_bytes, opt.max_layers)
+    assert base == 1
+    # 3 slots balance B = 8, but their k-means would overrun max_prefill_s: keep the 1 slot
+    sw.kmeans_flops = 2 * sweep.prefill_estimate_s(c, 1, 1.0) / opt.max_prefill_s  # 1 slot: half the limit
+    assert sw._skip_reason(c, 3, free, 0.0) is not None and sw._skip_reason(c, 1, free, 0.0) is None
+    assert sw.slots(c, free) == 1
+    sw.kmeans_flops = 1e15  # fast enough: the balanced count
+    got = sw.slots(c, free)
+    assert got == 3 and len(set(sweep.fixture_layer_mix(got, 8, opt.seed, 3))) == 1
+
+
 def test_fixture_layer_matches_the_workload_generator():
     from tactic.bench import workloads
     from tactic.fixtures import load_fixture

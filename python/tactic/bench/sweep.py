@@ -244,9 +244,11 @@ class Sweep:
         if c.workload != "fixture":
             return layers
         n_layers = fixture_layer_count()
+        # a balanced count must not make the case skip (memory, k-means prefill time) where the
+        # rotation's own count would run: then the nearest balanced count below, or the original
         return balanced_fixture_slots(
             layers, c.batch, n_layers, self.opt.seed,
-            lambda L: memory_estimate(c, L) <= self.opt.memory_fraction * free,
+            lambda L: self._skip_reason(c, L, free, 0.0) is None,
             max(self.opt.max_layers, n_layers))
 
     def plan_text(self, free: int) -> str:
