@@ -127,7 +127,7 @@ def balanced_fixture_slots(layers: int, batch: int, n_layers: int, seed: int,
     The captured layers differ a lot (SmolLM2's layer 0 needs ~75% of its tokens at P = 0.9,
     layer 18 about 6%), so an unbalanced mix makes the reported read fraction and speed depend
     on the slot count: with B = 1 and 4 slots, layer 0 was half of the steps timed. Prefers
-    the nearest balanced count at or above `layers` that `fits` (memory) and stays within
+    the nearest balanced count at or above `layers` that `fits` (the case still runs) and stays within
     max_layers, then the nearest one below; keeps `layers` if there is none."""
     def balanced(L: int) -> bool:
         counts = fixture_layer_mix(L, batch, seed, n_layers)
