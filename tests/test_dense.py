@@ -109,3 +109,20 @@ def test_other_head_dims(d):
     out = dec.decode(0, q, k[299:], v[299:])
     ref, _ = ref_attention(q64[0], k64, v64, 1 / np.sqrt(d))
     np.testing.assert_allclose(to64(out[0]), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_float16_output_is_the_float32_result_rounded_to_nearest_even():
+    """The float16 output store (F16C where the CPU has it) rounds exactly as numpy's float32 ->
+    float16 conversion: the same call with a float32 `out` gives the value before rounding.
+    Values span half's subnormals, ordinary numbers and its largest finite values."""
+    rng = np.random.default_rng(5)
+    hkv, g, n, d = 3, 2, 50, 64
+    q = rng.standard_normal((1, hkv * g, d)).astype(np.float32)
+    k = rng.standard_normal((1, n, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((1, n, hkv, d)).astype(np.float32)
+    v[..., 0, :] *= 3e-6      # outputs in half's subnormal range (< 6.1e-5)
+    v[..., 2, :] *= 2.0e4     # outputs up to a few times 1e4, near half's largest (65504)
+    o32 = tactic.ops.dense_decode(q, k, v, out=np.empty((1, hkv * g, d), np.float32))
+    o16 = tactic.ops.dense_decode(q, k, v, out=np.empty((1, hkv * g, d), np.float16))
+    assert np.abs(o32[0, :g]).max() < 6.1e-5 and np.abs(o32[0, -g:]).max() > 1e4
+    np.testing.assert_array_equal(o16.view(np.uint16), o32.astype(np.float16).view(np.uint16))

@@ -370,3 +370,39 @@ def test_op_argument_errors():
         tactic.ops.dense_decode(Q, K[None], V[None], lengths=[N + 5])
     with pytest.raises(ValueError, match="multiple"):
         tactic.ops.dense_decode(Q[:, :3], K[None], V[None])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_found_in_any_layout_and_dtype(dtype, layout, bad):
+    """check_finite tests the raw exponent bits of each storage type, row by row: a single NaN
+    or Inf anywhere (last element included) is found whatever the strides, and the extreme
+    finite values of each type (largest, smallest subnormal) are not mistaken for one."""
+    torch = pytest.importorskip("torch")
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    fin = torch.finfo(tdt)
+    rng = np.random.default_rng(3)
+    n, hkv, d = 37, 2, 64
+
+    def keys():
+        k = torch.from_numpy(rng.standard_normal((n, hkv, d)).astype(np.float32)).to(tdt)
+        k[0, 0, 0], k[1, 1, 5], k[2, 0, 7] = fin.max, fin.tiny * fin.eps, -fin.max  # finite extremes
+        if layout == "transposed":  # same values, the leading dimensions' strides swapped
+            return k.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+        if layout == "strided":  # every other row of a larger array
+            big = torch.zeros(2 * n, hkv, d, dtype=tdt)
+            big[::2] = k
+            return big[::2]
+        return k
+
+    q = torch.from_numpy(rng.standard_normal((1, 4, d)).astype(np.float32)).to(tdt)
+    v = torch.from_numpy(rng.standard_normal((1, n, hkv, d)).astype(np.float32)).to(tdt)
+    k = keys()
+    out = tactic.ops.dense_decode(q, k[None], v)  # finite extremes pass
+    assert out.shape == q.shape
+    for pos in [(0, 0, 1), (n - 1, hkv - 1, d - 1), (n // 2, 1, d // 3)]:
+        k = keys()
+        k[pos] = bad
+        with pytest.raises(ValueError, match="`keys` contains NaN or Inf"):
+            tactic.ops.dense_decode(q, k[None], v)
