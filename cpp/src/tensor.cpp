@@ -166,23 +166,37 @@ void check_contiguous(const TensorView& t, const char* name) {
 }
 
 namespace {
-// True when every element, loaded as float, passes `ok`. Walks the strides (the view may be
-// non-contiguous, broadcast or transposed).
-template <class Load, class Ok>
-bool all_elements(const TensorView& t, Load load, Ok ok) {
+// True when row_ok(first element's bytes, length, byte stride) holds for every row (the last
+// dimension) of t. Walks the outer strides once per row (the view may be non-contiguous,
+// broadcast or transposed), so the per-element work is a plain loop.
+template <class RowOk>
+bool all_rows(const TensorView& t, RowOk row_ok) {
+  if (t.numel() == 0) return true;
+  const int nd = t.ndim;
+  const int64_t es = (int64_t)dtype_size(t.dtype);
+  const int64_t inner = nd ? t.shape[nd - 1] : 1, istride = (nd ? t.strides[nd - 1] : 1) * es;
+  const int64_t rows = t.numel() / inner;
   int64_t idx[kMaxDims] = {0};
-  const int64_t n = t.numel();
-  const std::size_t es = dtype_size(t.dtype);
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t r = 0; r < rows; ++r) {
     int64_t off = 0;
-    for (int k = 0; k < t.ndim; ++k) off += idx[k] * t.strides[k];
-    if (!ok(load(static_cast<const uint8_t*>(t.data) + off * (int64_t)es))) return false;
-    for (int k = t.ndim - 1; k >= 0; --k) {
+    for (int k = 0; k + 1 < nd; ++k) off += idx[k] * t.strides[k];
+    if (!row_ok(static_cast<const uint8_t*>(t.data) + off * es, inner, istride)) return false;
+    for (int k = nd - 2; k >= 0; --k) {
       if (++idx[k] < t.shape[k]) break;
       idx[k] = 0;
     }
   }
   return true;
+}
+
+// True when every element, loaded as float, passes `ok`.
+template <class Load, class Ok>
+bool all_elements(const TensorView& t, Load load, Ok ok) {
+  return all_rows(t, [&](const uint8_t* p, int64_t n, int64_t stride) {
+    for (int64_t i = 0; i < n; ++i)
+      if (!ok(load(p + i * stride))) return false;
+    return true;
+  });
 }
 
 template <class Ok>
@@ -197,34 +211,21 @@ bool all_floats(const TensorView& t, Ok ok) {
     default: return true;
   }
 }
-}  // namespace
 
 // True when no element's exponent bits are all ones (NaN or Inf), tested on the raw bits of
-// each storage type, a row (the last dimension) at a time: no conversion and no per-element
-// index walk (those, with the scalar output store, were ~40% of a small CPU decode call,
-// 2026-11-23).
-namespace {
+// the storage type: no conversion (that and the per-element index walk, with the scalar
+// output store, were ~40% of a small CPU decode call, 2026-11-23).
 template <class U>
 bool all_finite_bits(const TensorView& t, U exp_mask) {
-  if (t.numel() == 0) return true;
-  const U* base = static_cast<const U*>(t.data);
-  const int nd = t.ndim;
-  const int64_t inner = nd ? t.shape[nd - 1] : 1, istride = nd ? t.strides[nd - 1] : 1;
-  int64_t idx[kMaxDims] = {0};
-  const int64_t rows = inner ? t.numel() / inner : 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t off = 0;
-    for (int k = 0; k + 1 < nd; ++k) off += idx[k] * t.strides[k];
-    const U* p = base + off;
+  return all_rows(t, [exp_mask](const uint8_t* p, int64_t n, int64_t stride) {
     bool bad = false;
-    for (int64_t i = 0; i < inner; ++i) bad |= (p[i * istride] & exp_mask) == exp_mask;
-    if (bad) return false;
-    for (int k = nd - 2; k >= 0; --k) {
-      if (++idx[k] < t.shape[k]) break;
-      idx[k] = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      U x;
+      std::memcpy(&x, p + i * stride, sizeof(U));
+      bad |= (x & exp_mask) == exp_mask;
     }
-  }
-  return true;
+    return !bad;
+  });
 }
 }  // namespace
 
