@@ -8,6 +8,7 @@
 // where two candidates are within rounding of the stop threshold.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cooperative_groups.h>
 #include <cuda/functional>
 
 #include <cfloat>
@@ -314,9 +315,9 @@ __device__ int crossing_bucket(const V* vals, double scale, double start, double
 // ...), loading 8 clusters' score and offsets before using any: one block serves a whole head,
 // and with one load in flight per thread these passes were latency-bound (~1 us per step).
 template <class F>
-__device__ __forceinline__ void for_clusters(const float* sc, const int32_t* off, int64_t C, F&& f) {
+__device__ __forceinline__ void for_clusters_in(const float* sc, const int32_t* off, int64_t lo, int64_t C, F&& f) {
   constexpr int U = 8;
-  for (int64_t base = threadIdx.x; base < C; base += (int64_t)U * kSelThreads) {
+  for (int64_t base = lo + threadIdx.x; base < C; base += (int64_t)U * kSelThreads) {
     float v[U];
     int32_t o0[U], o1[U];
 #pragma unroll
@@ -335,34 +336,51 @@ __device__ __forceinline__ void for_clusters(const float* sc, const int32_t* off
     }
   }
 }
+// The same over every cluster [0, C).
+template <class F>
+__device__ __forceinline__ void for_clusters(const float* sc, const int32_t* off, int64_t C, F&& f) {
+  for_clusters_in(sc, off, 0, C, f);
+}
+
+// Ranks n candidates (score descending, id ascending: the CPU's order) into sorted[0..n).
+__device__ __forceinline__ void rank_candidates(const float* cs, const int32_t* cid, int n, int32_t* sorted) {
+  for (int i = threadIdx.x; i < n; i += kSelThreads) {
+    const float v = cs[i];
+    const int32_t id = cid[i];
+    int r = 0;
+    for (int k = 0; k < n; ++k) r += (cs[k] > v) || (cs[k] == v && cid[k] < id);
+    sorted[r] = id;
+  }
+  __syncthreads();
+}
 
 // Gathers the clusters of bucket `bk` (excluding those with head[j] set, when given) into
 // S.cs/S.cid, ranks them (score descending, id ascending) into S.sorted; returns their
 // number, or -1 if more than kCand.
-__device__ int rank_bucket(const float* sc, const int32_t* off, int64_t C, float mx, float bpl, int bk,
-                           SelShared& S) {
-  if (threadIdx.x == 0) S.n_cand = 0;
-  __syncthreads();
-  for_clusters(sc, off, C, [&](int64_t j, float v, int32_t) {
-    if (bucket_of(v, mx, bpl) == bk) {
+// The clusters of bucket bk among [lo, C) into S.cs / S.cid (S.n_cand counts them, even past
+// kCand; it must be zero before).
+__device__ __forceinline__ void gather_bucket(const float* sc, const int32_t* off, int64_t lo, int64_t C, float mx,
+                                              float bpl, int bk, SelShared& S) {
+  for_clusters_in(sc, off, lo, C, [&](int64_t j, float x, int32_t) {
+    if (bucket_of(x, mx, bpl) == bk) {
       const int at = atomicAdd(&S.n_cand, 1);
       if (at < kCand) {
-        S.cs[at] = v;
+        S.cs[at] = x;
         S.cid[at] = (int32_t)j;
       }
     }
   });
+}
+
+__device__ int rank_bucket(const float* sc, const int32_t* off, int64_t C, float mx, float bpl, int bk,
+                           SelShared& S) {
+  if (threadIdx.x == 0) S.n_cand = 0;
+  __syncthreads();
+  gather_bucket(sc, off, 0, C, mx, bpl, bk, S);
   __syncthreads();
   const int n = S.n_cand;
   if (n > kCand) return -1;
-  for (int i = threadIdx.x; i < n; i += kSelThreads) {
-    const float v = S.cs[i];
-    const int32_t id = S.cid[i];
-    int r = 0;
-    for (int k = 0; k < n; ++k) r += (S.cs[k] > v) || (S.cs[k] == v && S.cid[k] < id);
-    S.sorted[r] = id;
-  }
-  __syncthreads();
+  rank_candidates(S.cs, S.cid, n, S.sorted);
   return n;
 }
 
@@ -402,108 +420,154 @@ __device__ int cut_candidates(int from, int n, double start, double goal, SelSha
   return S.cut;
 }
 
-// Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
-// bucket), their prior. Leaves the histogram and the ranked candidates in global scratch.
-__global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s, SelectArgs a) {
-  __shared__ SelShared S;
-  const int64_t hq = s.hkv * s.g, i = blockIdx.x, b = i / hq, qh = i % hq, h = qh / s.g;
-  const int32_t slot = s.slots[b];
-  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
-  const int64_t hi = head_index(s, slot, h);
-  const int32_t* off = a.offsets + hi * (s.cmax + 1);
-  const int64_t C = st.n_clusters, nclu = st.n_clustered, nsink = st.n_sink, nrec = st.n_recent;
-  const int64_t always = nsink + nrec, total = always + nclu;
-  uint8_t* kmark = a.kv_mark + (b * s.hkv + h) * s.cmax;
-  uint8_t* hmark = a.head_mark ? a.head_mark + i * s.cmax : nullptr;
-  const float* sc = a.scores + i * s.cmax;
-  int32_t* head_list = a.ids + i * s.cmax;
-  SelInfo* info = a.info + i;
-  const int tid = threadIdx.x;
-  auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
-  const float mx = unorder_float(a.seg_max[i]);
-  const float bpl = bucket_width(mx, unorder_float(a.seg_min[i]));
-  __syncthreads();
-  if (tid == 0) {  // ready for the next step's atomicMax / atomicMin
-    a.seg_max[i] = INT_MIN;
-    a.seg_min[i] = INT_MAX;
-  }
+// Thread-block cluster operations for the split kernels (sm_90). The host launches those only
+// where the loaded binary is sm_90 or newer (head_split_available); elsewhere these trap.
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return (int)cooperative_groups::this_cluster().block_rank();
+#else
+  return 0;
+#endif
+}
+template <class T>
+__device__ __forceinline__ T* cluster_peer(T* p, int rank) {  // block `rank`'s copy of shared p
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  __trap();
+  return p;
+#endif
+}
 
-  const bool all = C == 0 || C < a.min_clusters || a.target >= 1.0;
-  if (all) {
-    for (int64_t j = tid; j < C; j += kSelThreads) {
-      kmark[j] = 1;
-      if (hmark) hmark[j] = 1;
-    }
-    if (tid == 0) {
-      *info = SelInfo{};  // every field: select_exact_kernel copies the whole struct (initcheck)
-      info->all = 1;
-      a.head_tokens[i] = C == 0 ? always : total;
-      a.est_mass[i] = 1.0;
-    }
-    return;
-  }
+constexpr int kHeadSplit = 4;  // blocks per query head in the split kernels
 
-  // Histogram: tokens and prior mass per score bucket.
-  for (int k = tid; k < kBuckets; k += kSelThreads) {
-    S.tok[k] = 0;
-    S.pri[k] = 0.f;
-  }
-  __syncthreads();
-  for_clusters(sc, off, C, [&](int64_t, float v, int32_t n) {
-    const int bk = bucket_of(v, mx, bpl);
-    atomicAdd(&S.tok[bk], n);
-    atomicAdd(&S.pri[bk], (float)n * __expf(v - mx));
-  });
-  __syncthreads();
-  for (int k = tid; k < kBuckets; k += kSelThreads) a.hist_pri[i * kBuckets + k] = S.pri[k];
-
-  // The exact head: take clusters while fewer than thr tokens precede them.
-  const double thr = fmax(1.0, a.head_fraction * (double)nclu);
-  double before = 0.0;
-  const int bh = crossing_bucket(S.tok, 1.0, 0.0, thr, S, &before);
-  int nh_cand = 0, cut_h = 0;
-  if (bh < kBuckets) {
-    nh_cand = rank_bucket(sc, off, C, mx, bpl, bh, S);
-    if (nh_cand >= 0) {
-      for (int k = tid; k < nh_cand; k += kSelThreads) {
-        S.cval[k] = (double)csize(S.sorted[k]);
-        a.cand[i * kCand + k] = S.sorted[k];
+// After each of the cluster's blocks gathered its share of a bucket (gather_bucket): a cluster
+// barrier, then every block copies all blocks' candidates, block 0's first, into cs / cid.
+// Returns their number, or -1 if more than kCand.
+__device__ int merge_candidates(SelShared& S, float* cs, int32_t* cid) {
+  cluster_barrier();
+  int n = 0;
+  for (int q = 0; q < kHeadSplit && n >= 0; ++q) {
+    const SelShared* R = cluster_peer(&S, q);
+    const int nq = R->n_cand;
+    if (nq > kCand - n) {
+      n = -1;
+    } else {
+      for (int k = threadIdx.x; k < nq; k += kSelThreads) {
+        cs[n + k] = R->cs[k];
+        cid[n + k] = R->cid[k];
       }
-      __syncthreads();
-      double dummy;
-      cut_h = cut_candidates(0, nh_cand, before, thr, S, &dummy);
+      n += nq;
     }
   }
-  // Head = buckets < bh, plus sorted[0..cut_h) of bh (all of bh when it overflowed).
-  const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
-  if (tid == 0) S.n_head = 0;
   __syncthreads();
-  double prior_head = 0.0;
-  for_clusters(sc, off, C, [&](int64_t j, float v, int32_t n) {
-    if (bucket_of(v, mx, bpl) < bh_whole) {
-      head_list[atomicAdd(&S.n_head, 1)] = (int32_t)j;
-      prior_head += (double)n * exp((double)v - (double)mx);
-    }
-  });
+  return n;
+}
+
+// One query head's slice of the step's state (select_head, its split form and select_stop).
+struct HeadView {
+  int64_t i, b, h;                 // query head (flat over the batch), sequence, KV head
+  const int32_t* off;              // cluster offsets [C + 1]
+  int64_t C, nclu, nsink, nrec, always, total;
+  uint8_t* kmark;                  // the KV head's union marks
+  uint8_t* hmark;                  // this head's own marks, or null
+  const float* sc;                 // centroid scores
+  int32_t* head_list;              // exact-head clusters
+};
+
+__device__ __forceinline__ HeadView head_view(const StepGeometry& s, const SelectArgs& a, int64_t i) {
+  HeadView v;
+  const int64_t hq = s.hkv * s.g;
+  v.i = i;
+  v.b = i / hq;
+  v.h = (i % hq) / s.g;
+  const int32_t slot = s.slots[v.b];
+  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
+  v.off = a.offsets + head_index(s, slot, v.h) * (s.cmax + 1);
+  v.C = st.n_clusters;
+  v.nclu = st.n_clustered;
+  v.nsink = st.n_sink;
+  v.nrec = st.n_recent;
+  v.always = v.nsink + v.nrec;
+  v.total = v.always + v.nclu;
+  v.kmark = a.kv_mark + (v.b * s.hkv + v.h) * s.cmax;
+  v.hmark = a.head_mark ? a.head_mark + i * s.cmax : nullptr;
+  v.sc = a.scores + i * s.cmax;
+  v.head_list = a.ids + i * s.cmax;
+  return v;
+}
+
+// Whether a head selects everything without ranking (no clusters, too few, or P = 1).
+__device__ __forceinline__ bool selects_all(const HeadView& v, const SelectArgs& a) {
+  return v.C == 0 || v.C < a.min_clusters || a.target >= 1.0;
+}
+
+// That case: marks clusters [lo, hi) (a block's share) and, when `writer`, the statistics and
+// the hand-over struct.
+__device__ void select_all(const HeadView& v, const SelectArgs& a, int64_t lo, int64_t hi, bool writer) {
+  for (int64_t j = lo + threadIdx.x; j < hi; j += kSelThreads) {
+    v.kmark[j] = 1;
+    if (v.hmark) v.hmark[j] = 1;
+  }
+  if (writer && threadIdx.x == 0) {
+    SelInfo* info = a.info + v.i;
+    *info = SelInfo{};  // every field: select_exact_kernel copies the whole struct (initcheck)
+    info->all = 1;
+    a.head_tokens[v.i] = v.C == 0 ? v.always : v.total;
+    a.est_mass[v.i] = 1.0;
+  }
+}
+
+// The exact head's cut in its crossing bucket, whose nh_cand >= 0 clusters are ranked in
+// S.sorted: keeps them for select_stop (a.cand, when `keep`) and returns how many of them the
+// head takes.
+__device__ int head_cut(const SelectArgs& a, int64_t i, const int32_t* off, int nh_cand, double before, double thr,
+                        bool keep, SelShared& S) {
+  for (int k = threadIdx.x; k < nh_cand; k += kSelThreads) {
+    S.cval[k] = (double)(off[S.sorted[k] + 1] - off[S.sorted[k]]);
+    if (keep) a.cand[i * kCand + k] = S.sorted[k];
+  }
   __syncthreads();
-  const bool partial = nh_cand > 0 && bh_whole == bh;
-  const int n_whole = S.n_head;
+  double dummy;
+  return cut_candidates(0, nh_cand, before, thr, S, &dummy);
+}
+
+struct HeadDecision {  // what select_head decided, identically in every block serving the head
+  int bh, bh_whole, nh_cand, cut_h;
+  float mx, bpl;
+};
+
+// After the whole buckets' clusters are in head_list[0..n_whole): appends the ranked prefix
+// sorted[0..cut_h) of a partly taken crossing bucket, sums the head's prior (each thread's
+// share `prior` plus those clusters'), splits the head's clusters into tasks of at most 16 rows
+// (row ranges, so select_exact spreads rows evenly over threads however uneven the cluster
+// sizes are) and writes the hand-over SelInfo. head_list is read back through L2: other blocks
+// of a cluster may have written it.
+__device__ void finish_head(const SelectArgs& a, int64_t i, int32_t* list, const float* sc, const int32_t* off,
+                            int64_t nsink, int n_whole, double prior, HeadDecision d, SelShared& S) {
+  const int tid = threadIdx.x;
+  const bool partial = d.nh_cand > 0 && d.bh_whole == d.bh;
   if (partial)
-    for (int k = tid; k < cut_h; k += kSelThreads) {
+    for (int k = tid; k < d.cut_h; k += kSelThreads) {
       const int32_t j = S.sorted[k];
-      head_list[n_whole + k] = j;
-      prior_head += (double)csize(j) * exp((double)sc[j] - (double)mx);
+      list[n_whole + k] = j;
+      prior += (double)(off[j + 1] - off[j]) * exp((double)sc[j] - (double)d.mx);
     }
-  prior_head = block_sum(prior_head, S);
-  // Split the head's clusters into tasks of at most 16 rows (row ranges), so select_exact
-  // spreads rows evenly over threads however uneven the cluster sizes are.
-  const int n_head = n_whole + (partial ? cut_h : 0);
+  prior = block_sum(prior, S);
+  const int n_head = n_whole + (partial ? d.cut_h : 0);
   int2* tasks = reinterpret_cast<int2*>(a.tasks) + i * a.tasks_stride;
   int carry = 0;
   for (int base = 0; base < n_head; base += kSelThreads) {
     const int k = base + tid;
-    const int32_t j = k < n_head ? head_list[k] : 0;
-    const int sz = k < n_head ? (int)csize(j) : 0;
+    const int32_t j = k < n_head ? __ldcg(list + k) : 0;
+    const int sz = k < n_head ? off[j + 1] - off[j] : 0;
     const int nt = (sz + 15) / 16;
     int ex, agg;
     HeadScan(S.scan).ExclusiveSum(nt, ex, agg);
@@ -513,17 +577,180 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
     __syncthreads();
   }
   if (tid == 0) {
+    SelInfo* info = a.info + i;
     info->n_tasks = carry;
     info->all = 0;
-    info->bh = bh;
-    info->bh_whole = bh_whole;
-    info->nh_cand = nh_cand;
-    info->cut_h = cut_h;
+    info->bh = d.bh;
+    info->bh_whole = d.bh_whole;
+    info->nh_cand = d.nh_cand;
+    info->cut_h = d.cut_h;
     info->n_head = n_head;
-    info->mx = mx;
-    info->bpl = bpl;
-    info->prior_head = prior_head;
+    info->mx = d.mx;
+    info->bpl = d.bpl;
+    info->prior_head = prior;
   }
+}
+
+// Adds clusters [lo, C) to the histogram: tokens and prior mass per score bucket.
+__device__ __forceinline__ void histogram_add(const float* sc, const int32_t* off, int64_t lo, int64_t C, float mx,
+                                              float bpl, SelShared& S) {
+  for_clusters_in(sc, off, lo, C, [&](int64_t, float x, int32_t n) {
+    const int bk = bucket_of(x, mx, bpl);
+    atomicAdd(&S.tok[bk], n);
+    atomicAdd(&S.pri[bk], (float)n * __expf(x - mx));
+  });
+}
+
+// Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
+// bucket), their prior. Leaves the histogram and the ranked candidates in global scratch.
+__global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s, SelectArgs a) {
+  __shared__ SelShared S;
+  const int64_t i = blockIdx.x;
+  const HeadView v = head_view(s, a, i);
+  const int32_t* off = v.off;
+  const int64_t C = v.C;
+  const float* sc = v.sc;
+  const int tid = threadIdx.x;
+  const float mx = unorder_float(a.seg_max[i]);
+  const float bpl = bucket_width(mx, unorder_float(a.seg_min[i]));
+  __syncthreads();
+  if (tid == 0) {  // ready for the next step's atomicMax / atomicMin
+    a.seg_max[i] = INT_MIN;
+    a.seg_min[i] = INT_MAX;
+  }
+  if (selects_all(v, a)) {
+    select_all(v, a, 0, C, true);
+    return;
+  }
+
+  // Histogram: tokens and prior mass per score bucket.
+  for (int k = tid; k < kBuckets; k += kSelThreads) {
+    S.tok[k] = 0;
+    S.pri[k] = 0.f;
+  }
+  __syncthreads();
+  histogram_add(sc, off, 0, C, mx, bpl, S);
+  __syncthreads();
+  for (int k = tid; k < kBuckets; k += kSelThreads) a.hist_pri[i * kBuckets + k] = S.pri[k];
+
+  // The exact head: take clusters while fewer than thr tokens precede them.
+  const double thr = fmax(1.0, a.head_fraction * (double)v.nclu);
+  double before = 0.0;
+  const int bh = crossing_bucket(S.tok, 1.0, 0.0, thr, S, &before);
+  int nh_cand = 0, cut_h = 0;
+  if (bh < kBuckets) {
+    nh_cand = rank_bucket(sc, off, C, mx, bpl, bh, S);
+    if (nh_cand >= 0) cut_h = head_cut(a, i, off, nh_cand, before, thr, true, S);
+  }
+  // Head = buckets < bh, plus sorted[0..cut_h) of bh (all of bh when it overflowed).
+  const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
+  if (tid == 0) S.n_head = 0;
+  __syncthreads();
+  double prior_head = 0.0;
+  for_clusters(sc, off, C, [&](int64_t j, float x, int32_t n) {
+    if (bucket_of(x, mx, bpl) < bh_whole) {
+      v.head_list[atomicAdd(&S.n_head, 1)] = (int32_t)j;
+      prior_head += (double)n * exp((double)x - (double)mx);
+    }
+  });
+  __syncthreads();
+  finish_head(a, i, v.head_list, sc, off, v.nsink, S.n_head, prior_head,
+              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S);
+}
+
+// Kernel 1, split (sm_90): the same decisions with each query head served by a thread-block
+// cluster of kHeadSplit blocks, each taking 1/kHeadSplit of the head's clusters in every pass
+// over them. One block per head left 100 of 132 SMs idle at B = 1 and made the passes' latency
+// the kernel's time (select_head was ~54 us at 512K on workload (b); ncu: 0.2 instructions
+// issued per scheduler and cycle). The blocks combine their histograms, crossing-bucket
+// candidates and head priors through distributed shared memory, each summing the blocks' parts
+// in rank order, so every block derives the same decisions from the same values; rank 0 then
+// finishes the head as the one-block kernel does.
+constexpr int64_t kHeadSplitMinClusters = 4096;  // below: the one-block kernels (fewer barriers)
+
+struct SplitShared {     // the whole head's values, combined from every block of the cluster
+  int32_t tok[kBuckets];  // (its prior histogram goes straight to a.hist_pri: only select_stop reads it)
+  float cs[kCand];       // the crossing bucket's candidates, block 0's first
+  int32_t cid[kCand];
+};
+
+__global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepGeometry s, SelectArgs a) {
+  __shared__ SelShared S;   // this block's part: histogram, candidates, head-list counter (rank 0's)
+  __shared__ SplitShared W;
+  const int rank = cluster_rank();
+  const int64_t i = blockIdx.x / kHeadSplit;
+  const HeadView v = head_view(s, a, i);
+  const int32_t* off = v.off;
+  const float* sc = v.sc;
+  const int tid = threadIdx.x;
+  const int64_t lo = v.C * rank / kHeadSplit, hi = v.C * (rank + 1) / kHeadSplit;
+  const float mx = unorder_float(a.seg_max[i]);
+  const float bpl = bucket_width(mx, unorder_float(a.seg_min[i]));
+  for (int k = tid; k < kBuckets; k += kSelThreads) {
+    S.tok[k] = 0;
+    S.pri[k] = 0.f;
+  }
+  if (tid == 0) {
+    S.n_cand = 0;
+    S.n_head = 0;
+  }
+  cluster_barrier();  // every block has read seg_max / seg_min, and its counters are zero
+  if (rank == 0 && tid == 0) {
+    a.seg_max[i] = INT_MIN;
+    a.seg_min[i] = INT_MAX;
+  }
+  if (selects_all(v, a)) {  // the same in every block of the cluster
+    select_all(v, a, lo, hi, rank == 0);
+    return;
+  }
+
+  histogram_add(sc, off, lo, hi, mx, bpl, S);
+  cluster_barrier();
+  for (int k = tid; k < kBuckets; k += kSelThreads) {
+    int32_t t = 0;
+    float p = 0.f;
+    for (int q = 0; q < kHeadSplit; ++q) {
+      const SelShared* R = cluster_peer(&S, q);
+      t += R->tok[k];
+      p += R->pri[k];
+    }
+    W.tok[k] = t;
+    if (rank == 0) a.hist_pri[i * kBuckets + k] = p;
+  }
+  __syncthreads();
+
+  const double thr = fmax(1.0, a.head_fraction * (double)v.nclu);
+  double before = 0.0;
+  const int bh = crossing_bucket(W.tok, 1.0, 0.0, thr, S, &before);
+  int nh_cand = 0, cut_h = 0;
+  if (bh < kBuckets) {  // the same in every block
+    gather_bucket(sc, off, lo, hi, mx, bpl, bh, S);
+    nh_cand = merge_candidates(S, W.cs, W.cid);
+    if (nh_cand >= 0) {
+      rank_candidates(W.cs, W.cid, nh_cand, S.sorted);
+      cut_h = head_cut(a, i, off, nh_cand, before, thr, rank == 0, S);  // the same cut in every block
+    }
+  }
+  const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
+  // This block's whole-bucket head clusters, at places taken from rank 0's counter.
+  int* counter = cluster_peer(&S.n_head, 0);
+  double prior = 0.0;
+  for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n) {
+    if (bucket_of(x, mx, bpl) < bh_whole) {
+      v.head_list[atomicAdd(counter, 1)] = (int32_t)j;
+      prior += (double)n * exp((double)x - (double)mx);
+    }
+  });
+  prior = block_sum(prior, S);
+  if (tid == 0) S.dsh[0] = prior;
+  cluster_barrier();  // head-list entries, the counter and every block's prior are final
+  double whole = 0.0;
+  for (int q = 0; q < kHeadSplit; ++q) whole += cluster_peer(&S, q)->dsh[0];
+  const int n_whole = *counter;
+  cluster_barrier();  // no block reads another's shared memory after this one
+  if (rank != 0) return;
+  finish_head(a, i, v.head_list, sc, off, v.nsink, n_whole, tid == 0 ? whole : 0.0,
+              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S);
 }
 
 // Kernel 2 (query head x split): exact logits of sinks + recent rows and of the head clusters'
@@ -597,20 +824,21 @@ __global__ void __launch_bounds__(kExactThreads) select_exact_kernel(StepGeometr
 }
 
 // Kernel 3 (one block per query head): alpha, z, the stop point, marks and statistics.
-__global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
-  __shared__ SelShared S;
-  const int64_t hq = s.hkv * s.g, i = blockIdx.x, b = i / hq, qh = i % hq, h = qh / s.g;
+// Kernel 3 for query head i, by one block (nsplit 1) or by block `rank` of a thread-block
+// cluster of nsplit = kHeadSplit blocks (select_stop_split_kernel; mcs / mcid: room for the
+// merged candidates). Every block computes the same decisions from the same values; the passes
+// over the clusters (ranking a crossing bucket, marking) take the block's share [lo, hi) only.
+__device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits, int64_t i, int rank, int nsplit,
+                          SelShared& S, float* mcs, int32_t* mcid) {
   const SelInfo info = a.info[i];
   if (info.all) return;  // uniform: kernel 1 finished this head
-  const int32_t slot = s.slots[b];
-  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
-  const int64_t hi = head_index(s, slot, h);
-  const int32_t* off = a.offsets + hi * (s.cmax + 1);
-  const int64_t C = st.n_clusters, nclu = st.n_clustered, nsink = st.n_sink, nrec = st.n_recent;
-  const int64_t always = nsink + nrec, total = always + nclu;
-  uint8_t* kmark = a.kv_mark + (b * s.hkv + h) * s.cmax;
-  uint8_t* hmark = a.head_mark ? a.head_mark + i * s.cmax : nullptr;
-  const float* sc = a.scores + i * s.cmax;
+  const HeadView v = head_view(s, a, i);
+  const int32_t* off = v.off;
+  const int64_t C = v.C, always = v.always, total = v.total;
+  const int64_t lo = C * rank / nsplit, hi = C * (rank + 1) / nsplit;
+  uint8_t* kmark = v.kmark;
+  uint8_t* hmark = v.hmark;
+  const float* sc = v.sc;
   const int tid = threadIdx.x;
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
   auto mark = [&](int64_t j) {
@@ -649,8 +877,8 @@ __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s
   const double alpha = read_exact / prior_head;
   const double z = a_mass + read_exact + alpha * prior_rest;
   if (!(isfinite(alpha) && alpha > 0) || !(z > 0) || !isfinite(z)) {  // read everything
-    for (int64_t j = tid; j < C; j += kSelThreads) mark(j);
-    if (tid == 0) {
+    for (int64_t j = lo + tid; j < hi; j += kSelThreads) mark(j);
+    if (rank == 0 && tid == 0) {
       a.head_tokens[i] = total;
       a.est_mass[i] = 1.0;
     }
@@ -700,7 +928,16 @@ __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s
         bs_ranked = false;
         acc = z;
       } else {
-        const int n = rank_bucket(sc, off, C, mx, bpl, bx, S);
+        int n;
+        if (nsplit == 1) {
+          n = rank_bucket(sc, off, C, mx, bpl, bx, S);
+        } else {  // every block gathers its share; all rank the merged list alike
+          if (tid == 0) S.n_cand = 0;
+          __syncthreads();
+          gather_bucket(sc, off, lo, hi, mx, bpl, bx, S);
+          n = merge_candidates(S, mcs, mcid);
+          if (n >= 0) rank_candidates(mcs, mcid, n, S.sorted);
+        }
         if (n < 0) {
           bs = bx + 1;
           cut_s = 0;
@@ -720,24 +957,46 @@ __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s
     }
   }
 
-  // Marks and counts: buckets < bs whole, plus the ranked prefix of bs.
+  // Marks and counts: buckets < bs whole (this block's share), plus the ranked prefix of bs
+  // (rank 0).
   int64_t tokens = 0;
-  for_clusters(sc, off, C, [&](int64_t j, float v, int32_t n) {
-    if (bucket_of(v, mx, bpl) < bs) {
+  for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n) {
+    if (bucket_of(x, mx, bpl) < bs) {
       mark(j);
       tokens += n;
     }
   });
-  if (bs_ranked)
+  if (bs_ranked && rank == 0)
     for (int k = tid; k < cut_s; k += kSelThreads) {
       mark(S.sorted[k]);
       tokens += csize(S.sorted[k]);
     }
   tokens = (int64_t)block_sum((double)tokens, S);
-  if (tid == 0) {
+  if (nsplit > 1) {  // the cluster's total, summed in rank order
+    if (tid == 0) S.dsh[0] = (double)tokens;
+    cluster_barrier();
+    double t = 0.0;
+    for (int q = 0; q < nsplit; ++q) t += cluster_peer(&S, q)->dsh[0];
+    tokens = (int64_t)t;
+    cluster_barrier();  // no block reads another's shared memory after this one
+  }
+  if (rank == 0 && tid == 0) {
     a.head_tokens[i] = always + tokens;
     a.est_mass[i] = fmin(1.0, acc / z);
   }
+}
+
+__global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
+  __shared__ SelShared S;
+  stop_head(s, a, splits, blockIdx.x, 0, 1, S, nullptr, nullptr);
+}
+
+// Kernel 3, split (sm_90): as select_head_split_kernel, kHeadSplit blocks per query head.
+__global__ void __launch_bounds__(kSelThreads, 1) select_stop_split_kernel(StepGeometry s, SelectArgs a, int splits) {
+  __shared__ SelShared S;
+  __shared__ float mcs[kCand];
+  __shared__ int32_t mcid[kCand];
+  stop_head(s, a, splits, blockIdx.x / kHeadSplit, cluster_rank(), kHeadSplit, S, mcs, mcid);
 }
 
 // Row list of each (sequence, KV head): sinks, the marked clusters in physical order, recent.
@@ -871,6 +1130,21 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
   TACTIC_CUDA_LAUNCH_CHECK("append_token (counts)");
 }
 
+// Whether select_head_split_kernel can run here: the binary loaded for this device must be
+// sm_90 or newer (thread-block clusters); an older binary's kernel body is a trap.
+bool head_split_available() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  static int cached[64];  // 0 unknown, 1 yes, 2 no, per device
+  if (dev < 64 && cached[dev]) return cached[dev] == 1;
+  cudaFuncAttributes fa{};
+  cudaFuncAttributes fb{};
+  const bool ok = cudaFuncGetAttributes(&fa, select_head_split_kernel) == cudaSuccess && fa.binaryVersion >= 90 &&
+                  cudaFuncGetAttributes(&fb, select_stop_split_kernel) == cudaSuccess && fb.binaryVersion >= 90;
+  if (dev < 64) cached[dev] = ok ? 1 : 2;
+  return ok;
+}
+
 size_t select_scratch_bytes(int64_t heads) {
   return (size_t)heads * (sizeof(SelInfo) + kMaxExactSplits * sizeof(ExactPart) + kBuckets * sizeof(float) +
                           kCand * sizeof(int32_t)) + 4 * 16;
@@ -920,7 +1194,24 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     }
   });
   TACTIC_CUDA_LAUNCH_CHECK("score_centroids");
-  select_head_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a);
+  // Thread-block clusters of kHeadSplit blocks per query head where a head has many clusters.
+  const bool split = s.cmax >= kHeadSplitMinClusters && head_split_available();
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  cfg.gridDim = dim3((unsigned)(heads * kHeadSplit));
+  cfg.blockDim = dim3(kSelThreads);
+  cfg.stream = st;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kHeadSplit;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (split) {
+    TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_head_split_kernel, s, a));
+  } else {
+    select_head_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a);
+  }
   TACTIC_CUDA_LAUNCH_CHECK("select_head");
   // Enough blocks for about two per SM of an H100, at most kMaxExactSplits per head.
   const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (264 + heads - 1) / heads));
@@ -936,7 +1227,8 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     }
   });
   TACTIC_CUDA_LAUNCH_CHECK("select_exact");
-  select_stop_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a, splits);
+  if (split) TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_stop_split_kernel, s, a, splits));
+  else select_stop_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a, splits);
   TACTIC_CUDA_LAUNCH_CHECK("select_stop");
   const dim3 rows_grid((unsigned)items, (unsigned)row_chunks(s.cmax));
   chunk_sums_kernel<<<rows_grid, kThreads, 0, st>>>(s, a);

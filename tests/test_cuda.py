@@ -287,6 +287,49 @@ def test_selection_matches_cpu_long_context(n):
     assert same >= 0.9 * total, f"{same}/{total} heads selected the same token count"
 
 
+def test_split_selection_over_a_batch_matches_cpu():
+    """Heads with thousands of clusters run select_head / select_stop as thread-block clusters
+    (sm_90, cmax >= 4096): a batch of different lengths, including one too short to select,
+    picks what the CPU picks, and P = 1 on the same path equals the float64 reference."""
+    gen = torch.Generator().manual_seed(29)
+    hkv, g, d, lens = 2, 4, 128, [70000, 66000, 5]
+    B, N = len(lens), max(lens)
+    k, _ = mixture_keys(B * N, hkv, d, gen, centres=256)
+    k = k.reshape(B, N, hkv, d).permute(0, 2, 1, 3).half()  # [B, Hkv, N, D]
+    v = torch.randn(B, hkv, N, d, generator=gen).half()
+    q = (k[:, :, N // 3].repeat_interleave(g, 1).float() * 2 + torch.randn(B, hkv * g, d, generator=gen)).half()
+    kn = torch.randn(B, hkv, d, generator=gen).half()
+    vn = torch.randn(B, hkv, d, generator=gen).half()
+    seq = [1, 2, 0]
+    for target in (0.9, 1.0):
+        opts = dict(max_batch=3, max_tokens=N + 4, dtype="float16", target=target, share_group=False)
+        cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
+        gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+        cpu.prefill(0, k, v, seq=seq, lengths=lens)
+        gpu.prefill(0, k.cuda(), v.cuda(), seq=seq, lengths=lens)
+        oc = cpu.decode(0, q, kn, vn, seq=seq)
+        og = gpu.decode(0, q.cuda(), kn.cuda(), vn.cuda(), seq=seq)
+        sc, sg = cpu.stats(0), gpu.stats(0)
+        np.testing.assert_allclose(sg["context"], [n + 1 for n in lens])
+        if target == 1.0:
+            out = og.double().cpu().numpy()
+            for b, n in enumerate(lens):
+                kk = torch.cat([k[b, :, :n].permute(1, 0, 2), kn[b][None]]).double().numpy()
+                vv = torch.cat([v[b, :, :n].permute(1, 0, 2), vn[b][None]]).double().numpy()
+                ref, _ = ref_attention(q[b].double().numpy(), kk, vv, d ** -0.5)
+                np.testing.assert_allclose(out[b], ref, atol=2e-3, rtol=2e-3)
+            assert (sg["head_tokens"] == sg["context"][:, None]).all()
+            continue
+        long = sg["head_tokens"][:2]
+        assert (long < sg["context"][:2, None]).any(), "the test must exercise a real selection"
+        assert (sg["head_tokens"][2] == lens[2] + 1).all()  # too short to select: everything
+        same = int((sc["head_tokens"] == sg["head_tokens"]).sum())
+        assert same >= 0.9 * sc["head_tokens"].size, f"{same}/{sc['head_tokens'].size} heads agree"
+        for b in range(B):
+            if (sc["kv_tokens"][b] == sg["kv_tokens"][b]).all():
+                np.testing.assert_allclose(og[b].float().cpu().numpy(), oc[b].float().numpy(), atol=3e-3, rtol=3e-3)
+
+
 @pytest.mark.parametrize("g", [1, 4, 8])
 def test_reuse_selection_attends_over_the_last_selection(g):
     """decode(reuse_selection=True) = float64 attention of a new query over the kept union."""
