@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|gbench]...
+#   bash bench/run_gpu.sh [build|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -52,6 +52,9 @@ for s in $steps; do
       grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots Busy|No Eligible" "$OUT/ncu.txt" | head -120 ;;
     e2e)      # Llama-3.1-8B-shaped decode loop at 32K and 128K, tokens/s
       python3 -m tactic.bench e2e --out "$OUT" 2>&1 | tee "$OUT/e2e.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    e2e-graphs)  # the same with piecewise CUDA graphs (everything but attention replayed as graphs)
+      python3 -m tactic.bench e2e --mode graphs --tag graphs --out "$OUT" 2>&1 | tee "$OUT/e2e-graphs.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     gbench)   # tactic_bench: build with CUDA, then every CUDA benchmark at the default sizes
       bash bench/cpp/build.sh --debs bench/cpp/third_party --build /tmp/tactic-gbench --cuda ON \
         --arch "$ARCH" > "$OUT/gbench-build.log" 2>&1 || { tail -40 "$OUT/gbench-build.log"; rc=1; continue; }

@@ -34,3 +34,25 @@ def test_sparse_run_reads_less_and_reports(model):
     assert 0 < row["tactic_read_fraction"] < 0.6
     assert row["speedup_vs_faster_dense"] > 0
     assert res["weight_bytes"] == 4 * (2 * (128 * 8 * 64 + 256 * 128 + 3 * 128 * 256 + 2 * 128) + 2 * 512 * 128 + 128)
+
+
+@pytest.mark.parametrize("method", ["none", "dense", "tactic"])
+def test_static_pieces_equal_the_eager_step(model, method):
+    """The step split at attention over fixed buffers (what --mode graphs captures) computes what
+    RandomModel.step computes: same logits and tokens over several steps, Tactic at P = 1."""
+    runs = {mode: e2e.run_method(method, model, 600, 2, "float32", 1.0, warmup=1, steps=2, log=lambda s: None,
+                                 reps=1, mode=mode)
+            for mode in ("eager", "static")}
+    a, b = runs["static"]["logits"], runs["eager"]["logits"]
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(runs["static"]["tokens"], runs["eager"]["tokens"])
+    if method == "none":  # run_method's own check of the pieces against the eager step
+        assert runs["static"]["pieces_vs_eager_max_abs"] <= 1e-5
+    assert runs["static"]["mode"] == "static"
+
+
+def test_modes_are_checked(model):
+    with pytest.raises(ValueError, match="mode"):
+        e2e.run_method("none", model, 100, 1, "float32", 1.0, warmup=0, steps=1, log=lambda s: None, mode="fast")
+    with pytest.raises(ValueError, match="CUDA"):
+        e2e.StaticStep(model, None, 1, graphs=True)

@@ -146,6 +146,9 @@ def e2e_main(argv) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3, help="timed loops per method; the median is reported")
+    ap.add_argument("--mode", default="eager", choices=["eager", "static", "graphs"],
+                    help="eager ops; the step's pieces over fixed buffers; or those pieces as CUDA graphs "
+                         "with attention eager between them (piecewise graphs, as engines run decode)")
     ap.add_argument("--methods", nargs="+", help="of none, dense, dense-flash, dense-cudnn, tactic")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--hidden", type=int)
@@ -173,8 +176,11 @@ def e2e_main(argv) -> int:
     contexts = a.context or ([32 * K, 128 * K] if cuda else [1024])
     methods = a.methods or (["none", "dense-flash", "dense-cudnn", "tactic"] if cuda else ["none", "dense", "tactic"])
     env = report.environment(a.device)
-    print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}")
-    res = run(contexts, a.batch, a.dtype, a.target, a.device, shape, methods, a.warmup, a.steps, a.seed, reps=a.reps)
+    print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}, mode {a.mode}")
+    if a.mode == "graphs" and not cuda:
+        ap.error("--mode graphs needs a CUDA device")
+    res = run(contexts, a.batch, a.dtype, a.target, a.device, shape, methods, a.warmup, a.steps, a.seed, reps=a.reps,
+              mode=a.mode)
     for r in res["rows"]:
         if "speedup_vs_faster_dense" in r:
             print(f"N={r['N']}: Tactic {r['methods']['tactic']['tokens_per_s']:.2f} tokens/s, "

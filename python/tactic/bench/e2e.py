@@ -18,8 +18,15 @@ Both methods do exactly this; only the attention differs:
   place, then torch SDPA over the filled part (flash or cuDNN backend, G query heads folded
   into query rows).
 - none: attention skipped (its output is q): the step's cost without attention, the bound.
-No CUDA graphs: Tactic's decode with append keeps host-side lengths, so the step cannot be
-replayed as a graph; both methods run eagerly (the host launches ahead of the GPU at B = 1).
+Eager by default. With graphs=True (CUDA), the step runs as inference engines run decode:
+piecewise CUDA graphs. Each layer's work before attention (norm, QKV projection, RoPE, the
+workload mix) and after it (output projection, MLP), the embedding and the LM head are each
+captured once as a graph over fixed buffers, with the position in a device tensor, and
+replayed every step; attention runs eagerly between them, for every method alike (Tactic's
+decode with append keeps host-side lengths, and torch SDPA over a growing cache has a
+different shape every step, so neither can be replayed). That removes the ~15 eager launches
+per layer that made the eager loop host-bound. StaticStep holds that split; on the CPU it runs
+the same pieces without graphs.
 """
 from __future__ import annotations
 
@@ -76,9 +83,9 @@ class RandomModel:
         inv = 1.0 / s.rope_theta ** (torch.arange(0, s.head_dim, 2, device=dev, dtype=torch.float32) / s.head_dim)
         self.inv_freq = inv
 
-    def rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """Rotate-half RoPE of x [B, H, D] at position pos."""
-        ang = pos * self.inv_freq
+    def rope(self, x: torch.Tensor, pos) -> torch.Tensor:
+        """Rotate-half RoPE of x [B, H, D] at position pos (an int or a device scalar tensor)."""
+        ang = (pos.to(torch.float32) if isinstance(pos, torch.Tensor) else pos) * self.inv_freq
         cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
         x1, x2 = x[..., ::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -108,6 +115,100 @@ class RandomModel:
         return F.rms_norm(x, (s.hidden,), self.norm_final, eps) @ self.lm_head
 
 
+class StaticStep:
+    """One decode step split at attention, over fixed buffers (see the module docstring).
+
+    embed() reads self.tokens; pre(l) leaves layer l's attention inputs in self.q / k / v;
+    attention writes self.o; post(l) finishes the layer; head() leaves self.logits and the next
+    self.tokens. The position is the device scalar self.pos. The arithmetic is RandomModel.step's,
+    op for op, so both give the same logits (tests/test_bench_e2e.py)."""
+
+    def __init__(self, model: RandomModel, inputs: "WorkloadInputs", batch: int, graphs: bool):
+        s, dev, dt = model.shape, model.device, model.dtype
+        self.model, self.inputs, self.batch = model, inputs, batch
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros((), dtype=torch.long, device=dev)
+        self.x = torch.empty(batch, s.hidden, dtype=dt, device=dev)
+        self.q = torch.empty(batch, s.hq, s.head_dim, dtype=dt, device=dev)
+        self.k = torch.empty(batch, s.hkv, s.head_dim, dtype=dt, device=dev)
+        self.v = torch.empty_like(self.k)
+        self.o = torch.empty_like(self.q)
+        self.logits = torch.empty(batch, s.vocab, dtype=dt, device=dev)
+        self.graphs: Optional[dict] = None
+        if graphs:
+            if dev.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            self._capture()
+
+    def embed(self) -> None:
+        self.x.copy_(self.model.embed[self.tokens])
+
+    def pre(self, l: int) -> None:
+        m, s, b = self.model, self.model.shape, self.batch
+        h = F.rms_norm(self.x, (s.hidden,), m.norm_attn[l], 1e-5)
+        qkv = h @ m.wqkv[l]
+        q = qkv[:, :s.hq * s.head_dim].view(b, s.hq, s.head_dim)
+        k = qkv[:, s.hq * s.head_dim:(s.hq + s.hkv) * s.head_dim].view(b, s.hkv, s.head_dim)
+        v = qkv[:, (s.hq + s.hkv) * s.head_dim:].view(b, s.hkv, s.head_dim)
+        q, k = m.rope(q, self.pos), m.rope(k, self.pos)
+        q, k, v = self.inputs(l, q, k, v, self.pos)
+        self.q.copy_(q)
+        self.k.copy_(k)
+        self.v.copy_(v)
+
+    def post(self, l: int) -> None:
+        m, s = self.model, self.model.shape
+        x = self.x + self.o.reshape(self.batch, s.hq * s.head_dim) @ m.wo[l]
+        h = F.rms_norm(x, (s.hidden,), m.norm_mlp[l], 1e-5)
+        g, u = (h @ m.wgu[l]).chunk(2, dim=-1)
+        self.x.copy_(x + (F.silu(g) * u) @ m.wdown[l])
+
+    def head(self) -> None:
+        m, s = self.model, self.model.shape
+        self.logits.copy_(F.rms_norm(self.x, (s.hidden,), m.norm_final, 1e-5) @ m.lm_head)
+        self.tokens.copy_(self.logits.argmax(-1))
+
+    def _capture(self) -> None:
+        """Each piece as a graph, all in one memory pool, captured in the order step() replays
+        them (one after another, never concurrently; every value that crosses pieces lives in
+        the fixed buffers, outside the pool)."""
+        pieces = [("embed", self.embed)]
+        for l in range(self.model.shape.layers):
+            pieces += [(("pre", l), (lambda l=l: self.pre(l))), (("post", l), (lambda l=l: self.post(l)))]
+        pieces.append(("head", self.head))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture (lazy initialisation, workspaces)
+            for _, f in pieces:
+                f()
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = {}
+        for name, f in pieces:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                f()
+            self.graphs[name] = g
+
+    def run(self, name, f) -> None:
+        if self.graphs is not None:
+            self.graphs[name].replay()
+        else:
+            f()
+
+    def step(self, attend: Callable, pos: int) -> None:
+        """One decode step at position pos: self.tokens -> self.logits, self.tokens."""
+        self.pos.fill_(pos)
+        self.run("embed", self.embed)
+        for l in range(self.model.shape.layers):
+            self.run(("pre", l), lambda: self.pre(l))
+            o = attend(l, self.q, self.k, self.v)
+            if o is not self.o:
+                self.o.copy_(o)
+            self.run(("post", l), lambda: self.post(l))
+        self.run("head", self.head)
+
+
 class WorkloadInputs:
     """Calibrated attention inputs per layer (synthetic workload b), shared by all methods."""
 
@@ -133,8 +234,13 @@ class WorkloadInputs:
             self.bg_v.append(wl.values[:, :, idx].clone())
 
     def __call__(self, l, q, k, v, pos):
-        j = pos % self.bg_k[l].shape[2]
-        return (self.q[l] + self.mix * q, self.bg_k[l][:, :, j] + self.mix * k, self.bg_v[l][:, :, j] + self.mix * v)
+        if isinstance(pos, torch.Tensor):  # a device scalar (StaticStep): index on the device
+            j = (pos % self.bg_k[l].shape[2]).view(1)
+            bk, bv = self.bg_k[l].index_select(2, j)[:, :, 0], self.bg_v[l].index_select(2, j)[:, :, 0]
+        else:
+            j = pos % self.bg_k[l].shape[2]
+            bk, bv = self.bg_k[l][:, :, j], self.bg_v[l][:, :, j]
+        return self.q[l] + self.mix * q, bk + self.mix * k, bv + self.mix * v
 
 
 class DenseCache:
@@ -178,14 +284,24 @@ def _sync(device):
 
 
 def decode_loop(model: RandomModel, attend: Callable, inputs: Callable, tokens: torch.Tensor, pos: int,
-                warmup: int, steps: int) -> dict:
-    """Greedy decode: `warmup` untimed steps, then `steps` timed ones (CUDA events / wall clock).
+                warmup: int, steps: int, static: Optional[StaticStep] = None) -> dict:
+    """Greedy decode: `warmup` untimed steps, then `steps` timed ones (CUDA events / wall clock),
+    eagerly (model.step) or through `static` (its pieces, graphed or not).
     Returns seconds per step, tokens/s and the last logits."""
     dev = model.device
     logits = None
+    if static is not None:
+        static.tokens.copy_(tokens)
+
+    def one(i: int, tokens: torch.Tensor):
+        if static is None:
+            logits = model.step(tokens, pos + i, attend, inputs)
+            return logits, logits.argmax(-1)
+        static.step(attend, pos + i)
+        return static.logits, static.tokens
+
     for i in range(warmup):
-        logits = model.step(tokens, pos + i, attend, inputs)
-        tokens = logits.argmax(-1)
+        logits, tokens = one(i, tokens)
     _sync(dev)
     cuda = dev.type == "cuda"
     if cuda:
@@ -193,8 +309,7 @@ def decode_loop(model: RandomModel, attend: Callable, inputs: Callable, tokens: 
         a.record()
     t = time.perf_counter()
     for i in range(steps):
-        logits = model.step(tokens, pos + warmup + i, attend, inputs)
-        tokens = logits.argmax(-1)
+        logits, tokens = one(warmup + i, tokens)
     if cuda:
         b.record()
         b.synchronize()
@@ -202,13 +317,20 @@ def decode_loop(model: RandomModel, attend: Callable, inputs: Callable, tokens: 
     else:
         total = time.perf_counter() - t
     return {"s_per_step": total / max(steps, 1), "tokens_per_s": tokens.shape[0] * steps / total,
-            "steps": steps, "warmup": warmup, "logits": logits, "tokens": tokens}
+            "steps": steps, "warmup": warmup, "logits": logits.clone(), "tokens": tokens.clone()}
+
+
+MODES = ("eager", "static", "graphs")
 
 
 def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, target: float,
-               warmup: int, steps: int, seed: int = 0, log=print, reps: int = 3) -> dict:
+               warmup: int, steps: int, seed: int = 0, log=print, reps: int = 3, mode: str = "eager") -> dict:
     """Prefill the KV of every layer with the workload and time the decode loop with `method`:
-    'tactic', 'dense-flash', 'dense-cudnn', 'dense' (default SDPA dispatch) or 'none'."""
+    'tactic', 'dense-flash', 'dense-cudnn', 'dense' (default SDPA dispatch) or 'none'.
+    mode: 'eager' (RandomModel.step), 'static' (StaticStep's pieces, no graphs) or 'graphs'
+    (StaticStep's pieces as CUDA graphs, attention eager between them)."""
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
     s, dev = model.shape, model.device
     inputs = WorkloadInputs(s, n, batch, dtype, dev, seed)
     cap = n + reps * (warmup + steps) + 1
@@ -242,12 +364,13 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
     else:
         def attend(l, q, k, v):
             return q
+    static = StaticStep(model, inputs, batch, graphs=mode == "graphs") if mode != "eager" else None
     # `reps` timed loops, the median reported: single 16-step loops of this host-bound eager
     # model varied up to 2x between runs on the H100 machine (2026-11-23).
     runs = []
     for r in range(max(1, reps)):
         tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-        runs.append(decode_loop(model, attend, inputs, tokens, n + r * (warmup + steps), warmup, steps))
+        runs.append(decode_loop(model, attend, inputs, tokens, n + r * (warmup + steps), warmup, steps, static))
     per_step = sorted(x["s_per_step"] for x in runs)
     res = dict(runs[-1])
     res["s_per_step"] = per_step[len(per_step) // 2]
@@ -255,7 +378,19 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
     res["s_per_step_reps"] = [x["s_per_step"] for x in runs]
     if dec is not None:
         reads = [float(dec.stats(l)["read_fraction"].mean()) for l in range(s.layers)]
-    res.update(method=method, N=n, prefill_s=prefill_s,
+    if static is not None and method == "none":
+        # the pieces (graphed or not) against the eager step on the same token and position:
+        # 'none' keeps no state, so both must give the same logits
+        p = n + reps * (warmup + steps)
+        tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        static.tokens.copy_(tok)
+        static.step(attend, p)
+        ref = model.step(tok, p, attend, inputs)
+        diff = float((static.logits.float() - ref.float()).abs().max())
+        res["pieces_vs_eager_max_abs"] = diff
+        if not diff <= 1e-3 * max(1.0, float(ref.float().abs().max())):
+            raise RuntimeError(f"the {mode} step differs from the eager one: max |diff| {diff:.3g}")
+    res.update(method=method, N=n, prefill_s=prefill_s, mode=mode,
                read_fraction=(sum(reads) / len(reads)) if reads else (1.0 if cache is not None else 0.0))
     log(f"  {method:<12} N={n}: {res['tokens_per_s']:.2f} tokens/s ({res['s_per_step'] * 1e3:.2f} ms/step, "
         f"median of {' / '.join(f'{x * 1e3:.1f}' for x in res['s_per_step_reps'])}), "
@@ -266,7 +401,7 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
 
 def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelShape = ModelShape(),
         methods=("none", "dense-flash", "dense-cudnn", "tactic"), warmup: int = 3, steps: int = 16,
-        seed: int = 0, log=print, reps: int = 3) -> dict:
+        seed: int = 0, log=print, reps: int = 3, mode: str = "eager") -> dict:
     """Every method at every context; returns the JSON-ready result (logits dropped)."""
     model = RandomModel(shape, dtype, device, seed)
     rows = []
@@ -274,7 +409,7 @@ def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelSha
         per: Dict[str, dict] = {}
         for m in methods:
             try:
-                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log, reps)
+                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log, reps, mode)
             except RuntimeError as e:  # e.g. an SDPA backend this GPU lacks
                 log(f"  {m:<12} N={n}: n/a ({str(e).strip().splitlines()[0]})")
                 per[m] = {"unavailable": str(e).strip().splitlines()[0]}
@@ -292,4 +427,4 @@ def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelSha
         rows.append(row)
     return {"shape": asdict(shape), "batch": batch, "dtype": dtype, "target": target,
             "weight_bytes": shape.weight_bytes(torch.finfo(TORCH_DTYPES[dtype]).bits // 8),
-            "cuda_graphs": False, "rows": rows}
+            "mode": mode, "cuda_graphs": mode == "graphs", "rows": rows}
