@@ -14,6 +14,8 @@
 #include <cfloat>
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <string>
 
 #include "common.cuh"
 #include "select.hpp"
@@ -436,6 +438,13 @@ __device__ __forceinline__ int cluster_rank() {
   return 0;
 #endif
 }
+__device__ __forceinline__ int cluster_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return (int)cooperative_groups::this_cluster().num_blocks();
+#else
+  return 1;
+#endif
+}
 template <class T>
 __device__ __forceinline__ T* cluster_peer(T* p, int rank) {  // block `rank`'s copy of shared p
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -446,15 +455,13 @@ __device__ __forceinline__ T* cluster_peer(T* p, int rank) {  // block `rank`'s 
 #endif
 }
 
-constexpr int kHeadSplit = 4;  // blocks per query head in the split kernels
-
 // After each of the cluster's blocks gathered its share of a bucket (gather_bucket): a cluster
 // barrier, then every block copies all blocks' candidates, block 0's first, into cs / cid.
 // Returns their number, or -1 if more than kCand.
-__device__ int merge_candidates(SelShared& S, float* cs, int32_t* cid) {
+__device__ int merge_candidates(SelShared& S, float* cs, int32_t* cid, int nsplit) {
   cluster_barrier();
   int n = 0;
-  for (int q = 0; q < kHeadSplit && n >= 0; ++q) {
+  for (int q = 0; q < nsplit && n >= 0; ++q) {
     const SelShared* R = cluster_peer(&S, q);
     const int nq = R->n_cand;
     if (nq > kCand - n) {
@@ -659,7 +666,7 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
 }
 
 // Kernel 1, split (sm_90): the same decisions with each query head served by a thread-block
-// cluster of kHeadSplit blocks, each taking 1/kHeadSplit of the head's clusters in every pass
+// cluster of nsplit (2 or 4, head_split) blocks, each taking 1/nsplit of the head's clusters in every pass
 // over them. One block per head left 100 of 132 SMs idle at B = 1 and made the passes' latency
 // the kernel's time (select_head was ~54 us at 512K on workload (b); ncu: 0.2 instructions
 // issued per scheduler and cycle). The blocks combine their histograms, crossing-bucket
@@ -677,13 +684,13 @@ struct SplitShared {     // the whole head's values, combined from every block o
 __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepGeometry s, SelectArgs a) {
   __shared__ SelShared S;   // this block's part: histogram, candidates, head-list counter (rank 0's)
   __shared__ SplitShared W;
-  const int rank = cluster_rank();
-  const int64_t i = blockIdx.x / kHeadSplit;
+  const int rank = cluster_rank(), nsplit = cluster_blocks();
+  const int64_t i = blockIdx.x / nsplit;
   const HeadView v = head_view(s, a, i);
   const int32_t* off = v.off;
   const float* sc = v.sc;
   const int tid = threadIdx.x;
-  const int64_t lo = v.C * rank / kHeadSplit, hi = v.C * (rank + 1) / kHeadSplit;
+  const int64_t lo = v.C * rank / nsplit, hi = v.C * (rank + 1) / nsplit;
   const float mx = unorder_float(a.seg_max[i]);
   const float bpl = bucket_width(mx, unorder_float(a.seg_min[i]));
   for (int k = tid; k < kBuckets; k += kSelThreads) {
@@ -709,7 +716,7 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepG
   for (int k = tid; k < kBuckets; k += kSelThreads) {
     int32_t t = 0;
     float p = 0.f;
-    for (int q = 0; q < kHeadSplit; ++q) {
+    for (int q = 0; q < nsplit; ++q) {
       const SelShared* R = cluster_peer(&S, q);
       t += R->tok[k];
       p += R->pri[k];
@@ -725,7 +732,7 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepG
   int nh_cand = 0, cut_h = 0;
   if (bh < kBuckets) {  // the same in every block
     gather_bucket(sc, off, lo, hi, mx, bpl, bh, S);
-    nh_cand = merge_candidates(S, W.cs, W.cid);
+    nh_cand = merge_candidates(S, W.cs, W.cid, nsplit);
     if (nh_cand >= 0) {
       rank_candidates(W.cs, W.cid, nh_cand, S.sorted);
       cut_h = head_cut(a, i, off, nh_cand, before, thr, rank == 0, S);  // the same cut in every block
@@ -745,7 +752,7 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepG
   if (tid == 0) S.dsh[0] = prior;
   cluster_barrier();  // head-list entries, the counter and every block's prior are final
   double whole = 0.0;
-  for (int q = 0; q < kHeadSplit; ++q) whole += cluster_peer(&S, q)->dsh[0];
+  for (int q = 0; q < nsplit; ++q) whole += cluster_peer(&S, q)->dsh[0];
   const int n_whole = *counter;
   cluster_barrier();  // no block reads another's shared memory after this one
   if (rank != 0) return;
@@ -825,7 +832,7 @@ __global__ void __launch_bounds__(kExactThreads) select_exact_kernel(StepGeometr
 
 // Kernel 3 (one block per query head): alpha, z, the stop point, marks and statistics.
 // Kernel 3 for query head i, by one block (nsplit 1) or by block `rank` of a thread-block
-// cluster of nsplit = kHeadSplit blocks (select_stop_split_kernel; mcs / mcid: room for the
+// cluster of nsplit blocks (select_stop_split_kernel; mcs / mcid: room for the
 // merged candidates). Every block computes the same decisions from the same values; the passes
 // over the clusters (ranking a crossing bucket, marking) take the block's share [lo, hi) only.
 __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits, int64_t i, int rank, int nsplit,
@@ -935,7 +942,7 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
           if (tid == 0) S.n_cand = 0;
           __syncthreads();
           gather_bucket(sc, off, lo, hi, mx, bpl, bx, S);
-          n = merge_candidates(S, mcs, mcid);
+          n = merge_candidates(S, mcs, mcid, nsplit);
           if (n >= 0) rank_candidates(mcs, mcid, n, S.sorted);
         }
         if (n < 0) {
@@ -991,12 +998,13 @@ __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s
   stop_head(s, a, splits, blockIdx.x, 0, 1, S, nullptr, nullptr);
 }
 
-// Kernel 3, split (sm_90): as select_head_split_kernel, kHeadSplit blocks per query head.
+// Kernel 3, split (sm_90): as select_head_split_kernel, nsplit blocks per query head.
 __global__ void __launch_bounds__(kSelThreads, 1) select_stop_split_kernel(StepGeometry s, SelectArgs a, int splits) {
   __shared__ SelShared S;
   __shared__ float mcs[kCand];
   __shared__ int32_t mcid[kCand];
-  stop_head(s, a, splits, blockIdx.x / kHeadSplit, cluster_rank(), kHeadSplit, S, mcs, mcid);
+  const int nsplit = cluster_blocks();
+  stop_head(s, a, splits, blockIdx.x / nsplit, cluster_rank(), nsplit, S, mcs, mcid);
 }
 
 // Row list of each (sequence, KV head): sinks, the marked clusters in physical order, recent.
@@ -1130,8 +1138,8 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
   TACTIC_CUDA_LAUNCH_CHECK("append_token (counts)");
 }
 
-// Whether select_head_split_kernel can run here: the binary loaded for this device must be
-// sm_90 or newer (thread-block clusters); an older binary's kernel body is a trap.
+// Whether the split kernels can run here: the binary loaded for this device must be sm_90 or
+// newer (thread-block clusters); an older binary's kernel body is a trap.
 bool head_split_available() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
@@ -1143,6 +1151,51 @@ bool head_split_available() {
                   cudaFuncGetAttributes(&fb, select_stop_split_kernel) == cudaSuccess && fb.binaryVersion >= 90;
   if (dev < 64) cached[dev] = ok ? 1 : 2;
   return ok;
+}
+
+// How many clusters of n blocks of the split kernels the device holds at once (the smaller of
+// the two kernels' figures; cached per device).
+int max_active_clusters(int n) {
+  int dev = 0;
+  TACTIC_CUDA_CHECK(cudaGetDevice(&dev));
+  static int cached[64][5];  // [device][n], 0 unknown
+  if (dev < 64 && cached[dev][n]) return cached[dev][n];
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  cfg.gridDim = dim3((unsigned)n);
+  cfg.blockDim = dim3(kSelThreads);
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim = {(unsigned)n, 1, 1};
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int h = 0, t = 0;
+  TACTIC_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&h, select_head_split_kernel, &cfg));
+  TACTIC_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&t, select_stop_split_kernel, &cfg));
+  const int r = std::max(1, std::min(h, t));
+  if (dev < 64) cached[dev][n] = r;
+  return r;
+}
+
+int head_split_override() {
+  const char* e = std::getenv("TACTIC_HEAD_SPLIT");
+  if (!e || !*e) return 0;
+  const std::string v(e);
+  if (v != "1" && v != "2" && v != "4") throw ValueError("TACTIC_HEAD_SPLIT must be 1, 2 or 4, not '" + v + "'");
+  return v[0] - '0';
+}
+
+int head_split(int64_t heads, int64_t cmax) {
+  // TACTIC_HEAD_SPLIT=1|2|4 forces the choice (tests, measurements); read on every call, as it
+  // costs nothing next to a step.
+  if (const int n = head_split_override()) return n > 1 && head_split_available() ? n : 1;
+  if (cmax < kHeadSplitMinClusters || !head_split_available()) return 1;
+  // The largest cluster size whose clusters all run in one wave: a cluster needs n SMs of one
+  // GPC at once, and these kernels fit one block per SM, so 4-block clusters can hold fewer
+  // heads than SMs / 4 (the first H100 run of 4-block clusters at B = 1, 32 heads, always:
+  // select_head 17 -> 30 us at 128K, as a second wave would make it).
+  for (int n : {4, 2})
+    if (max_active_clusters(n) >= heads) return n;
+  return 1;
 }
 
 size_t select_scratch_bytes(int64_t heads) {
@@ -1194,15 +1247,16 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     }
   });
   TACTIC_CUDA_LAUNCH_CHECK("score_centroids");
-  // Thread-block clusters of kHeadSplit blocks per query head where a head has many clusters.
-  const bool split = s.cmax >= kHeadSplitMinClusters && head_split_available();
+  // Thread-block clusters of nsplit blocks per query head where a head has many clusters.
+  const int nsplit = head_split(heads, s.cmax);
+  const bool split = nsplit > 1;
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
-  cfg.gridDim = dim3((unsigned)(heads * kHeadSplit));
+  cfg.gridDim = dim3((unsigned)(heads * nsplit));
   cfg.blockDim = dim3(kSelThreads);
   cfg.stream = st;
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kHeadSplit;
+  attr[0].val.clusterDim.x = (unsigned)nsplit;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;

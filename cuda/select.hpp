@@ -74,6 +74,10 @@ struct SelectArgs {
 };
 
 size_t select_scratch_bytes(int64_t heads);
+// TACTIC_HEAD_SPLIT (1, 2 or 4 blocks per query head in select_head / select_stop; forces what
+// select_step otherwise picks from the context and the device): 0 when unset; ValueError when
+// set to anything else. DeviceDecoder::decode calls it before it changes any state.
+int head_split_override();
 // Row-range tasks a head's exact clusters can need: one per 16 rows plus one per cluster.
 inline int64_t head_tasks_stride(int64_t cmax, int64_t cap) { return cmax + (cap + 15) / 16 + 1; }  // per step, heads = batch * Hq (at most)
 int64_t row_chunks(int64_t cmax);  // size of SelectArgs::chunk_sums per (sequence, KV head)

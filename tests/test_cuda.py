@@ -287,10 +287,44 @@ def test_selection_matches_cpu_long_context(n):
     assert same >= 0.9 * total, f"{same}/{total} heads selected the same token count"
 
 
-def test_split_selection_over_a_batch_matches_cpu():
+def _selection_kernels(fn):
+    """Names of the select_head / select_stop kernels that fn() launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "select_head" in e.name or "select_stop" in e.name}
+
+
+def test_bad_head_split_setting_fails_before_the_step(monkeypatch):
+    """TACTIC_HEAD_SPLIT other than 1, 2 or 4 is a ValueError raised before the step appends
+    anything; the next step, with the setting gone, sees the context it would have seen."""
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 2, 300, 64, generator=gen).half().cuda()
+    dec = tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_batch=1, max_tokens=400, dtype="float16")
+    dec.prefill(0, k, k)
+    q = torch.randn(1, 4, 64, generator=gen).half().cuda()
+    kn = torch.randn(1, 2, 64, generator=gen).half().cuda()
+    for bad in ("3", "four", "0"):
+        monkeypatch.setenv("TACTIC_HEAD_SPLIT", bad)
+        with pytest.raises(ValueError, match="TACTIC_HEAD_SPLIT"):
+            dec.decode(0, q, kn, kn)
+    monkeypatch.delenv("TACTIC_HEAD_SPLIT")
+    dec.decode(0, q, kn, kn)
+    assert (dec.stats(0)["context"] == 301).all()
+
+
+@pytest.mark.parametrize("split", ["1", "2", "4", None])
+def test_split_selection_over_a_batch_matches_cpu(split, monkeypatch):
     """Heads with thousands of clusters run select_head / select_stop as thread-block clusters
-    (sm_90, cmax >= 4096): a batch of different lengths, including one too short to select,
-    picks what the CPU picks, and P = 1 on the same path equals the float64 reference."""
+    of 2 or 4 blocks (sm_90, cmax >= 4096; TACTIC_HEAD_SPLIT forces the size, None lets the
+    library choose): a batch of different lengths, including one too short to select, picks
+    what the CPU picks, and P = 1 on the same path equals the float64 reference."""
+    if split is not None:
+        monkeypatch.setenv("TACTIC_HEAD_SPLIT", split)
+    if split in ("2", "4") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
     gen = torch.Generator().manual_seed(29)
     hkv, g, d, lens = 2, 4, 128, [70000, 66000, 5]
     B, N = len(lens), max(lens)
@@ -308,7 +342,12 @@ def test_split_selection_over_a_batch_matches_cpu():
         cpu.prefill(0, k, v, seq=seq, lengths=lens)
         gpu.prefill(0, k.cuda(), v.cuda(), seq=seq, lengths=lens)
         oc = cpu.decode(0, q, kn, vn, seq=seq)
-        og = gpu.decode(0, q.cuda(), kn.cuda(), vn.cuda(), seq=seq)
+        out = []
+        names = _selection_kernels(lambda: out.append(gpu.decode(0, q.cuda(), kn.cuda(), vn.cuda(), seq=seq)))
+        og = out[0]
+        if split is not None:  # the forced path is the one that ran
+            split_ran = any("split" in n for n in names)
+            assert split_ran == (split != "1") and len(names) == 2, names
         sc, sg = cpu.stats(0), gpu.stats(0)
         np.testing.assert_allclose(sg["context"], [n + 1 for n in lens])
         if target == 1.0:
