@@ -673,7 +673,11 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
 // candidates and head priors through distributed shared memory, each summing the blocks' parts
 // in rank order, so every block derives the same decisions from the same values; rank 0 then
 // finishes the head as the one-block kernel does.
-constexpr int64_t kHeadSplitMinClusters = 4096;  // below: the one-block kernels (fewer barriers)
+// Below kHeadSplitMinClusters (room for 256K tokens at 16 per cluster): the one-block kernels.
+// Measured on the H100 at B = 1, 32/8, workload (b) (select_head + select_stop, us): 128K
+// one-block 17.2 + 11.5, 2-block clusters 18.4 + 12.6, 4-block 31.4 + 23.3 (fewer 4-block
+// clusters fit at once than there are heads); 512K: 52.1 + 28.3, 37.7 + 22.7, 48.7 + 25.0.
+constexpr int64_t kHeadSplitMinClusters = 16384;
 
 struct SplitShared {     // the whole head's values, combined from every block of the cluster
   int32_t tok[kBuckets];  // (its prior histogram goes straight to a.hist_pri: only select_stop reads it)

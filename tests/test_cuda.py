@@ -318,7 +318,7 @@ def test_bad_head_split_setting_fails_before_the_step(monkeypatch):
 @pytest.mark.parametrize("split", ["1", "2", "4", None])
 def test_split_selection_over_a_batch_matches_cpu(split, monkeypatch):
     """Heads with thousands of clusters run select_head / select_stop as thread-block clusters
-    of 2 or 4 blocks (sm_90, cmax >= 4096; TACTIC_HEAD_SPLIT forces the size, None lets the
+    of 2 or 4 blocks (sm_90, cmax >= 16384; TACTIC_HEAD_SPLIT forces the size, None lets the
     library choose): a batch of different lengths, including one too short to select, picks
     what the CPU picks, and P = 1 on the same path equals the float64 reference."""
     if split is not None:
