@@ -1162,8 +1162,8 @@ bool head_split_available() {
 int max_active_clusters(int n) {
   int dev = 0;
   TACTIC_CUDA_CHECK(cudaGetDevice(&dev));
-  static int cached[64][5];  // [device][n], 0 unknown
-  if (dev < 64 && cached[dev][n]) return cached[dev][n];
+  static int cached[64][5];  // [device][n]: 1 + the answer, 0 unknown
+  if (dev < 64 && cached[dev][n]) return cached[dev][n] - 1;
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
   cfg.gridDim = dim3((unsigned)n);
@@ -1173,10 +1173,15 @@ int max_active_clusters(int n) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int h = 0, t = 0;
-  TACTIC_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&h, select_head_split_kernel, &cfg));
-  TACTIC_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&t, select_stop_split_kernel, &cfg));
-  const int r = std::max(1, std::min(h, t));
-  if (dev < 64) cached[dev][n] = r;
+  // A device or driver that cannot answer gets the one-block kernels (0 clusters), not an
+  // error: the query's failure is cleared so no later launch check reports it.
+  if (cudaOccupancyMaxActiveClusters(&h, select_head_split_kernel, &cfg) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&t, select_stop_split_kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    h = t = 0;
+  }
+  const int r = std::max(0, std::min(h, t));
+  if (dev < 64) cached[dev][n] = r + 1;
   return r;
 }
 
