@@ -122,6 +122,11 @@ struct ChunkParams {
 #ifndef TACTIC_ATT_PREFETCH
 #define TACTIC_ATT_PREFETCH 1
 #endif
+// How many groups of U warp steps ahead the L2 prefetch runs (1: the next group). A knob for
+// bench/attention_variants.sh A/B runs; 2 and 3 have not been measured yet.
+#ifndef TACTIC_ATT_PREFETCH_AHEAD
+#define TACTIC_ATT_PREFETCH_AHEAD 1
+#endif
 template <class T, int D, int GB>
 constexpr int chunk_min_blocks() {
   return GB >= 8 ? 2 : (sizeof(T) == 4 || D == 256) ? 3 : TACTIC_ATT_BLOCKS_16BIT;
@@ -270,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         // the kernel waits less per load (one prefetch per 128-byte line of K and of V).
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int pos = (st0 + kWarps * U + u * kWarps) * R + grp;
+          const int pos = (st0 + TACTIC_ATT_PREFETCH_AHEAD * kWarps * U + u * kWarps) * R + grp;
           if (TACTIC_ATT_PREFETCH && pos < pn) {
             const int64_t row = p.rows ? (int64_t)s_rows[pos] : start + p0 + pos;
 #pragma unroll
