@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|prefetch-ab|gbench]...
+#   bash bench/run_gpu.sh [build|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|att-ab|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -55,16 +55,25 @@ for s in $steps; do
     e2e-graphs)  # the same with piecewise CUDA graphs (everything but attention replayed as graphs)
       python3 -m tactic.bench e2e --mode graphs --tag graphs --out "$OUT" 2>&1 | tee "$OUT/e2e-graphs.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
-    prefetch-ab)  # the step's attention with the L2 prefetch 1 / 2 / 3 groups ahead (three builds, ~5 min)
-      for k in 1 2 3; do
-        python3 -m pip install --no-build-isolation --no-deps . -Ccmake.define.TACTIC_CUDA=ON \
-          -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH -Ccmake.define.CMAKE_CUDA_FLAGS=-DTACTIC_ATT_PREFETCH_AHEAD=$k \
-          -Cbuild-dir=/tmp/tactic-ab$k > "$OUT/build-ab$k.log" 2>&1 || { tail -20 "$OUT/build-ab$k.log"; rc=1; continue; }
+    att-ab)  # the step's attention under compile-time variants of the chunk kernel, built in parallel
+      # ATT_AB: ';'-separated CUDA flag sets (an empty one is the default build); default: the
+      # L2 prefetch 1 / 2 / 3 groups ahead and 1024-row pieces. ~3 min of builds + ~20 s per variant.
+      IFS=';' read -ra variants <<< "${ATT_AB:-;-DTACTIC_ATT_PREFETCH_AHEAD=2;-DTACTIC_ATT_PREFETCH_AHEAD=3;-DTACTIC_ATT_PIECE=1024;-DTACTIC_ATT_PIECE=1024 -DTACTIC_ATT_PREFETCH_AHEAD=2}"
+      for k in "${!variants[@]}"; do
+        python3 -m pip wheel --no-build-isolation --no-deps . -w "/tmp/tactic-ab$k" -Ccmake.define.TACTIC_CUDA=ON \
+          -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH "-Ccmake.define.CMAKE_CUDA_FLAGS=${variants[$k]}" \
+          -Cbuild-dir=/tmp/tactic-ab-build$k > "$OUT/build-ab$k.log" 2>&1 &
+      done
+      wait
+      for k in "${!variants[@]}"; do
+        whl=$(ls /tmp/tactic-ab$k/*.whl 2>/dev/null | head -1)
+        [ -n "$whl" ] || { echo "variant '${variants[$k]}': build failed"; tail -20 "$OUT/build-ab$k.log"; rc=1; continue; }
+        python3 -m pip install -q --no-deps --force-reinstall "$whl" > /dev/null 2>&1 || { rc=1; continue; }
         for n in 131072 524288; do
-          echo "PREFETCH_AHEAD=$k N=$n: $(python3 bench/profile_step.py --context $n 2>&1 | grep -E 'attention_chunks' | head -1)"
+          echo "[${variants[$k]:-default}] N=$n: $(python3 bench/profile_step.py --context $n 2>&1 | grep -E 'attention_chunks' | head -1)"
         done
       done
-      echo "(the last build installed has PREFETCH_AHEAD=3: run 'build' before other steps)" ;;
+      echo "(the last variant is installed now: run 'build' before other steps)" ;;
     gbench)   # tactic_bench: build with CUDA, then every CUDA benchmark at the default sizes
       bash bench/cpp/build.sh --debs bench/cpp/third_party --build /tmp/tactic-gbench --cuda ON \
         --arch "$ARCH" > "$OUT/gbench-build.log" 2>&1 || { tail -40 "$OUT/gbench-build.log"; rc=1; continue; }

@@ -42,7 +42,12 @@ namespace {
 // which bounds the workspace by the item count, not by capacity.
 constexpr int kSplits = (int)kAttentionSplits;
 constexpr int kMinChunk = 64;
-constexpr int kPiece = 256;  // row indices staged in shared memory at a time
+#ifndef TACTIC_ATT_PIECE
+#define TACTIC_ATT_PIECE 256
+#endif
+// Row indices staged in shared memory at a time. The L2 prefetch stays within a piece, so each
+// piece's first group of warp steps goes unprefetched (a knob for A/B runs: see run_gpu.sh).
+constexpr int kPiece = TACTIC_ATT_PIECE;
 constexpr int64_t kMaxItems = 8192;  // plan prefix in shared memory: (items + 1) ints
 
 __host__ __device__ __forceinline__ int unit_len(int64_t total, int64_t items) {
