@@ -56,21 +56,27 @@ for s in $steps; do
       python3 -m tactic.bench e2e --mode graphs --tag graphs --out "$OUT" 2>&1 | tee "$OUT/e2e-graphs.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     att-ab)  # the step's attention under compile-time variants of the chunk kernel, built in parallel
-      # ATT_AB: ';'-separated CUDA flag sets (an empty one is the default build); default: the
-      # L2 prefetch 1 / 2 / 3 groups ahead and 1024-row pieces. ~3 min of builds + ~20 s per variant.
-      IFS=';' read -ra variants <<< "${ATT_AB:-;-DTACTIC_ATT_PREFETCH_AHEAD=2;-DTACTIC_ATT_PREFETCH_AHEAD=3;-DTACTIC_ATT_PIECE=1024;-DTACTIC_ATT_PIECE=1024 -DTACTIC_ATT_PREFETCH_AHEAD=2}"
+      # ATT_AB: ';'-separated CUDA flag sets (an empty one is the default build). Default: L2
+      # prefetch 2 groups ahead; that with 1024-row pieces; the cp.async ring with 3 / 4 stages.
+      # Each variant first passes the kernel self-test (attention_check), then the step profile
+      # at 128K / 512K times it. ~4 min of builds (16 cores) + ~30 s per variant.
+      IFS=';' read -ra variants <<< "${ATT_AB:-;-DTACTIC_ATT_PREFETCH_AHEAD=2;-DTACTIC_ATT_PIECE=1024 -DTACTIC_ATT_PREFETCH_AHEAD=2;-DTACTIC_ATT_CPASYNC=1 -DTACTIC_ATT_U=2;-DTACTIC_ATT_CPASYNC=1 -DTACTIC_ATT_U=2 -DTACTIC_ATT_STAGES=4}"
       for k in "${!variants[@]}"; do
-        python3 -m pip wheel --no-build-isolation --no-deps . -w "/tmp/tactic-ab$k" -Ccmake.define.TACTIC_CUDA=ON \
-          -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH "-Ccmake.define.CMAKE_CUDA_FLAGS=${variants[$k]}" \
-          -Cbuild-dir=/tmp/tactic-ab-build$k > "$OUT/build-ab$k.log" 2>&1 &
+        ( python3 -m pip wheel --no-build-isolation --no-deps . -w "/tmp/tactic-ab$k" -Ccmake.define.TACTIC_CUDA=ON \
+            -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH "-Ccmake.define.CMAKE_CUDA_FLAGS=${variants[$k]}" \
+            -Cbuild-dir=/tmp/tactic-ab-build$k > "$OUT/build-ab$k.log" 2>&1
+          $NVCC ${variants[$k]} tests/cuda/attention_check.cu cuda/attention.cu cpp/src/*.cpp -o /tmp/att-check$k \
+            >> "$OUT/build-ab$k.log" 2>&1 ) &
       done
       wait
       for k in "${!variants[@]}"; do
+        name="${variants[$k]:-default}"
         whl=$(ls /tmp/tactic-ab$k/*.whl 2>/dev/null | head -1)
-        [ -n "$whl" ] || { echo "variant '${variants[$k]}': build failed"; tail -20 "$OUT/build-ab$k.log"; rc=1; continue; }
+        if [ -z "$whl" ] || [ ! -x /tmp/att-check$k ]; then echo "[$name] build failed"; tail -20 "$OUT/build-ab$k.log"; rc=1; continue; fi
+        /tmp/att-check$k > "$OUT/att-check$k.log" 2>&1 || { echo "[$name] attention_check FAILED"; tail -5 "$OUT/att-check$k.log"; rc=1; continue; }
         python3 -m pip install -q --no-deps --force-reinstall "$whl" > /dev/null 2>&1 || { rc=1; continue; }
         for n in 131072 524288; do
-          echo "[${variants[$k]:-default}] N=$n: $(python3 bench/profile_step.py --context $n 2>&1 | grep -E 'attention_chunks' | head -1)"
+          echo "[$name] N=$n: $(python3 bench/profile_step.py --context $n 2>&1 | grep -E 'attention_chunks' | head -1)"
         done
       done
       echo "(the last variant is installed now: run 'build' before other steps)" ;;

@@ -92,6 +92,28 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// TACTIC_ATT_CPASYNC=1 (sm_80+, an A/B variant, off by default): the chunk kernel's K/V rows go
+// through a per-warp ring of TACTIC_ATT_STAGES shared-memory stages filled by cp.async, so
+// STAGES - 1 groups of warp steps are in flight without holding registers (16-bit K/V only,
+// where the ring fits the 48 KB of static shared memory; other cases keep register loads).
+#ifndef TACTIC_ATT_CPASYNC
+#define TACTIC_ATT_CPASYNC 0
+#endif
+#if TACTIC_ATT_CPASYNC
+#ifndef TACTIC_ATT_STAGES
+#define TACTIC_ATT_STAGES 3
+#endif
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
 // Counts outside [0, max_count] are clamped so that a bad count can never index past the
 // workspace (max_count sizes it) or the row list.
 __device__ __forceinline__ int clamp_count(int32_t c, int32_t max_count) {
@@ -150,6 +172,15 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
   __shared__ float s_m[kWarps][GB], s_l[kWarps][GB];
   __shared__ long long s_red[kWarps];
   __shared__ int32_t s_wsum[kWarps];
+#if TACTIC_ATT_CPASYNC
+  // The ring: [warp][stage][K, V][u][lane] 16-byte slots; each lane copies and later reads only
+  // its own slots, so no barrier is needed between the copy and the read.
+  constexpr int CST = TACTIC_ATT_STAGES;
+  constexpr bool kCp = NS == 1 && kWarps * GB * D * 4 + kWarps * CST * 2 * U * 32 * 16 <= 44 * 1024;
+  __shared__ uint4 s_cp[kCp ? kWarps * CST * 2 * U * 32 : 1];
+#else
+  constexpr bool kCp = false;
+#endif
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int grp = lane / L, t = lane % L;  // row within the warp step, lane within the row
@@ -250,11 +281,51 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         for (int r = tid; r < pn; r += kThreads) s_rows[r] = src[r];
       }
       __syncthreads();
+#if TACTIC_ATT_CPASYNC
+      // This warp's iterations over the piece, and the ring's first CST - 1 stages.
+      const int piece_steps = (pn + R - 1) / R;
+      const int n_it = warp < piece_steps ? (piece_steps - 1 - warp) / (kWarps * U) + 1 : 0;
+      auto issue = [&](int it) {
+        if (!kCp) return;
+        if (it < n_it) {
+          uint4* buf = s_cp + (warp * CST + it % CST) * 2 * U * 32;
+          const int s0 = warp + it * kWarps * U;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int pos = (s0 + u * kWarps) * R + grp;
+            if (pos < pn && t < S) {
+              const int64_t row = p.rows ? (int64_t)s_rows[pos] : start + p0 + pos;
+              cp_async16(buf + u * 32 + lane, kb + row * D + t * VEC);
+              cp_async16(buf + (U + u) * 32 + lane, vb + row * D + t * VEC);
+            }
+          }
+        }
+        cp_async_commit();  // empty groups too: the wait below counts groups
+      };
+      for (int it = 0; it < CST - 1; ++it) issue(it);
+#endif
       // Warp step st covers piece rows [st * R, st * R + R); warps interleave so that a short
       // piece is still spread over all of them.
       for (int st0 = warp; st0 * R < pn; st0 += kWarps * U) {
         uint4 kr[U][NS], vr[U][NS];
         bool valid[U];
+#if TACTIC_ATT_CPASYNC
+        if constexpr (kCp) {
+          const int it = (st0 - warp) / (kWarps * U);
+          issue(it + CST - 1);
+          cp_async_wait<CST - 1>();  // this lane's copies of iteration `it` have landed
+          const uint4* buf = s_cp + (warp * CST + it % CST) * 2 * U * 32;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int pos = (st0 + u * kWarps) * R + grp;
+            valid[u] = pos < pn;
+            const bool here = valid[u] && t < S;
+            kr[u][0] = here ? buf[u * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);
+            vr[u][0] = here ? buf[(U + u) * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);
+          }
+        } else
+#endif
+        {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int pos = (st0 + u * kWarps) * R + grp;
@@ -275,13 +346,15 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
           }
         }
 
+        }  // register loads
+
         // The next step's rows (this warp's, within the staged piece) into L2 while this
         // step's loads are in flight: more bytes on the way than the registers can hold, so
         // the kernel waits less per load (one prefetch per 128-byte line of K and of V).
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int pos = (st0 + TACTIC_ATT_PREFETCH_AHEAD * kWarps * U + u * kWarps) * R + grp;
-          if (TACTIC_ATT_PREFETCH && pos < pn) {
+          if (TACTIC_ATT_PREFETCH && !kCp && pos < pn) {
             const int64_t row = p.rows ? (int64_t)s_rows[pos] : start + p0 + pos;
 #pragma unroll
             for (int j = 0; j < NS; ++j) {
@@ -353,6 +426,9 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         }
       }
 
+#if TACTIC_ATT_CPASYNC
+      if constexpr (kCp) cp_async_wait<0>();  // the ring is idle before the next piece
+#endif
       }  // pieces
 
       // Merge the lane groups of the warp (they differ in the lane bits >= log2(L)).
@@ -540,8 +616,9 @@ int resident_blocks(std::size_t smem) {
 template <class T, int D, int GB>
 void launch_chunks(const ChunkParams& p, int64_t work, cudaStream_t stream) {
   const std::size_t smem = (std::size_t)(p.items + 1) * sizeof(int32_t);
-  if (smem > 16 * 1024) {  // past the default 48 KB with the static arrays: opt in (once is enough,
-                           // but the call is cheap and rare)
+  // Past the default 48 KB with the static arrays (up to 32 KB; up to 44 KB with the cp.async
+  // ring): opt in (once is enough, but the call is cheap and rare).
+  if (smem > (TACTIC_ATT_CPASYNC ? 4 : 16) * 1024) {
     TACTIC_CUDA_CHECK(cudaFuncSetAttribute(attention_chunks_kernel<T, D, GB>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
