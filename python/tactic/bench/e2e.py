@@ -95,24 +95,34 @@ class RandomModel:
 
         attend(layer, q, k, v) -> [B, Hq, D]; inputs(layer, q, k, v, pos) -> the (q, k, v) the
         attention sees (see the module docstring)."""
-        s = self.shape
-        b = tokens.shape[0]
         x = self.embed[tokens]
-        eps = 1e-5
-        for l in range(s.layers):
-            h = F.rms_norm(x, (s.hidden,), self.norm_attn[l], eps)
-            qkv = h @ self.wqkv[l]
-            q = qkv[:, :s.hq * s.head_dim].view(b, s.hq, s.head_dim)
-            k = qkv[:, s.hq * s.head_dim:(s.hq + s.hkv) * s.head_dim].view(b, s.hkv, s.head_dim)
-            v = qkv[:, (s.hq + s.hkv) * s.head_dim:].view(b, s.hkv, s.head_dim)
-            q, k = self.rope(q, pos), self.rope(k, pos)
-            q, k, v = inputs(l, q, k, v, pos)
-            o = attend(l, q, k, v)
-            x = x + o.reshape(b, s.hq * s.head_dim) @ self.wo[l]
-            h = F.rms_norm(x, (s.hidden,), self.norm_mlp[l], eps)
-            g, u = (h @ self.wgu[l]).chunk(2, dim=-1)
-            x = x + (F.silu(g) * u) @ self.wdown[l]
-        return F.rms_norm(x, (s.hidden,), self.norm_final, eps) @ self.lm_head
+        for l in range(self.shape.layers):
+            q, k, v = self.pre_attention(l, x, pos, inputs)
+            x = self.post_attention(l, x, attend(l, q, k, v))
+        return self.logits(x)
+
+    # The step's pieces, shared by step() and StaticStep (which replays them as CUDA graphs).
+    def pre_attention(self, l: int, x: torch.Tensor, pos, inputs: Callable):
+        """Layer l's attention inputs (q, k, v) from the residual stream x [B, hidden]."""
+        s, b = self.shape, x.shape[0]
+        h = F.rms_norm(x, (s.hidden,), self.norm_attn[l], 1e-5)
+        qkv = h @ self.wqkv[l]
+        q = qkv[:, :s.hq * s.head_dim].view(b, s.hq, s.head_dim)
+        k = qkv[:, s.hq * s.head_dim:(s.hq + s.hkv) * s.head_dim].view(b, s.hkv, s.head_dim)
+        v = qkv[:, (s.hq + s.hkv) * s.head_dim:].view(b, s.hkv, s.head_dim)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        return inputs(l, q, k, v, pos)
+
+    def post_attention(self, l: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The residual stream after layer l's output projection of o [B, Hq, D] and its MLP."""
+        s = self.shape
+        x = x + o.reshape(x.shape[0], s.hq * s.head_dim) @ self.wo[l]
+        h = F.rms_norm(x, (s.hidden,), self.norm_mlp[l], 1e-5)
+        g, u = (h @ self.wgu[l]).chunk(2, dim=-1)
+        return x + (F.silu(g) * u) @ self.wdown[l]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.shape.hidden,), self.norm_final, 1e-5) @ self.lm_head
 
 
 class StaticStep:
@@ -120,8 +130,9 @@ class StaticStep:
 
     embed() reads self.tokens; pre(l) leaves layer l's attention inputs in self.q / k / v;
     attention writes self.o; post(l) finishes the layer; head() leaves self.logits and the next
-    self.tokens. The position is the device scalar self.pos. The arithmetic is RandomModel.step's,
-    op for op, so both give the same logits (tests/test_bench_e2e.py)."""
+    self.tokens. The position is the device scalar self.pos. The arithmetic is RandomModel's own
+    pieces (pre_attention, post_attention, logits), so both give the same logits
+    (tests/test_bench_e2e.py)."""
 
     def __init__(self, model: RandomModel, inputs: "WorkloadInputs", batch: int, graphs: bool):
         s, dev, dt = model.shape, model.device, model.dtype
@@ -144,28 +155,16 @@ class StaticStep:
         self.x.copy_(self.model.embed[self.tokens])
 
     def pre(self, l: int) -> None:
-        m, s, b = self.model, self.model.shape, self.batch
-        h = F.rms_norm(self.x, (s.hidden,), m.norm_attn[l], 1e-5)
-        qkv = h @ m.wqkv[l]
-        q = qkv[:, :s.hq * s.head_dim].view(b, s.hq, s.head_dim)
-        k = qkv[:, s.hq * s.head_dim:(s.hq + s.hkv) * s.head_dim].view(b, s.hkv, s.head_dim)
-        v = qkv[:, (s.hq + s.hkv) * s.head_dim:].view(b, s.hkv, s.head_dim)
-        q, k = m.rope(q, self.pos), m.rope(k, self.pos)
-        q, k, v = self.inputs(l, q, k, v, self.pos)
+        q, k, v = self.model.pre_attention(l, self.x, self.pos, self.inputs)
         self.q.copy_(q)
         self.k.copy_(k)
         self.v.copy_(v)
 
     def post(self, l: int) -> None:
-        m, s = self.model, self.model.shape
-        x = self.x + self.o.reshape(self.batch, s.hq * s.head_dim) @ m.wo[l]
-        h = F.rms_norm(x, (s.hidden,), m.norm_mlp[l], 1e-5)
-        g, u = (h @ m.wgu[l]).chunk(2, dim=-1)
-        self.x.copy_(x + (F.silu(g) * u) @ m.wdown[l])
+        self.x.copy_(self.model.post_attention(l, self.x, self.o))
 
     def head(self) -> None:
-        m, s = self.model, self.model.shape
-        self.logits.copy_(F.rms_norm(self.x, (s.hidden,), m.norm_final, 1e-5) @ m.lm_head)
+        self.logits.copy_(self.model.logits(self.x))
         self.tokens.copy_(self.logits.argmax(-1))
 
     def _capture(self) -> None:
