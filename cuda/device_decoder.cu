@@ -102,9 +102,8 @@ struct DeviceDecoder::Impl {
     int32_t n_lost = 0;
     TACTIC_CUDA_CHECK(cudaMemcpy(&c, state.as<SlotCounts>() + i, sizeof c, cudaMemcpyDeviceToHost));
     TACTIC_CUDA_CHECK(cudaMemcpy(&n_lost, lost.as<int32_t>() + i, sizeof n_lost, cudaMemcpyDeviceToHost));
+    // (The last selection stays valid: a replayed append is followed by its step's selection.)
     SlotState& st = host_state[i];
-    if (st.n_sink + st.n_clustered + st.n_recent != (int64_t)c.n_sink + c.n_clustered + c.n_recent)
-      forget_selection(layer, slot);
     st.n_sink = c.n_sink;
     st.n_clustered = c.n_clustered;
     st.n_recent = c.n_recent;
