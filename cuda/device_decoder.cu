@@ -355,6 +355,9 @@ void DeviceDecoder::prefill(int64_t layer, int64_t slot, const TensorView& keys,
 void DeviceDecoder::recluster(int64_t layer, int64_t slot, void* stream) {
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
+  if (Impl::capturing(stream))
+    throw UnsupportedError("recluster() cannot be captured in a CUDA graph (it reads the counts on the host); "
+                           "call it between replays");
   m.refresh(layer, slot, stream);
   SlotState& st = m.host_state[m.ls(layer, slot)];
   if (!m.clusters() || st.n_recent == 0) return;
@@ -363,11 +366,17 @@ void DeviceDecoder::recluster(int64_t layer, int64_t slot, void* stream) {
   st.n_recent = 0;
   m.cluster(layer, slot, stream);
   m.push_counts(layer, slot, stream);
+  // Replays of a captured append may be launched next on any stream (graph.replay() runs on
+  // the caller's current stream, not the one this decoder last saw): they must find the new
+  // counts, so the re-clustering is finished before this returns.
+  if (m.graphed[m.ls(layer, slot)]) TACTIC_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
 }
 
 void DeviceDecoder::reset(int64_t slot) {
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
+  // Replays still running on another stream would advance the counts after they are cleared.
+  if (m.graphs_seen) TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
   for (int64_t l = 0; l < m.L; ++l) {
     m.host_state[m.ls(l, slot)] = SlotState{};
     m.forget_selection(l, slot);

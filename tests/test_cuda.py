@@ -286,6 +286,26 @@ def test_recluster_between_replays():
     np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=2e-3, rtol=2e-3)
 
 
+def test_recluster_refuses_capture():
+    """recluster() reads the counts on the host, so it cannot be recorded in a graph: it says so
+    instead of recording a re-clustering of the counts at capture time."""
+    gen = torch.Generator().manual_seed(59)
+    hkv, g, d, n = 2, 4, 64, 1000
+    dec, _, _ = _graph_decoder(n, hkv, g, d, gen, 0.9, max_tokens=n + 4, share_group=False)
+    q = torch.randn(1, hkv * g, d, generator=gen).half().cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dec.decode(0, q, None, None)
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="between replays"):
+            with torch.cuda.graph(graph, stream=stream):
+                dec.decode(0, q, None, None)
+                dec.recluster(0)
+    torch.cuda.synchronize()
+    assert dec.length(0) == n
+
+
 def test_a_captured_step_keeps_its_slots_across_eager_calls():
     """A graph captured for slot 0 replays for slot 0 even after eager steps for slot 1 (the
     device's slot list is part of what the graph records)."""
