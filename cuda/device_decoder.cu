@@ -60,15 +60,60 @@ struct DeviceDecoder::Impl {
   DeviceBuffer k, v, pos, centroids, centroids_low, spreads, offsets, state;
   DeviceBuffer qf, scores, seg_max, ids, tasks, sel_scratch;
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
+  DeviceBuffer lost;                          // [L * B] int32: tokens a replayed append found no room for
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
+  // [L * B]: an append of this (layer, slot) was captured in a CUDA graph. Its replays advance
+  // the device counts behind the host's back, so from then on the mirror is re-read from the
+  // device before every host use (refresh).
+  std::vector<uint8_t> graphed;
+  bool graphs_seen = false;  // a step was captured: replays may rewrite `slots` at any time
   std::vector<std::vector<int64_t>> last_slots;  // [L] slots of the last decode
   std::vector<int64_t> slots_on_device;          // what `slots` holds now
 
   // Uploads the step's slot list unless the device already holds it (decode and attend).
+  // A captured step always records the upload (its replays must set their own list), and once
+  // one was captured the device list is never assumed: a replay may have changed it.
   void use_slots(const std::vector<int64_t>& slot_list, void* stream) {
-    if (slot_list == slots_on_device) return;
+    const bool cap = capturing(stream);
+    if (!cap && !graphs_seen && slot_list == slots_on_device) return;
     set_slots(slots.as<int32_t>(), slot_list.data(), (int64_t)slot_list.size(), stream);
     slots_on_device = slot_list;
+    graphs_seen = graphs_seen || cap;
+  }
+
+  static bool capturing(void* stream) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(as_stream(stream), &st) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return st == cudaStreamCaptureStatusActive;
+  }
+
+  // The mirror of (layer, slot) from the device, where replays of a captured append may have
+  // advanced it (not while `stream` is capturing: no synchronisation is allowed then, and the
+  // counts cannot have moved since the capture began). Raises CapacityError, once, for tokens
+  // those replays could not store.
+  void refresh(int64_t layer, int64_t slot, void* stream) {
+    const int64_t i = ls(layer, slot);
+    if (!graphed[i] || capturing(stream)) return;
+    TACTIC_CUDA_CHECK(cudaDeviceSynchronize());  // replays may run on any stream
+    SlotCounts c{};
+    int32_t n_lost = 0;
+    TACTIC_CUDA_CHECK(cudaMemcpy(&c, state.as<SlotCounts>() + i, sizeof c, cudaMemcpyDeviceToHost));
+    TACTIC_CUDA_CHECK(cudaMemcpy(&n_lost, lost.as<int32_t>() + i, sizeof n_lost, cudaMemcpyDeviceToHost));
+    // (The last selection stays valid: a replayed append is followed by its step's selection.)
+    SlotState& st = host_state[i];
+    st.n_sink = c.n_sink;
+    st.n_clustered = c.n_clustered;
+    st.n_recent = c.n_recent;
+    if (n_lost > 0) {
+      TACTIC_CUDA_CHECK(cudaMemset(lost.as<int32_t>() + i, 0, sizeof n_lost));
+      throw CapacityError("sequence slot " + std::to_string(slot) + " of layer " + std::to_string(layer) +
+                          " filled up during replays of a captured decode step: " + std::to_string(n_lost) +
+                          " appended token(s) past `max_tokens`=" + std::to_string(cap) +
+                          " were not stored (the slot keeps its first max_tokens tokens)");
+    }
   }
 
   int64_t ls(int64_t l, int64_t s) const { return l * B + s; }
@@ -238,6 +283,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   need(m.est_mass, mul_sat(m.L, segs * 8), "statistics");
   need(m.head_index, items * 4, "head indices");
   need(m.slots, (uint64_t)m.B * 4, "slots");
+  need(m.lost, mul_sat(m.L, (uint64_t)m.B * 4), "sequence counts");
   need(m.attn_ws, attention_workspace_bytes(m.B, m.H, m.G, m.D, m.cap), "attention workspace");
   uint64_t total = 0;
   for (const Want& w : want) total = add_sat(total, w.bytes);
@@ -251,6 +297,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
                         "); lower max_tokens, max_batch or num_layers");
   for (const Want& w : want) w.buf->allocate(w.bytes, w.what);
   TACTIC_CUDA_CHECK(cudaMemset(m.state.p, 0, m.state.n));
+  TACTIC_CUDA_CHECK(cudaMemset(m.lost.p, 0, m.lost.n));
   if (m.clusters()) {
     // [segs] best, then [segs] worst: 0x80808080 orders below the int of every finite score,
     // 0x7f7f7f7f above it (see select.hpp).
@@ -260,6 +307,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   }
   TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
   m.host_state.assign(m.L * m.B, SlotState{});
+  m.graphed.assign(m.L * m.B, 0);
   m.last_slots.assign(m.L, {});
 }
 
@@ -278,7 +326,9 @@ std::size_t DeviceDecoder::bytes() const {
   return m.k.n + m.v.n + m.pos.n + m.centroids.n + m.centroids_low.n + m.spreads.n + m.offsets.n;
 }
 
-const SlotState& DeviceDecoder::state(int64_t layer, int64_t slot) const {
+const SlotState& DeviceDecoder::state(int64_t layer, int64_t slot, void* stream) const {
+  DeviceGuard guard(p_->dev);
+  p_->refresh(layer, slot, stream);
   return p_->host_state[p_->ls(layer, slot)];
 }
 
@@ -299,11 +349,16 @@ void DeviceDecoder::prefill(int64_t layer, int64_t slot, const TensorView& keys,
   st.n_recent = 0;
   m.cluster(layer, slot, stream);
   m.push_counts(layer, slot, stream);
+  TACTIC_CUDA_CHECK(cudaMemsetAsync(m.lost.as<int32_t>() + m.ls(layer, slot), 0, sizeof(int32_t), as_stream(stream)));
 }
 
 void DeviceDecoder::recluster(int64_t layer, int64_t slot, void* stream) {
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
+  if (Impl::capturing(stream))
+    throw UnsupportedError("recluster() cannot be captured in a CUDA graph (it reads the counts on the host); "
+                           "call it between replays");
+  m.refresh(layer, slot, stream);
   SlotState& st = m.host_state[m.ls(layer, slot)];
   if (!m.clusters() || st.n_recent == 0) return;
   m.forget_selection(layer, slot);
@@ -311,15 +366,22 @@ void DeviceDecoder::recluster(int64_t layer, int64_t slot, void* stream) {
   st.n_recent = 0;
   m.cluster(layer, slot, stream);
   m.push_counts(layer, slot, stream);
+  // Replays of a captured append may be launched next on any stream (graph.replay() runs on
+  // the caller's current stream, not the one this decoder last saw): they must find the new
+  // counts, so the re-clustering is finished before this returns.
+  if (m.graphed[m.ls(layer, slot)]) TACTIC_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
 }
 
 void DeviceDecoder::reset(int64_t slot) {
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
+  // Replays still running on another stream would advance the counts after they are cleared.
+  if (m.graphs_seen) TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
   for (int64_t l = 0; l < m.L; ++l) {
     m.host_state[m.ls(l, slot)] = SlotState{};
     m.forget_selection(l, slot);
     m.push_counts(l, slot, nullptr);
+    TACTIC_CUDA_CHECK(cudaMemsetAsync(m.lost.as<int32_t>() + m.ls(l, slot), 0, sizeof(int32_t), nullptr));
   }
   TACTIC_CUDA_CHECK(cudaStreamSynchronize(nullptr));
 }
@@ -334,12 +396,21 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   m.use_slots(slot_list, stream);
   StepGeometry geo = m.geometry(layer, batch, stream);
   if (append) {
-    for (int64_t s : slot_list)
-      if (m.clusters() && m.host_state[m.ls(layer, s)].n_recent >= m.cfg.recluster_interval)
-        recluster(layer, s, stream);
+    // Captured in a CUDA graph, the append is recorded as is: each replay advances the device
+    // counts (or counts the token as lost when the slot is full), re-clustering is left to the
+    // caller's recluster() between replays, and the host mirror is re-read before its next use.
+    const bool cap = Impl::capturing(stream);
+    if (!cap)
+      for (int64_t s : slot_list)
+        if (m.clusters() && m.host_state[m.ls(layer, s)].n_recent >= m.cfg.recluster_interval)
+          recluster(layer, s, stream);
     append_token(geo, k_new->data, v_new->data, k_new->dtype, k_new->strides[0], k_new->strides[1], m.k.p, m.v.p,
-                 m.pos.as<int32_t>(), m.cfg.dtype, (int)m.cfg.num_sink);
+                 m.pos.as<int32_t>(), m.cfg.dtype, (int)m.cfg.num_sink, m.lost.as<int32_t>());
     for (int64_t s : slot_list) {
+      if (cap) {
+        m.graphed[m.ls(layer, s)] = 1;
+        continue;
+      }
       SlotState& st = m.host_state[m.ls(layer, s)];
       if (st.n_clustered == 0 && st.n_recent == 0 && st.n_sink < m.cfg.num_sink) ++st.n_sink;
       else ++st.n_recent;
@@ -429,6 +500,7 @@ void DeviceDecoder::stats(int64_t layer, LayerStats& st) {
   const int64_t batch = (int64_t)slots.size(), H = m.H, Hq = m.Hq, G = m.G;
   const std::size_t segs = (std::size_t)(m.B * Hq), items = (std::size_t)(m.B * H);
   TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
+  for (int64_t s : slots) m.refresh(layer, s, nullptr);  // the contexts, after replayed appends
   std::vector<int32_t> counts(batch * H);
   st.batch = batch;
   st.slots = slots;

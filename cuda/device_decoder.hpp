@@ -4,9 +4,12 @@
 // raises UnsupportedError.
 //
 // The decode step never synchronises with the host: sequence lengths live in device memory
-// (the host keeps an identical mirror for argument checks), selection sizes stay on the
-// device and every buffer is allocated at construction, so a step between re-clusterings can
-// be captured in a CUDA graph and replayed.
+// (the host keeps a mirror for argument checks), selection sizes stay on the device and every
+// buffer is allocated at construction, so a step can be captured in a CUDA graph and replayed,
+// with or without its append. A replayed append advances the device counts only; the host
+// re-reads them before it next needs them, re-clustering is left to recluster() between
+// replays, and a token appended to a full slot is dropped and reported (CapacityError) at the
+// next host call about that slot.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -44,7 +47,10 @@ class DeviceDecoder {
   void set_target(double target);
   // Copies the statistics of the last decode of `layer` to the host (synchronises).
   void stats(int64_t layer, LayerStats& out);
-  const SlotState& state(int64_t layer, int64_t slot) const;
+  // The counts of (layer, slot); re-read from the device (a synchronisation) where replays of a
+  // captured append may have moved them, unless `stream` is capturing. CapacityError, once,
+  // for tokens such replays could not store.
+  const SlotState& state(int64_t layer, int64_t slot, void* stream) const;
   void reset(int64_t slot);
   void recluster(int64_t layer, int64_t slot, void* stream);
   std::size_t bytes() const;

@@ -59,6 +59,7 @@ __global__ void append_kernel(StepGeometry s, const S* kn, const S* vn, int64_t 
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
   const int64_t row = (int64_t)st.n_sink + st.n_clustered + st.n_recent;
+  if (row >= s.cap) return;  // full (a replayed graph; eager steps are checked on the host)
   const int64_t hi = head_index(s, slot, h);
   T* kd = k + (hi * s.cap + row) * s.d;
   T* vd = v + (hi * s.cap + row) * s.d;
@@ -70,10 +71,17 @@ __global__ void append_kernel(StepGeometry s, const S* kn, const S* vn, int64_t 
 }
 
 // Separate from append_kernel: every head's block must read the counts before they change.
-__global__ void count_token_kernel(StepGeometry s, int num_sink) {
+// A full slot (only a replayed CUDA graph gets here with one) keeps its counts and adds the
+// token to `lost` instead, which the host reports (device_decoder.cu).
+__global__ void count_token_kernel(StepGeometry s, int num_sink, int32_t* lost) {
   const int64_t b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b >= s.batch) return;
-  SlotCounts& st = s.state[s.layer * s.max_batch + s.slots[b]];
+  const int64_t at = s.layer * s.max_batch + s.slots[b];
+  SlotCounts& st = s.state[at];
+  if ((int64_t)st.n_sink + st.n_clustered + st.n_recent >= s.cap) {
+    if (lost) ++lost[at];
+    return;
+  }
   if (st.n_clustered == 0 && st.n_recent == 0 && st.n_sink < num_sink) ++st.n_sink;
   else ++st.n_recent;
 }
@@ -1127,7 +1135,7 @@ void prepare_q(const StepGeometry& s, const void* q, DType dt, int64_t sb, int64
 }
 
 void append_token(const StepGeometry& s, const void* kn, const void* vn, DType src, int64_t sb,
-                  int64_t sh, void* k, void* v, int32_t* pos, DType dst, int num_sink) {
+                  int64_t sh, void* k, void* v, int32_t* pos, DType dst, int num_sink, int32_t* lost) {
   dispatch_float(src, [&](auto stag) {
     using S = decltype(stag);
     dispatch_float(dst, [&](auto ttag) {
@@ -1138,7 +1146,7 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
     });
   });
   TACTIC_CUDA_LAUNCH_CHECK("append_token");
-  count_token_kernel<<<(unsigned)((s.batch + 127) / 128), 128, 0, as_stream(s.stream)>>>(s, num_sink);
+  count_token_kernel<<<(unsigned)((s.batch + 127) / 128), 128, 0, as_stream(s.stream)>>>(s, num_sink, lost);
   TACTIC_CUDA_LAUNCH_CHECK("append_token (counts)");
 }
 

@@ -32,10 +32,12 @@ void prepare_q(const StepGeometry& s, const void* q, DType dt, int64_t stride_b,
                float scale, float* qf);
 
 // Append one token per (sequence, KV head) at row total() and count it in n_recent (or as a
-// sink while fewer than num_sink tokens exist and nothing is clustered).
+// sink while fewer than num_sink tokens exist and nothing is clustered). A sequence already
+// holding cap tokens stores nothing and counts the token in lost[layer * max_batch + slot]
+// (lost may be null): replays of a captured step cannot be checked on the host.
 void append_token(const StepGeometry& s, const void* k_new, const void* v_new, DType src,
                   int64_t stride_b, int64_t stride_h, void* k, void* v, int32_t* pos, DType dst,
-                  int num_sink);
+                  int num_sink, int32_t* lost);
 
 struct SelInfo;    // per-head hand-over between the selection kernels (select.cu)
 struct ExactPart;  // one block's exact (max, sum) partial (select.cu)

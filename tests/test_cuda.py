@@ -172,6 +172,162 @@ def test_cuda_graph_replays_the_step():
     torch.testing.assert_close(out, fresh, atol=0, rtol=0)
 
 
+def _graph_decoder(n, hkv, g, d, gen, target, **opts):
+    k, _ = mixture_keys(n, hkv, d, gen)
+    v = torch.randn(n, hkv, d, generator=gen)
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", target=target, **opts)
+    dec.prefill(0, k.half().cuda(), v.half().cuda())
+    return dec, k.half(), v.half()
+
+
+def _capture(fn):
+    """fn() captured once as a CUDA graph on a side stream (after one eager warm-up call)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph
+
+
+def test_captured_append_replays_like_eager_decodes():
+    """decode with k_new / v_new captured once and replayed: each replay appends its token and
+    selects as an eager decode of a twin decoder does, the host sees the lengths the replays
+    made, and eager decodes after the replays carry on from there."""
+    gen = torch.Generator().manual_seed(41)
+    hkv, g, d, n, steps = 2, 4, 128, 6000, 10
+    opts = dict(max_tokens=n + steps + 8, recluster_interval=64, share_group=False)
+    dec, k, v = _graph_decoder(n, hkv, g, d, gen, 0.9, **opts)
+    twin = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", target=0.9, **opts)
+    twin.prefill(0, k.cuda(), v.cuda())
+    inputs = [((k[n // 2 + i].repeat_interleave(g, 0)[None].float() * 2 + torch.randn(1, hkv * g, d, generator=gen))
+               .half().cuda(), torch.randn(1, hkv, d, generator=gen).half().cuda(),
+               torch.randn(1, hkv, d, generator=gen).half().cuda()) for i in range(steps + 2)]
+    q, kn, vn = (x.clone() for x in inputs[0])
+    out = torch.empty_like(q)
+    graph = _capture(lambda: dec.decode(0, q, kn, vn, out=out))  # the warm-up call appends once
+    twin.decode(0, *inputs[0])
+    assert dec.length(0) == twin.length(0) == n + 1
+    for i in range(1, steps + 1):
+        for buf, x in zip((q, kn, vn), inputs[i]):
+            buf.copy_(x)
+        graph.replay()
+        expect = twin.decode(0, *inputs[i])
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, expect, atol=2e-3, rtol=2e-3)
+    assert dec.length(0) == twin.length(0) == n + 1 + steps
+    sd, st = dec.stats(0), twin.stats(0)
+    np.testing.assert_array_equal(sd["context"], st["context"])
+    assert (sd["head_tokens"] < sd["context"][:, None]).any(), "the test must select"
+    last = dec.decode(0, *inputs[-1])  # eager after the replays
+    torch.testing.assert_close(last, twin.decode(0, *inputs[-1]), atol=2e-3, rtol=2e-3)
+    assert dec.length(0) == n + 2 + steps
+
+
+def test_replayed_append_into_a_full_slot_is_reported():
+    """Replays that append past max_tokens store nothing more: the next host call about the
+    slot raises CapacityError once, the slot keeps its first max_tokens tokens, and attention
+    over them (P = 1) equals the float64 reference."""
+    gen = torch.Generator().manual_seed(43)
+    hkv, g, d, n = 2, 2, 64, 300
+    dec, k, v = _graph_decoder(n, hkv, g, d, gen, 1.0, max_tokens=n + 3, share_group=False)
+    news = [(torch.randn(1, hkv, d, generator=gen).half().cuda(), torch.randn(1, hkv, d, generator=gen).half().cuda())
+            for _ in range(5)]
+    q = torch.randn(1, hkv * g, d, generator=gen).half().cuda()
+    kn, vn = (x.clone() for x in news[0])
+    out = torch.empty_like(q)
+    graph = _capture(lambda: dec.decode(0, q, kn, vn, out=out))  # warm-up: token n + 1
+    for i in range(1, 5):  # tokens n + 2, n + 3 fit; two more do not
+        kn.copy_(news[i][0])
+        vn.copy_(news[i][1])
+        graph.replay()
+    torch.cuda.synchronize()
+    with pytest.raises(tactic.CapacityError, match="2 appended token"):
+        dec.length(0)
+    assert dec.length(0) == n + 3  # reported once; the slot holds its first max_tokens tokens
+    with pytest.raises(tactic.CapacityError):
+        dec.decode(0, q, *news[0])  # eager: refused on the host
+    got = dec.decode(0, q, None, None).double().cpu().numpy()
+    kk = torch.cat([k.cuda(), news[0][0], news[1][0], news[2][0]]).double().cpu().numpy()
+    vv = torch.cat([v.cuda(), news[0][1], news[1][1], news[2][1]]).double().cpu().numpy()
+    ref, _ = ref_attention(q[0].double().cpu().numpy(), kk, vv, d ** -0.5)
+    np.testing.assert_allclose(got[0], ref, atol=2e-3, rtol=2e-3)
+
+
+def test_recluster_between_replays():
+    """Replays never re-cluster (the host does not see them); recluster() between replays folds
+    the recent tokens the replays appended into the clusters, and the step stays exact at P = 1."""
+    gen = torch.Generator().manual_seed(47)
+    hkv, g, d, n, steps = 2, 4, 128, 3000, 12
+    dec, k, v = _graph_decoder(n, hkv, g, d, gen, 1.0, max_tokens=n + steps + 2, recluster_interval=4,
+                               share_group=False)
+    q = torch.randn(1, hkv * g, d, generator=gen).half().cuda()
+    kn, vn = torch.zeros(1, hkv, d).half().cuda(), torch.zeros(1, hkv, d).half().cuda()
+    out = torch.empty_like(q)
+    graph = _capture(lambda: dec.decode(0, q, kn, vn, out=out))
+    ks, vs = [kn.clone()], [vn.clone()]
+    for i in range(steps):
+        if i == 6:
+            dec.recluster(0)
+        kn.copy_(torch.randn(1, hkv, d, generator=gen).half())
+        vn.copy_(torch.randn(1, hkv, d, generator=gen).half())
+        ks.append(kn.clone())
+        vs.append(vn.clone())
+        graph.replay()
+    torch.cuda.synchronize()
+    assert dec.length(0) == n + 1 + steps
+    kk = torch.cat([k.cuda(), *ks]).double().cpu().numpy()
+    vv = torch.cat([v.cuda(), *vs]).double().cpu().numpy()
+    ref, _ = ref_attention(q[0].double().cpu().numpy(), kk, vv, d ** -0.5)
+    np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_recluster_refuses_capture():
+    """recluster() reads the counts on the host, so it cannot be recorded in a graph: it says so
+    instead of recording a re-clustering of the counts at capture time."""
+    gen = torch.Generator().manual_seed(59)
+    hkv, g, d, n = 2, 4, 64, 1000
+    dec, _, _ = _graph_decoder(n, hkv, g, d, gen, 0.9, max_tokens=n + 4, share_group=False)
+    q = torch.randn(1, hkv * g, d, generator=gen).half().cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dec.decode(0, q, None, None)
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="between replays"):
+            with torch.cuda.graph(graph, stream=stream):
+                dec.decode(0, q, None, None)
+                dec.recluster(0)
+    torch.cuda.synchronize()
+    assert dec.length(0) == n
+
+
+def test_a_captured_step_keeps_its_slots_across_eager_calls():
+    """A graph captured for slot 0 replays for slot 0 even after eager steps for slot 1 (the
+    device's slot list is part of what the graph records)."""
+    gen = torch.Generator().manual_seed(53)
+    hkv, g, d, n = 2, 4, 64, 2000
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", max_batch=2,
+                               max_tokens=n + 4, target=0.9, share_group=False)
+    for s in (0, 1):
+        kk, _ = mixture_keys(n, hkv, d, gen)
+        dec.prefill(0, kk.half().cuda(), torch.randn(n, hkv, d, generator=gen).half().cuda(), seq=s)
+    q = torch.randn(1, hkv * g, d, generator=gen).half().cuda()
+    out = torch.empty_like(q)
+    graph = _capture(lambda: dec.decode(0, q, None, None, seq=[0], out=out))
+    slot0 = dec.decode(0, q, None, None, seq=[0])
+    slot1 = dec.decode(0, q, None, None, seq=[1])
+    assert not torch.equal(slot0, slot1)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, slot0, atol=1e-3, rtol=1e-3)
+
+
 def test_errors_are_clear():
     with pytest.raises(RuntimeError, match="head_dim"):
         tactic.SparseDecoder(1, 2, 1, 72, device="cuda")

@@ -278,7 +278,7 @@ const LayerStats& Decoder::stats(int64_t layer) const {
 int64_t Decoder::length(int64_t layer, int64_t slot) const {
   check_layer(layer);
   check_slot(slot, "seq");
-  return device_ ? device_->state(layer, slot).total() : store_->length(layer, slot);
+  return device_ ? device_->state(layer, slot, stream_).total() : store_->length(layer, slot);
 }
 
 void Decoder::reset(int64_t slot) {

@@ -19,7 +19,7 @@ void DeviceDecoder::prefill(int64_t, int64_t, const TensorView&, const TensorVie
 void DeviceDecoder::decode(int64_t, const TensorView&, const TensorView*, const TensorView*,
                            const TensorView*, const std::vector<int64_t>&, bool, void*) {}
 void DeviceDecoder::stats(int64_t, LayerStats&) {}
-const SlotState& DeviceDecoder::state(int64_t, int64_t) const {
+const SlotState& DeviceDecoder::state(int64_t, int64_t, void*) const {
   static const SlotState empty{};
   return empty;
 }

@@ -353,7 +353,12 @@ class SparseDecoder:
             self._core.reset(_int("seq", seq))
 
     def recluster(self, layer: int, seq: int = 0) -> None:
-        """Fold the recent segment of (`layer`, `seq`) into the clusters now."""
+        """Fold the recent segment of (`layer`, `seq`) into the clusters now.
+
+        Replays of a CUDA graph that captured ``decode`` with ``k_new``/``v_new`` never
+        re-cluster; call this between replays. It waits for replays already launched and
+        returns once the new clusters are in place, so replays launched afterwards on any
+        stream see them. It cannot itself be captured (RuntimeError)."""
         self._core.recluster(self._layer(layer), _int("seq", seq))
 
     def layout(self, layer: int, seq: int = 0, head: int = 0) -> dict:
