@@ -161,6 +161,7 @@ constexpr int chunk_min_blocks() {
 
 template <class T, int D, int GB>
 __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attention_chunks_kernel(const ChunkParams p) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   using Lay = RowLayout<T, D>;
   constexpr int L = Lay::kLanes, NS = Lay::kNS, VEC = Lay::kVec, E = Lay::kE, R = Lay::kRows,
                 S = Lay::kSlots;
@@ -513,6 +514,7 @@ struct MergeParams {
 // float4 pieces of d; the warps' sums meet in shared memory.
 template <class TO, int D>
 __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const MergeParams p) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   constexpr int NV4 = D / 4, PER = (NV4 + 31) / 32;
   static_assert(D % 4 == 0, "head dim must be a multiple of 4");
   __shared__ float s_acc[kMergeWarps][D];
@@ -623,7 +625,7 @@ void launch_chunks(const ChunkParams& p, int64_t work, cudaStream_t stream) {
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
   const int64_t grid = std::min<int64_t>(work * p.hsplit, resident_blocks<T, D, GB>(smem));
-  attention_chunks_kernel<T, D, GB><<<(unsigned)grid, kThreads, smem, stream>>>(p);
+  launch<attention_chunks_kernel<T, D, GB>>((unsigned)grid, kThreads, smem, stream, p);
   TACTIC_CUDA_LAUNCH_CHECK("attention_chunks_kernel");
 }
 
@@ -651,7 +653,7 @@ void launch_d(const AttentionArgs& a, const ChunkParams& cp, const MergeParams& 
     });
   dispatch_float(a.out_dtype, [&](auto tag) {
     using TO = decltype(tag);
-    attention_merge_kernel<TO, D><<<(unsigned)merge_blocks, kMergeThreads, 0, stream>>>(mp);
+    launch<attention_merge_kernel<TO, D>>((unsigned)merge_blocks, kMergeThreads, 0, stream, mp);
     TACTIC_CUDA_LAUNCH_CHECK("attention_merge_kernel");
   });
 }

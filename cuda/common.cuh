@@ -4,7 +4,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#include <utility>
 
 #include "tactic/error.hpp"
 #include "tactic/tensor.hpp"
@@ -24,6 +28,72 @@ inline void check(cudaError_t e, const char* what, const char* file, int line) {
 #define TACTIC_CUDA_LAUNCH_CHECK(name) ::tactic::cuda::check(cudaGetLastError(), name, __FILE__, __LINE__)
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
+
+// ---- Programmatic dependent launch (PDL, sm_90+) ----
+// A decode step is ~10 short kernels in a row on one stream; between two plain launches the GPU
+// drains the first grid before it schedules the second. launch() below adds
+// cudaLaunchAttributeProgrammaticStreamSerialization, so the next kernel's blocks are scheduled
+// while the previous one drains, and every kernel launched so calls pdl_begin() as its first
+// statement: it waits for the previous grid's completion and memory (griddepcontrol.wait), then
+// lets the next grid be scheduled (launch_dependents). Effects therefore keep plain-launch
+// order (each kernel waits for its predecessor, which waited for its own), and a kernel that
+// calls pdl_begin() behaves as before under a plain launch (the wait returns at once).
+// Hand-written because the CUDA runtime offers only the attribute and the two PTX
+// instructions; CUTLASS wraps the same two instructions for its own kernels.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// TACTIC_PDL=0 turns the attribute off (A/B timing; a bad value raises ValueError).
+inline bool pdl_wanted() {
+  const char* e = std::getenv("TACTIC_PDL");
+  if (!e || !*e || std::strcmp(e, "1") == 0) return true;
+  if (std::strcmp(e, "0") == 0) return false;
+  throw ValueError(std::string("TACTIC_PDL must be 0 or 1, not '") + e + "'");
+}
+
+// Whether Kernel is launched with PDL here: TACTIC_PDL allows it and the binary loaded for this
+// device has the griddepcontrol instructions (sm_90 or newer SASS: an sm_80 build run on an
+// H100 has no wait and must not start early). Cached per kernel and device. launch() is a
+// kernel launch with PDL where pdl_ok, a plain one elsewhere.
+template <auto Kernel>
+bool pdl_ok() {
+  static std::atomic<int> cached[64];  // [device]: 0 unknown, 1 PDL, 2 plain
+  int dev = 0;
+  if (!pdl_wanted() || cudaGetDevice(&dev) != cudaSuccess) return false;
+  const int c = dev >= 0 && dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
+  if (c) return c == 1;
+  cudaFuncAttributes fa{};
+  const bool ok = cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess && fa.binaryVersion >= 90;
+  if (!ok) (void)cudaGetLastError();
+  if (dev >= 0 && dev < 64) cached[dev].store(ok ? 1 : 2, std::memory_order_relaxed);
+  return ok;
+}
+
+// Appends the PDL attribute to cfg's attributes (room for one more) where pdl_ok<Kernel>().
+template <auto Kernel>
+void add_pdl(cudaLaunchConfig_t& cfg, cudaLaunchAttribute* attrs) {
+  cfg.attrs = attrs;
+  if (!pdl_ok<Kernel>()) return;
+  cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+}
+
+template <auto Kernel, class... A>
+void launch(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  add_pdl<Kernel>(cfg, attr);
+  TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, Kernel, std::forward<A>(args)...));
+}
 
 // Element loads/stores in fp32 for the three storage dtypes.
 template <class T> __device__ __forceinline__ float to_float(T x);

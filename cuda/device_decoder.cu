@@ -391,7 +391,8 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
                            const std::vector<int64_t>& slot_list, bool append, void* stream) {
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
-  head_split_override();  // a bad TACTIC_HEAD_SPLIT fails here, before the step changes anything
+  head_split_override();  // a bad TACTIC_HEAD_SPLIT / TACTIC_PDL fails here, before the step changes anything
+  pdl_wanted();
   const int64_t batch = (int64_t)slot_list.size();
   m.use_slots(slot_list, stream);
   StepGeometry geo = m.geometry(layer, batch, stream);
@@ -481,7 +482,8 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
                            const std::vector<int64_t>& slot_list, void* stream) {
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
-  head_split_override();  // a bad TACTIC_HEAD_SPLIT fails here, before the step changes anything
+  head_split_override();  // a bad TACTIC_HEAD_SPLIT / TACTIC_PDL fails here, before the step changes anything
+  pdl_wanted();
   const int64_t batch = (int64_t)slot_list.size();
   m.use_slots(slot_list, stream);
   StepGeometry geo = m.geometry(layer, batch, stream);

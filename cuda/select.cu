@@ -47,6 +47,7 @@ __device__ __forceinline__ int64_t head_index(const StepGeometry& s, int32_t slo
 template <class T>
 __global__ void prepare_q_kernel(StepGeometry s, const T* q, int64_t sb, int64_t sh, float scale,
                                  float* qf) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   const int64_t hq = s.hkv * s.g, i = blockIdx.x, b = i / hq, h = i % hq;
   for (int64_t k = threadIdx.x; k < s.d; k += blockDim.x)
     qf[i * s.d + k] = scale * to_float(q[b * sb + h * sh + k]);
@@ -55,6 +56,7 @@ __global__ void prepare_q_kernel(StepGeometry s, const T* q, int64_t sb, int64_t
 template <class S, class T>
 __global__ void append_kernel(StepGeometry s, const S* kn, const S* vn, int64_t sb, int64_t sh,
                               T* k, T* v, int32_t* pos) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   const int64_t b = blockIdx.x, h = blockIdx.y;
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
@@ -74,6 +76,7 @@ __global__ void append_kernel(StepGeometry s, const S* kn, const S* vn, int64_t 
 // A full slot (only a replayed CUDA graph gets here with one) keeps its counts and adds the
 // token to `lost` instead, which the host reports (device_decoder.cu).
 __global__ void count_token_kernel(StepGeometry s, int num_sink, int32_t* lost) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   const int64_t b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b >= s.batch) return;
   const int64_t at = s.layer * s.max_batch + s.slots[b];
@@ -110,6 +113,7 @@ __host__ __device__ constexpr int kScoreUnroll() {
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   constexpr int VEC = 16 / (int)sizeof(T), SL = D / VEC, NV = (SL + 3) / 4;  // 16-byte slots (per lane)
   extern __shared__ float qs[];  // [g, D]
   __shared__ int32_t s_max[16], s_min[16];
@@ -619,6 +623,7 @@ __device__ __forceinline__ void histogram_add(const float* sc, const int32_t* of
 // Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
 // bucket), their prior. Leaves the histogram and the ranked candidates in global scratch.
 __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
   const int64_t i = blockIdx.x;
   const HeadView v = head_view(s, a, i);
@@ -694,6 +699,7 @@ struct SplitShared {     // the whole head's values, combined from every block o
 };
 
 __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;   // this block's part: histogram, candidates, head-list counter (rank 0's)
   __shared__ SplitShared W;
   const int rank = cluster_rank(), nsplit = cluster_blocks();
@@ -780,6 +786,7 @@ constexpr int kExactThreads = 256;
 
 template <class T, int D>
 __global__ void __launch_bounds__(kExactThreads) select_exact_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ float qs[D];
   __shared__ MaxSum wa[kExactThreads / 32], wh[kExactThreads / 32];
   const int64_t hq = s.hkv * s.g, i = blockIdx.x, b = i / hq, qh = i % hq, h = qh / s.g;
@@ -1006,12 +1013,14 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
 }
 
 __global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
   stop_head(s, a, splits, blockIdx.x, 0, 1, S, nullptr, nullptr);
 }
 
 // Kernel 3, split (sm_90): as select_head_split_kernel, nsplit blocks per query head.
 __global__ void __launch_bounds__(kSelThreads, 1) select_stop_split_kernel(StepGeometry s, SelectArgs a, int splits) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
   __shared__ float mcs[kCand];
   __shared__ int32_t mcid[kCand];
@@ -1025,6 +1034,7 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_stop_split_kernel(StepG
 constexpr int64_t kRowChunk = 256;  // one scan batch per block: more blocks, shorter serial work
 
 __global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   typedef cub::BlockReduce<int64_t, kThreads> ReduceI;
   __shared__ typename ReduceI::TempStorage tmp;
   const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, chunk = blockIdx.y;
@@ -1041,6 +1051,7 @@ __global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, Se
 }
 
 __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   typedef cub::BlockScan<int64_t, kThreads> ScanI;
   __shared__ typename ScanI::TempStorage tmp;
   const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, chunk = blockIdx.y;
@@ -1110,6 +1121,7 @@ __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, Se
 
 // Dense: every row of every item, and trivial statistics.
 __global__ void dense_counts_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   const int64_t item = blockIdx.x * blockDim.x + threadIdx.x, hq = s.hkv * s.g;
   if (item >= s.batch * s.hkv) return;
   const int64_t b = item / s.hkv, h = item % s.hkv;
@@ -1128,7 +1140,7 @@ void prepare_q(const StepGeometry& s, const void* q, DType dt, int64_t sb, int64
                float* qf) {
   dispatch_float(dt, [&](auto tag) {
     using T = decltype(tag);
-    prepare_q_kernel<T><<<(unsigned)(s.batch * s.hkv * s.g), 128, 0, as_stream(s.stream)>>>(
+    launch<prepare_q_kernel<T>>((unsigned)(s.batch * s.hkv * s.g), 128, 0, as_stream(s.stream), 
         s, static_cast<const T*>(q), sb, sh, scale, qf);
   });
   TACTIC_CUDA_LAUNCH_CHECK("prepare_q");
@@ -1140,13 +1152,13 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
     using S = decltype(stag);
     dispatch_float(dst, [&](auto ttag) {
       using T = decltype(ttag);
-      append_kernel<S, T><<<dim3((unsigned)s.batch, (unsigned)s.hkv), 128, 0, as_stream(s.stream)>>>(
+      launch<append_kernel<S, T>>(dim3((unsigned)s.batch, (unsigned)s.hkv), 128, 0, as_stream(s.stream), 
           s, static_cast<const S*>(kn), static_cast<const S*>(vn), sb, sh, static_cast<T*>(k),
           static_cast<T*>(v), pos);
     });
   });
   TACTIC_CUDA_LAUNCH_CHECK("append_token");
-  count_token_kernel<<<(unsigned)((s.batch + 127) / 128), 128, 0, as_stream(s.stream)>>>(s, num_sink, lost);
+  launch<count_token_kernel>((unsigned)((s.batch + 127) / 128), 128, 0, as_stream(s.stream), s, num_sink, lost);
   TACTIC_CUDA_LAUNCH_CHECK("append_token (counts)");
 }
 
@@ -1240,7 +1252,7 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv, heads = items * s.g;
   if (a.dense) {
-    dense_counts_kernel<<<(unsigned)((items + 127) / 128), 128, 0, st>>>(s, a);
+    launch<dense_counts_kernel>((unsigned)((items + 127) / 128), 128, 0, st, s, a);
     TACTIC_CUDA_LAUNCH_CHECK("dense_counts");
     return;
   }
@@ -1255,11 +1267,11 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
       return dim3((unsigned)items, (unsigned)((s.cmax + per - 1) / per));
     };
     switch (s.d) {
-      case 64: score_kernel<T, 64><<<grid(kScoreUnroll<T, 64>()), kThreads, qbytes, st>>>(s, a); break;
-      case 80: score_kernel<T, 80><<<grid(kScoreUnroll<T, 80>()), kThreads, qbytes, st>>>(s, a); break;
-      case 96: score_kernel<T, 96><<<grid(kScoreUnroll<T, 96>()), kThreads, qbytes, st>>>(s, a); break;
-      case 128: score_kernel<T, 128><<<grid(kScoreUnroll<T, 128>()), kThreads, qbytes, st>>>(s, a); break;
-      case 256: score_kernel<T, 256><<<grid(kScoreUnroll<T, 256>()), kThreads, qbytes, st>>>(s, a); break;
+      case 64: launch<score_kernel<T, 64>>(grid(kScoreUnroll<T, 64>()), kThreads, qbytes, st, s, a); break;
+      case 80: launch<score_kernel<T, 80>>(grid(kScoreUnroll<T, 80>()), kThreads, qbytes, st, s, a); break;
+      case 96: launch<score_kernel<T, 96>>(grid(kScoreUnroll<T, 96>()), kThreads, qbytes, st, s, a); break;
+      case 128: launch<score_kernel<T, 128>>(grid(kScoreUnroll<T, 128>()), kThreads, qbytes, st, s, a); break;
+      case 256: launch<score_kernel<T, 256>>(grid(kScoreUnroll<T, 256>()), kThreads, qbytes, st, s, a); break;
       default: throw UnsupportedError("CUDA selection supports head_dim 64, 80, 96, 128 or 256");
     }
   });
@@ -1268,7 +1280,7 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   const int nsplit = head_split(heads, s.cmax);
   const bool split = nsplit > 1;
   cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   cfg.gridDim = dim3((unsigned)(heads * nsplit));
   cfg.blockDim = dim3(kSelThreads);
   cfg.stream = st;
@@ -1279,9 +1291,10 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   if (split) {
+    add_pdl<select_head_split_kernel>(cfg, attr);  // both split kernels: same binary, same answer
     TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_head_split_kernel, s, a));
   } else {
-    select_head_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a);
+    launch<select_head_kernel>((unsigned)heads, kSelThreads, 0, st, s, a);
   }
   TACTIC_CUDA_LAUNCH_CHECK("select_head");
   // Enough blocks for about two per SM of an H100, at most kMaxExactSplits per head.
@@ -1290,21 +1303,21 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     using T = decltype(tag);
     const dim3 eg((unsigned)heads, (unsigned)splits);
     switch (s.d) {
-      case 64: select_exact_kernel<T, 64><<<eg, kExactThreads, 0, st>>>(s, a); break;
-      case 80: select_exact_kernel<T, 80><<<eg, kExactThreads, 0, st>>>(s, a); break;
-      case 96: select_exact_kernel<T, 96><<<eg, kExactThreads, 0, st>>>(s, a); break;
-      case 128: select_exact_kernel<T, 128><<<eg, kExactThreads, 0, st>>>(s, a); break;
-      default: select_exact_kernel<T, 256><<<eg, kExactThreads, 0, st>>>(s, a); break;
+      case 64: launch<select_exact_kernel<T, 64>>(eg, kExactThreads, 0, st, s, a); break;
+      case 80: launch<select_exact_kernel<T, 80>>(eg, kExactThreads, 0, st, s, a); break;
+      case 96: launch<select_exact_kernel<T, 96>>(eg, kExactThreads, 0, st, s, a); break;
+      case 128: launch<select_exact_kernel<T, 128>>(eg, kExactThreads, 0, st, s, a); break;
+      default: launch<select_exact_kernel<T, 256>>(eg, kExactThreads, 0, st, s, a); break;
     }
   });
   TACTIC_CUDA_LAUNCH_CHECK("select_exact");
   if (split) TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_stop_split_kernel, s, a, splits));
-  else select_stop_kernel<<<(unsigned)heads, kSelThreads, 0, st>>>(s, a, splits);
+  else launch<select_stop_kernel>((unsigned)heads, kSelThreads, 0, st, s, a, splits);
   TACTIC_CUDA_LAUNCH_CHECK("select_stop");
   const dim3 rows_grid((unsigned)items, (unsigned)row_chunks(s.cmax));
-  chunk_sums_kernel<<<rows_grid, kThreads, 0, st>>>(s, a);
+  launch<chunk_sums_kernel>(rows_grid, kThreads, 0, st, s, a);
   TACTIC_CUDA_LAUNCH_CHECK("chunk_sums");
-  build_rows_kernel<<<rows_grid, kThreads, 0, st>>>(s, a);
+  launch<build_rows_kernel>(rows_grid, kThreads, 0, st, s, a);
   TACTIC_CUDA_LAUNCH_CHECK("build_rows");
 }
 

@@ -36,6 +36,7 @@ __global__ void set_slots_kernel(int32_t* dst, SlotBatch b, int64_t n) {
 }
 
 __global__ void head_indices_kernel(StepGeometry s, int32_t* out) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (i >= s.batch * s.hkv) return;
   const int64_t b = i / s.hkv, h = i % s.hkv;
@@ -78,7 +79,7 @@ void set_slots(int32_t* dst, const int64_t* slots, int64_t n, void* stream) {
 
 void head_indices(const StepGeometry& s, int32_t* out) {
   const int64_t n = s.batch * s.hkv;
-  head_indices_kernel<<<(unsigned)((n + 255) / 256), 256, 0, as_stream(s.stream)>>>(s, out);
+  launch<head_indices_kernel>((unsigned)((n + 255) / 256), 256, 0, as_stream(s.stream), s, out);
   TACTIC_CUDA_LAUNCH_CHECK("head_indices");
 }
 

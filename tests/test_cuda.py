@@ -471,6 +471,55 @@ def test_bad_head_split_setting_fails_before_the_step(monkeypatch):
     assert (dec.stats(0)["context"] == 301).all()
 
 
+@pytest.mark.parametrize("split", [None, "2"])
+def test_pdl_launches_match_plain_launches(monkeypatch, split):
+    """The step's kernels launched with programmatic dependent launch (the default on sm_90:
+    each kernel waits for its predecessor in its first instruction) give bit for bit what plain
+    launches give (TACTIC_PDL=0), on a batch of two contexts of different lengths, with and
+    without the split selection kernels, across appends."""
+    if split:
+        monkeypatch.setenv("TACTIC_HEAD_SPLIT", split)
+    gen = torch.Generator().manual_seed(61)
+    hkv, g, d, lens = 2, 4, 128, (20000, 9000)
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", max_batch=2,
+                               max_tokens=max(lens) + 8, target=0.9, share_group=False)
+    for s_, n in enumerate(lens):
+        kk, _ = mixture_keys(n, hkv, d, gen)
+        dec.prefill(0, kk.half().cuda(), torch.randn(n, hkv, d, generator=gen).half().cuda(), seq=s_)
+    for step in range(4):
+        q = torch.randn(2, hkv * g, d, generator=gen).half().cuda()
+        monkeypatch.setenv("TACTIC_PDL", "0")
+        plain = dec.decode(0, q, None, None, seq=[0, 1])
+        monkeypatch.setenv("TACTIC_PDL", "1")
+        early = dec.decode(0, q, None, None, seq=[0, 1])
+        assert torch.equal(plain, early), f"step {step}"
+        assert torch.isfinite(early).all()
+        kn = torch.randn(2, hkv, d, generator=gen).half().cuda()
+        monkeypatch.setenv("TACTIC_PDL", "1" if step % 2 else "0")
+        dec.decode(0, q, kn, kn, seq=[0, 1])
+    assert dec.length(0, 0) == lens[0] + 4 and dec.length(0, 1) == lens[1] + 4
+
+
+def test_bad_pdl_setting_fails_before_the_step(monkeypatch):
+    """TACTIC_PDL other than 0 or 1 is a ValueError raised before the step appends anything."""
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 2, 300, 64, generator=gen).half().cuda()
+    dec = tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_batch=1, max_tokens=400, dtype="float16")
+    dec.prefill(0, k, k)
+    q = torch.randn(1, 4, 64, generator=gen).half().cuda()
+    kn = torch.randn(1, 2, 64, generator=gen).half().cuda()
+    dec.decode(0, q, None, None)  # a selection for reuse_selection below
+    for bad in ("2", "yes"):
+        monkeypatch.setenv("TACTIC_PDL", bad)
+        with pytest.raises(ValueError, match="TACTIC_PDL"):
+            dec.decode(0, q, kn, kn)
+        with pytest.raises(ValueError, match="TACTIC_PDL"):
+            dec.decode(0, q, None, None, reuse_selection=True)
+    monkeypatch.delenv("TACTIC_PDL")
+    dec.decode(0, q, kn, kn)
+    assert dec.length(0) == 301
+
+
 @pytest.fixture(scope="module")
 def split_case():
     """Inputs of the split-selection test and what every parametrization compares with,
