@@ -40,10 +40,17 @@ inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 // calls pdl_begin() behaves as before under a plain launch (the wait returns at once).
 // Hand-written because the CUDA runtime offers only the attribute and the two PTX
 // instructions; CUTLASS wraps the same two instructions for its own kernels.
+// TACTIC_PDL_TRIGGER=0 (a compile-time A/B): no early launch_dependents; the next grid is then
+// scheduled as this one's blocks exit.
+#ifndef TACTIC_PDL_TRIGGER
+#define TACTIC_PDL_TRIGGER 1
+#endif
 __device__ __forceinline__ void pdl_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#if TACTIC_PDL_TRIGGER
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 #endif
 }
 
