@@ -34,16 +34,18 @@ inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 // drains the first grid before it schedules the second. launch() below adds
 // cudaLaunchAttributeProgrammaticStreamSerialization, so the next kernel's blocks are scheduled
 // while the previous one drains, and every kernel launched so calls pdl_begin() as its first
-// statement: it waits for the previous grid's completion and memory (griddepcontrol.wait), then
-// lets the next grid be scheduled (launch_dependents). Effects therefore keep plain-launch
-// order (each kernel waits for its predecessor, which waited for its own), and a kernel that
-// calls pdl_begin() behaves as before under a plain launch (the wait returns at once).
+// statement: it waits for the previous grid's completion and memory (griddepcontrol.wait).
+// Effects therefore keep plain-launch order (each kernel waits for its predecessor, which
+// waited for its own), and a kernel that calls pdl_begin() behaves as before under a plain
+// launch (the wait returns at once).
 // Hand-written because the CUDA runtime offers only the attribute and the two PTX
 // instructions; CUTLASS wraps the same two instructions for its own kernels.
-// TACTIC_PDL_TRIGGER=0 (a compile-time A/B): no early launch_dependents; the next grid is then
-// scheduled as this one's blocks exit.
+// TACTIC_PDL_TRIGGER=1 (a compile-time A/B) adds an early launch_dependents after the wait, so
+// the next grid's blocks become resident while this one runs. Measured on the H100 (bench/NOTES.md,
+// seventh session): that cost +6% / +3% of the graphed step at 128K / 512K, so the default
+// leaves the trigger implicit (the next grid is scheduled as this one's blocks exit).
 #ifndef TACTIC_PDL_TRIGGER
-#define TACTIC_PDL_TRIGGER 1
+#define TACTIC_PDL_TRIGGER 0
 #endif
 __device__ __forceinline__ void pdl_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
