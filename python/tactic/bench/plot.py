@@ -64,6 +64,7 @@ def plot(rows: List[dict], path, title: str, slice_: Optional[dict] = None) -> O
                             textcoords="offset points", xytext=(4, -10), fontsize=7, color="C0")
         ax.set(xscale="log", yscale="log", title=f"B = {b}", xlabel="context N (tokens)", ylabel="latency (us, median)")
         ax.set_xticks(ns, [f"{n // 1024}K" for n in ns])
+        ax.set_xticks([], minor=True)  # the log axis's own minor labels overlapped these
         ax.grid(True, which="both", alpha=0.3)
         for key, label, color, style in LATENCY:
             pts = [(r["N"], r["speedup"][key]) for r in rs if r["speedup"].get(key)]
@@ -73,6 +74,7 @@ def plot(rows: List[dict], path, title: str, slice_: Optional[dict] = None) -> O
         axs.set(xscale="log", yscale="log", xlabel="context N (tokens)",
                 ylabel="speedup over the faster torch SDPA")
         axs.set_xticks(ns, [f"{n // 1024}K" for n in ns])
+        axs.set_xticks([], minor=True)  # the log axis's own minor labels overlapped these
         axs.grid(True, which="both", alpha=0.3)
     for ax in (axes[0][0], axes[1][0]):
         if ax.get_legend_handles_labels()[0]:
