@@ -154,7 +154,9 @@ def test_fixture_layer_matches_the_workload_generator():
             np.testing.assert_array_equal(wl.queries[b].numpy(), q.astype(np.float32))
 
 
-def test_cli_on_cpu_writes_the_json(tmp_path, capsys):
+def test_cli_on_cpu_writes_the_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TACTIC_PDL", "0")  # a run-time switch the JSON must name
+    monkeypatch.setenv("TACTIC_GIT_COMMIT", "abc1234")
     rc = main(["--device", "cpu", "--n", "1K", "--batch", "2", "--heads", "4/2", "--head-dim", "64",
                "--target", "0.8", "0.95", "--series-s", "0.01", "--min-runs", "3", "--max-runs", "4",
                "--out", str(tmp_path), "--tag", "test"])
@@ -167,6 +169,7 @@ def test_cli_on_cpu_writes_the_json(tmp_path, capsys):
     for key in ("device", "date", "git_commit", "torch", "tactic", "copy_bandwidth", "rows", "skipped", "options"):
         assert key in d, key
     assert d["copy_bandwidth"]["median_gbps"] > 0
+    assert d["git_commit"] == "abc1234" and d["settings"] == {"TACTIC_PDL": "0"}
     assert [r["P"] for r in d["rows"]] == [0.8, 0.95]
     for r in d["rows"]:
         assert (r["N"], r["B"], r["Hq"], r["Hkv"], r["D"], r["dtype"]) == (1024, 2, 4, 2, 64, "float16")

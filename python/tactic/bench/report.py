@@ -53,7 +53,11 @@ def git_commit() -> str:
 def environment(device) -> dict:
     return {"device": device_name(device), "date": time.strftime("%Y-%m-%d"), "git_commit": git_commit(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "tactic": __version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            # The run-time switches of the CUDA backend (TACTIC_PDL, TACTIC_HEAD_SPLIT, ...) set for
+            # this run: an A/B's two JSON files must say which side each is.
+            "settings": {k: v for k, v in sorted(os.environ.items())
+                         if k.startswith("TACTIC_") and k != "TACTIC_GIT_COMMIT"}}
 
 
 def result_path(out_dir, device, kind: str, suffix: str) -> Path:
