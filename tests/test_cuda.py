@@ -453,24 +453,6 @@ def _selection_kernels(fn):
     return {e.name for e in prof.events() if "select_head" in e.name or "select_stop" in e.name}
 
 
-def test_bad_head_split_setting_fails_before_the_step(monkeypatch):
-    """TACTIC_HEAD_SPLIT other than 1, 2 or 4 is a ValueError raised before the step appends
-    anything; the next step, with the setting gone, sees the context it would have seen."""
-    gen = torch.Generator().manual_seed(3)
-    k = torch.randn(1, 2, 300, 64, generator=gen).half().cuda()
-    dec = tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_batch=1, max_tokens=400, dtype="float16")
-    dec.prefill(0, k, k)
-    q = torch.randn(1, 4, 64, generator=gen).half().cuda()
-    kn = torch.randn(1, 2, 64, generator=gen).half().cuda()
-    for bad in ("3", "four", "0"):
-        monkeypatch.setenv("TACTIC_HEAD_SPLIT", bad)
-        with pytest.raises(ValueError, match="TACTIC_HEAD_SPLIT"):
-            dec.decode(0, q, kn, kn)
-    monkeypatch.delenv("TACTIC_HEAD_SPLIT")
-    dec.decode(0, q, kn, kn)
-    assert (dec.stats(0)["context"] == 301).all()
-
-
 @pytest.mark.parametrize("split", [None, "2"])
 def test_pdl_launches_match_plain_launches(monkeypatch, split):
     """The step's kernels launched with programmatic dependent launch (the default on sm_90:
@@ -500,24 +482,28 @@ def test_pdl_launches_match_plain_launches(monkeypatch, split):
     assert dec.length(0, 0) == lens[0] + 4 and dec.length(0, 1) == lens[1] + 4
 
 
-def test_bad_pdl_setting_fails_before_the_step(monkeypatch):
-    """TACTIC_PDL other than 0 or 1 is a ValueError raised before the step appends anything."""
-    gen = torch.Generator().manual_seed(5)
+@pytest.mark.parametrize("name,bad", [("TACTIC_HEAD_SPLIT", ("3", "four", "0")), ("TACTIC_PDL", ("2", "yes"))])
+def test_bad_setting_fails_before_the_step(monkeypatch, name, bad):
+    """A run-time switch of the CUDA step with a bad value is a ValueError raised before the
+    step appends anything (decode and reuse_selection alike); the next step, with the setting
+    gone, sees the context it would have seen."""
+    gen = torch.Generator().manual_seed(3)
     k = torch.randn(1, 2, 300, 64, generator=gen).half().cuda()
     dec = tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_batch=1, max_tokens=400, dtype="float16")
     dec.prefill(0, k, k)
     q = torch.randn(1, 4, 64, generator=gen).half().cuda()
     kn = torch.randn(1, 2, 64, generator=gen).half().cuda()
     dec.decode(0, q, None, None)  # a selection for reuse_selection below
-    for bad in ("2", "yes"):
-        monkeypatch.setenv("TACTIC_PDL", bad)
-        with pytest.raises(ValueError, match="TACTIC_PDL"):
+    for value in bad:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
             dec.decode(0, q, kn, kn)
-        with pytest.raises(ValueError, match="TACTIC_PDL"):
+        with pytest.raises(ValueError, match=name):
             dec.decode(0, q, None, None, reuse_selection=True)
-    monkeypatch.delenv("TACTIC_PDL")
+    monkeypatch.delenv(name)
     dec.decode(0, q, kn, kn)
     assert dec.length(0) == 301
+    assert (dec.stats(0)["context"] == 301).all()
 
 
 @pytest.fixture(scope="module")
