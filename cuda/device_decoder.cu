@@ -81,6 +81,15 @@ struct DeviceDecoder::Impl {
     graphs_seen = graphs_seen || cap;
   }
 
+  // The start of decode and attend: a bad run-time switch (TACTIC_HEAD_SPLIT, TACTIC_PDL)
+  // fails here, before the step changes anything; then the slot list and the step's geometry.
+  StepGeometry begin_step(int64_t layer, const std::vector<int64_t>& slot_list, void* stream) {
+    head_split_override();
+    pdl_wanted();
+    use_slots(slot_list, stream);
+    return geometry(layer, (int64_t)slot_list.size(), stream);
+  }
+
   static bool capturing(void* stream) {
     cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
     if (cudaStreamIsCapturing(as_stream(stream), &st) != cudaSuccess) {
@@ -391,11 +400,7 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
                            const std::vector<int64_t>& slot_list, bool append, void* stream) {
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
-  head_split_override();  // a bad TACTIC_HEAD_SPLIT / TACTIC_PDL fails here, before the step changes anything
-  pdl_wanted();
-  const int64_t batch = (int64_t)slot_list.size();
-  m.use_slots(slot_list, stream);
-  StepGeometry geo = m.geometry(layer, batch, stream);
+  StepGeometry geo = m.begin_step(layer, slot_list, stream);
   if (append) {
     // Captured in a CUDA graph, the append is recorded as is: each replay advances the device
     // counts (or counts the token as lost when the slot is full), re-clustering is left to the
@@ -482,11 +487,7 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
                            const std::vector<int64_t>& slot_list, void* stream) {
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
-  head_split_override();  // a bad TACTIC_HEAD_SPLIT / TACTIC_PDL fails here, before the step changes anything
-  pdl_wanted();
-  const int64_t batch = (int64_t)slot_list.size();
-  m.use_slots(slot_list, stream);
-  StepGeometry geo = m.geometry(layer, batch, stream);
+  StepGeometry geo = m.begin_step(layer, slot_list, stream);
   prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>());
   m.attention(layer, geo, out, stream);
 }
