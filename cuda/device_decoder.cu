@@ -292,7 +292,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   need(m.est_mass, mul_sat(m.L, segs * 8), "statistics");
   need(m.head_index, items * 4, "head indices");
   need(m.slots, (uint64_t)m.B * 4, "slots");
-  need(m.lost, mul_sat(m.L, (uint64_t)m.B * 4), "sequence counts");
+  need(m.lost, mul_sat(m.L, (uint64_t)m.B * 4), "replay overflow counts");
   need(m.attn_ws, attention_workspace_bytes(m.B, m.H, m.G, m.D, m.cap), "attention workspace");
   uint64_t total = 0;
   for (const Want& w : want) total = add_sat(total, w.bytes);
