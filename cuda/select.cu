@@ -1140,7 +1140,7 @@ void prepare_q(const StepGeometry& s, const void* q, DType dt, int64_t sb, int64
                float* qf) {
   dispatch_float(dt, [&](auto tag) {
     using T = decltype(tag);
-    launch<prepare_q_kernel<T>>((unsigned)(s.batch * s.hkv * s.g), 128, 0, as_stream(s.stream), 
+    launch<prepare_q_kernel<T>>((unsigned)(s.batch * s.hkv * s.g), 128, 0, as_stream(s.stream),
         s, static_cast<const T*>(q), sb, sh, scale, qf);
   });
   TACTIC_CUDA_LAUNCH_CHECK("prepare_q");
@@ -1152,7 +1152,7 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
     using S = decltype(stag);
     dispatch_float(dst, [&](auto ttag) {
       using T = decltype(ttag);
-      launch<append_kernel<S, T>>(dim3((unsigned)s.batch, (unsigned)s.hkv), 128, 0, as_stream(s.stream), 
+      launch<append_kernel<S, T>>(dim3((unsigned)s.batch, (unsigned)s.hkv), 128, 0, as_stream(s.stream),
           s, static_cast<const S*>(kn), static_cast<const S*>(vn), sb, sh, static_cast<T*>(k),
           static_cast<T*>(v), pos);
     });
