@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|att-ab|gbench]...
+#   bash bench/run_gpu.sh [build|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|att-ab|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -80,6 +80,16 @@ for s in $steps; do
         done
       done
       echo "(the last variant is installed now: run 'build' before other steps)" ;;
+    mma)      # tensor-core chunk kernel (TACTIC_ATT_MMA=1) against the CUDA-core one (=0): dense
+              # attention alone (attention_check timing, Hq 32, fp16, D 128), then the step at 32/4 heads
+      $NVCC tests/cuda/attention_check.cu cuda/attention.cu cpp/src/*.cpp -o /tmp/attention_check || { rc=1; continue; }
+      for g in 8 4; do for n in 32768 131072 524288; do for m in 0 1; do
+        echo "[G=$g N=$n TACTIC_ATT_MMA=$m] $(TACTIC_ATT_MMA=$m /tmp/attention_check --time-only --time-n $n --time-g $g --time-hkv $((32 / g)) | grep -m1 TIME)"
+      done; done; done
+      for m in 0 1; do
+        TACTIC_ATT_MMA=$m python3 -m tactic.bench --n 32K 128K 512K --batch 1 --heads 32/4 32/8 --dtype float16 \
+          --target 0.9 --tag mma$m --out "$OUT" 2>&1 | grep -E "^ +[0-9]+ +1 " || rc=1
+      done ;;
     gbench)   # tactic_bench: build with CUDA, then every CUDA benchmark at the default sizes
       bash bench/cpp/build.sh --debs bench/cpp/third_party --build /tmp/tactic-gbench --cuda ON \
         --arch "$ARCH" > "$OUT/gbench-build.log" 2>&1 || { tail -40 "$OUT/gbench-build.log"; rc=1; continue; }

@@ -64,22 +64,33 @@ inline bool pdl_wanted() {
   throw ValueError(std::string("TACTIC_PDL must be 0 or 1, not '") + e + "'");
 }
 
-// Whether Kernel is launched with PDL here: TACTIC_PDL allows it and the binary loaded for this
-// device has the griddepcontrol instructions (sm_90 or newer SASS: an sm_80 build run on an
-// H100 has no wait and must not start early). Cached per kernel and device. launch() is a
-// kernel launch with PDL where pdl_ok, a plain one elsewhere.
+// The SASS version of Kernel's binary loaded for this device (90 for sm_90; 0 when the query
+// fails), cached per kernel and device: a kernel whose body needs an architecture (PDL's
+// griddepcontrol, mma.sync) is launched only where its binary has it, not where an older
+// build runs on a newer GPU.
+template <auto Kernel>
+int binary_version() {
+  static std::atomic<int> cached[64];  // [device]: 1 + the version, 0 unknown
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  const int c = dev >= 0 && dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
+  if (c) return c - 1;
+  cudaFuncAttributes fa{};
+  const int v = cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess ? fa.binaryVersion : 0;
+  if (!v) (void)cudaGetLastError();
+  if (dev >= 0 && dev < 64) cached[dev].store(v + 1, std::memory_order_relaxed);
+  return v;
+}
+
+// Whether Kernel is launched with PDL here: TACTIC_PDL allows it and its binary has the
+// griddepcontrol instructions (sm_90+: an sm_80 build run on an H100 has no wait and must not
+// start early). launch() is a kernel launch with PDL where pdl_ok, a plain one elsewhere.
 template <auto Kernel>
 bool pdl_ok() {
-  static std::atomic<int> cached[64];  // [device]: 0 unknown, 1 PDL, 2 plain
-  int dev = 0;
-  if (!pdl_wanted() || cudaGetDevice(&dev) != cudaSuccess) return false;
-  const int c = dev >= 0 && dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
-  if (c) return c == 1;
-  cudaFuncAttributes fa{};
-  const bool ok = cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess && fa.binaryVersion >= 90;
-  if (!ok) (void)cudaGetLastError();
-  if (dev >= 0 && dev < 64) cached[dev].store(ok ? 1 : 2, std::memory_order_relaxed);
-  return ok;
+  return pdl_wanted() && binary_version<Kernel>() >= 90;
 }
 
 // Appends the PDL attribute to cfg's attributes (room for one more) where pdl_ok<Kernel>().

@@ -81,11 +81,13 @@ struct DeviceDecoder::Impl {
     graphs_seen = graphs_seen || cap;
   }
 
-  // The start of decode and attend: a bad run-time switch (TACTIC_HEAD_SPLIT, TACTIC_PDL)
-  // fails here, before the step changes anything; then the slot list and the step's geometry.
+  // The start of decode and attend: a bad run-time switch (TACTIC_HEAD_SPLIT, TACTIC_PDL,
+  // TACTIC_ATT_MMA) fails here, before the step changes anything; then the slot list and the
+  // step's geometry.
   StepGeometry begin_step(int64_t layer, const std::vector<int64_t>& slot_list, void* stream) {
     head_split_override();
     pdl_wanted();
+    attention_mma_setting();
     use_slots(slot_list, stream);
     return geometry(layer, (int64_t)slot_list.size(), stream);
   }

@@ -52,6 +52,44 @@ def test_dense_matches_reference(dtype, g, d, n):
     np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=ATOL[dtype], rtol=RTOL[dtype])
 
 
+def _attention_kernels(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "attention_chunks" in e.name}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("setting,g,d,mma", [(None, 8, 128, True), (None, 5, 64, True), (None, 4, 128, False),
+                                             ("1", 4, 128, True), ("1", 1, 80, True), ("0", 8, 128, False),
+                                             (None, 16, 64, False), (None, 8, 256, False)])
+def test_tensor_core_attention_where_it_applies(monkeypatch, dtype, setting, g, d, mma):
+    """The tensor-core chunk kernel runs for groups of 5-8 heads with 16-bit K/V and D <= 128
+    (TACTIC_ATT_MMA=1: every group up to 8; 0: never), over gathered rows (P = 1 selects every
+    cluster) of two sequences of different lengths, and matches float64 attention as tightly as
+    the CUDA-core kernel is asked to."""
+    if setting is not None:
+        monkeypatch.setenv("TACTIC_ATT_MMA", setting)
+    gen = torch.Generator().manual_seed(g * 17 + d)
+    hkv, lens = 2, (3000, 1234)
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype=dtype, max_batch=2,
+                               max_tokens=max(lens) + 1, target=1.0, share_group=False)
+    kv = []
+    for s_, n in enumerate(lens):
+        k, k64 = rand((n, hkv, d), dtype, gen, scale=2.0)
+        v, v64 = rand((n, hkv, d), dtype, gen)
+        dec.prefill(0, k.cuda(), v.cuda(), seq=s_)
+        kv.append((k64, v64))
+    q, q64 = rand((2, hkv * g, d), dtype, gen)
+    out = {}
+    names = _attention_kernels(lambda: out.setdefault("o", dec.decode(0, q.cuda(), None, None, seq=[0, 1])))
+    assert any("mma" in n for n in names) == mma, names
+    for b, (k64, v64) in enumerate(kv):
+        ref, _ = ref_attention(q64[b], k64, v64, d ** -0.5)
+        np.testing.assert_allclose(out["o"][b].double().cpu().numpy(), ref, atol=ATOL[dtype], rtol=RTOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("g", [1, 4, 5])
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -482,7 +520,8 @@ def test_pdl_launches_match_plain_launches(monkeypatch, split):
     assert dec.length(0, 0) == lens[0] + 4 and dec.length(0, 1) == lens[1] + 4
 
 
-@pytest.mark.parametrize("name,bad", [("TACTIC_HEAD_SPLIT", ("3", "four", "0")), ("TACTIC_PDL", ("2", "yes"))])
+@pytest.mark.parametrize("name,bad", [("TACTIC_HEAD_SPLIT", ("3", "four", "0")), ("TACTIC_PDL", ("2", "yes")),
+                                      ("TACTIC_ATT_MMA", ("2", "on"))])
 def test_bad_setting_fails_before_the_step(monkeypatch, name, bad):
     """A run-time switch of the CUDA step with a bad value is a ValueError raised before the
     step appends anything (decode and reuse_selection alike); the next step, with the setting
