@@ -1165,16 +1165,7 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
 // Whether the split kernels can run here: the binary loaded for this device must be sm_90 or
 // newer (thread-block clusters); an older binary's kernel body is a trap.
 bool head_split_available() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  static int cached[64];  // 0 unknown, 1 yes, 2 no, per device
-  if (dev < 64 && cached[dev]) return cached[dev] == 1;
-  cudaFuncAttributes fa{};
-  cudaFuncAttributes fb{};
-  const bool ok = cudaFuncGetAttributes(&fa, select_head_split_kernel) == cudaSuccess && fa.binaryVersion >= 90 &&
-                  cudaFuncGetAttributes(&fb, select_stop_split_kernel) == cudaSuccess && fb.binaryVersion >= 90;
-  if (dev < 64) cached[dev] = ok ? 1 : 2;
-  return ok;
+  return binary_version<select_head_split_kernel>() >= 90 && binary_version<select_stop_split_kernel>() >= 90;
 }
 
 // How many clusters of n blocks of the split kernels the device holds at once (the smaller of
