@@ -909,16 +909,18 @@ void launch_chunks(const ChunkParams& p, int64_t work, cudaStream_t stream) {
 }
 
 // The tensor-core kernel where it applies: 16-bit K/V, D <= 128, at most 8 heads per group,
-// an sm_80+ binary, and TACTIC_ATT_MMA: unset, groups of 4-8 heads; 1, every group up to 8;
-// 0, never. G = 4 joined the default after the H100 A/B (dense, fp16, D 128: 70.5 / 224 / 831 ->
-// 65.4 / 201 / 745 us at 32K / 128K / 512K); G <= 3 was not timed.
+// an sm_80+ binary, and TACTIC_ATT_MMA: unset, groups of 3-8 heads; 1, every group up to 8;
+// 0, never. From the H100 A/B (dense, fp16, D 128, Hkv 8; CUDA-core -> tensor-core us at
+// 32K / 128K / 512K): G 4 70.5 / 224 / 831 -> 65.4 / 201 / 745; G 3 70.7 / 216 / 788 ->
+// 66.9 / 202 / 744; G 2 64.3 / 203 / 766 -> 65.7 / 202 / 753 (a wash: left out); G 1 59.0 /
+// 197 / 750 -> 64.7 / 203 / 745 (slower where it matters).
 template <class T, int D>
 bool use_mma(int64_t g) {
   if constexpr (sizeof(T) != 2 || D > 128) {
     return false;
   } else {
     const int s = attention_mma_setting();
-    if (g > 8 || s == 0 || (s < 0 && g < 4)) return false;
+    if (g > 8 || s == 0 || (s < 0 && g < 3)) return false;
     return binary_version<attention_chunks_mma_kernel<T, D>>() >= 80;
   }
 }

@@ -50,7 +50,7 @@ std::size_t attention_workspace_bytes(int64_t batch, int64_t hkv, int64_t g, int
 // inconsistent sizes or misaligned pointers. Never synchronises.
 void decode_attention(const AttentionArgs& a);
 
-// TACTIC_ATT_MMA (read on every call): -1 unset (the tensor-core chunk kernel for groups of 4-8
+// TACTIC_ATT_MMA (read on every call): -1 unset (the tensor-core chunk kernel for groups of 3-8
 // query heads with 16-bit K/V and head dim <= 128), 0 (never), 1 (for every group up to 8).
 // Any other value is a ValueError; the decoder checks it before a step changes anything.
 int attention_mma_setting();

@@ -61,14 +61,15 @@ def _attention_kernels(fn):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("setting,g,d,mma", [(None, 8, 128, True), (None, 5, 64, True), (None, 4, 128, True), (None, 3, 64, False),
-                                             ("1", 4, 128, True), ("1", 1, 80, True), ("0", 8, 128, False),
-                                             (None, 16, 64, False), (None, 8, 256, False)])
+@pytest.mark.parametrize("setting,g,d,mma", [(None, 8, 128, True), (None, 5, 64, True), (None, 4, 128, True),
+                                             (None, 3, 64, True), (None, 2, 128, False), ("1", 2, 96, True),
+                                             ("1", 1, 80, True), ("0", 8, 128, False), (None, 16, 64, False),
+                                             (None, 8, 256, False)])
 def test_tensor_core_attention_where_it_applies(monkeypatch, dtype, setting, g, d, mma):
-    """The tensor-core chunk kernel runs for groups of 4-8 heads with 16-bit K/V and D <= 128
-    (TACTIC_ATT_MMA=1: every group up to 8, also 1-3; 0: never), over gathered rows (P = 1 selects every
-    cluster) of two sequences of different lengths, and matches float64 attention as tightly as
-    the CUDA-core kernel is asked to."""
+    """The tensor-core chunk kernel runs for groups of 3-8 heads with 16-bit K/V and D <= 128
+    (TACTIC_ATT_MMA=1: every group up to 8, also 1-2; 0: never), over gathered rows (P = 1
+    selects every cluster) of two sequences of different lengths, and matches float64 attention
+    as tightly as the CUDA-core kernel is asked to."""
     if setting is not None:
         monkeypatch.setenv("TACTIC_ATT_MMA", setting)
     gen = torch.Generator().manual_seed(g * 17 + d)
