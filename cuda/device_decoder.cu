@@ -284,7 +284,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     need(m.ids, segs * cmax * 4, "exact-head lists");
     need(m.tasks, mul_sat(segs * 8, head_tasks_stride(m.cmax, m.cap)), "exact-head tasks");
     need(m.sel_scratch, select_scratch_bytes((int64_t)segs), "selection scratch");
-    need(m.kv_mark, items * cmax, "selection marks");
+    need(m.kv_mark, (items * cmax + 3) / 4 * 4, "selection marks");  // whole words: atomicOr sets a byte
     if (cfg.record_selection) need(m.head_mark, mul_sat(m.L, segs * cmax), "selection marks");
     need(m.rows, mul_sat(mul_sat(m.L, items), cap * 4), "row lists");  // per layer: attend() reuses them
     need(m.chunk_sums, items * row_chunks(m.cmax) * 4, "row list chunks");
@@ -424,7 +424,8 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
       else ++st.n_recent;
     }
   }
-  prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>());
+  prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>(),
+            m.head_index.as<int32_t>());
   const std::size_t segs = (std::size_t)(m.B * m.Hq), items = (std::size_t)(m.B * m.H);
   SelectArgs a{};
   a.k = m.k.p;
@@ -460,8 +461,7 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
 
 void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream) {
   const std::size_t items = (std::size_t)(B * H);
-  head_indices(geo, head_index.as<int32_t>());
-  AttentionArgs at{};
+  AttentionArgs at{};  // head_index: written by this call's prepare_q (decode, attend)
   at.k = k.p;
   at.v = v.p;
   at.kv_dtype = cfg.dtype;
@@ -490,7 +490,8 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
   Impl& m = *p_;
   DeviceGuard guard(m.dev);
   StepGeometry geo = m.begin_step(layer, slot_list, stream);
-  prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>());
+  prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>(),
+            m.head_index.as<int32_t>());
   m.attention(layer, geo, out, stream);
 }
 

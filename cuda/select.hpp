@@ -27,9 +27,11 @@ struct StepGeometry {
   void* stream;
 };
 
-// qf[b, hq, :] = scale * q[b, hq, :] in fp32 (q: any float dtype, strides in elements).
+// qf[b, hq, :] = scale * q[b, hq, :] in fp32 (q: any float dtype, strides in elements), and,
+// where head_index is not null, head_index[b * Hkv + h] = the store head of sequence b's slot
+// and KV head h in this layer (what the attention reads K/V by; one launch for both).
 void prepare_q(const StepGeometry& s, const void* q, DType dt, int64_t stride_b, int64_t stride_h,
-               float scale, float* qf);
+               float scale, float* qf, int32_t* head_index);
 
 // Append one token per (sequence, KV head) at row total() and count it in n_recent (or as a
 // sink while fewer than num_sink tokens exist and nothing is clustered). A sequence already
@@ -63,13 +65,15 @@ struct SelectArgs {
   float* hist_pri;
   int32_t* cand;
   uint8_t* kv_mark;              // [batch * Hkv, cmax] union marks: zero before a step
-                                 // (zero them at allocation; each step leaves them zero)
+                                 // (zero them at allocation; each step leaves them zero);
+                                 // 4-byte aligned, allocated in whole 4-byte words
   uint8_t* head_mark;            // [batch * Hq, cmax] or null: each head's own clusters
   int64_t* head_tokens;          // [batch * Hq]
   double* est_mass;              // [batch * Hq]
   int32_t* rows;                 // [batch * Hkv, cap] row list for attention
   int32_t* counts;               // [batch * Hkv]
-  int32_t* chunk_sums;           // [batch * Hkv, row_chunks(cmax)] scratch
+  int32_t* chunk_sums;           // [batch * Hkv, row_chunks(cmax)] scratch: tokens of each chunk's
+                                 // marked clusters (zeroed and summed within the step)
   double target, margin, head_fraction;
   int64_t min_clusters;
   bool dense;                    // policy dense: every row, no selection

@@ -35,14 +35,6 @@ __global__ void set_slots_kernel(int32_t* dst, SlotBatch b, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = b.v[i];
 }
 
-__global__ void head_indices_kernel(StepGeometry s, int32_t* out) {
-  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
-  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (i >= s.batch * s.hkv) return;
-  const int64_t b = i / s.hkv, h = i % s.hkv;
-  out[i] = (int32_t)((s.layer * s.max_batch + s.slots[b]) * s.hkv + h);
-}
-
 }  // namespace
 
 void prefill_copy(const void* keys, const void* values, DType src, int64_t sk0, int64_t sk1,
@@ -75,12 +67,6 @@ void set_slots(int32_t* dst, const int64_t* slots, int64_t n, void* stream) {
     set_slots_kernel<<<1, 256, 0, as_stream(stream)>>>(dst + base, b, m);
     TACTIC_CUDA_LAUNCH_CHECK("set_slots");
   }
-}
-
-void head_indices(const StepGeometry& s, int32_t* out) {
-  const int64_t n = s.batch * s.hkv;
-  launch<head_indices_kernel>((unsigned)((n + 255) / 256), 256, 0, as_stream(s.stream), s, out);
-  TACTIC_CUDA_LAUNCH_CHECK("head_indices");
 }
 
 namespace {

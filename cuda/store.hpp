@@ -21,9 +21,6 @@ void set_counts(SlotCounts* state, int64_t index, SlotCounts c, void* stream);
 // dst[0..n) = slots (n <= 1024 per call; more are written in several launches).
 void set_slots(int32_t* dst, const int64_t* slots, int64_t n, void* stream);
 
-// out[b * hkv + h] = (layer * max_batch + slots[b]) * hkv + h.
-void head_indices(const StepGeometry& s, int32_t* out);
-
 // dst[i] = src[i] rounded to `dtype` (f16 or bf16), n elements: the scoring copy of centroids.
 void round_centroids(const float* src, void* dst, DType dtype, int64_t n, void* stream);
 
