@@ -284,7 +284,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     need(m.ids, segs * cmax * 4, "exact-head lists");
     need(m.tasks, mul_sat(segs * 8, head_tasks_stride(m.cmax, m.cap)), "exact-head tasks");
     need(m.sel_scratch, select_scratch_bytes((int64_t)segs), "selection scratch");
-    need(m.kv_mark, (items * cmax + 3) / 4 * 4, "selection marks");  // whole words: atomicOr sets a byte
+    need(m.kv_mark, items * cmax, "selection marks");
     if (cfg.record_selection) need(m.head_mark, mul_sat(m.L, segs * cmax), "selection marks");
     need(m.rows, mul_sat(mul_sat(m.L, items), cap * 4), "row lists");  // per layer: attend() reuses them
     need(m.chunk_sums, items * row_chunks(m.cmax) * 4, "row list chunks");

@@ -39,9 +39,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxExactSplits = 16;  // <= 32: select_stop combines them in one warp
-// build_rows' chunks: kRowChunk clusters per block; chunk_sums[item, chunk] holds the tokens of
-// each chunk's marked clusters (zeroed by score_kernel, summed as the selection marks).
-constexpr int64_t kRowChunk = 256;  // one scan batch per block: more blocks, shorter serial work
 
 __device__ __forceinline__ int64_t head_index(const StepGeometry& s, int32_t slot, int64_t h) {
   return (s.layer * s.max_batch + slot) * s.hkv + h;
@@ -130,10 +127,6 @@ __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, Sele
   const int64_t hi = head_index(s, slot, h), c_count = st.n_clusters;
   const int64_t seg0 = b * hq + h * s.g;
   const float* q = a.qf + seg0 * D;
-  if (blockIdx.y == 0) {  // this item's chunk sums start from zero (mark_union adds to them)
-    const int64_t nch = (s.cmax + kRowChunk - 1) / kRowChunk;
-    for (int64_t c = threadIdx.x; c < nch; c += blockDim.x) a.chunk_sums[item * nch + c] = 0;
-  }
   for (int64_t e = threadIdx.x; e < s.g * D; e += blockDim.x) qs[e] = q[e];
   if (threadIdx.x < s.g) {
     s_max[threadIdx.x] = INT_MIN;
@@ -506,7 +499,6 @@ struct HeadView {
   const int32_t* off;              // cluster offsets [C + 1]
   int64_t C, nclu, nsink, nrec, always, total;
   uint8_t* kmark;                  // the KV head's union marks
-  int32_t* csum;                   // the KV head's chunk sums (tokens of marked clusters)
   uint8_t* hmark;                  // this head's own marks, or null
   const float* sc;                 // centroid scores
   int32_t* head_list;              // exact-head clusters
@@ -528,23 +520,10 @@ __device__ __forceinline__ HeadView head_view(const StepGeometry& s, const Selec
   v.always = v.nsink + v.nrec;
   v.total = v.always + v.nclu;
   v.kmark = a.kv_mark + (v.b * s.hkv + v.h) * s.cmax;
-  v.csum = a.chunk_sums + (v.b * s.hkv + v.h) * ((s.cmax + kRowChunk - 1) / kRowChunk);
   v.hmark = a.head_mark ? a.head_mark + i * s.cmax : nullptr;
   v.sc = a.scores + i * s.cmax;
   v.head_list = a.ids + i * s.cmax;
   return v;
-}
-
-// Sets union mark j of a KV head (cluster j holds `tokens` tokens). Several query heads of the
-// group may mark the same cluster at once: the mark's byte is set by an atomic OR on its
-// aligned word (kv_mark is allocated in whole words), and the head that set it first adds the
-// tokens to the cluster's chunk sum. (This replaced a kernel that re-read every mark to sum the
-// chunks: one launch less per step.)
-__device__ __forceinline__ void mark_union(const HeadView& v, int64_t j, int32_t tokens) {
-  const uintptr_t p = reinterpret_cast<uintptr_t>(v.kmark + j);
-  unsigned* word = reinterpret_cast<unsigned*>(p & ~uintptr_t(3));
-  const unsigned bit = 1u << (8u * (unsigned)(p & 3));
-  if (!(atomicOr(word, bit) & bit)) atomicAdd(v.csum + j / kRowChunk, tokens);
 }
 
 // Whether a head selects everything without ranking (no clusters, too few, or P = 1).
@@ -556,7 +535,7 @@ __device__ __forceinline__ bool selects_all(const HeadView& v, const SelectArgs&
 // the hand-over struct.
 __device__ void select_all(const HeadView& v, const SelectArgs& a, int64_t lo, int64_t hi, bool writer) {
   for (int64_t j = lo + threadIdx.x; j < hi; j += kSelThreads) {
-    mark_union(v, j, v.off[j + 1] - v.off[j]);
+    v.kmark[j] = 1;
     if (v.hmark) v.hmark[j] = 1;
   }
   if (writer && threadIdx.x == 0) {
@@ -886,12 +865,13 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   const int32_t* off = v.off;
   const int64_t C = v.C, always = v.always, total = v.total;
   const int64_t lo = C * rank / nsplit, hi = C * (rank + 1) / nsplit;
+  uint8_t* kmark = v.kmark;
   uint8_t* hmark = v.hmark;
   const float* sc = v.sc;
   const int tid = threadIdx.x;
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
   auto mark = [&](int64_t j) {
-    mark_union(v, j, off[j + 1] - off[j]);
+    kmark[j] = 1;
     if (hmark) hmark[j] = 1;
   };
   const float mx = info.mx, bpl = info.bpl;
@@ -1052,8 +1032,26 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_stop_split_kernel(StepG
 }
 
 // Row list of each (sequence, KV head): sinks, the marked clusters in physical order, recent.
-// Every (item, chunk of kRowChunk clusters) is its own block and writes its rows at the sum of
-// the earlier chunks' tokens (chunk_sums, counted while the selection marked).
+// Two passes over chunks of kRowChunk clusters, so every (item, chunk) is its own block: the
+// sizes of each chunk's marked clusters, then each chunk's rows at the sum of earlier chunks.
+constexpr int64_t kRowChunk = 256;  // one scan batch per block: more blocks, shorter serial work
+
+__global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
+  typedef cub::BlockReduce<int64_t, kThreads> ReduceI;
+  __shared__ typename ReduceI::TempStorage tmp;
+  const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, chunk = blockIdx.y;
+  const int32_t slot = s.slots[b];
+  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
+  const int32_t* off = a.offsets + head_index(s, slot, h) * (s.cmax + 1);
+  const uint8_t* kmark = a.kv_mark + item * s.cmax;
+  int64_t v = 0;
+  for (int64_t j = chunk * kRowChunk + threadIdx.x; j < min((chunk + 1) * kRowChunk, (int64_t)st.n_clusters);
+       j += kThreads)
+    if (kmark[j]) v += (int64_t)off[j + 1] - off[j];
+  v = ReduceI(tmp).Sum(v);
+  if (threadIdx.x == 0) a.chunk_sums[item * gridDim.y + chunk] = (int32_t)v;
+}
 
 __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, SelectArgs a) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
@@ -1311,6 +1309,8 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   else launch<select_stop_kernel>((unsigned)heads, kSelThreads, 0, st, s, a, splits);
   TACTIC_CUDA_LAUNCH_CHECK("select_stop");
   const dim3 rows_grid((unsigned)items, (unsigned)row_chunks(s.cmax));
+  launch<chunk_sums_kernel>(rows_grid, kThreads, 0, st, s, a);
+  TACTIC_CUDA_LAUNCH_CHECK("chunk_sums");
   launch<build_rows_kernel>(rows_grid, kThreads, 0, st, s, a);
   TACTIC_CUDA_LAUNCH_CHECK("build_rows");
 }

@@ -65,15 +65,13 @@ struct SelectArgs {
   float* hist_pri;
   int32_t* cand;
   uint8_t* kv_mark;              // [batch * Hkv, cmax] union marks: zero before a step
-                                 // (zero them at allocation; each step leaves them zero);
-                                 // 4-byte aligned, allocated in whole 4-byte words
+                                 // (zero them at allocation; each step leaves them zero)
   uint8_t* head_mark;            // [batch * Hq, cmax] or null: each head's own clusters
   int64_t* head_tokens;          // [batch * Hq]
   double* est_mass;              // [batch * Hq]
   int32_t* rows;                 // [batch * Hkv, cap] row list for attention
   int32_t* counts;               // [batch * Hkv]
-  int32_t* chunk_sums;           // [batch * Hkv, row_chunks(cmax)] scratch: tokens of each chunk's
-                                 // marked clusters (zeroed and summed within the step)
+  int32_t* chunk_sums;           // [batch * Hkv, row_chunks(cmax)] scratch
   double target, margin, head_fraction;
   int64_t min_clusters;
   bool dense;                    // policy dense: every row, no selection
