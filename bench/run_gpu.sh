@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|att-ab|mma|gbench]...
+#   bash bench/run_gpu.sh [build|arch75|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|att-ab|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -12,18 +12,29 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tactic-gpu}
 mkdir -p "$OUT"
-ARCH=${TACTIC_CUDA_ARCH:-90}
+ARCH=${TACTIC_CUDA_ARCH:-90}  # the standalone self-tests' architecture
 steps=${*:-build selftest pytest quick}
-NVCC="nvcc -std=c++17 -O2 -lineinfo -arch=sm_$ARCH -Icpp/include -Icpp/src -Icuda -Xcompiler -fopenmp"
+NVCC="nvcc -std=c++17 -O2 -lineinfo -arch=sm_$ARCH -DTACTIC_VERSION=\"selftest\" -Icpp/include -Icpp/src -Icuda -Xcompiler -fopenmp"
 rc=0
 for s in $steps; do
   echo "=== $s ==="
   case $s in
-    build)
-      python3 -m pip install --no-build-isolation --no-deps -v . -Ccmake.define.TACTIC_CUDA=ON \
-        -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    build)    # the README's install (default architectures: this machine's GPU), unless TACTIC_CUDA_ARCH is set
+      archflag=${TACTIC_CUDA_ARCH:+-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$TACTIC_CUDA_ARCH}
+      python3 -m pip install --no-build-isolation --no-deps -v . -Ccmake.define.TACTIC_CUDA=ON $archflag \
+        > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       grep -E "Tactic:" "$OUT/build.log"
-      python3 -c "import tactic; print('tactic', tactic.__version__, 'cuda', tactic.with_cuda)" ;;
+      python3 -c "import tactic, json; print(json.dumps(tactic.build_info()))"
+      [ -n "${TACTIC_CUDA_ARCH:-}" ] || TACTIC_EXPECT_NATIVE=1 python3 -m pytest -q tests/test_build_info.py 2>&1 | tail -5 ;;
+    arch75)   # a build for sm_75 alone (PTX JIT-compiled on newer GPUs) runs correctly, without the newer kernels
+      python3 -m pip install --no-build-isolation --no-deps . --target /tmp/tactic-sm75 -Ccmake.define.TACTIC_CUDA=ON \
+        -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=75 -Cbuild-dir=/tmp/tactic-sm75-build > "$OUT/build-sm75.log" 2>&1 \
+        || { tail -40 "$OUT/build-sm75.log"; exit 1; }
+      PYTHONPATH=/tmp/tactic-sm75 python3 -c "import tactic, json; print(json.dumps(tactic.build_info()))"
+      PYTHONPATH=/tmp/tactic-sm75 python3 -m pytest -q -p no:cacheprovider tests/test_build_info.py \
+        "tests/test_cuda.py::test_selection_matches_cpu_long_context" "tests/test_cuda.py::test_pdl_launches_match_plain_launches" \
+        "tests/test_cuda.py::test_dense_matches_reference" 2>&1 | tail -8
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     selftest)
       $NVCC tests/cuda/kmeans_check.cu cuda/kmeans.cu cpp/src/*.cpp -o /tmp/kmeans_check && /tmp/kmeans_check || rc=1
       $NVCC tests/cuda/attention_check.cu cuda/attention.cu cpp/src/*.cpp -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;

@@ -87,6 +87,8 @@ DType parse_dtype(const std::string& s) {
 
 }  // namespace
 
+void export_build_info(nb::module_& m);  // build_info.cpp
+
 NB_MODULE(_core, m) {
   m.doc() = "Tactic C++ core (CPU backend)";
   m.attr("__version__") = TACTIC_VERSION;
@@ -100,6 +102,7 @@ NB_MODULE(_core, m) {
 #else
   m.attr("with_openmp") = false;
 #endif
+  export_build_info(m);
 
   static nb::object capacity_error =
       nb::exception<CapacityError>(m, "CapacityError", PyExc_ValueError);

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "attention.hpp"
+#include "capabilities.hpp"
 #include "common.cuh"
 
 namespace tactic {
@@ -923,7 +924,7 @@ bool use_mma(int64_t g) {
   } else {
     const int s = attention_mma_setting();
     if (g > 8 || s == 0 || (s < 0 && g < 3)) return false;
-    return binary_version<attention_chunks_mma_kernel<T, D>>() >= 80;
+    return compiled_arch<attention_chunks_mma_kernel<T, D>>() >= 80;
   }
 }
 
@@ -987,6 +988,10 @@ int64_t plan_floats(int64_t items) { return items + 1; }
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
+
+bool tensor_core_available() {
+  return compiled_arch<attention_chunks_mma_kernel<__half, 128>>() >= 80;
+}
 
 int attention_mma_setting() {
   const char* e = std::getenv("TACTIC_ATT_MMA");

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -64,12 +65,13 @@ inline bool pdl_wanted() {
   throw ValueError(std::string("TACTIC_PDL must be 0 or 1, not '") + e + "'");
 }
 
-// The SASS version of Kernel's binary loaded for this device (90 for sm_90; 0 when the query
-// fails), cached per kernel and device: a kernel whose body needs an architecture (PDL's
-// griddepcontrol, mma.sync) is launched only where its binary has it, not where an older
-// build runs on a newer GPU.
+// The architecture Kernel's code was compiled for, as __CUDA_ARCH__ / 10 saw it (90 for
+// sm_90; 0 when the query fails), cached per kernel and device. A kernel whose body needs an
+// architecture (PDL's griddepcontrol, thread-block clusters, mma.sync) is launched only where
+// this says so. It is the PTX version, not the binary's: a build for sm_75 run on an H200 is
+// JIT-compiled from compute_75 PTX, reports binaryVersion 90, and holds none of the sm_90 code.
 template <auto Kernel>
-int binary_version() {
+int compiled_arch() {
   static std::atomic<int> cached[64];  // [device]: 1 + the version, 0 unknown
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
@@ -79,8 +81,12 @@ int binary_version() {
   const int c = dev >= 0 && dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
   if (c) return c - 1;
   cudaFuncAttributes fa{};
-  const int v = cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess ? fa.binaryVersion : 0;
-  if (!v) (void)cudaGetLastError();
+  int v = 0;
+  if (cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess)
+    v = fa.ptxVersion > 0 && fa.binaryVersion > 0 ? std::min(fa.ptxVersion, fa.binaryVersion)
+                                                  : std::max(fa.ptxVersion, fa.binaryVersion);
+  else
+    (void)cudaGetLastError();
   if (dev >= 0 && dev < 64) cached[dev].store(v + 1, std::memory_order_relaxed);
   return v;
 }
@@ -90,7 +96,7 @@ int binary_version() {
 // start early). launch() is a kernel launch with PDL where pdl_ok, a plain one elsewhere.
 template <auto Kernel>
 bool pdl_ok() {
-  return pdl_wanted() && binary_version<Kernel>() >= 90;
+  return pdl_wanted() && compiled_arch<Kernel>() >= 90;
 }
 
 // Appends the PDL attribute to cfg's attributes (room for one more) where pdl_ok<Kernel>().

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "attention.hpp"
+#include "capabilities.hpp"
 #include "common.cuh"
 #include "host_memory.hpp"
 #include "kmeans.hpp"
@@ -243,6 +244,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
                            std::to_string(cfg.num_q_heads / cfg.num_kv_heads));
   if (cfg.max_tokens >= (int64_t)1 << 31) throw UnsupportedError("max_tokens must be below 2^31 on CUDA");
   DeviceGuard guard(m.dev);
+  warn_missing_features();
   m.L = cfg.num_layers;
   m.B = cfg.max_batch;
   m.H = cfg.num_kv_heads;

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "capabilities.hpp"
 #include "common.cuh"
 #include "select.hpp"
 
@@ -1168,7 +1169,7 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
 // Whether the split kernels can run here: the binary loaded for this device must be sm_90 or
 // newer (thread-block clusters); an older binary's kernel body is a trap.
 bool head_split_available() {
-  return binary_version<select_head_split_kernel>() >= 90 && binary_version<select_stop_split_kernel>() >= 90;
+  return compiled_arch<select_head_split_kernel>() >= 90 && compiled_arch<select_stop_split_kernel>() >= 90;
 }
 
 // How many clusters of n blocks of the split kernels the device holds at once (the smaller of

@@ -5,9 +5,9 @@ target fraction P of the attention mass (k-means clusters ranked by q.centroid p
 cluster-width term, with an estimate of the softmax mass to know where to stop), then
 attends over them.
 """
-from ._core import CapacityError, __version__, with_cuda, with_openmp
+from ._core import CapacityError, __version__, build_info, with_cuda, with_openmp
 from .decoder import SparseDecoder
 from . import ops
 
-__all__ = ["SparseDecoder", "ops", "CapacityError", "__version__", "with_cuda", "with_openmp"]
+__all__ = ["SparseDecoder", "ops", "CapacityError", "__version__", "build_info", "with_cuda", "with_openmp"]
 
