@@ -66,7 +66,10 @@ bool is_numpy_bfloat16(nb::handle obj) {
 std::string describe(nb::handle obj) {
   nb::handle tp = (PyObject*)Py_TYPE(obj.ptr());
   std::string d = nb::cast<std::string>(tp.attr("__module__")) + "." + nb::cast<std::string>(tp.attr("__name__"));
-  if (nb::hasattr(obj, "dtype")) d += " of dtype " + nb::cast<std::string>(nb::str(obj.attr("dtype")));
+  if (nb::hasattr(obj, "dtype")) {
+    nb::object dt = obj.attr("dtype");
+    d += std::string(" of dtype ") + nb::str(dt).c_str();
+  }
   return d;
 }
 
@@ -102,7 +105,8 @@ Arg import_array(nb::handle obj, const char* name, bool writable) {
         (void)obj.attr("__dlpack__")();
         why = "its DLPack export was refused";
       } catch (nb::python_error& e) {
-        why = std::string("its __dlpack__ failed: ") + e.what();
+        nb::object ename = e.type().attr("__name__");
+        why = std::string("its __dlpack__ raised ") + nb::str(ename).c_str() + ": " + nb::str(e.value()).c_str();
       }
     } else {
       why = "it supports neither DLPack nor the buffer protocol";
