@@ -213,10 +213,3 @@ def _np_dtype(name: str):
             raise TypeError("bfloat16 output with numpy inputs needs the `ml_dtypes` package; "
                             "pass float16/float32 queries or a torch tensor") from e
     return np.dtype(name)
-
-
-def transpose_01(x):
-    """Swap the first two axes of a 3-D array without copying (any framework)."""
-    if framework(x) == "torch":
-        return x.permute(1, 0, 2)
-    return x.transpose(1, 0, 2)

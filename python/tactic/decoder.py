@@ -94,6 +94,11 @@ class SparseDecoder:
         record_selection: keep per-token selection masks in `stats()` (memory: B*H*max_tokens).
         num_threads: CPU threads (0: all cores).
 
+    Layouts: keys/values are token-major in every call, [N, Hkv, D] for one sequence and
+    [B, N, Hkv, D] for a batch (FlashInfer's NHD; pass torch SDPA / Hugging Face K/V
+    [B, Hkv, N, D] as the view k.transpose(1, 2)); queries and outputs are [B, Hq, D], the
+    new token's k/v [B, Hkv, D].
+
     Every method checks all its arguments before changing anything: a call that raises
     leaves the decoder as it was.
     """
