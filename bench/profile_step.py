@@ -22,7 +22,7 @@ def main():
     wl = synthetic(n, 1, hq, hkv, d, "float16", "cuda", seed=0)
     q = wl.queries
     dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, device="cuda", target=a.target, policy=a.policy)
-    dec.prefill(0, wl.keys, wl.values)
+    dec.prefill(0, wl.keys.transpose(1, 2), wl.values.transpose(1, 2))  # token-major views
     out = torch.empty_like(q)
     for _ in range(5):
         dec.decode(0, q, None, None, out=out)

@@ -23,10 +23,9 @@ using namespace tactic;
 namespace {
 
 using InArray = nb::ndarray<nb::ro>;  // read-only inputs accepted (no copy either way)
-using OutArray = nb::ndarray<>;
 
 template <class A>
-TensorView view_of(const A& a, const char* name) {
+TensorView view_of(const A& a, const char* name, bool bf16_bits = false) {
   TensorView t;
   t.data = const_cast<void*>(static_cast<const void*>(a.data()));
   const nb::dlpack::dtype dt = a.dtype();
@@ -40,6 +39,7 @@ TensorView view_of(const A& a, const char* name) {
   else if (dt.code == (uint8_t)C::Int && dt.bits == 64) t.dtype = DType::i64;
   else if ((dt.code == (uint8_t)C::UInt || dt.code == (uint8_t)C::Bool) && dt.bits == 8) t.dtype = DType::u8;
   else t.dtype = DType::other;
+  if (bf16_bits) t.dtype = DType::bf16;  // uint16 bits of a numpy (ml_dtypes) bfloat16 array
   const int dev = a.device_type();
   if (dev == nb::device::cpu::value) t.device = {DeviceKind::cpu, 0};
   else if (dev == nb::device::cuda::value) t.device = {DeviceKind::cuda, a.device_id()};
@@ -52,6 +52,71 @@ TensorView view_of(const A& a, const char* name) {
     t.strides[i] = (int64_t)a.stride(i);
   }
   return t;
+}
+
+// numpy has no bfloat16 of its own, and ml_dtypes' bfloat16 arrays export neither DLPack nor a
+// buffer format nanobind knows: such an array is read as its uint16 bits (same memory).
+bool is_numpy_bfloat16(nb::handle obj) {
+  static nb::object ndarray_type = nb::module_::import_("numpy").attr("ndarray");
+  if (!PyObject_IsInstance(obj.ptr(), ndarray_type.ptr())) return false;
+  nb::object dt = obj.attr("dtype");
+  return nb::cast<std::string>(dt.attr("name")) == "bfloat16" && nb::cast<int>(dt.attr("itemsize")) == 2;
+}
+
+std::string describe(nb::handle obj) {
+  nb::handle tp = (PyObject*)Py_TYPE(obj.ptr());
+  std::string d = nb::cast<std::string>(tp.attr("__module__")) + "." + nb::cast<std::string>(tp.attr("__name__"));
+  if (nb::hasattr(obj, "dtype")) {
+    nb::object dt = obj.attr("dtype");
+    d += std::string(" of dtype ") + nb::str(dt).c_str();
+  }
+  return d;
+}
+
+// An array argument imported through DLPack or the buffer protocol, never copied; `arr` keeps
+// the producer's memory alive for the call. An object nanobind cannot import gets a TypeError
+// that names the argument and says why (instead of an anonymous overload error).
+struct Arg {
+  InArray arr;
+  TensorView view;
+  explicit operator bool() const { return arr.is_valid(); }
+};
+
+Arg import_array(nb::handle obj, const char* name, bool writable) {
+  Arg a;
+  if (obj.is_none()) return a;
+  nb::object src = nb::borrow(obj);
+  const bool bf16 = is_numpy_bfloat16(obj);
+  if (bf16) src = obj.attr("view")("uint16");
+  bool ok;
+  if (writable) {
+    nb::ndarray<> w;
+    ok = nb::try_cast(src, w, /*convert=*/false);
+    if (ok) a.arr = InArray(w);
+  } else {
+    ok = nb::try_cast(src, a.arr, /*convert=*/false);
+  }
+  if (!ok) {
+    std::string why;
+    if (writable && nb::try_cast(src, a.arr, false)) {
+      throw ValueError(std::string("`") + name + "` must be a writable array, got a read-only " + describe(obj));
+    } else if (nb::hasattr(obj, "__dlpack__")) {
+      try {
+        (void)obj.attr("__dlpack__")();
+        why = "its DLPack export was refused";
+      } catch (nb::python_error& e) {
+        nb::object ename = e.type().attr("__name__");
+        why = std::string("its __dlpack__ raised ") + nb::str(ename).c_str() + ": " + nb::str(e.value()).c_str();
+      }
+    } else {
+      why = "it supports neither DLPack nor the buffer protocol";
+    }
+    throw TypeError(std::string("`") + name + "` cannot be read without a copy (" + describe(obj) + "): " + why +
+                    "; pass a numpy, torch, CuPy or JAX array of float16, bfloat16 or float32 (int32/int64 "
+                    "for lengths and budgets, bool/uint8 for masks)");
+  }
+  a.view = view_of(a.arr, name, bf16);
+  return a;
 }
 
 // A numpy array that owns a copy of `v` (stats are small and outlive the call).
@@ -171,28 +236,60 @@ NB_MODULE(_core, m) {
            },
            nb::arg("config"))
       .def("prefill",
-           [](PyDecoder& d, int64_t layer, int64_t slot, InArray k, InArray v) {
-             TensorView kv = view_of(k, "keys"), vv = view_of(v, "values");
-             locked(d, [&](Decoder& dec) { dec.prefill(layer, slot, kv, vv); });
+           [](PyDecoder& d, int64_t layer, int64_t slot, nb::handle k, nb::handle v) {
+             Arg ka = import_array(k, "keys", false), va = import_array(v, "values", false);
+             locked(d, [&](Decoder& dec) { dec.prefill(layer, slot, ka.view, va.view); });
            },
            nb::arg("layer"), nb::arg("slot"), nb::arg("keys"), nb::arg("values"))
-      .def("check_prefill",
-           [](PyDecoder& d, int64_t layer, int64_t slot, InArray k, InArray v) {
-             TensorView kv = view_of(k, "keys"), vv = view_of(v, "values");
-             locked(d, [&](Decoder& dec) { dec.check_prefill(layer, slot, kv, vv); });
+      .def("prefill_batch",
+           // keys/values [B, N, Hkv, D]: sequence b's first lengths[b] rows go to slots[b]. The
+           // per-sequence views point into the caller's arrays (no copy, any framework); every
+           // sequence is checked before any is stored.
+           [](PyDecoder& d, int64_t layer, std::vector<int64_t> slots, nb::handle k, nb::handle v,
+              std::vector<int64_t> lengths) {
+             Arg ka = import_array(k, "keys", false), va = import_array(v, "values", false);
+             const DecoderConfig& c = d.dec.config();
+             check_kv_layout(ka.view, "keys", true, c.num_kv_heads, c.num_q_heads, c.head_dim);
+             check_kv_layout(va.view, "values", true, c.num_kv_heads, c.num_q_heads, c.head_dim);
+             const TensorView& K = ka.view;
+             check_shape(va.view, "values", {K.shape[0], K.shape[1], K.shape[2], K.shape[3]});
+             if ((int64_t)slots.size() != K.shape[0] || lengths.size() != slots.size())
+               throw ValueError("`seq` and `lengths` must hold " + std::to_string(K.shape[0]) + " entries");
+             auto row_block = [](const TensorView& t, int64_t b, int64_t n) {
+               TensorView r = t;
+               r.data = static_cast<uint8_t*>(t.data) + b * t.strides[0] * (int64_t)dtype_size(t.dtype);
+               r.ndim = 3;
+               for (int i = 0; i < 3; ++i) {
+                 r.shape[i] = t.shape[i + 1];
+                 r.strides[i] = t.strides[i + 1];
+               }
+               r.shape[0] = n;
+               return r;
+             };
+             std::vector<TensorView> ks, vs;
+             for (size_t b = 0; b < slots.size(); ++b) {
+               if (lengths[b] < 0 || lengths[b] > K.shape[1])
+                 throw ValueError("`lengths` must be in [0, " + std::to_string(K.shape[1]) + "], got " +
+                                  std::to_string(lengths[b]));
+               ks.push_back(row_block(K, (int64_t)b, lengths[b]));
+               vs.push_back(row_block(va.view, (int64_t)b, lengths[b]));
+             }
+             locked(d, [&](Decoder& dec) {
+               for (size_t b = 0; b < slots.size(); ++b) dec.check_prefill(layer, slots[b], ks[b], vs[b]);
+               for (size_t b = 0; b < slots.size(); ++b) dec.prefill(layer, slots[b], ks[b], vs[b]);
+             });
            },
-           nb::arg("layer"), nb::arg("slot"), nb::arg("keys"), nb::arg("values"))
+           nb::arg("layer"), nb::arg("slots"), nb::arg("keys"), nb::arg("values"), nb::arg("lengths"))
       .def("decode",
-           [](PyDecoder& d, int64_t layer, InArray q, std::optional<InArray> k, std::optional<InArray> v,
-              std::optional<OutArray> out, std::vector<int64_t> slots, std::optional<InArray> budgets,
-              bool append) {
-             TensorView qv = view_of(q, "q"), kv, vv, ov, bv;
-             if (k) kv = view_of(*k, "k_new");
-             if (v) vv = view_of(*v, "v_new");
-             if (out) ov = view_of(*out, "out");
+           [](PyDecoder& d, int64_t layer, nb::handle q_, nb::handle k_, nb::handle v_, nb::handle out_,
+              std::vector<int64_t> slots, nb::handle budgets_, bool append) {
+             Arg q = import_array(q_, "q", false), k = import_array(k_, "k_new", false),
+                 v = import_array(v_, "v_new", false), out = import_array(out_, "out", true),
+                 budgets = import_array(budgets_, "budget", false);
+             TensorView qv = q.view, kv = k.view, vv = v.view, ov = out.view, bv;
              std::vector<int64_t> b;
              if (budgets) {
-               bv = view_of(*budgets, "budget");
+               bv = budgets.view;
                const int64_t want = (int64_t)slots.size() * d.dec.config().num_kv_heads;
                if (bv.dtype != DType::i64 || bv.device.kind != DeviceKind::cpu || !bv.is_contiguous() ||
                    bv.numel() != want)
@@ -208,9 +305,9 @@ NB_MODULE(_core, m) {
            nb::arg("layer"), nb::arg("q"), nb::arg("k_new").none(), nb::arg("v_new").none(),
            nb::arg("out").none(), nb::arg("slots"), nb::arg("budgets").none(), nb::arg("append"))
       .def("attend",
-           [](PyDecoder& d, int64_t layer, InArray q, OutArray out, std::vector<int64_t> slots) {
-             TensorView qv = view_of(q, "q"), ov = view_of(out, "out");
-             locked(d, [&](Decoder& dec) { dec.attend(layer, qv, ov, slots); });
+           [](PyDecoder& d, int64_t layer, nb::handle q_, nb::handle out_, std::vector<int64_t> slots) {
+             Arg q = import_array(q_, "q", false), out = import_array(out_, "out", true);
+             locked(d, [&](Decoder& dec) { dec.attend(layer, q.view, out.view, slots); });
            },
            nb::arg("layer"), nb::arg("q"), nb::arg("out"), nb::arg("slots"))
       .def("set_target",
@@ -309,15 +406,17 @@ NB_MODULE(_core, m) {
            nb::arg("layer"), nb::arg("slot"), nb::arg("head"));
 
   m.def("kmeans",
-        [](InArray x, int64_t num_clusters, int max_iters, const std::string& metric, uint64_t seed,
-           int num_threads, OutArray centroids, OutArray assign) {
+        [](nb::handle x_, int64_t num_clusters, int max_iters, const std::string& metric, uint64_t seed,
+           int num_threads, nb::handle centroids_, nb::handle assign_) {
           KMeansOptions o;
           o.num_clusters = num_clusters;
           o.max_iters = max_iters;
           o.metric = parse_metric(metric);
           o.seed = seed;
           o.num_threads = num_threads;
-          TensorView xv = view_of(x, "x"), cv = view_of(centroids, "centroids"), av = view_of(assign, "assign");
+          Arg x = import_array(x_, "x", false), centroids = import_array(centroids_, "centroids", true),
+              assign = import_array(assign_, "assign", true);
+          TensorView xv = x.view, cv = centroids.view, av = assign.view;
           KMeansResult r;
           {
             nb::gil_scoped_release release;
@@ -329,24 +428,52 @@ NB_MODULE(_core, m) {
         nb::arg("num_threads"), nb::arg("centroids"), nb::arg("assign"));
 
   m.def("dense_decode",
-        [](InArray q, InArray k, InArray v, std::optional<InArray> lengths, OutArray out, double scale,
+        [](nb::handle q_, nb::handle k_, nb::handle v_, nb::handle lengths_, nb::handle out_, double scale,
            int num_threads) {
-          TensorView qv = view_of(q, "q"), kv = view_of(k, "keys"), vv = view_of(v, "values"),
-                     ov = view_of(out, "out"), lv;
-          if (lengths) lv = view_of(*lengths, "lengths");
+          Arg q = import_array(q_, "q", false), k = import_array(k_, "keys", false),
+              v = import_array(v_, "values", false), lengths = import_array(lengths_, "lengths", false),
+              out = import_array(out_, "out", true);
           nb::gil_scoped_release release;
-          dense_decode(qv, kv, vv, lengths ? &lv : nullptr, ov, scale, num_threads);
+          dense_decode(q.view, k.view, v.view, lengths ? &lengths.view : nullptr, out.view, scale, num_threads);
         },
         nb::arg("q"), nb::arg("keys"), nb::arg("values"), nb::arg("lengths").none(), nb::arg("out"),
         nb::arg("scale"), nb::arg("num_threads"));
 
   m.def("sparse_decode",
-        [](InArray q, InArray k, InArray v, InArray mask, OutArray out, double scale, int num_threads) {
-          TensorView qv = view_of(q, "q"), kv = view_of(k, "keys"), vv = view_of(v, "values"),
-                     mv = view_of(mask, "mask"), ov = view_of(out, "out");
+        [](nb::handle q_, nb::handle k_, nb::handle v_, nb::handle mask_, nb::handle out_, double scale,
+           int num_threads) {
+          Arg q = import_array(q_, "q", false), k = import_array(k_, "keys", false),
+              v = import_array(v_, "values", false), mask = import_array(mask_, "mask", false),
+              out = import_array(out_, "out", true);
           nb::gil_scoped_release release;
-          sparse_decode(qv, kv, vv, mv, ov, scale, num_threads);
+          sparse_decode(q.view, k.view, v.view, mask.view, out.view, scale, num_threads);
         },
         nb::arg("q"), nb::arg("keys"), nb::arg("values"), nb::arg("mask"), nb::arg("out"), nb::arg("scale"),
         nb::arg("num_threads"));
+
+  m.def("check_kv_layout",
+        [](nb::handle t, const std::string& name, bool batched, int64_t kv_heads, int64_t q_heads,
+           int64_t head_dim) {
+          Arg a = import_array(t, name.c_str(), false);
+          check_kv_layout(a.view, name.c_str(), batched, kv_heads, q_heads, head_dim);
+        },
+        nb::arg("array"), nb::arg("name"), nb::arg("batched"), nb::arg("kv_heads"), nb::arg("q_heads"),
+        nb::arg("head_dim"), "ValueError unless `array` is K/V in Tactic's token-major layout ([N, Hkv, D], "
+        "batched [B, N, Hkv, D]); kv_heads 0: any divisor of q_heads; head_dim <= 0: any.");
+
+  // What the core sees of an array (tests check that imports are zero-copy and typed right).
+  m.def("view_info",
+        [](nb::handle t, bool writable) {
+          Arg a = import_array(t, "array", writable);
+          nb::dict r;
+          r["data"] = reinterpret_cast<uintptr_t>(a.view.data);
+          r["dtype"] = dtype_name(a.view.dtype);
+          r["device"] = device_name(a.view.device);
+          std::vector<int64_t> shape(a.view.shape, a.view.shape + a.view.ndim),
+              strides(a.view.strides, a.view.strides + a.view.ndim);
+          r["shape"] = nb::tuple(nb::cast(shape));
+          r["strides"] = nb::tuple(nb::cast(strides));
+          return r;
+        },
+        nb::arg("array"), nb::arg("writable") = false);
 }

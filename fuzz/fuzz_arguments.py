@@ -142,7 +142,7 @@ class Program:
                 return dec.prefill(layer, self.array([n, H, D]), self.array([n, H, D]),
                                    seq=0 if seq is None else seq)
             lens = self.pick([None, [n] * B, [self.int_arg(0, n)] * B, [1]])
-            return dec.prefill(layer, self.array([B, H, n, D]), self.array([B, H, n, D]),
+            return dec.prefill(layer, self.array([B, n, H, D]), self.array([B, n, H, D]),
                                seq=0 if seq is None else seq, lengths=lens)
         if action <= 6:
             append = self.fdp.ConsumeIntInRange(0, 3) > 0

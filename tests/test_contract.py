@@ -179,9 +179,9 @@ def test_failed_batch_prefill_changes_no_slot():
     dec, ref = _decoder(), _decoder()
     for d in (dec, ref):
         d.prefill(0, k, v, seq=0)
-    bad = np.stack([k.transpose(1, 0, 2)] * 2)
-    bad[1, 0, 5, 0] = np.nan
+    bad = np.stack([k] * 2)  # [B, N, Hkv, D]
+    bad[1, 5, 0, 0] = np.nan
     with pytest.raises(ValueError, match="`keys` contains NaN"):
-        dec.prefill(0, bad, np.stack([v.transpose(1, 0, 2)] * 2), seq=[1, 0])
+        dec.prefill(0, bad, np.stack([v] * 2), seq=[1, 0])
     assert dec.length(0, 1) == 0
     np.testing.assert_array_equal(dec.decode(0, q, kn, vn), ref.decode(0, q, kn, vn))

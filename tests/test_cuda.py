@@ -437,7 +437,7 @@ def test_batch_of_different_lengths():
     for target in (1.0, 0.9):
         dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=4, max_tokens=N + 4, device="cuda",
                                    dtype="float16", target=target)
-        dec.prefill(0, k.cuda(), v.cuda(), seq=[2, 0, 1], lengths=lens)
+        dec.prefill(0, k.cuda().transpose(1, 2), v.cuda().transpose(1, 2), seq=[2, 0, 1], lengths=lens)
         q = torch.randn(B, hkv * g, d, generator=gen).half()
         kn = torch.randn(B, hkv, d, generator=gen).half()
         vn = torch.randn(B, hkv, d, generator=gen).half()
@@ -563,7 +563,7 @@ def split_case():
     case = dict(hkv=hkv, g=g, d=d, lens=lens, N=N, k=k, v=v, q=q, kn=kn, vn=vn, seq=[1, 2, 0])
     cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=3, max_tokens=N + 4, dtype="float16", target=0.9,
                                share_group=False)
-    cpu.prefill(0, k, v, seq=case["seq"], lengths=lens)
+    cpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=case["seq"], lengths=lens)  # token-major views
     case["cpu_out"] = cpu.decode(0, q, kn, vn, seq=case["seq"])
     case["cpu_stats"] = cpu.stats(0)
     case["ref"] = []
@@ -591,7 +591,7 @@ def test_split_selection_over_a_batch_matches_cpu(split, split_case, monkeypatch
     for target in (0.9, 1.0):
         opts = dict(max_batch=3, max_tokens=N + 4, dtype="float16", target=target, share_group=False)
         gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
-        gpu.prefill(0, k, v, seq=seq, lengths=lens)
+        gpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=seq, lengths=lens)
         out = []
         names = _selection_kernels(lambda: out.append(gpu.decode(0, q, kn, vn, seq=seq)))
         og = out[0]

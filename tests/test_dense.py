@@ -82,8 +82,8 @@ def test_batched_sequences_of_different_lengths():
 def test_batched_prefill_4d_with_lengths():
     rng = np.random.default_rng(4)
     b, hkv, n, d = 2, 2, 40, 64
-    k, k64 = make((b, hkv, n, d), "float32", rng)
-    v, v64 = make((b, hkv, n, d), "float32", rng)
+    k, k64 = make((b, n, hkv, d), "float32", rng)  # token-major [B, N, Hkv, D]
+    v, v64 = make((b, n, hkv, d), "float32", rng)
     dec = tactic.SparseDecoder(1, 4, hkv, d, max_batch=2, max_tokens=64, dtype="float32", target=1.0)
     dec.prefill(0, k, v, lengths=[40, 25])
     assert dec.length(0, 0) == 40 and dec.length(0, 1) == 25
@@ -92,8 +92,8 @@ def test_batched_prefill_4d_with_lengths():
     vn, vn64 = make((2, hkv, d), "float32", rng)
     out = dec.decode(0, q, kn, vn)
     for i, n_i in enumerate([40, 25]):
-        kk = np.concatenate([k64[i, :, :n_i].transpose(1, 0, 2), kn64[i][None]])
-        vv = np.concatenate([v64[i, :, :n_i].transpose(1, 0, 2), vn64[i][None]])
+        kk = np.concatenate([k64[i, :n_i], kn64[i][None]])
+        vv = np.concatenate([v64[i, :n_i], vn64[i][None]])
         ref, _ = ref_attention(q64[i], kk, vv, 1 / np.sqrt(d))
         np.testing.assert_allclose(out[i], ref, rtol=1e-4, atol=2e-5)
 

@@ -72,7 +72,7 @@ def misaligned(a):
 
 BIG = np.float32(1e5)  # finite in float32, beyond float16's range (65504)
 KN32 = KN.astype(np.float32)
-K4, V4 = K.transpose(1, 0, 2)[None], V.transpose(1, 0, 2)[None]  # [1, Hkv, N, D]
+K4, V4 = K[None], V[None]  # [1, N, Hkv, D]
 
 
 BAD_CALLS = [
@@ -116,8 +116,8 @@ BAD_CALLS = [
     ("prefill-nan", lambda d: d.prefill(0, nan(K), V), ValueError, "`keys`"),
     ("prefill-layer", lambda d: d.prefill(5, K, V), ValueError, "`layer`"),
     ("prefill-seq", lambda d: d.prefill(0, K, V, seq=7), ValueError, "`seq`"),
-    ("prefill-4d-lengths", lambda d: d.prefill(0, K.transpose(1, 0, 2)[None], V.transpose(1, 0, 2)[None], lengths=[N + 1]), ValueError, "`lengths`"),
-    ("prefill-4d-nan-second", lambda d: d.prefill(0, np.stack([K.transpose(1, 0, 2), nan(K).transpose(1, 0, 2)]), np.stack([V.transpose(1, 0, 2)] * 2)), ValueError, "`keys`"),
+    ("prefill-4d-lengths", lambda d: d.prefill(0, K4, V4, lengths=[N + 1]), ValueError, "`lengths`"),
+    ("prefill-4d-nan-second", lambda d: d.prefill(0, np.stack([K, nan(K)]), np.stack([V] * 2)), ValueError, "`keys`"),
     ("stats-layer", lambda d: d.stats(9), ValueError, "`layer`"),
     ("length-seq", lambda d: d.length(0, 5), ValueError, "`seq`"),
     ("reset-seq", lambda d: d.reset(9), ValueError, "`seq`"),
@@ -153,12 +153,12 @@ BAD_CALLS = [
     ("prefill-last-stride", lambda d: d.prefill(0, strided_last(K), V), ValueError, "`keys` must have a unit stride"),
     ("prefill-values-dtype", lambda d: d.prefill(0, K, V.astype(np.int32)), TypeError, "`values` must be float16"),
     ("prefill-values-list", lambda d: d.prefill(0, K, V.tolist()), TypeError, "`values` must be an array"),
-    ("prefill-head-dim", lambda d: d.prefill(0, K[..., :32], V[..., :32]), ValueError, "`keys` must have shape [*, 2, 64]"),
+    ("prefill-head-dim", lambda d: d.prefill(0, K[..., :32], V[..., :32]), ValueError, "`keys` must be [N, Hkv=2, D=64]"),
     ("prefill-4d-values-shape", lambda d: d.prefill(0, K4, V4[:, :, :-1]), ValueError, "`values` must have the shape of `keys`"),
     ("prefill-4d-seq-repeat", lambda d: d.prefill(0, np.concatenate([K4, K4]), np.concatenate([V4, V4]), seq=[1, 1]), ValueError, "must not repeat"),
     ("prefill-4d-lengths-negative", lambda d: d.prefill(0, K4, V4, lengths=[-1]), ValueError, "`lengths` must be >= 0"),
     ("prefill-4d-lengths-count", lambda d: d.prefill(0, K4, V4, lengths=[3, 3]), ValueError, "`lengths` must hold 1"),
-    ("prefill-4d-over-capacity", lambda d: d.prefill(0, np.zeros((1, HKV, CAP + 1, D), np.float16), np.zeros((1, HKV, CAP + 1, D), np.float16)), tactic.CapacityError, "exceeds `max_tokens`=40"),
+    ("prefill-4d-over-capacity", lambda d: d.prefill(0, np.zeros((1, CAP + 1, HKV, D), np.float16), np.zeros((1, CAP + 1, HKV, D), np.float16)), tactic.CapacityError, "exceeds `max_tokens`=40"),
     ("prefill-seq-huge", lambda d: d.prefill(0, K, V, seq=2**64), ValueError, "`seq` must be <="),
     ("recluster-layer", lambda d: d.recluster(L, 0), ValueError, "`layer` must be in [0, 2)"),
     ("recluster-seq", lambda d: d.recluster(0, 2), ValueError, "`seq` must be a sequence slot in [0, 2)"),
@@ -330,7 +330,7 @@ OP_CALLS = [
     ("sparse-out-overlap", lambda: tactic.ops.sparse_decode(Q[0], K, V, np.ones((HKV, N), bool), out=overlapping((HQ, D), np.float16)), ValueError, "`out` has overlapping"),
     ("dense-lengths", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=[N + 5]), ValueError, "`lengths`"),
     ("dense-lengths-float", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=[2.5]), TypeError, "`lengths`"),
-    ("dense-heads", lambda: tactic.ops.dense_decode(Q[:, :3], K[None], V[None]), ValueError, "multiple"),
+    ("dense-heads", lambda: tactic.ops.dense_decode(Q[:, :3], K[None], V[None]), ValueError, "Hkv dividing the 3 query heads"),
     ("dense-scale-inf", lambda: tactic.ops.dense_decode(Q, K[None], V[None], scale=float("inf")), ValueError, "`scale` must be a finite"),
     ("dense-q-nan", lambda: tactic.ops.dense_decode(nan(Q), K[None], V[None]), ValueError, "`q` contains NaN"),
     ("dense-lengths-big-endian", lambda: tactic.ops.dense_decode(Q, K[None], V[None], lengths=np.array([N], ">i4")), TypeError, "`lengths` must be a numeric array in native byte order"),
@@ -368,7 +368,7 @@ def test_op_argument_errors():
         tactic.ops.sparse_decode(Q[0], K, V, np.ones((HKV, N + 1), bool))
     with pytest.raises(ValueError, match="`lengths`"):
         tactic.ops.dense_decode(Q, K[None], V[None], lengths=[N + 5])
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="Hkv dividing the 3 query heads"):
         tactic.ops.dense_decode(Q[:, :3], K[None], V[None])
 
 

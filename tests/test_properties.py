@@ -93,8 +93,8 @@ def test_batched_sequences_of_any_length(p, dtype, lengths, policy):
     rng = np.random.default_rng(p["seed"])
     b, hkv, g, d = len(lengths), p["hkv"], p["g"], p["d"]
     n_max = max(lengths)
-    k, k64 = make((b, hkv, n_max, d), dtype, rng, p["spread"])
-    v, v64 = make((b, hkv, n_max, d), dtype, rng)
+    k, k64 = make((b, n_max, hkv, d), dtype, rng, p["spread"])  # token-major
+    v, v64 = make((b, n_max, hkv, d), dtype, rng)
     q, q64 = make((b, hkv * g, d), dtype, rng, p["spread"])
     kn, kn64 = make((b, hkv, d), dtype, rng)
     vn, vn64 = make((b, hkv, d), dtype, rng)
@@ -109,8 +109,8 @@ def test_batched_sequences_of_any_length(p, dtype, lengths, policy):
     st_ = sparse.stats(0)
     assert np.isfinite(out_s).all()
     for i, n in enumerate(lengths):
-        kk = np.concatenate([k64[i, :, :n].transpose(1, 0, 2), kn64[i][None]])
-        vv = np.concatenate([v64[i, :, :n].transpose(1, 0, 2), vn64[i][None]])
+        kk = np.concatenate([k64[i, :n], kn64[i][None]])
+        vv = np.concatenate([v64[i, :n], vn64[i][None]])
         ref, _ = ref_attention(q64[i], kk, vv, 1 / np.sqrt(d))
         np.testing.assert_allclose(out[i], ref, rtol=RTOL[dtype], atol=ATOL[dtype])
         assert st_["context"][i] == n + 1

@@ -96,7 +96,7 @@ def test_gil_released_around_long_work(what):
         for i in range(n - 64, n):
             dec.decode(0, q[:1], k[i:i + 1], k[i:i + 1])
     if what == "decode":
-        dec.prefill(0, np.repeat(k.transpose(1, 0, 2)[None], b, 0), np.repeat(k.transpose(1, 0, 2)[None], b, 0))
+        dec.prefill(0, np.repeat(k[None], b, 0), np.repeat(k[None], b, 0))
     keys4 = np.repeat(k[None], b, 0)
     calls = {
         "prefill": lambda: dec.prefill(0, k, k),

@@ -85,8 +85,8 @@ void Decoder::check_prefill(int64_t layer, int64_t slot, const TensorView& keys,
                             const TensorView& values) const {
   check_layer(layer);
   check_slot(slot, "seq");
-  check_ndim(keys, "keys", {3});
-  check_shape(keys, "keys", {-1, cfg_.num_kv_heads, cfg_.head_dim});
+  check_kv_layout(keys, "keys", false, cfg_.num_kv_heads, cfg_.num_q_heads, cfg_.head_dim);
+  check_kv_layout(values, "values", false, cfg_.num_kv_heads, cfg_.num_q_heads, cfg_.head_dim);
   check_shape(values, "values", {keys.shape[0], cfg_.num_kv_heads, cfg_.head_dim});
   check_kv_input(keys, "keys", cfg_);
   check_kv_input(values, "values", cfg_);

@@ -80,14 +80,12 @@ void run_jobs(std::vector<Job>& jobs, DType kv_dtype, int64_t g, int64_t d, DTyp
 void dense_decode(const TensorView& q, const TensorView& keys, const TensorView& values,
                   const TensorView* lengths, const TensorView& out, double scale, int num_threads) {
   check_ndim(q, "q", {3});
-  check_ndim(keys, "keys", {4});
   const int64_t B = q.shape[0], Hq = q.shape[1], D = q.shape[2];
+  check_kv_layout(keys, "keys", true, 0, Hq, D);
   const int64_t N = keys.shape[1], H = keys.shape[2];
+  check_kv_layout(values, "values", true, H, Hq, D);
   check_shape(keys, "keys", {B, N, H, D});
   check_shape(values, "values", {B, N, H, D});
-  if (H < 1 || Hq % H != 0)
-    throw ValueError("`q` heads (" + std::to_string(Hq) + ") must be a multiple of the KV heads of `keys` (" +
-                     std::to_string(H) + ")");
   check_shape(out, "out", {B, Hq, D});
   for (auto* t : {&q, &keys, &values, &out}) check_input(*t, t == &q ? "q" : t == &keys ? "keys" : t == &values ? "values" : "out");
   if (keys.dtype != values.dtype) throw TypeError("`values` must have the dtype of `keys`");
@@ -142,13 +140,12 @@ void dense_decode(const TensorView& q, const TensorView& keys, const TensorView&
 void sparse_decode(const TensorView& q, const TensorView& keys, const TensorView& values,
                    const TensorView& mask, const TensorView& out, double scale, int num_threads) {
   check_ndim(q, "q", {2});
-  check_ndim(keys, "keys", {3});
-  const int64_t Hq = q.shape[0], D = q.shape[1], N = keys.shape[0], H = keys.shape[1];
+  const int64_t Hq = q.shape[0], D = q.shape[1];
+  check_kv_layout(keys, "keys", false, 0, Hq, D);
+  const int64_t N = keys.shape[0], H = keys.shape[1];
+  check_kv_layout(values, "values", false, H, Hq, D);
   check_shape(keys, "keys", {N, H, D});
   check_shape(values, "values", {N, H, D});
-  if (H < 1 || Hq % H != 0)
-    throw ValueError("`q` heads (" + std::to_string(Hq) + ") must be a multiple of the KV heads of `keys` (" +
-                     std::to_string(H) + ")");
   check_shape(mask, "mask", {H, N});
   check_shape(out, "out", {Hq, D});
   for (auto* t : {&q, &keys, &values, &out}) check_input(*t, t == &q ? "q" : t == &keys ? "keys" : t == &values ? "values" : "out");

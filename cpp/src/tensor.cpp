@@ -123,6 +123,32 @@ void check_shape(const TensorView& t, const char* name, std::initializer_list<in
   throw ValueError(s.str());
 }
 
+void check_kv_layout(const TensorView& t, const char* name, bool batched, int64_t kv_heads,
+                     int64_t q_heads, int64_t head_dim) {
+  const std::string n = name;
+  std::string want = batched ? "[B, N, Hkv" : "[N, Hkv";
+  if (kv_heads > 0) want += "=" + std::to_string(kv_heads);
+  want += head_dim > 0 ? ", D=" + std::to_string(head_dim) + "]" : ", D]";
+  const std::string intro = "`" + n + "` must be " + want + " (token-major, the layout of K/V in every Tactic call)";
+  const int nd = batched ? 4 : 3;
+  if (t.ndim != nd)
+    throw ValueError(intro + ", got " + std::to_string(t.ndim) + " dimensions (shape " + t.shape_str() + ")");
+  const int n_ax = batched ? 1 : 0, h_ax = n_ax + 1;
+  auto heads_ok = [&](int64_t h) { return kv_heads > 0 ? h == kv_heads : h >= 1 && q_heads % h == 0; };
+  const bool d_ok = head_dim <= 0 || t.shape[nd - 1] == head_dim;
+  if (heads_ok(t.shape[h_ax]) && d_ok) return;
+  std::string msg = intro;
+  if (kv_heads <= 0) msg += " with Hkv dividing the " + std::to_string(q_heads) + " query heads";
+  msg += "; got " + t.shape_str();
+  if (d_ok && heads_ok(t.shape[n_ax]))
+    msg += std::string(", which looks like ") + (batched ? "[B, Hkv, N, D]" : "[Hkv, N, D]") +
+           " (head-major, as torch SDPA and Hugging Face caches hold K/V): pass a view with the two axes "
+           "swapped, e.g. " + n + (batched ? ".transpose(1, 2) in torch or " + n + ".transpose(0, 2, 1, 3)"
+                                           : ".transpose(0, 1) in torch or " + n + ".transpose(1, 0, 2)") +
+           " in NumPy (no copy)";
+  throw ValueError(msg);
+}
+
 void check_float(const TensorView& t, const char* name) {
   if (!is_float_storage(t.dtype))
     throw TypeError(std::string("`") + name + "` must be float16, bfloat16 or float32, got " +

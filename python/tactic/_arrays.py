@@ -58,9 +58,14 @@ def prepare(x, name: str):
         raise TypeError(
             f"`{name}` must be an array (numpy, torch, CuPy, JAX or any DLPack object), "
             f"got {type(x).__name__}")
-    # Arrays DLPack cannot describe would reach the bindings and fail there with an anonymous
-    # overload error: refuse them here, by name.
-    if fw == "numpy" and (not x.dtype.isnative or x.dtype.kind not in "fiub" or x.dtype.fields):
+    if fw == "jax" and _is_jax_tracer(x):
+        raise TypeError(
+            f"`{name}` is a traced JAX value (inside jax.jit, vmap or grad): Tactic reads concrete "
+            f"arrays, so call it outside the transformation (or through jax.pure_callback)")
+    # Arrays DLPack cannot describe would reach the bindings and fail there: refuse them here,
+    # by name. (ml_dtypes' bfloat16, numpy's usual stand-in, is read as its uint16 bits.)
+    if fw == "numpy" and not _is_numpy_bfloat16(x) and (
+            not x.dtype.isnative or x.dtype.kind not in "fiub" or x.dtype.fields):
         raise TypeError(f"`{name}` must be a numeric array in native byte order, got dtype {x.dtype}")
     if fw == "torch":
         if str(x.layout) != "torch.strided":
@@ -68,6 +73,15 @@ def prepare(x, name: str):
         if x.device.type not in ("cpu", "cuda"):
             raise ValueError(f"`{name}` must be on a cpu or cuda device, got {x.device}")
     return x
+
+
+def _is_jax_tracer(x) -> bool:
+    import jax
+    return isinstance(x, jax.core.Tracer)
+
+
+def _is_numpy_bfloat16(x) -> bool:
+    return x.dtype.name == "bfloat16" and x.dtype.itemsize == 2
 
 
 def writable(x, name: str):
@@ -119,14 +133,31 @@ def empty(like, shape, dtype: str):
         except ImportError:
             import torch
             return empty(torch.empty(0, device=f"cuda:{dev}"), shape, dtype)
+    if fw == "jax":
+        return _aligned_empty(shape, _np_dtype(dtype))
     return np.empty(tuple(shape), dtype=_np_dtype(dtype))
+
+
+# JAX's CPU client adopts a DLPack buffer without a copy only when it is this aligned.
+_JAX_ALIGN = 64
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _JAX_ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % _JAX_ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
 
 
 def finish(like, arr):
     """Return `arr` (written by the core) in `like`'s framework."""
     if framework(like) == "jax" and isinstance(arr, np.ndarray):
+        import jax
         import jax.numpy as jnp
-        return jnp.asarray(arr)
+        if _is_numpy_bfloat16(arr):  # numpy cannot export bfloat16 through DLPack: one copy
+            return jnp.asarray(arr)
+        return jax.dlpack.from_dlpack(arr)  # adopts the aligned buffer, no copy
     if framework(like) == "jax":
         import jax
         return jax.dlpack.from_dlpack(arr)
@@ -182,10 +213,3 @@ def _np_dtype(name: str):
             raise TypeError("bfloat16 output with numpy inputs needs the `ml_dtypes` package; "
                             "pass float16/float32 queries or a torch tensor") from e
     return np.dtype(name)
-
-
-def transpose_01(x):
-    """Swap the first two axes of a 3-D array without copying (any framework)."""
-    if framework(x) == "torch":
-        return x.permute(1, 0, 2)
-    return x.transpose(1, 0, 2)

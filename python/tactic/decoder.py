@@ -94,6 +94,11 @@ class SparseDecoder:
         record_selection: keep per-token selection masks in `stats()` (memory: B*H*max_tokens).
         num_threads: CPU threads (0: all cores).
 
+    Layouts: keys/values are token-major in every call, [N, Hkv, D] for one sequence and
+    [B, N, Hkv, D] for a batch (FlashInfer's NHD; pass torch SDPA / Hugging Face K/V
+    [B, Hkv, N, D] as the view k.transpose(1, 2)); queries and outputs are [B, Hq, D], the
+    new token's k/v [B, Hkv, D].
+
     Every method checks all its arguments before changing anything: a call that raises
     leaves the decoder as it was.
     """
@@ -217,9 +222,12 @@ class SparseDecoder:
                 stream=None):
         """Store a prompt's keys/values for `layer` (replacing what `seq` held there).
 
-        keys, values: [N, Hkv, D] for one sequence (slot `seq`), or [B, Hkv, N, D] for B
-        sequences (slots `seq`, default 0..B-1) with optional `lengths` [B] (valid tokens
-        of each, the rest is padding). Under the tactic policy the keys are clustered here.
+        keys, values: token-major, like every K/V array in Tactic: [N, Hkv, D] for one
+        sequence (slot `seq`), or [B, N, Hkv, D] for B sequences (slots `seq`, default
+        0..B-1) with optional `lengths` [B] (valid tokens of each, the rest is padding).
+        Head-major K/V ([B, Hkv, N, D], torch SDPA's and Hugging Face's layout) are refused
+        with a ValueError; pass `keys.transpose(1, 2)`, a view (no copy). Arrays are read in
+        place, strided views included. Under the tactic policy the keys are clustered here.
         stream: CUDA only, see `decode`.
         """
         layer = self._layer(layer)
@@ -227,7 +235,8 @@ class SparseDecoder:
         values = _arrays.prepare(values, "values")
         self._use_stream(keys, stream)
         if len(keys.shape) == 4:
-            B, H, N = keys.shape[0], keys.shape[1], keys.shape[2]
+            _core.check_kv_layout(keys, "keys", True, self.num_kv_heads, self.num_q_heads, self.head_dim)
+            B, N = int(keys.shape[0]), int(keys.shape[1])
             if tuple(values.shape) != tuple(keys.shape):
                 raise ValueError(f"`values` must have the shape of `keys` {tuple(keys.shape)}, "
                                  f"got {tuple(values.shape)}")
@@ -237,16 +246,12 @@ class SparseDecoder:
             lens = [N] * B if lengths is None else [_int("lengths", n, 0) for n in lengths]
             if len(lens) != B or any(n > N for n in lens):
                 raise ValueError(f"`lengths` must hold {B} values in [0, {N}], got {list(lengths)}")
-            parts = [(s, _arrays.transpose_01(keys[b, :, :n]), _arrays.transpose_01(values[b, :, :n]))
-                     for b, (s, n) in enumerate(zip(slots, lens))]
-            for s, k, v in parts:  # all checks first: a failure changes nothing
-                self._core.check_prefill(layer, s, k, v)
-            for s, k, v in parts:
-                self._core.prefill(layer, s, k, v)
+            # one core call: every sequence is checked before any is stored
+            self._core.prefill_batch(layer, slots, keys, values, lens)
             return
         if len(keys.shape) != 3:
-            raise ValueError(f"`keys` must be [N, num_kv_heads, head_dim] or "
-                             f"[B, num_kv_heads, N, head_dim], got shape {tuple(keys.shape)}")
+            raise ValueError(f"`keys` must be [N, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}] "
+                             f"or [B, N, num_kv_heads, head_dim] (token-major), got shape {tuple(keys.shape)}")
         self._core.prefill(layer, _int("seq", seq), keys, values)
 
     @property

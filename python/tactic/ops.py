@@ -2,6 +2,11 @@
 
 Every function takes arrays of any DLPack-capable framework (numpy, torch, CuPy, JAX) on
 the CPU, reads them without a copy and returns results in the caller's framework.
+
+Layout: keys and values are token-major everywhere in Tactic, [N, Hkv, D] for one sequence and
+[B, N, Hkv, D] for a batch (FlashInfer's "NHD", flash-attn's layout); queries and outputs are
+[Hq, D] / [B, Hq, D]. Head-major K/V ([B, Hkv, N, D], torch SDPA's and Hugging Face's) get a
+ValueError naming the transposed view to pass instead (`k.transpose(1, 2)`, no copy).
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ def _out(like, shape, out, name="out"):
 
 def dense_decode(q, keys, values, lengths=None, *, scale: Optional[float] = None, out=None,
                  num_threads: int = 0):
-    """Dense decode attention: q [B, Hq, D] over keys/values [B, N, Hkv, D].
+    """Dense decode attention: q [B, Hq, D] over keys/values [B, N, Hkv, D] (token-major).
 
     lengths: optional [B] valid tokens per sequence (int32 array or list). Returns
     out [B, Hq, D] (q's dtype and framework, or the given `out`).
@@ -83,7 +88,7 @@ def dense_decode(q, keys, values, lengths=None, *, scale: Optional[float] = None
 
 def sparse_decode(q, keys, values, mask, *, scale: Optional[float] = None, out=None,
                   num_threads: int = 0):
-    """Attention of q [Hq, D] over the tokens of keys/values [N, Hkv, D] selected by
+    """Attention of q [Hq, D] over the tokens of keys/values [N, Hkv, D] (token-major) selected by
     mask [Hkv, N] (bool/uint8; query head h uses KV head h // (Hq / Hkv)).
 
     Split-KV over the selected rows with a log-sum-exp merge and fp32 accumulation. A head
@@ -114,6 +119,7 @@ def select(q, keys, values=None, *, target: float = 0.9, policy: str = "tactic",
     if len(q.shape) != 2 or len(keys.shape) != 3:
         raise ValueError(f"`q` must be [Hq, D] and `keys` [N, Hkv, D], got {tuple(q.shape)} "
                          f"and {tuple(keys.shape)}")
+    _core.check_kv_layout(keys, "keys", False, 0, int(q.shape[0]), int(q.shape[1]))
     n, hkv, d = (int(s) for s in keys.shape)
     dec = SparseDecoder(1, int(q.shape[0]), hkv, d, max_batch=1, max_tokens=max(n, 1),
                         dtype=dtype or _arrays.array_dtype(keys), target=target, policy=policy,

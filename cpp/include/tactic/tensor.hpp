@@ -72,6 +72,13 @@ TensorView make_view(void* data, DType dtype, std::initializer_list<int64_t> sha
 void check_ndim(const TensorView& t, const char* name, std::initializer_list<int> allowed);
 // Shape equals `shape` exactly (also in ndim); a -1 in `shape` matches any extent.
 void check_shape(const TensorView& t, const char* name, std::initializer_list<int64_t> shape);
+// Keys/values in the layout every Tactic call takes: token-major, [N, Hkv, D] for one sequence
+// and [B, N, Hkv, D] for a batch (FlashInfer's "NHD"). kv_heads: the Hkv expected, or 0 when
+// any divisor of q_heads will do; head_dim <= 0: any. An array whose axes fit the head-major
+// layout instead ([Hkv, N, D] / [B, Hkv, N, D], as torch SDPA and Hugging Face caches hold
+// K/V) gets a ValueError that says so and names the transposed view to pass.
+void check_kv_layout(const TensorView& t, const char* name, bool batched, int64_t kv_heads,
+                     int64_t q_heads, int64_t head_dim);
 void check_float(const TensorView& t, const char* name);  // f32 / f16 / bf16 (TypeError)
 void check_dtype(const TensorView& t, const char* name, DType want);  // TypeError
 void check_device(const TensorView& t, const char* name, Device want);

@@ -346,7 +346,7 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
         wl = inputs.layer(l)
         inputs.remember(l, wl)
         if dec is not None:
-            dec.prefill(l, wl.keys, wl.values)
+            dec.prefill(l, wl.keys.transpose(1, 2), wl.values.transpose(1, 2))  # token-major views
         elif cache is not None:
             cache.prefill(l, wl.keys, wl.values)
         del wl

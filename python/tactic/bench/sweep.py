@@ -298,7 +298,7 @@ class Sweep:
             _sync(dev)
             t = time.perf_counter()
             for l in range(layers):
-                dec.prefill(l, keys[l], values[l])
+                dec.prefill(l, keys[l].transpose(1, 2), values[l].transpose(1, 2))  # token-major views
             _sync(dev)
             return dec, time.perf_counter() - t
 

@@ -8,7 +8,8 @@
     heads). tests/test_bench_workloads.py checks the calibration against a float64 oracle.
 
 Both return keys/values as [B, Hkv, N, D] (the layout torch SDPA reads; SparseDecoder.prefill
-takes it as is) and queries [B, Hq, D], on the requested device, in torch.
+takes the token-major view `keys.transpose(1, 2)`) and queries [B, Hq, D], on the requested
+device, in torch.
 """
 from __future__ import annotations
 
