@@ -229,3 +229,33 @@ def test_flashinfer_run_errors_become_unavailable(stand_in):
     with pytest.raises(peers.Unavailable, match="flashinfer_selection: AssertionError"):
         # q in float32 against an fp16 plan: the stand-in refuses, as the kernel dispatch would
         peers.flashinfer_selection([k], [v], [q.float()], [np.ones((1, 2, 16), bool)])
+
+
+def test_sweep_times_and_cross_checks_the_flashinfer_peers(stand_in, tmp_path, capsys):
+    import json
+    from tactic.bench.__main__ import main
+    rc = main(["--device", "cpu", "--workload", "sparse", "--n", "1000", "--batch", "2", "--heads", "8/2",
+               "--head-dim", "64", "--target", "0.9", "--series-s", "0.01", "--min-runs", "3", "--max-runs", "3",
+               "--out", str(tmp_path), "--tag", "fi", "--no-plot"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    (path,) = tmp_path.iterdir()
+    assert path.name.startswith("cpu-bench-sparse-fi-")
+    d = json.loads(path.read_text())
+    (row,) = d["rows"]
+    assert row["workload"] == "sparse" and d["workloads"] == ["sparse"]
+    m = row["methods"]
+    for name in ("flashinfer_dense", "flashinfer_selection"):
+        assert m[name]["median_us"] > 0 and m[name]["flashinfer_version"] == "stand-in", m[name]
+        assert name in row["peers"]["ran"] and d["peers"][name]["ran_rows"] == 1
+    assert m["flashinfer_dense"]["read_fraction"] == 1.0 and m["flashinfer_dense"]["bytes"] == m["dense"]["bytes"]
+    assert m["flashinfer_selection"]["read_fraction"] == pytest.approx(row["selected_fraction"])
+    assert 0 < row["selected_fraction"] < 1
+    # the same attention as Tactic's dense policy and as Tactic's step over its own selection
+    assert row["checks"]["dense_vs_flashinfer_dense_max_abs"] < 5e-3
+    assert row["checks"]["step_vs_flashinfer_selection_max_abs"] < 2e-2
+    assert row["check_failures"] == []
+    # no SDPA on the CPU: the best dense is FlashInfer's (stand-in), and the table shows it
+    assert row["dense_best"]["eager"]["name"] == "flashinfer_dense"
+    assert row["speedup_vs_dense_best"]["tactic_step"] > 0
+    assert "fi-sel" in printed and "read" in printed

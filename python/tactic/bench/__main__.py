@@ -50,11 +50,16 @@ def sweep_main(argv) -> int:
     ap.add_argument("--head-dim", type=int)
     ap.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--target", nargs="+", type=float, help="P values")
-    ap.add_argument("--workload", default="synthetic", choices=["synthetic", "fixture"],
-                    help="synthetic: calibrated generator; fixture: real SmolLM2 KV tiled (9/3 heads, D 64)")
-    ap.add_argument("--quick", action="store_true", help="~1 minute: 8K-128K, B=1, 32/8, fp16, P=0.9")
+    ap.add_argument("--workload", nargs="+", default=["synthetic", "sparse"],
+                    choices=["synthetic", "sparse", "fixture"],
+                    help="synthetic: calibrated generator, workload (b); sparse: the same without flat heads "
+                         "(a sparse layer); fixture: real SmolLM2 KV tiled (9/3 heads, D 64). "
+                         "Default: synthetic sparse")
+    ap.add_argument("--no-flashinfer", action="store_true", help="leave out the FlashInfer peers")
+    ap.add_argument("--quick", action="store_true", help="~1 minute per workload: 8K-128K, B=1, 32/8, fp16, P=0.9")
     ap.add_argument("--rotate-mb", type=float, help="bytes the rotation cycles through (default 200 on CUDA, 0 on CPU)")
-    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the sweep (default 420; 60 with --quick)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget of the sweep (default 420; 60 with --quick; times the workloads)")
     ap.add_argument("--max-prefill-s", type=float, default=30.0, help="skip cases whose k-means would take longer")
     ap.add_argument("--series-s", type=float, default=0.15, help="time per timed series (sets the run count)")
     ap.add_argument("--min-runs", type=int, default=20)
@@ -76,7 +81,8 @@ def sweep_main(argv) -> int:
     import tactic
     if cuda and a.plan is None and not tactic.with_cuda:
         ap.error("this build of tactic has no CUDA backend (rebuild with -Ccmake.define.TACTIC_CUDA=ON)")
-    opt = Options(device=a.device, workload=a.workload, seed=a.seed, graphs=not a.no_graphs,
+    opt = Options(device=a.device, workloads=tuple(a.workload), seed=a.seed, graphs=not a.no_graphs,
+                  flashinfer=not a.no_flashinfer,
                   padded_gather=not a.no_padded_gather, max_prefill_s=a.max_prefill_s,
                   runs=RunPolicy(warmup=5, min_runs=a.min_runs, max_runs=a.max_runs, budget_s=a.series_s))
     if not cuda:  # development defaults: a few seconds on a laptop core
@@ -93,7 +99,7 @@ def sweep_main(argv) -> int:
         opt.head_dim = a.head_dim
     if a.rotate_mb is not None:
         opt.rotate_bytes = int(a.rotate_mb * 2**20)
-    opt.time_budget_s = a.budget_s if a.budget_s is not None else (60.0 if a.quick else 420.0)
+    opt.time_budget_s = a.budget_s if a.budget_s is not None else (60.0 if a.quick else 420.0) * len(a.workload)
 
     if a.plan is not None:
         opt.device = "cuda"  # estimates for the GPU, whatever runs this
@@ -113,8 +119,9 @@ def sweep_main(argv) -> int:
         c = s["case"]
         print(f"skipped N={c['n']} B={c['batch']} {c['hq']}/{c['hkv']} {c['dtype']}: {s['reason']}")
     print(f"sweep wall time {wall:.0f} s")
-    kind = f"bench-{a.workload}" + ("-quick" if a.quick else "") + (f"-{a.tag}" if a.tag else "")
-    payload = {**env, "kind": "sweep", "workload": a.workload, "copy_bandwidth": bw,
+    kind = "bench-" + "-".join(a.workload) + ("-quick" if a.quick else "") + (f"-{a.tag}" if a.tag else "")
+    payload = {**env, "kind": "sweep", "workload": "+".join(a.workload), "workloads": list(a.workload),
+               "copy_bandwidth": bw, "peers": sw.peers_summary(),
                "options": {k: v for k, v in vars(opt).items() if k != "runs"} | {"runs": vars(opt.runs)},
                "argv": sys.argv[1:], "wall_s": wall, "rows": sw.rows, "skipped": sw.skipped, "cases": sw.cases_run}
     path = report.result_path(a.out, a.device, kind, "json")
