@@ -231,6 +231,19 @@ def test_flashinfer_run_errors_become_unavailable(stand_in):
         peers.flashinfer_selection([k], [v], [q.float()], [np.ones((1, 2, 16), bool)])
 
 
+def test_e2e_flashinfer_cache_matches_dense_sdpa(stand_in):
+    shape = e2e.ModelShape(layers=2, hidden=128, hq=4, hkv=2, head_dim=64, ffn=256, vocab=512)
+    model = e2e.RandomModel(shape, "float32", "cpu", seed=1)
+    runs = {m: e2e.run_method(m, model, 37, 2, "float32", 1.0, warmup=1, steps=3, log=lambda s: None, reps=1)
+            for m in ("dense", "dense-flashinfer")}
+    a, b = runs["dense-flashinfer"]["logits"], runs["dense"]["logits"]
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-4, rtol=2e-4)
+    assert torch.equal(runs["dense-flashinfer"]["tokens"], runs["dense"]["tokens"])
+    assert runs["dense-flashinfer"]["read_fraction"] == 1.0
+    # planned once per step (not per layer): 4 steps, 2 layers each
+    assert len(_Wrapper.runs) == 4 * shape.layers and len(set(_Wrapper.runs)) == 1
+
+
 def test_sweep_times_and_cross_checks_the_flashinfer_peers(stand_in, tmp_path, capsys):
     import json
     from tactic.bench.__main__ import main

@@ -156,7 +156,10 @@ def e2e_main(argv) -> int:
     ap.add_argument("--mode", default="eager", choices=["eager", "static", "graphs"],
                     help="eager ops; the step's pieces over fixed buffers; or those pieces as CUDA graphs "
                          "with attention eager between them (piecewise graphs, as engines run decode)")
-    ap.add_argument("--methods", nargs="+", help="of none, dense, dense-flash, dense-cudnn, tactic")
+    ap.add_argument("--methods", nargs="+", help="of none, dense, dense-flash, dense-cudnn, dense-flashinfer, tactic")
+    ap.add_argument("--workload", default="model", choices=["model", "synthetic", "sparse"],
+                    help="model: first two layers with a quarter of their query heads flat, the others none "
+                         "(default); synthetic: workload (b) in every layer; sparse: no flat heads")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--heads", type=_heads)
@@ -181,17 +184,21 @@ def e2e_main(argv) -> int:
         kw["hq"], kw["hkv"] = a.heads
     shape = ModelShape(**kw)
     contexts = a.context or ([32 * K, 128 * K] if cuda else [1024])
-    methods = a.methods or (["none", "dense-flash", "dense-cudnn", "tactic"] if cuda else ["none", "dense", "tactic"])
+    methods = a.methods or (["none", "dense-flash", "dense-cudnn", "dense-flashinfer", "tactic"] if cuda
+                            else ["none", "dense", "tactic"])
     env = report.environment(a.device)
-    print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}, mode {a.mode}")
+    print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}, mode {a.mode}, "
+          f"workload {a.workload}")
     if a.mode == "graphs" and not cuda:
         ap.error("--mode graphs needs a CUDA device")
     res = run(contexts, a.batch, a.dtype, a.target, a.device, shape, methods, a.warmup, a.steps, a.seed, reps=a.reps,
-              mode=a.mode)
+              mode=a.mode, workload=a.workload)
     for r in res["rows"]:
         if "speedup_vs_faster_dense" in r:
             print(f"N={r['N']}: Tactic {r['methods']['tactic']['tokens_per_s']:.2f} tokens/s, "
-                  f"{r['speedup_vs_faster_dense']:.2f}x the faster dense (Tactic reads {r['tactic_read_fraction']:.2%})")
+                  f"{r['speedup_vs_faster_dense']:.2f}x the faster dense ({r['faster_dense']}, reads 100%) "
+                  f"(Tactic reads {r['tactic_read_fraction']:.2%}; per layer "
+                  f"{', '.join(f'{x:.0%}' for x in r['tactic_read_fraction_per_layer'])})")
     path = report.result_path(a.out, a.device, "e2e" + (f"-{a.tag}" if a.tag else ""), "json")
     report.write_json(path, {**env, "kind": "e2e", "argv": sys.argv[1:], **res})
     print(f"wrote {path}")
