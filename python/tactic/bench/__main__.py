@@ -117,7 +117,7 @@ def sweep_main(argv) -> int:
     print(report.table(sw.rows))
     for s in sw.skipped:
         c = s["case"]
-        print(f"skipped N={c['n']} B={c['batch']} {c['hq']}/{c['hkv']} {c['dtype']}: {s['reason']}")
+        print(f"skipped {c['workload']} N={c['n']} B={c['batch']} {c['hq']}/{c['hkv']} {c['dtype']}: {s['reason']}")
     print(f"sweep wall time {wall:.0f} s")
     kind = "bench-" + "-".join(a.workload) + ("-quick" if a.quick else "") + (f"-{a.tag}" if a.tag else "")
     payload = {**env, "kind": "sweep", "workload": "+".join(a.workload), "workloads": list(a.workload),

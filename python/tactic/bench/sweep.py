@@ -50,7 +50,7 @@ class Case:
         return traffic.dense_bytes(self.batch, self.hkv, self.n, self.d, ELEM_BYTES[self.dtype])
 
     def label(self) -> str:
-        return f"N={self.n} B={self.batch} {self.hq}/{self.hkv} D={self.d} {self.dtype}"
+        return f"{self.workload} N={self.n} B={self.batch} {self.hq}/{self.hkv} D={self.d} {self.dtype}"
 
 
 @dataclass
@@ -291,7 +291,7 @@ class Sweep:
             est = self.case_time_estimate(c, layers)
             if not reason:
                 elapsed += est
-            lines.append(f"{c.label():<40} slots {layers:>2}  mem {memory_estimate(c, layers) / 2**30:6.1f} GiB  "
+            lines.append(f"{c.label():<50} slots {layers:>2}  mem {memory_estimate(c, layers) / 2**30:6.1f} GiB  "
                          f"k-means {prefill_estimate_s(c, layers, self.kmeans_flops):6.1f} s  case ~{est:5.1f} s  "
                          + (f"SKIP ({reason})" if reason else f"run (t ~{elapsed:.0f} s)"))
         return "\n".join(lines)
