@@ -3,7 +3,7 @@
    python -m tactic.bench plot FILE.json    redraw the PNG of a sweep's JSON
 
 Results (JSON + PNG, named <device>-<kind>-<date>) go to --out (default bench/results).
-Defaults are the full GPU sweep (~8 min on an H100); --quick is a ~1 minute subset. On a
+Defaults are the full GPU sweep (~8 min on an H100); --quick is a ~2 minute subset. On a
 machine without a GPU the defaults shrink to a tiny CPU run (--device cpu), skipping the
 GPU-only peers (torch SDPA cuDNN/flash, CUDA graphs).
 """
@@ -56,10 +56,11 @@ def sweep_main(argv) -> int:
                          "(a sparse layer); fixture: real SmolLM2 KV tiled (9/3 heads, D 64). "
                          "Default: synthetic sparse")
     ap.add_argument("--no-flashinfer", action="store_true", help="leave out the FlashInfer peers")
-    ap.add_argument("--quick", action="store_true", help="~1 minute per workload: 8K-128K, B=1, 32/8, fp16, P=0.9")
+    ap.add_argument("--quick", action="store_true", help="~2 minutes: 8K-128K, B=1, 32/8, fp16, P=0.9")
     ap.add_argument("--rotate-mb", type=float, help="bytes the rotation cycles through (default 200 on CUDA, 0 on CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget of the sweep (default 420; 60 with --quick; times the workloads)")
+                    help="wall-clock budget of the sweep (default 420; 120 with --quick; cases past it are "
+                         "skipped, with the reason)")
     ap.add_argument("--max-prefill-s", type=float, default=30.0, help="skip cases whose k-means would take longer")
     ap.add_argument("--series-s", type=float, default=0.15, help="time per timed series (sets the run count)")
     ap.add_argument("--min-runs", type=int, default=20)
@@ -99,7 +100,7 @@ def sweep_main(argv) -> int:
         opt.head_dim = a.head_dim
     if a.rotate_mb is not None:
         opt.rotate_bytes = int(a.rotate_mb * 2**20)
-    opt.time_budget_s = a.budget_s if a.budget_s is not None else (60.0 if a.quick else 420.0) * len(a.workload)
+    opt.time_budget_s = a.budget_s if a.budget_s is not None else (120.0 if a.quick else 420.0)
 
     if a.plan is not None:
         opt.device = "cuda"  # estimates for the GPU, whatever runs this
