@@ -164,14 +164,32 @@ def test_cli_on_cpu_writes_the_json(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "floor" in printed and "sel" in printed and "n/a" in printed
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].startswith("cpu-bench-synthetic-test-") and files[1].endswith(".png")
+    # the default sweep runs workload (b) and its sparse layer
+    assert len(files) == 2 and files[0].startswith("cpu-bench-synthetic-sparse-test-") and files[1].endswith(".png")
     d = json.loads((tmp_path / files[0]).read_text())
     for key in ("device", "date", "git_commit", "torch", "tactic", "copy_bandwidth", "rows", "skipped", "options"):
         assert key in d, key
     assert d["copy_bandwidth"]["median_gbps"] > 0
     assert d["git_commit"] == "abc1234" and d["settings"] == {"TACTIC_PDL": "0"}
-    assert [r["P"] for r in d["rows"]] == [0.8, 0.95]
+    assert d["workloads"] == ["synthetic", "sparse"]
+    assert [(r["workload"], r["P"]) for r in d["rows"]] == [("synthetic", 0.8), ("synthetic", 0.95),
+                                                            ("sparse", 0.8), ("sparse", 0.95)]
+    # which peers ran and why the others did not, per row and over the run
+    for name in ("flashinfer_dense", "flashinfer_selection"):
+        why = d["peers"][name]["skipped"][0]
+        assert "flashinfer not installed: pip install flashinfer-python" in why or "CUDA only" in why, why
+    for name in ("flashinfer_dense", "flashinfer_selection", "sdpa_flash_folded"):
+        assert d["peers"][name]["ran_rows"] == 0 and d["peers"][name]["skipped"], name
+    assert d["peers"]["tactic_step"]["ran_rows"] == 4 and d["peers"]["tactic_step"]["skipped"] == []
     for r in d["rows"]:
+        assert set(r["peers"]["skipped"]) >= {"flashinfer_dense", "flashinfer_selection", "sdpa_cudnn_gqa"}
+        assert "tactic_step" in r["peers"]["ran"] and "gather_sdpa" in r["peers"]["ran"]
+        assert r["check_failures"] == []
+        # every figure states the fraction of the context it read
+        for name, m in r["methods"].items():
+            if "median_us" in m:
+                want = 1.0 if name == "dense" else r["selected_fraction"]
+                assert m["read_fraction"] == pytest.approx(want), name
         assert (r["N"], r["B"], r["Hq"], r["Hkv"], r["D"], r["dtype"]) == (1024, 2, 4, 2, 64, "float16")
         assert 0 < r["selected_fraction"] <= 1
         m = r["methods"]

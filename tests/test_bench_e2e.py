@@ -56,3 +56,24 @@ def test_modes_are_checked(model):
         e2e.run_method("none", model, 100, 1, "float32", 1.0, warmup=0, steps=1, log=lambda s: None, mode="fast")
     with pytest.raises(ValueError, match="CUDA"):
         e2e.StaticStep(model, None, 1, graphs=True)
+
+
+def test_model_shaped_mix_and_its_read_fractions():
+    shape = e2e.ModelShape(layers=3, hidden=128, hq=8, hkv=2, head_dim=64, ffn=256, vocab=512)
+    model = e2e.RandomModel(shape, "float32", "cpu", seed=2)
+    res = e2e.run([2048], 1, "float32", 0.9, "cpu", shape, ("dense", "tactic"), warmup=1, steps=1,
+                  log=lambda s: None, reps=1)
+    assert res["workload"] == "model" and res["peers"] == {"dense": [], "tactic": []}
+    t = res["rows"][0]["methods"]["tactic"]
+    # first two layers: a quarter of the 8 query heads flat; the third none
+    assert t["flat_head_fraction_per_layer"] == [0.25, 0.25, 0.0]
+    reads = res["rows"][0]["tactic_read_fraction_per_layer"]
+    assert len(reads) == 3 and reads[2] < min(reads[:2]), reads   # flat heads read most of the context
+    assert res["rows"][0]["tactic_read_fraction"] == pytest.approx(np.mean(reads))
+    assert res["rows"][0]["faster_dense"] == "dense" and res["rows"][0]["methods"]["dense"]["read_fraction"] == 1.0
+    sparse = e2e.run_method("tactic", model, 2048, 1, "float32", 0.9, warmup=1, steps=1, log=lambda s: None,
+                            reps=1, workload="sparse")
+    assert sparse["flat_head_fraction_per_layer"] == [0.0] * 3
+    assert max(sparse["read_fraction_per_layer"]) < min(reads[:2])
+    with pytest.raises(ValueError, match="workload"):
+        e2e.WorkloadInputs(shape, 100, 1, "float32", "cpu", workload="llama")

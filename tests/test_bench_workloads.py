@@ -84,3 +84,29 @@ def test_tiled_fixture_has_one_sink_and_real_queries(fixture_data):
     same = (wl.keys[0].float() == k0[:, None, :]).all(dim=2)  # [Hkv, N]
     assert same[:, 0].all() and int(same.sum()) == 3
     np.testing.assert_array_equal(wl.queries[0].numpy(), cap.queries[0])
+
+
+def test_sparse_layer_is_workload_b_without_flat_heads(at_32k):
+    wl, (frac_b, _, _) = at_32k
+    sp = workloads.make("sparse", 32768, 1, 32, 8, 128, "float16", "cpu", seed=3)
+    assert sp.name == "sparse" and sp.info["dense_heads"] == [] and sp.info["flat_head_fraction"] == 0
+    assert wl.name == "synthetic" and wl.info["flat_head_fraction"] == 2 / 32
+    frac, sink, _ = oracle(sp)
+    # no head needs most of the context, the sparse heads keep workload (b)'s calibration
+    assert frac.max() < 0.2, frac
+    assert 0.02 <= np.median(frac) <= 0.05
+    assert np.mean(sink >= 0.1) >= 0.9
+    assert frac.mean() < 0.5 * frac_b.mean(), (frac.mean(), frac_b.mean())
+    with pytest.raises(ValueError, match="workload"):
+        workloads.make("flat", 64, 1, 4, 2, 64, "float16", "cpu", seed=0)
+
+
+def test_model_mix_puts_flat_heads_in_the_first_two_layers():
+    specs = [workloads.model_layer_spec(l) for l in range(32)]
+    assert [s.dense_head_fraction for s in specs[:3]] == [0.25, 0.25, 0.0]
+    assert all(s == workloads.SPARSE_SPEC for s in specs[2:])
+    wl = workloads.synthetic(2048, 1, 32, 8, 64, "float32", "cpu", seed=1, spec=specs[0])
+    assert len(wl.info["dense_heads"]) == 8 and wl.info["flat_head_fraction"] == 0.25
+    frac, _, _ = oracle(wl)
+    flat = wl.info["dense_heads"]
+    assert all(frac[h] > 0.5 for h in flat), frac[flat]

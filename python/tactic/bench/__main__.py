@@ -3,7 +3,7 @@
    python -m tactic.bench plot FILE.json    redraw the PNG of a sweep's JSON
 
 Results (JSON + PNG, named <device>-<kind>-<date>) go to --out (default bench/results).
-Defaults are the full GPU sweep (~8 min on an H100); --quick is a ~1 minute subset. On a
+Defaults are the full GPU sweep (~8 min on an H100); --quick is a ~2 minute subset. On a
 machine without a GPU the defaults shrink to a tiny CPU run (--device cpu), skipping the
 GPU-only peers (torch SDPA cuDNN/flash, CUDA graphs).
 """
@@ -50,11 +50,17 @@ def sweep_main(argv) -> int:
     ap.add_argument("--head-dim", type=int)
     ap.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--target", nargs="+", type=float, help="P values")
-    ap.add_argument("--workload", default="synthetic", choices=["synthetic", "fixture"],
-                    help="synthetic: calibrated generator; fixture: real SmolLM2 KV tiled (9/3 heads, D 64)")
-    ap.add_argument("--quick", action="store_true", help="~1 minute: 8K-128K, B=1, 32/8, fp16, P=0.9")
+    ap.add_argument("--workload", nargs="+", default=["synthetic", "sparse"],
+                    choices=["synthetic", "sparse", "fixture"],
+                    help="synthetic: calibrated generator, workload (b); sparse: the same without flat heads "
+                         "(a sparse layer); fixture: real SmolLM2 KV tiled (9/3 heads, D 64). "
+                         "Default: synthetic sparse")
+    ap.add_argument("--no-flashinfer", action="store_true", help="leave out the FlashInfer peers")
+    ap.add_argument("--quick", action="store_true", help="~2 minutes: 8K-128K, B=1, 32/8, fp16, P=0.9")
     ap.add_argument("--rotate-mb", type=float, help="bytes the rotation cycles through (default 200 on CUDA, 0 on CPU)")
-    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the sweep (default 420; 60 with --quick)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget of the sweep (default 420; 120 with --quick; cases past it are "
+                         "skipped, with the reason)")
     ap.add_argument("--max-prefill-s", type=float, default=30.0, help="skip cases whose k-means would take longer")
     ap.add_argument("--series-s", type=float, default=0.15, help="time per timed series (sets the run count)")
     ap.add_argument("--min-runs", type=int, default=20)
@@ -76,7 +82,8 @@ def sweep_main(argv) -> int:
     import tactic
     if cuda and a.plan is None and not tactic.with_cuda:
         ap.error("this build of tactic has no CUDA backend (rebuild with -Ccmake.define.TACTIC_CUDA=ON)")
-    opt = Options(device=a.device, workload=a.workload, seed=a.seed, graphs=not a.no_graphs,
+    opt = Options(device=a.device, workloads=tuple(a.workload), seed=a.seed, graphs=not a.no_graphs,
+                  flashinfer=not a.no_flashinfer,
                   padded_gather=not a.no_padded_gather, max_prefill_s=a.max_prefill_s,
                   runs=RunPolicy(warmup=5, min_runs=a.min_runs, max_runs=a.max_runs, budget_s=a.series_s))
     if not cuda:  # development defaults: a few seconds on a laptop core
@@ -93,7 +100,7 @@ def sweep_main(argv) -> int:
         opt.head_dim = a.head_dim
     if a.rotate_mb is not None:
         opt.rotate_bytes = int(a.rotate_mb * 2**20)
-    opt.time_budget_s = a.budget_s if a.budget_s is not None else (60.0 if a.quick else 420.0)
+    opt.time_budget_s = a.budget_s if a.budget_s is not None else (120.0 if a.quick else 420.0)
 
     if a.plan is not None:
         opt.device = "cuda"  # estimates for the GPU, whatever runs this
@@ -111,10 +118,11 @@ def sweep_main(argv) -> int:
     print(report.table(sw.rows))
     for s in sw.skipped:
         c = s["case"]
-        print(f"skipped N={c['n']} B={c['batch']} {c['hq']}/{c['hkv']} {c['dtype']}: {s['reason']}")
+        print(f"skipped {c['workload']} N={c['n']} B={c['batch']} {c['hq']}/{c['hkv']} {c['dtype']}: {s['reason']}")
     print(f"sweep wall time {wall:.0f} s")
-    kind = f"bench-{a.workload}" + ("-quick" if a.quick else "") + (f"-{a.tag}" if a.tag else "")
-    payload = {**env, "kind": "sweep", "workload": a.workload, "copy_bandwidth": bw,
+    kind = "bench-" + "-".join(a.workload) + ("-quick" if a.quick else "") + (f"-{a.tag}" if a.tag else "")
+    payload = {**env, "kind": "sweep", "workload": "+".join(a.workload), "workloads": list(a.workload),
+               "copy_bandwidth": bw, "peers": sw.peers_summary(),
                "options": {k: v for k, v in vars(opt).items() if k != "runs"} | {"runs": vars(opt.runs)},
                "argv": sys.argv[1:], "wall_s": wall, "rows": sw.rows, "skipped": sw.skipped, "cases": sw.cases_run}
     path = report.result_path(a.out, a.device, kind, "json")
@@ -149,7 +157,10 @@ def e2e_main(argv) -> int:
     ap.add_argument("--mode", default="eager", choices=["eager", "static", "graphs"],
                     help="eager ops; the step's pieces over fixed buffers; or those pieces as CUDA graphs "
                          "with attention eager between them (piecewise graphs, as engines run decode)")
-    ap.add_argument("--methods", nargs="+", help="of none, dense, dense-flash, dense-cudnn, tactic")
+    ap.add_argument("--methods", nargs="+", help="of none, dense, dense-flash, dense-cudnn, dense-flashinfer, tactic")
+    ap.add_argument("--workload", default="model", choices=["model", "synthetic", "sparse"],
+                    help="model: first two layers with a quarter of their query heads flat, the others none "
+                         "(default); synthetic: workload (b) in every layer; sparse: no flat heads")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--heads", type=_heads)
@@ -174,17 +185,21 @@ def e2e_main(argv) -> int:
         kw["hq"], kw["hkv"] = a.heads
     shape = ModelShape(**kw)
     contexts = a.context or ([32 * K, 128 * K] if cuda else [1024])
-    methods = a.methods or (["none", "dense-flash", "dense-cudnn", "tactic"] if cuda else ["none", "dense", "tactic"])
+    methods = a.methods or (["none", "dense-flash", "dense-cudnn", "dense-flashinfer", "tactic"] if cuda
+                            else ["none", "dense", "tactic"])
     env = report.environment(a.device)
-    print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}, mode {a.mode}")
+    print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}, mode {a.mode}, "
+          f"workload {a.workload}")
     if a.mode == "graphs" and not cuda:
         ap.error("--mode graphs needs a CUDA device")
     res = run(contexts, a.batch, a.dtype, a.target, a.device, shape, methods, a.warmup, a.steps, a.seed, reps=a.reps,
-              mode=a.mode)
+              mode=a.mode, workload=a.workload)
     for r in res["rows"]:
         if "speedup_vs_faster_dense" in r:
             print(f"N={r['N']}: Tactic {r['methods']['tactic']['tokens_per_s']:.2f} tokens/s, "
-                  f"{r['speedup_vs_faster_dense']:.2f}x the faster dense (Tactic reads {r['tactic_read_fraction']:.2%})")
+                  f"{r['speedup_vs_faster_dense']:.2f}x the faster dense ({r['faster_dense']}, reads 100%) "
+                  f"(Tactic reads {r['tactic_read_fraction']:.2%}; per layer "
+                  f"{', '.join(f'{x:.0%}' for x in r['tactic_read_fraction_per_layer'])})")
     path = report.result_path(a.out, a.device, "e2e" + (f"-{a.tag}" if a.tag else ""), "json")
     report.write_json(path, {**env, "kind": "e2e", "argv": sys.argv[1:], **res})
     print(f"wrote {path}")

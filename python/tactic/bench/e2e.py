@@ -8,7 +8,10 @@ projection, MLP), the final norm and the LM head, and picks the next token by ar
 
 Attention sees realistic inputs: the KV cache of every layer is prefilled with the calibrated
 synthetic workload (workloads.synthetic; running the model over 128K tokens would take long
-and random weights would not make realistic attention anyway), and the attention's query is
+and random weights would not make realistic attention anyway), by default in the model-shaped
+mix ('model': the first two layers with a quarter of their query heads flat, the other layers
+none, as real models concentrate flat heads in their first layers; 'synthetic' is workload (b)
+in every layer, 'sparse' no flat head anywhere), and the attention's query is
 that workload's query of the layer plus 1% of the projected q (the projection runs and feeds
 attention, but random weights cannot aim a query at the workload's relevant tokens). The new
 token's key/value likewise are a background token of the workload plus 1% of the projections.
@@ -17,6 +20,9 @@ Both methods do exactly this; only the attention differs:
 - dense: a preallocated torch KV cache [B, Hkv, capacity, D] per layer; the token is written in
   place, then torch SDPA over the filled part (flash or cuDNN backend, G query heads folded
   into query rows).
+- dense-flashinfer: FlashInfer's FA2 paged decode over a preallocated NHD page cache (page 16)
+  per layer; the token is written into its page, and the wrapper is planned once per step (at
+  layer 0, all layers have the same lengths), as a serving engine does, then run per layer.
 - none: attention skipped (its output is q): the step's cost without attention, the bound.
 Eager by default. With graphs=True (CUDA), the step runs as inference engines run decode:
 piecewise CUDA graphs. Each layer's work before attention (norm, QKV projection, RoPE, the
@@ -39,7 +45,21 @@ import torch
 import torch.nn.functional as F
 
 from .. import SparseDecoder
-from .workloads import TORCH_DTYPES, synthetic
+from . import peers as P
+from .workloads import DEFAULT_SPEC, SPARSE_SPEC, TORCH_DTYPES, model_layer_spec, synthetic
+
+E2E_WORKLOADS = ("model", "synthetic", "sparse")
+
+
+def layer_spec(workload: str, layer: int):
+    """The synthetic workload's spec of `layer` under the e2e workload name (E2E_WORKLOADS)."""
+    if workload == "model":
+        return model_layer_spec(layer)
+    if workload == "synthetic":
+        return DEFAULT_SPEC
+    if workload == "sparse":
+        return SPARSE_SPEC
+    raise ValueError(f"`workload` must be one of {E2E_WORKLOADS}, got {workload!r}")
 
 
 @dataclass(frozen=True)
@@ -209,9 +229,13 @@ class StaticStep:
 
 
 class WorkloadInputs:
-    """Calibrated attention inputs per layer (synthetic workload b), shared by all methods."""
+    """Calibrated attention inputs per layer (the synthetic workload, each layer's spec from
+    layer_spec(workload, layer)), shared by all methods."""
 
-    def __init__(self, shape: ModelShape, n: int, batch: int, dtype: str, device, seed: int = 0, mix: float = 0.01):
+    def __init__(self, shape: ModelShape, n: int, batch: int, dtype: str, device, seed: int = 0, mix: float = 0.01,
+                 workload: str = "model"):
+        layer_spec(workload, 0)  # checks the name
+        self.workload = workload
         self.mix = mix
         self.n = n
         self.q: List[torch.Tensor] = []
@@ -222,7 +246,7 @@ class WorkloadInputs:
     def layer(self, l: int):
         """The workload of layer l (regenerated on demand: identical for every method)."""
         return synthetic(self.n, self.batch, self.shape.hq, self.shape.hkv, self.shape.head_dim,
-                         self.dtype, self.device, seed=self.seed + l)
+                         self.dtype, self.device, seed=self.seed + l, spec=layer_spec(self.workload, l))
 
     def remember(self, l: int, wl) -> None:
         """Keep what decode steps need from layer l's workload: its query and 64 background tokens."""
@@ -277,6 +301,54 @@ class DenseCache:
         return o.reshape(b, hkv * self.g, d)
 
 
+class FlashInferCache:
+    """Preallocated FlashInfer page cache per layer ([B * pages, 16, Hkv, D] NHD, K and V);
+    attention by BatchDecodeWithPagedKVCacheWrapper, planned once per step."""
+
+    def __init__(self, shape: ModelShape, batch: int, capacity: int, dtype, device, page_size: int = 16):
+        self.fi = P.flashinfer_module(device)
+        self.page_size, self.batch = page_size, batch
+        self.seq_pages = -(-capacity // page_size)
+        self.hq, self.hkv, self.d = shape.hq, shape.hkv, shape.head_dim
+        self.dtype = dtype
+        pages = batch * self.seq_pages
+        self.k = [torch.zeros(pages, page_size, shape.hkv, shape.head_dim, dtype=dtype, device=device)
+                  for _ in range(shape.layers)]
+        self.v = [torch.zeros_like(x) for x in self.k]
+        self.length = [0] * shape.layers
+        self.planned = 0  # the sequence length the wrapper is planned for
+        workspace = torch.zeros(P.FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+        self.out = torch.empty(batch, shape.hq, shape.head_dim, dtype=dtype, device=device)
+
+    def _tokens(self, l: int) -> torch.Tensor:
+        """Layer l's K cache as [B, seq_pages * page_size, Hkv, D] (a view)."""
+        return self.k[l].view(self.batch, self.seq_pages * self.page_size, self.hkv, self.d)
+
+    def prefill(self, l: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[2]
+        self._tokens(l)[:, :n] = keys.transpose(1, 2)
+        self.v[l].view(self.batch, -1, self.hkv, self.d)[:, :n] = values.transpose(1, 2)
+        self.length[l] = n
+
+    def plan(self, n: int) -> None:
+        t = P.dense_page_table(self.batch, n, self.page_size, self.seq_pages)
+        dev = self.k[0].device
+        self.wrapper.plan(torch.from_numpy(t.indptr), torch.from_numpy(t.indices).to(dev),
+                          torch.from_numpy(t.last_page_len), self.hq, self.hkv, self.d, self.page_size,
+                          pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
+        self.planned = n
+
+    def __call__(self, l, q, k, v):
+        n = self.length[l]
+        self._tokens(l)[:, n] = k
+        self.v[l].view(self.batch, -1, self.hkv, self.d)[:, n] = v
+        self.length[l] = n + 1
+        if self.planned != n + 1:  # once per step: every layer has the same length
+            self.plan(n + 1)
+        return self.wrapper.run(q, (self.k[l], self.v[l]), out=self.out)
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -323,27 +395,34 @@ MODES = ("eager", "static", "graphs")
 
 
 def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, target: float,
-               warmup: int, steps: int, seed: int = 0, log=print, reps: int = 3, mode: str = "eager") -> dict:
-    """Prefill the KV of every layer with the workload and time the decode loop with `method`:
-    'tactic', 'dense-flash', 'dense-cudnn', 'dense' (default SDPA dispatch) or 'none'.
+               warmup: int, steps: int, seed: int = 0, log=print, reps: int = 3, mode: str = "eager",
+               workload: str = "model") -> dict:
+    """Prefill the KV of every layer with the workload (E2E_WORKLOADS) and time the decode loop
+    with `method`: 'tactic', 'dense-flash', 'dense-cudnn', 'dense' (default SDPA dispatch),
+    'dense-flashinfer' or 'none'.
     mode: 'eager' (RandomModel.step), 'static' (StaticStep's pieces, no graphs) or 'graphs'
     (StaticStep's pieces as CUDA graphs, attention eager between them)."""
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
     s, dev = model.shape, model.device
-    inputs = WorkloadInputs(s, n, batch, dtype, dev, seed)
+    inputs = WorkloadInputs(s, n, batch, dtype, dev, seed, workload=workload)
     cap = n + reps * (warmup + steps) + 1
     t0 = time.perf_counter()
     dec = cache = None
     if method == "tactic":
         dec = SparseDecoder(s.layers, s.hq, s.hkv, s.head_dim, max_batch=batch, max_tokens=cap, device=str(dev),
                             dtype=dtype, target=target)
-    elif method.startswith("dense"):
+    elif method == "dense-flashinfer":
+        cache = FlashInferCache(s, batch, cap, model.dtype, dev)
+    elif method in ("dense", "dense-flash", "dense-cudnn"):
         cache = DenseCache(s, batch, cap, model.dtype, dev, method.split("-", 1)[1] if "-" in method else None)
     elif method != "none":
-        raise ValueError(f"`method` must be tactic, dense, dense-flash, dense-cudnn or none, got {method!r}")
+        raise ValueError(f"`method` must be tactic, dense, dense-flash, dense-cudnn, dense-flashinfer or none, "
+                         f"got {method!r}")
+    flat = []
     for l in range(s.layers):
         wl = inputs.layer(l)
+        flat.append(wl.info["flat_head_fraction"])
         inputs.remember(l, wl)
         if dec is not None:
             dec.prefill(l, wl.keys.transpose(1, 2), wl.values.transpose(1, 2))  # token-major views
@@ -377,6 +456,7 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
     res["s_per_step_reps"] = [x["s_per_step"] for x in runs]
     if dec is not None:
         reads = [float(dec.stats(l)["read_fraction"].mean()) for l in range(s.layers)]
+        res["read_fraction_per_layer"] = reads
     if static is not None and method == "none":
         # the pieces (graphed or not) against the eager step on the same token and position:
         # 'none' keeps no state, so both must give the same logits
@@ -389,7 +469,7 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
         res["pieces_vs_eager_max_abs"] = diff
         if not diff <= 1e-3 * max(1.0, float(ref.float().abs().max())):
             raise RuntimeError(f"the {mode} step differs from the eager one: max |diff| {diff:.3g}")
-    res.update(method=method, N=n, prefill_s=prefill_s, mode=mode,
+    res.update(method=method, N=n, prefill_s=prefill_s, mode=mode, workload=workload, flat_head_fraction_per_layer=flat,
                read_fraction=(sum(reads) / len(reads)) if reads else (1.0 if cache is not None else 0.0))
     log(f"  {method:<12} N={n}: {res['tokens_per_s']:.2f} tokens/s ({res['s_per_step'] * 1e3:.2f} ms/step, "
         f"median of {' / '.join(f'{x * 1e3:.1f}' for x in res['s_per_step_reps'])}), "
@@ -399,8 +479,9 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
 
 
 def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelShape = ModelShape(),
-        methods=("none", "dense-flash", "dense-cudnn", "tactic"), warmup: int = 3, steps: int = 16,
-        seed: int = 0, log=print, reps: int = 3, mode: str = "eager") -> dict:
+        methods=("none", "dense-flash", "dense-cudnn", "dense-flashinfer", "tactic"), warmup: int = 3,
+        steps: int = 16, seed: int = 0, log=print, reps: int = 3, mode: str = "eager",
+        workload: str = "model") -> dict:
     """Every method at every context; returns the JSON-ready result (logits dropped)."""
     model = RandomModel(shape, dtype, device, seed)
     rows = []
@@ -408,8 +489,8 @@ def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelSha
         per: Dict[str, dict] = {}
         for m in methods:
             try:
-                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log, reps, mode)
-            except RuntimeError as e:  # e.g. an SDPA backend this GPU lacks
+                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log, reps, mode, workload)
+            except (RuntimeError, P.Unavailable) as e:  # e.g. an SDPA backend this GPU lacks, no FlashInfer
                 log(f"  {m:<12} N={n}: n/a ({str(e).strip().splitlines()[0]})")
                 per[m] = {"unavailable": str(e).strip().splitlines()[0]}
                 continue
@@ -420,10 +501,18 @@ def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelSha
                 torch.cuda.empty_cache()
         dense = [per[m]["tokens_per_s"] for m in per if m.startswith("dense") and "tokens_per_s" in per[m]]
         row = {"N": n, "methods": per}
+        if dense:
+            best = max((m for m in per if m.startswith("dense") and "tokens_per_s" in per[m]),
+                       key=lambda m: per[m]["tokens_per_s"])
+            row["faster_dense"] = best
         if dense and "tokens_per_s" in per.get("tactic", {}):
             row["speedup_vs_faster_dense"] = per["tactic"]["tokens_per_s"] / max(dense)
             row["tactic_read_fraction"] = per["tactic"]["read_fraction"]
+            row["tactic_read_fraction_per_layer"] = per["tactic"]["read_fraction_per_layer"]
         rows.append(row)
     return {"shape": asdict(shape), "batch": batch, "dtype": dtype, "target": target,
             "weight_bytes": shape.weight_bytes(torch.finfo(TORCH_DTYPES[dtype]).bits // 8),
-            "mode": mode, "cuda_graphs": mode == "graphs", "rows": rows}
+            "mode": mode, "cuda_graphs": mode == "graphs", "workload": workload,
+            "peers": {m: [r["methods"][m]["unavailable"] for r in rows if "unavailable" in r["methods"].get(m, {})]
+                      for m in methods},
+            "rows": rows}

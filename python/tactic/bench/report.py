@@ -87,10 +87,10 @@ def _us(methods: dict, *names) -> str:
 
 
 def table(rows: List[dict]) -> str:
-    """One line per (case, P): latencies in us (medians), selected fraction, floor, speedups."""
-    hdr = (f"{'N':>7} {'B':>3} {'Hq/Hkv':>6} {'dtype':>8} {'P':>5} {'sel':>6} | {'cudnn':>8} {'flash':>8} "
-           f"{'dense':>8} | {'step':>8} {'step-g':>8} {'attn':>8} {'gather':>8} | {'floor':>7} {'st/fl':>5} "
-           f"| {'spd':>6} {'spd-g':>6}")
+    """One line per (case, P): latencies in us (medians), read fraction, floor, speedups."""
+    hdr = (f"{'workload':>9} {'N':>7} {'B':>3} {'Hq/Hkv':>6} {'dtype':>8} {'P':>5} {'sel':>6} | {'cudnn':>8} "
+           f"{'flash':>8} {'fi-dns':>8} {'dense':>8} | {'step':>8} {'step-g':>8} {'attn':>8} {'fi-sel':>8} "
+           f"{'gather':>8} | {'floor':>7} {'st/fl':>5} | {'spd':>6} {'spd-g':>6} {'spd-bd':>6}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         m = r["methods"]
@@ -100,15 +100,22 @@ def table(rows: List[dict]) -> str:
         def x(v):
             return f"{v:.2f}x" if v else "n/a"
         lines.append(
-            f"{r['N']:>7} {r['B']:>3} {str(r['Hq']) + '/' + str(r['Hkv']):>6} {r['dtype']:>8} {r['P']:>5.2f} "
-            f"{r['selected_fraction']:>6.1%} | {_us(m, 'sdpa_cudnn_gqa', 'sdpa_cudnn_folded'):>8} "
-            f"{_us(m, 'sdpa_flash_gqa', 'sdpa_flash_folded'):>8} {_us(m, 'dense'):>8} | "
+            f"{r['workload']:>9} {r['N']:>7} {r['B']:>3} {str(r['Hq']) + '/' + str(r['Hkv']):>6} {r['dtype']:>8} "
+            f"{r['P']:>5.2f} {r['selected_fraction']:>6.1%} | {_us(m, 'sdpa_cudnn_gqa', 'sdpa_cudnn_folded'):>8} "
+            f"{_us(m, 'sdpa_flash_gqa', 'sdpa_flash_folded'):>8} {_us(m, 'flashinfer_dense'):>8} "
+            f"{_us(m, 'dense'):>8} | "
             f"{_us(m, 'tactic_step'):>8} {_us(m, 'tactic_step_graph'):>8} {_us(m, 'tactic_attention'):>8} "
-            f"{_us(m, 'gather_sdpa'):>8} | {fl['us']:>7.1f} {fl.get('ratio_eager') or float('nan'):>5.2f} | "
-            f"{x(sp.get('tactic_step')):>6} {x(sp.get('tactic_step_graph')):>6}")
-    lines.append("us, medians. sel: tokens Tactic read / N (mean over KV heads and rotation layers); "
-                 "cudnn/flash: faster of the two GQA forms; step: selection + attention; step-g: the same "
-                 "replayed as a CUDA graph; attn: attention over the step's selection; gather: torch gather + "
-                 "SDPA at the same tokens; floor: step's byte floor / copy BW + launch; st/fl: step / floor; "
-                 "spd: faster SDPA / step (eager), spd-g: the same with CUDA graphs on both sides.")
+            f"{_us(m, 'flashinfer_selection'):>8} {_us(m, 'gather_sdpa'):>8} | "
+            f"{fl['us']:>7.1f} {fl.get('ratio_eager') or float('nan'):>5.2f} | "
+            f"{x(sp.get('tactic_step')):>6} {x(sp.get('tactic_step_graph')):>6} "
+            f"{x(r.get('speedup_vs_dense_best', {}).get('tactic_step')):>6}")
+    lines.append("us, medians. sel: tokens Tactic read / N (mean over KV heads and rotation layers): the read "
+                 "fraction of step, step-g, attn, fi-sel and gather; cudnn, flash, fi-dns and dense read every "
+                 "token. cudnn/flash: faster of the two GQA forms; fi-dns: FlashInfer paged decode, all tokens, "
+                 "page 16; dense: Tactic's dense policy; step: selection + attention; step-g: the same replayed "
+                 "as a CUDA graph; attn: attention over the step's selection; fi-sel: FlashInfer paged decode over "
+                 "the same selection (page 1, a row per KV head); gather: torch gather + SDPA at the same tokens; "
+                 "floor: step's byte floor / copy BW + launch; st/fl: step / floor; spd: faster SDPA / step "
+                 "(eager), spd-g: the same with CUDA graphs on both sides; spd-bd: best dense (SDPA or "
+                 "FlashInfer) / step (eager).")
     return "\n".join(lines)

@@ -1,11 +1,14 @@
 """The decode-speed sweep: every method on the same inputs, per (N, B, heads, dtype) and P.
 
-For each case (N, B, Hq/Hkv, dtype) the workload is generated for `layers` rotation slots,
+For each case (workload, N, B, Hq/Hkv, dtype) the workload is generated for `layers` rotation slots,
 prefilled once into a Tactic decoder (clustered) and a dense one, and P is swept on the same
 Tactic decoder (dec.target = p). Cases are ordered so the headline setting (fp16, B = 1,
 32/8 heads) comes first, then by cost; a case that does not fit in memory, whose k-means
 prefill would take longer than `max_prefill_s`, or that would overrun the time budget is
-skipped with its reason (reported in the JSON).
+skipped with its reason (reported in the JSON). The default workloads are (b) ('synthetic') and
+its sparse layer ('sparse', no flat heads). Peers that cannot run (torch SDPA backends the GPU
+lacks, FlashInfer not installed, ...) are recorded per row with the reason (row['peers']), and
+every timed method records the fraction of the context it read (read_fraction).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .. import SparseDecoder
 from . import peers as P
 from . import traffic
 from .timing import RunPolicy, Timing, capture_graphs, time_calls
+from .workloads import NAMES as WORKLOAD_NAMES
 from .workloads import make as make_workload
 
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -46,7 +50,7 @@ class Case:
         return traffic.dense_bytes(self.batch, self.hkv, self.n, self.d, ELEM_BYTES[self.dtype])
 
     def label(self) -> str:
-        return f"N={self.n} B={self.batch} {self.hq}/{self.hkv} D={self.d} {self.dtype}"
+        return f"{self.workload} N={self.n} B={self.batch} {self.hq}/{self.hkv} D={self.d} {self.dtype}"
 
 
 @dataclass
@@ -58,26 +62,40 @@ class Options:
     head_dim: int = 128
     dtypes: Sequence[str] = ("float16", "bfloat16")
     targets: Sequence[float] = (0.8, 0.9, 0.95)
-    workload: str = "synthetic"
+    workloads: Sequence[str] = ("synthetic", "sparse")
+    workload: Optional[str] = None   # one workload only (overrides `workloads`; the older option)
     rotate_bytes: int = 4 * L2_BYTES
     max_layers: int = 64
     runs: RunPolicy = field(default_factory=lambda: RunPolicy(warmup=5, min_runs=20, max_runs=100, budget_s=0.15))
     graphs: bool = True
     padded_gather: bool = True
+    flashinfer: bool = True
     time_budget_s: float = 420.0
     max_prefill_s: float = 30.0
     memory_fraction: float = 0.85
     seed: int = 0
 
+    def __post_init__(self):
+        if self.workload is not None:
+            self.workloads = (self.workload,)
+        self.workloads = tuple(self.workloads)
+
 
 def cases(opt: Options) -> List[Case]:
-    """All cases of the sweep, headline first (fp16, B = 1, the first heads), then by size."""
-    heads = [FIXTURE_SHAPE[:2]] if opt.workload == "fixture" else list(opt.heads)
-    d = FIXTURE_SHAPE[2] if opt.workload == "fixture" else opt.head_dim
-    out = [Case(n, b, hq, hkv, d, dt, opt.workload) for dt in opt.dtypes for (hq, hkv) in heads
-           for b in opt.batches for n in opt.ns]
-    head = (opt.dtypes[0], heads[0], 1)
-    return sorted(out, key=lambda c: ((c.dtype, (c.hq, c.hkv), c.batch) != head, c.batch * c.n * c.hkv, c.n))
+    """All cases of the sweep, headline first (fp16, B = 1, the first heads), then by size; the
+    workloads of one setting next to each other, in the order given."""
+    out, heads_of = [], {}
+    for wl in opt.workloads:
+        if wl not in WORKLOAD_NAMES:
+            raise ValueError(f"`workloads` must be of {WORKLOAD_NAMES}, got {wl!r}")
+        heads = [FIXTURE_SHAPE[:2]] if wl == "fixture" else list(opt.heads)
+        d = FIXTURE_SHAPE[2] if wl == "fixture" else opt.head_dim
+        heads_of[wl] = heads[0]
+        out += [Case(n, b, hq, hkv, d, dt, wl) for dt in opt.dtypes for (hq, hkv) in heads
+                for b in opt.batches for n in opt.ns]
+    order = {wl: i for i, wl in enumerate(opt.workloads)}
+    return sorted(out, key=lambda c: ((c.dtype, (c.hq, c.hkv), c.batch) != (opt.dtypes[0], heads_of[c.workload], 1),
+                                      c.batch * c.n * c.hkv, c.n, order[c.workload]))
 
 
 def tactic_read_estimate(c: Case, read_fraction: float = 0.05) -> int:
@@ -211,6 +229,18 @@ class Sweep:
         self.skipped: List[dict] = []
         self.cases_run: List[dict] = []
 
+    def peers_summary(self) -> dict:
+        """Over all rows: per method, in how many rows it ran, and every reason it was skipped."""
+        out: dict = {}
+        for r in self.rows:
+            for k, v in r["methods"].items():
+                e = out.setdefault(k, {"ran_rows": 0, "skipped": []})
+                if "median_us" in v:
+                    e["ran_rows"] += 1
+                elif "unavailable" in v and v["unavailable"] not in e["skipped"]:
+                    e["skipped"].append(v["unavailable"])
+        return out
+
     # -------------------------------------------------------------- planning
     def _free_bytes(self) -> int:
         if torch.device(self.opt.device).type == "cuda":
@@ -222,7 +252,8 @@ class Sweep:
             return 8 << 30
 
     def case_time_estimate(self, c: Case, layers: int) -> float:
-        n_series = 3 + 4 * (1 + self.opt.graphs) + len(self.opt.targets) * (4 + self.opt.graphs + self.opt.padded_gather)
+        fi, gr = self.opt.flashinfer, self.opt.graphs
+        n_series = 3 + (4 + fi) * (1 + gr) + len(self.opt.targets) * (4 + gr + self.opt.padded_gather + fi * (1 + gr))
         return prefill_estimate_s(c, layers, self.kmeans_flops) + n_series * (self.opt.runs.budget_s + 0.1)
 
     def _skip_reason(self, c: Case, layers: int, free: int, elapsed: float) -> Optional[str]:
@@ -260,7 +291,7 @@ class Sweep:
             est = self.case_time_estimate(c, layers)
             if not reason:
                 elapsed += est
-            lines.append(f"{c.label():<40} slots {layers:>2}  mem {memory_estimate(c, layers) / 2**30:6.1f} GiB  "
+            lines.append(f"{c.label():<50} slots {layers:>2}  mem {memory_estimate(c, layers) / 2**30:6.1f} GiB  "
                          f"k-means {prefill_estimate_s(c, layers, self.kmeans_flops):6.1f} s  case ~{est:5.1f} s  "
                          + (f"SKIP ({reason})" if reason else f"run (t ~{elapsed:.0f} s)"))
         return "\n".join(lines)
@@ -338,14 +369,28 @@ class Sweep:
                 checks[f"dense_vs_{name}_max_abs"] = _maxdiff(out_dense[0], sm.outputs[0])
                 if graphs_ok:
                     shared[name + "_graph"] = self._graph_timed(sm, full)
-        del dense
+        del dense, m  # (m's calls hold the decoder) before FlashInfer's copy of the K/V takes its place
+        if opt.flashinfer:
+            try:
+                fm = P.flashinfer_dense(keys, values, queries, scale=wls[0].scale)
+            except P.Unavailable as e:
+                shared["flashinfer_dense"] = {"unavailable": str(e)}
+            else:
+                shared["flashinfer_dense"] = _timed(fm, dev, opt.runs, full, self.copy_gbps)
+                checks["dense_vs_flashinfer_dense_max_abs"] = _maxdiff(out_dense[0], fm.outputs[0])
+                if graphs_ok:
+                    shared["flashinfer_dense_graph"] = self._graph_timed(fm, full)
+                del fm
+        else:
+            shared["flashinfer_dense"] = {"unavailable": "not asked for (--no-flashinfer)"}
 
         for p in opt.targets:
             if tac.target != p and not _set_target(tac, p):
                 del tac
                 tac, extra = build("tactic", p)
                 info.setdefault("rebuilt_for_target_s", []).append(extra)
-            self.rows.append(self._p_row(c, layers, tac, p, keys, values, queries, shared, dict(checks), full))
+            self.rows.append(self._p_row(c, layers, tac, p, keys, values, queries, shared, dict(checks), full,
+                                         wls[0].scale))
         info["total_s"] = time.perf_counter() - t0
         self.cases_run.append(info)
         del tac, wls, keys, values, queries
@@ -358,7 +403,7 @@ class Sweep:
         return _timed(g, self.opt.device, self.opt.runs, nbytes, self.copy_gbps, mode="graph")
 
     def _p_row(self, c: Case, layers: int, tac: SparseDecoder, p: float, keys, values, queries,
-               shared: dict, checks: dict, full: int) -> dict:
+               shared: dict, checks: dict, full: int, scale: Optional[float] = None) -> dict:
         opt, dev, es = self.opt, self.opt.device, ELEM_BYTES[c.dtype]
         methods = dict(shared)
         outs = [torch.empty_like(q) for q in queries]
@@ -398,14 +443,32 @@ class Sweep:
             checks[f"step_vs_{name}_max_abs"] = _maxdiff(gm.outputs[0], out_step0)
         del sels
 
+        if opt.flashinfer:
+            try:
+                fm = P.flashinfer_selection(keys, values, queries, [s["kv_mask"] for s in stats], scale=scale)
+            except P.Unavailable as e:
+                methods["flashinfer_selection"] = {"unavailable": str(e)}
+            else:
+                methods["flashinfer_selection"] = _timed(fm, dev, opt.runs, sel_bytes, self.copy_gbps)
+                checks["step_vs_flashinfer_selection_max_abs"] = _maxdiff(fm.outputs[0], out_step0)
+                if opt.graphs and torch.device(dev).type == "cuda":
+                    methods["flashinfer_selection_graph"] = self._graph_timed(fm, sel_bytes)
+                del fm
+        else:
+            methods["flashinfer_selection"] = {"unavailable": "not asked for (--no-flashinfer)"}
+
         if opt.graphs and torch.device(dev).type == "cuda":
             methods["tactic_step_graph"] = self._graph_timed(step, floor_bytes)
 
         floor_us = float(np.mean([f["us"] for f in floors]))
+        selected = float(kv_tokens.mean() / c.n)
+        for k, v in methods.items():  # every figure says how much of the context it read
+            if "median_us" in v:
+                v["read_fraction"] = selected if is_selection_method(k) else 1.0
         row = {
             "workload": c.workload, "N": c.n, "B": c.batch, "Hq": c.hq, "Hkv": c.hkv, "D": c.d,
             "dtype": c.dtype, "P": p, "rotation_layers": layers,
-            "selected_fraction": float(kv_tokens.mean() / c.n),
+            "selected_fraction": selected,
             "selected_fraction_kv_heads": {q: float(np.quantile(kv_tokens / c.n, x))
                                            for q, x in (("min", 0), ("median", 0.5), ("max", 1))},
             "head_fraction_mean": float(head_tokens.mean() / c.n),
@@ -416,6 +479,11 @@ class Sweep:
             "checks": checks,
         }
         row["sdpa_best"], row["speedup"] = speedups(methods)
+        row["dense_best"], row["speedup_vs_dense_best"] = speedups(methods, DENSE_PEERS)
+        row["peers"] = peer_record(methods)
+        row["check_failures"] = check_failures(checks, c.dtype)
+        if row["check_failures"]:
+            self.log(f"  WARNING: outputs differ beyond tolerance: {row['check_failures']}")
         for mode, key in (("eager", "tactic_step"), ("graph", "tactic_step_graph")):
             t = methods.get(key, {}).get("median_us")
             row["floor"][f"ratio_{mode}"] = t / floor_us if t else None
@@ -423,19 +491,44 @@ class Sweep:
         return row
 
 
-def speedups(methods: dict) -> Tuple[dict, dict]:
-    """Faster torch SDPA backend (eager and graph) and every method's speedup over it
-    (eager methods against eager SDPA, graph replays against graph replays)."""
+# Methods that read every token (peers of the dense baseline) and those over Tactic's selection.
+DENSE_PEERS = ("sdpa_", "flashinfer_dense")
+SELECTION_METHODS = ("tactic_", "gather_sdpa", "flashinfer_selection")
+# Largest |difference| between two methods' outputs that counts as agreement, per dtype
+# (outputs are O(1); fp16 checks of the gather peer stay under 2e-2, tests/test_bench_cli.py).
+CHECK_TOL = {"float16": 2e-2, "bfloat16": 8e-2, "float32": 1e-3}
+
+
+def is_selection_method(name: str) -> bool:
+    return name.startswith(SELECTION_METHODS)
+
+
+def peer_record(methods: dict) -> dict:
+    """Which methods ran and why each other one did not."""
+    return {"ran": sorted(k for k, v in methods.items() if "median_us" in v),
+            "skipped": {k: v["unavailable"] for k, v in sorted(methods.items()) if "unavailable" in v}}
+
+
+def check_failures(checks: dict, dtype: str) -> List[str]:
+    """The output cross-checks (…_max_abs) beyond CHECK_TOL[dtype] (or not finite)."""
+    tol = CHECK_TOL[dtype]
+    return sorted(k for k, v in checks.items() if k.endswith("_max_abs") and not v <= tol)
+
+
+def speedups(methods: dict, baseline: Tuple[str, ...] = ("sdpa_",)) -> Tuple[dict, dict]:
+    """Fastest baseline method (default: torch SDPA backends; DENSE_PEERS adds FlashInfer dense),
+    eager and graph, and every other method's speedup over it (eager methods against the eager
+    baseline, graph replays against graph replays)."""
     best, out = {}, {}
     for mode, suffix in (("eager", ""), ("graph", "_graph")):
         cands = {k: v["median_us"] for k, v in methods.items()
-                 if k.startswith("sdpa_") and k.endswith(suffix) and (suffix or not k.endswith("_graph"))
+                 if k.startswith(baseline) and k.endswith(suffix) and (suffix or not k.endswith("_graph"))
                  and "median_us" in v}
         if cands:
             name = min(cands, key=cands.get)
             best[mode] = {"name": name, "median_us": cands[name]}
     for k, v in methods.items():
-        if "median_us" not in v or k.startswith("sdpa_"):
+        if "median_us" not in v or k.startswith(baseline):
             continue
         mode = "graph" if k.endswith("_graph") else "eager"
         if mode in best:
@@ -450,8 +543,13 @@ def format_row_line(row: dict) -> str:
         v = m.get(name, {})
         return f"{v['median_us']:.1f}" if "median_us" in v else "n/a"
     sp = row["speedup"].get("tactic_step")
-    return (f"  P={row['P']:.2f} sel {row['selected_fraction']:.2%}: step {t('tactic_step')} us "
-            f"(graph {t('tactic_step_graph')}), attn {t('tactic_attention')}, gather {t('gather_sdpa')}, "
-            f"dense {t('dense')}, best sdpa {row['sdpa_best'].get('eager', {}).get('name', 'n/a')} "
-            f"-> step speedup {sp:.2f}x" if sp else f"  P={row['P']:.2f} sel {row['selected_fraction']:.2%}: "
-            f"step {t('tactic_step')} us, attn {t('tactic_attention')}, gather {t('gather_sdpa')}, dense {t('dense')}")
+    bd = row.get("speedup_vs_dense_best", {}).get("tactic_step")
+    head = (f"  {row['workload']} P={row['P']:.2f} read {row['selected_fraction']:.2%}: step {t('tactic_step')} us "
+            f"(graph {t('tactic_step_graph')}), attn {t('tactic_attention')}, "
+            f"FlashInfer sel {t('flashinfer_selection')}, gather {t('gather_sdpa')} (these at the read fraction); "
+            f"dense {t('dense')}, FlashInfer dense {t('flashinfer_dense')} (all tokens)")
+    if sp:
+        head += f"; best sdpa {row['sdpa_best'].get('eager', {}).get('name', 'n/a')} -> step speedup {sp:.2f}x"
+    if bd:
+        head += f", vs best dense ({row['dense_best']['eager']['name']}) {bd:.2f}x"
+    return head

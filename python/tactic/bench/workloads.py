@@ -6,6 +6,11 @@
     statistics (FINDINGS.md, the paper's Table 1: at P = 0.9 the exact oracle needs ~2-5% of
     a 32K context, fewer at longer contexts; an attention sink in most heads; a few dense
     heads). tests/test_bench_workloads.py checks the calibration against a float64 oracle.
+(b') `sparse` ("sparse layer"): workload (b) without its flat heads (dense_head_fraction = 0),
+    the shape of most layers of a real model (SmolLM2-135M at P = 0.9 reads 5-19% of the
+    context in its layers after the first, 67% in layer 0).
+`model_layer_spec` gives the model-shaped mix of the end-to-end loop: the first two layers
+with a quarter of their query heads flat, the other layers with none.
 
 Both return keys/values as [B, Hkv, N, D] (the layout torch SDPA reads; SparseDecoder.prefill
 takes the token-major view `keys.transpose(1, 2)`) and queries [B, Hq, D], on the requested
@@ -14,7 +19,7 @@ device, in torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Tuple
 
 import numpy as np
@@ -65,6 +70,20 @@ class SyntheticSpec:
 
 
 DEFAULT_SPEC = SyntheticSpec()
+SPARSE_SPEC = replace(DEFAULT_SPEC, dense_head_fraction=0.0)   # the "sparse layer"
+MODEL_FLAT_LAYERS = 2           # model-shaped mix: layers with flat heads ...
+MODEL_FLAT_FRACTION = 0.25      # ... and the share of their query heads that are flat
+
+# The names the bench accepts (sweep: --workload; the fixture has its own heads, see make()).
+NAMES = ("synthetic", "sparse", "fixture")
+
+
+def model_layer_spec(layer: int, flat_layers: int = MODEL_FLAT_LAYERS,
+                     flat_fraction: float = MODEL_FLAT_FRACTION) -> SyntheticSpec:
+    """Spec of layer `layer` in the model-shaped mix: the first `flat_layers` layers have
+    `flat_fraction` of their query heads flat, the others none (real models concentrate their
+    flat heads in the first layers)."""
+    return replace(DEFAULT_SPEC, dense_head_fraction=flat_fraction if layer < flat_layers else 0.0)
 
 
 def _unit_orthogonal(x: torch.Tensor, axis_dir: torch.Tensor) -> torch.Tensor:
@@ -76,7 +95,8 @@ def _unit_orthogonal(x: torch.Tensor, axis_dir: torch.Tensor) -> torch.Tensor:
 def synthetic(n: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
               dtype: str = "float16", device="cuda", seed: int = 0,
               spec: SyntheticSpec = DEFAULT_SPEC) -> Workload:
-    """Workload (b): B independent sequences of N tokens (see SyntheticSpec for the model)."""
+    """Workload (b): B independent sequences of N tokens (see SyntheticSpec for the model);
+    `spec=SPARSE_SPEC` gives the sparse layer (see make())."""
     if n < 2:
         raise ValueError(f"`n` must be >= 2 (a sink and one more token), got {n}")
     if num_q_heads % num_kv_heads:
@@ -147,7 +167,10 @@ def synthetic(n: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim:
             "sink_share": [float(x) for x in sink_share], "spec": spec.__dict__.copy()}
     info["spec"]["sink_share"] = list(spec.sink_share)
     info["spec"]["dense_sink_share"] = list(spec.dense_sink_share)
-    return Workload(keys, values, queries, 1 / sqrt_d, "synthetic", info)
+    name = {DEFAULT_SPEC: "synthetic", SPARSE_SPEC: "sparse"}.get(
+        spec, f"synthetic(dense_head_fraction={spec.dense_head_fraction:g})")
+    info["flat_head_fraction"] = n_dense / hq
+    return Workload(keys, values, queries, 1 / sqrt_d, name, info)
 
 
 def tiled_fixture(n: int, batch: int, dtype: str = "float16", device="cuda", layer: int = 0,
@@ -185,9 +208,12 @@ def tiled_fixture(n: int, batch: int, dtype: str = "float16", device="cuda", lay
 
 def make(name: str, n: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
          dtype: str, device, seed: int) -> Workload:
-    """The workload called `name` ('synthetic' or 'fixture'); the fixture has its own heads."""
+    """The workload called `name` (one of NAMES): 'synthetic' is workload (b), 'sparse' the
+    same without flat heads, 'fixture' the SmolLM2 capture (it has its own heads)."""
     if name == "synthetic":
         return synthetic(n, batch, num_q_heads, num_kv_heads, head_dim, dtype, device, seed)
+    if name == "sparse":
+        return synthetic(n, batch, num_q_heads, num_kv_heads, head_dim, dtype, device, seed, spec=SPARSE_SPEC)
     if name == "fixture":
         return tiled_fixture(n, batch, dtype, device, layer=seed)
-    raise ValueError(f"`workload` must be 'synthetic' or 'fixture', got {name!r}")
+    raise ValueError(f"`workload` must be one of {NAMES}, got {name!r}")
