@@ -528,7 +528,7 @@ def test_bad_setting_fails_before_the_step(monkeypatch, name, bad):
     step appends anything (decode and reuse_selection alike); the next step, with the setting
     gone, sees the context it would have seen."""
     gen = torch.Generator().manual_seed(3)
-    k = torch.randn(1, 2, 300, 64, generator=gen).half().cuda()
+    k = torch.randn(1, 300, 2, 64, generator=gen).half().cuda()
     dec = tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_batch=1, max_tokens=400, dtype="float16")
     dec.prefill(0, k, k)
     q = torch.randn(1, 4, 64, generator=gen).half().cuda()
