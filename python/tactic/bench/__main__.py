@@ -90,7 +90,7 @@ def add_sweep_arguments(ap) -> None:
     ap.add_argument("--no-plot", action="store_true", help="write the JSON only, no PNG")
     ap.add_argument("--plan", type=float, metavar="GPU_GIB", default=None,
                     help="print the cases, rotation, memory and time estimates for a GPU with this much "
-                         "free memory, and exit (no GPU needed)")
+                         "free memory, and exit (no GPU needed; default: run the sweep)")
 
 
 def sweep_main(argv) -> int:
