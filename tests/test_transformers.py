@@ -1,4 +1,9 @@
-"""tactic.integrations.transformers against stock transformers generate (tiny random models, no download)."""
+"""tactic.integrations.transformers against stock transformers generate (tiny random models, no download).
+
+They run on the installed transformers. To check another version of the declared range
+without installing it, unzip its wheel (`pip download transformers==4.56.0 --no-deps`) and put
+that folder first on PYTHONPATH (its runtime dependency-version check may need disabling in
+that copy: `dependency_versions_check.py`)."""
 import numpy as np
 import pytest
 
