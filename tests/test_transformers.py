@@ -342,6 +342,17 @@ def test_capacity_error_names_what_to_pass_and_changes_nothing(llama):
     assert isinstance(tactic.CapacityError("x"), ValueError)
 
 
+def test_a_store_that_cannot_fit_says_what_to_pass_before_generating(llama):
+    ids = prompt(30, seed=21).expand(8, 30)
+    ref = greedy(llama, ids[:1], n=6)
+    cache = enable(llama, policy="dense")
+    with pytest.raises(tactic.CapacityError, match=r"8 sequence\(s\) of .*Generate fewer tokens \(max_new_tokens=\)"):
+        greedy(llama, ids, n=2**31 - 100)                 # terabytes of K/V: refused at the prefill
+    assert cache.decoder is None
+    assert torch.equal(greedy(llama, ids[:1], n=6), ref)  # the same cache works for a call that fits
+    disable(llama)
+
+
 def test_second_generate_on_a_new_prompt_starts_afresh(llama):
     a, b = prompt(70, seed=14), prompt(110, seed=15)
     ref_a, ref_b = greedy(llama, a, n=12), greedy(llama, b, n=30)

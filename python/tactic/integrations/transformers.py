@@ -280,11 +280,16 @@ class TacticCache(DynamicCache):
             self.decoder, self.batch = spare, key.shape[0]
             return spare
         del spare                        # free the old store before allocating the new one
-        self.batch = key.shape[0]
-        self.decoder = _make_decoder(self.num_tactic_layers, query.shape[1], key.shape[1], key.shape[3],
-                                     self.batch, cap, dev, dtype, self.target, self.policy, scaling,
-                                     self.decoder_kwargs)
-        self.decoder_scale = scaling
+        try:
+            self.decoder = _make_decoder(self.num_tactic_layers, query.shape[1], key.shape[1], key.shape[3],
+                                         key.shape[0], cap, dev, dtype, self.target, self.policy, scaling,
+                                         self.decoder_kwargs)
+        except CapacityError as e:
+            raise CapacityError(f"TacticCache: a store for {key.shape[0]} sequence(s) of {cap} tokens (the prompt, "
+                                f"{padded_len} positions with padding, plus the tokens to generate) does not fit. "
+                                "Generate fewer tokens (max_new_tokens=), pass fewer prompts at once, or store "
+                                f"K/V in a narrower dtype (enable(model, dtype='float16')). {e}") from e
+        self.batch, self.decoder_scale = key.shape[0], scaling
         return self.decoder
 
     def _grow(self, min_tokens: int, exact: bool = False) -> None:
@@ -295,9 +300,15 @@ class TacticCache(DynamicCache):
         is complete, so a failure changes nothing."""
         old = self.decoder
         cap = int(min_tokens) if exact else max(int(min_tokens), 2 * old.max_tokens)
-        new = _make_decoder(old.num_layers, old.num_q_heads, old.num_kv_heads, old.head_dim, old.max_batch,
-                            cap, old.device, old.dtype, old.target, self.policy, self.decoder_scale,
-                            self.decoder_kwargs)
+        try:
+            new = _make_decoder(old.num_layers, old.num_q_heads, old.num_kv_heads, old.head_dim, old.max_batch,
+                                cap, old.device, old.dtype, old.target, self.policy, self.decoder_scale,
+                                self.decoder_kwargs)
+        except CapacityError as e:
+            raise CapacityError(f"TacticCache: the store (max_tokens={old.max_tokens}) is full and could not grow "
+                                f"to max_tokens={cap} while the old one is held: {e} Nothing was changed; for a "
+                                f"generation that long pass enable(model, max_tokens={cap}) up front (one store, "
+                                "no copy), or generate fewer tokens.") from e
         hkv, d = old.num_kv_heads, old.head_dim
         for layer in range(old.num_layers):
             for seq in range(old.max_batch):
@@ -455,6 +466,8 @@ def _make_decoder(layers, hq, hkv, d, batch, max_tokens, device, dtype, target, 
     try:
         return SparseDecoder(layers, hq, hkv, d, max_batch=batch, max_tokens=max_tokens, device=device,
                              dtype=dtype, target=target, policy=policy, scale=scale, **kwargs)
+    except CapacityError:
+        raise                # the store does not fit: the callers say what to pass
     except (ValueError, TypeError, RuntimeError) as e:
         raise type(e)(f"Tactic cannot run this model's attention ({hq} query heads, {hkv} KV heads, "
                       f"head dim {d}, policy {policy!r}, device {device}): {e}") from e
