@@ -388,6 +388,29 @@ def test_second_generate_continues_the_cache(llama):
     assert cache.decoder.max_tokens == 80 + 15 + 9 + 25
 
 
+def test_generate_continues_a_cache_filled_by_prefill_from(llama):
+    ids = prompt(120, seed=22)
+    kw = cache_arg(llama)
+    ref_dyn = transformers.DynamicCache(config=llama.config)
+    with torch.inference_mode():
+        llama(ids[:, :100], **{kw: ref_dyn})
+    ref = greedy(llama, ids, n=10, **{kw: ref_dyn})         # stock: runs ids[:, 100:] on the cache
+    enable(llama)
+    dyn = transformers.DynamicCache(config=llama.config)
+    with torch.inference_mode():
+        llama(ids[:, :100], **{kw: dyn})
+    cache = TacticCache(llama, policy="dense").prefill_from(dyn, input_ids=ids[:, :100])
+    out = greedy(llama, ids, n=10, cache=cache)
+    unchecked = TacticCache(llama, policy="dense").prefill_from(dyn)
+    out_unchecked = greedy(llama, ids, n=10, cache=unchecked)  # cannot check the tokens: starts afresh
+    disable(llama)
+    assert torch.equal(out, ref) and torch.equal(out_unchecked, ref)
+    assert cache.layer_stats(0)["context"][:, 0].tolist() == list(range(101, 130))
+    assert unchecked.layer_stats(0)["context"][:, 0].tolist() == list(range(121, 130))
+    with pytest.raises(ValueError, match=r"input_ids.*\[B, 100\]"):
+        TacticCache(llama).prefill_from(dyn, input_ids=ids)
+
+
 def test_generate_without_a_cache_runs_tactic(llama):
     ids = prompt(300, seed=18)
     ref = greedy(llama, ids, n=10)

@@ -436,13 +436,19 @@ class TacticCache(DynamicCache):
             return np.zeros((0, self.batch), np.int64)
         return sum(self.layer_stats(li)["kv_tokens"].sum(axis=2) for li in self._stats)
 
-    def prefill_from(self, past_key_values, attention_mask=None) -> "TacticCache":
+    def prefill_from(self, past_key_values, attention_mask=None, input_ids=None) -> "TacticCache":
         """Fill this cache from a dense `DynamicCache` that already holds a prompt (for
         example from one dense forward reused for several policies).
 
         attention_mask: the 2D [B, N] padding mask of that prompt (1 = token), if any. The
         softmax scale is the model's (1/sqrt(head_dim) unless `scale=` was given).
+        input_ids: the [B, N] token ids of that prompt, if `enable`'s `generate` is to
+        continue from it (an input that extends them runs only its new tokens); without
+        them, such a `generate` cannot check what the cache holds and starts it afresh.
         """
+        if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] != past_key_values.get_seq_length()):
+            raise ValueError(f"prefill_from: `input_ids` must be the [B, {past_key_values.get_seq_length()}] "
+                             f"tokens the cache holds, got shape {tuple(input_ids.shape)}")
         if any(l.prefilled for l in self.layers if isinstance(l, TacticLayer)):
             raise ValueError("prefill_from: this cache already holds a prompt")
         hq = self.geometry[0]
@@ -459,6 +465,7 @@ class TacticCache(DynamicCache):
             else:
                 layer.update(k, v)
         _handoff.value = None
+        self._held_ids = None if input_ids is None else input_ids.detach().clone()
         return self
 
 
