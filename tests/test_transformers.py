@@ -1,4 +1,9 @@
-"""tactic.integrations.transformers against stock transformers generate (tiny random models, no download)."""
+"""tactic.integrations.transformers against stock transformers generate (tiny random models, no download).
+
+They run on the installed transformers. To check another version of the declared range
+without installing it, unzip its wheel (`pip download transformers==4.56.0 --no-deps`) and put
+that folder first on PYTHONPATH (its runtime dependency-version check may need disabling in
+that copy: `dependency_versions_check.py`)."""
 import numpy as np
 import pytest
 
@@ -6,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tactic  # noqa: E402
-from tactic.integrations.transformers import TacticCache, disable, enable  # noqa: E402
+from tactic.integrations.transformers import TacticCache, cache_arg, disable, enable  # noqa: E402
 
 VOCAB = 256
 
@@ -37,8 +42,10 @@ def tiny(family="llama", seed=0, **extra):
 
 
 def greedy(model, ids, n=16, **kw):
+    if n is not None:
+        kw["max_new_tokens"] = n
     with torch.inference_mode():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, **kw)
+        return model.generate(ids, do_sample=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,7 @@ def test_dense_policy_equals_stock_generate(family):
     ref = greedy(model, ids)
     cache = enable(model, policy="dense")
     assert model.config._attn_implementation == "tactic"
-    out = greedy(model, ids, past_key_values=cache)
+    out = greedy(model, ids, cache=cache)
     disable(model)
     assert torch.equal(out, ref)
     s = cache.summary()
@@ -76,7 +83,7 @@ def test_target_near_one_equals_stock(llama, target):
     ids = prompt(300, seed=2)
     ref = greedy(llama, ids, n=20)
     cache = enable(llama, target=target)
-    out = greedy(llama, ids, n=20, past_key_values=cache)
+    out = greedy(llama, ids, n=20, cache=cache)
     disable(llama)
     assert torch.equal(out, ref)
 
@@ -90,7 +97,7 @@ def test_batch_of_different_lengths_matches_each_prompt(llama, policy, target):
     ids[0], ids[1, 69:] = a[0], b[0]
     mask = (torch.arange(200)[None] >= torch.tensor([[0], [69]])).long()
     cache = enable(llama, target=target, policy=policy)
-    out = greedy(llama, ids, attention_mask=mask, past_key_values=cache)[:, 200:]
+    out = greedy(llama, ids, attention_mask=mask, cache=cache)[:, 200:]
     disable(llama)
     assert torch.equal(out[0], ref_a)
     assert torch.equal(out[1], ref_b)
@@ -108,16 +115,18 @@ def _float64_attention(q, K, V, scale, mask):
     return torch.einsum("hgn,hnd->hgd", torch.softmax(s, -1), V).reshape(q.shape[0], -1)
 
 
-@pytest.mark.parametrize("policy,target,budget", [("tactic", 0.5, None), ("quest", 0.9, 48),
-                                                  ("topk", 0.9, 40), ("oracle", 0.7, None)])
-def test_every_step_is_exact_attention_over_what_it_read(llama, policy, target, budget):
+@pytest.mark.parametrize("policy,target,budget,max_tokens", [
+    ("tactic", 0.5, None, None), ("quest", 0.9, 48, None), ("topk", 0.9, 40, None), ("oracle", 0.7, None, None),
+    ("tactic", 0.5, None, 386)])          # the store is full after 6 new tokens: it grows mid-forward
+def test_every_step_is_exact_attention_over_what_it_read(llama, policy, target, budget, max_tokens):
     """One dense prefill reused through `prefill_from`; each decode step's output must equal
-    float64 attention renormalised over the tokens the decoder says it attended."""
+    float64 attention renormalised over the tokens the decoder says it attended (also across
+    a growth of the store: the K/V it re-homes must be the same tokens in the same order)."""
     ids = prompt(400, seed=5)
     dyn = transformers.DynamicCache(config=llama.config)
     enable(llama, policy="dense")
     with torch.inference_mode():
-        llama(ids[:, :380], past_key_values=dyn)
+        llama(ids[:, :380], **{cache_arg(llama): dyn})
     K = {li: dyn.layers[li].keys[0].double().clone() for li in range(2)}
     V = {li: dyn.layers[li].values[0].double().clone() for li in range(2)}
     errors, fractions = [], []
@@ -132,11 +141,15 @@ def test_every_step_is_exact_attention_over_what_it_read(llama, policy, target, 
         fractions.append(float(mask.double().mean()))
 
     cache = TacticCache(llama, target=target, policy=policy, budget=budget, record_selection=True,
-                        on_step=check)
+                        on_step=check, max_tokens=max_tokens)
     cache.prefill_from(dyn)
     with torch.inference_mode():
-        llama(ids[:, 380:], past_key_values=cache)      # 20 new tokens in one forward: 20 steps
+        llama(ids[:, 380:], **{cache_arg(llama): cache})  # 20 new tokens in one forward: 20 steps
     disable(llama)
+    assert cache.growths == (0 if max_tokens is None else 1)
+    if max_tokens is not None:
+        assert cache.decoder.max_tokens == 2 * max_tokens
+        assert [cache.decoder.length(li, 0) for li in range(2)] == [400, 400]
     assert len(errors) == 2 * 20
     assert max(errors) < 1e-5
     assert min(fractions) < 1.0          # the policy really skipped tokens
@@ -162,7 +175,7 @@ def test_sliding_window_layers_stay_dense():
     ref = greedy(model, ids)
     cache = enable(model, policy="dense")
     assert cache.sparse_layers == [0, 2] and cache.dense_layers == [1]
-    out = greedy(model, ids, past_key_values=cache)
+    out = greedy(model, ids, cache=cache)
     disable(model)
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="sliding-window"):
@@ -211,7 +224,7 @@ def test_cuda_generate_equals_stock(policy, target):
     ids = prompt(300, seed=8).cuda()
     ref = greedy(model, ids)
     cache = enable(model, policy=policy, target=target)
-    out = greedy(model, ids, past_key_values=cache)
+    out = greedy(model, ids, cache=cache)
     disable(model)
     assert cache.decoder.device.startswith("cuda")
     assert torch.equal(out, ref)
@@ -229,19 +242,19 @@ def test_smollm2_generate():
     ref = greedy(model, ids, n=12)
     for policy, target in (("dense", 0.9), ("tactic", 1.0)):
         cache = enable(model, policy=policy, target=target)
-        assert torch.equal(greedy(model, ids, n=12, past_key_values=cache), ref), (policy, target)
+        assert torch.equal(greedy(model, ids, n=12, cache=cache), ref), (policy, target)
     # teacher-forced: P = 0.9 keeps the greedy next token of dense on real text most of the time
     # while reading a fraction of the context
     n0 = ids.shape[1] - 24
     dyn = transformers.DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(ids[:, :n0], past_key_values=dyn, logits_to_keep=1)
+        model(ids[:, :n0], **{cache_arg(model): dyn}, logits_to_keep=1)
         agree = []
         caches = {}
         for policy in ("dense", "tactic"):
             caches[policy] = TacticCache(model, target=0.9, policy=policy).prefill_from(dyn)
         for i in range(24):
-            tops = [int(model(ids[:, n0 + i:n0 + i + 1], past_key_values=caches[p]).logits[0, -1].argmax())
+            tops = [int(model(ids[:, n0 + i:n0 + i + 1], **{cache_arg(model): caches[p]}).logits[0, -1].argmax())
                     for p in ("dense", "tactic")]
             agree.append(tops[0] == tops[1])
     disable(model)
@@ -272,3 +285,193 @@ def test_demo_model_smollm2(capsys):
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4]                 # one row per decode step
     assert [int(r[-5]) for r in rows] == [601, 602, 603, 604]        # context grows by one
     assert all(0 < int(r[-4]) <= int(r[-5]) for r in rows)           # tokens read <= context
+
+
+# ---------------------------------------------------------------- generate after enable()
+# enable() wraps the model's generate: capacity from the call's own settings, a second call
+# on the same cache, no silently dense generate, the cache keyword of this transformers.
+
+def test_capacity_follows_max_new_tokens(llama):
+    """The old default (prompt + 1024) would have been outrun; the store is sized for the call."""
+    ids = prompt(20, seed=11)
+    ref = greedy(llama, ids, n=1030)
+    cache = enable(llama, policy="dense")
+    out = greedy(llama, ids, n=1030)                  # no cache argument: enable's cache
+    assert cache.decoder.max_tokens == 20 + 1030 and cache.growths == 0
+    assert cache.held_tokens() == 20 + 1030 - 1       # the last token is never fed back
+    out_len = greedy(llama, ids, n=None, max_length=60)
+    disable(llama)
+    assert torch.equal(out, ref)
+    assert out_len.shape[1] == 60 and torch.equal(out_len, ref[:, :60])
+    assert cache.decoder.max_tokens >= 60
+
+
+@pytest.mark.parametrize("policy,target", [("dense", 0.9), ("tactic", 1.0)])
+def test_store_grows_when_a_generation_outruns_it(llama, policy, target):
+    """Without enable's planning (the model's own generate, a cache made for 3 more tokens),
+    the CPU store re-homes itself and the output equals stock generate."""
+    ids = prompt(90, seed=12)
+    ref = greedy(llama, ids, n=40)
+    enable(llama)
+    cache = TacticCache(llama, policy=policy, target=target, max_tokens=93)
+    with torch.inference_mode():
+        out = type(llama).generate(llama, ids, max_new_tokens=40, do_sample=False, **{cache_arg(llama): cache})
+    disable(llama)
+    assert torch.equal(out, ref)
+    assert cache.growths == 1 and cache.decoder.max_tokens == 186
+    assert [cache.decoder.length(li, 0) for li in range(2)] == [129, 129]
+    st = cache.layer_stats(0)
+    assert (st["context"][:, 0] == np.arange(91, 130)).all()  # every step kept its whole context
+
+
+def test_capacity_error_names_what_to_pass_and_changes_nothing(llama):
+    ids = prompt(60, seed=13)
+    enable(llama)
+    cache = TacticCache(llama, policy="dense", max_tokens=62, grow=False)
+    kw = cache_arg(llama)
+    with torch.inference_mode():
+        logits = llama(ids, **{kw: cache}).logits
+        nxt = logits[:, -1:].argmax(-1)
+        logits = llama(nxt, **{kw: cache}).logits            # 61 tokens
+        nxt = logits[:, -1:].argmax(-1)
+        llama(nxt, **{kw: cache})                             # 62: full
+        with pytest.raises(tactic.CapacityError, match=r"enable\(model, max_tokens=124\)"):
+            llama(nxt, **{kw: cache})
+    disable(llama)
+    assert [cache.decoder.length(li, 0) for li in range(2)] == [62, 62]
+    assert isinstance(tactic.CapacityError("x"), ValueError)
+
+
+def test_a_store_that_cannot_fit_says_what_to_pass_before_generating(llama):
+    ids = prompt(30, seed=21).expand(8, 30)
+    ref = greedy(llama, ids[:1], n=6)
+    cache = enable(llama, policy="dense")
+    with pytest.raises(tactic.CapacityError, match=r"8 sequence\(s\) of .*Generate fewer tokens \(max_new_tokens=\)"):
+        greedy(llama, ids, n=2**31 - 100)                 # terabytes of K/V: refused at the prefill
+    assert cache.decoder is None
+    assert torch.equal(greedy(llama, ids[:1], n=6), ref)  # the same cache works for a call that fits
+    disable(llama)
+
+
+def test_second_generate_on_a_new_prompt_starts_afresh(llama):
+    a, b = prompt(70, seed=14), prompt(110, seed=15)
+    ref_a, ref_b = greedy(llama, a, n=12), greedy(llama, b, n=30)
+    batch = torch.cat([a[:, :50], a[:, 20:70]])           # batch of 2, then 1 again
+    ref_batch = [greedy(llama, batch[i:i + 1], n=8) for i in range(2)]
+    cache = enable(llama, policy="dense")
+    assert torch.equal(greedy(llama, a, n=12, cache=cache), ref_a)
+    assert torch.equal(greedy(llama, b, n=30, cache=cache), ref_b)    # longer: needs more room
+    assert cache.layer_stats(0)["kv_tokens"].shape[0] == 29           # stats of the last call only
+    assert torch.equal(greedy(llama, a, n=12, past_key_values=cache), ref_a)  # the same prompt again
+    out = greedy(llama, batch, n=8)
+    assert all(torch.equal(out[i:i + 1], ref_batch[i]) for i in range(2))
+    assert torch.equal(greedy(llama, a, n=12), ref_a)
+    disable(llama)
+
+
+def test_second_generate_continues_the_cache(llama):
+    """generate(previous output + a new turn, same cache) runs only the new tokens, and
+    matches stock generate continuing a DynamicCache."""
+    ids, turn = prompt(80, seed=16), prompt(9, seed=17)
+    kw = cache_arg(llama)
+    dyn = transformers.DynamicCache(config=llama.config)
+    r1 = greedy(llama, ids, n=15, **{kw: dyn})
+    r2 = greedy(llama, torch.cat([r1, turn], 1), n=25, **{kw: dyn})
+    cache = enable(llama, policy="dense")
+    o1 = greedy(llama, ids, n=15)
+    o2 = greedy(llama, torch.cat([o1, turn], 1), n=25)
+    disable(llama)
+    assert torch.equal(o1, r1) and torch.equal(o2, r2)
+    steps = cache.layer_stats(0)["context"][:, 0]
+    # one context across both calls: 14 steps, then the 10 uncached tokens and 24 more
+    assert steps.tolist() == list(range(81, 95)) + list(range(95, 129))
+    assert cache.decoder.max_tokens == 80 + 15 + 9 + 25
+
+
+def test_generate_continues_a_cache_filled_by_prefill_from(llama):
+    ids = prompt(120, seed=22)
+    kw = cache_arg(llama)
+    ref_dyn = transformers.DynamicCache(config=llama.config)
+    with torch.inference_mode():
+        llama(ids[:, :100], **{kw: ref_dyn})
+    ref = greedy(llama, ids, n=10, **{kw: ref_dyn})         # stock: runs ids[:, 100:] on the cache
+    enable(llama)
+    dyn = transformers.DynamicCache(config=llama.config)
+    with torch.inference_mode():
+        llama(ids[:, :100], **{kw: dyn})
+    cache = TacticCache(llama, policy="dense").prefill_from(dyn, input_ids=ids[:, :100])
+    out = greedy(llama, ids, n=10, cache=cache)
+    unchecked = TacticCache(llama, policy="dense").prefill_from(dyn)
+    out_unchecked = greedy(llama, ids, n=10, cache=unchecked)  # cannot check the tokens: starts afresh
+    disable(llama)
+    assert torch.equal(out, ref) and torch.equal(out_unchecked, ref)
+    assert cache.layer_stats(0)["context"][:, 0].tolist() == list(range(101, 130))
+    assert unchecked.layer_stats(0)["context"][:, 0].tolist() == list(range(121, 130))
+    with pytest.raises(ValueError, match=r"input_ids.*\[B, 100\]"):
+        TacticCache(llama).prefill_from(dyn, input_ids=ids)
+
+
+def test_generate_without_a_cache_runs_tactic(llama):
+    ids = prompt(300, seed=18)
+    ref = greedy(llama, ids, n=10)
+    cache = enable(llama, policy="tactic", target=0.5)
+    out = greedy(llama, ids, n=10)
+    sparse = cache.summary()
+    enable(llama, policy="dense")                 # enable again: its new cache is the default
+    dense_out = greedy(llama, ids, n=10)
+    disable(llama)
+    assert sparse["layers"][0]["steps"] == 9 and sparse["read_fraction"] < 0.9
+    assert out.shape == ref.shape
+    assert torch.equal(dense_out, ref)
+
+
+def test_generate_that_would_run_dense_raises(llama):
+    ids = prompt(40, seed=19)
+    ref = greedy(llama, ids, n=5)
+    enable(llama)
+    for kw in ({"cache": transformers.DynamicCache(config=llama.config)},
+               {"past_key_values": transformers.DynamicCache(config=llama.config)},
+               {"use_cache": False}, {"cache_implementation": "static"}):
+        with pytest.raises(ValueError, match=r"disable\(model\)"):
+            greedy(llama, ids, n=5, **kw)
+    disable(llama)
+    assert "generate" not in llama.__dict__              # the model's own generate again
+    assert torch.equal(greedy(llama, ids, n=5, **{cache_arg(llama): transformers.DynamicCache(config=llama.config)}), ref)
+
+
+def test_generate_passes_the_cache_under_this_transformers_name(llama):
+    """No deprecation warning whichever name the caller uses."""
+    import warnings
+    ids = prompt(40, seed=20)
+    cache = enable(llama, policy="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("cache", "past_key_values"):
+            greedy(llama, ids, n=4, **{name: cache})
+    disable(llama)
+    import inspect
+    assert cache_arg(llama) == ("cache" if "cache" in inspect.signature(type(llama).forward).parameters
+                                else "past_key_values")
+
+
+def test_layer_accepts_the_4x_mask_size_argument(llama):
+    """transformers 4.x asks a layer's mask sizes with the query's cache_position tensor."""
+    cache = enable(llama)
+    disable(llama)
+    layer = cache.layers[0]
+    layer.advance(7)
+    assert layer.get_mask_sizes(5) == layer.get_mask_sizes(torch.arange(7, 12)) == (12, 0)
+    layer.lazy_initialization(torch.zeros(1, 2, 0, 16))     # 4.x passes the keys only
+
+
+def test_declared_transformers_versions_are_bounded_and_include_this_one():
+    import re
+    from packaging.specifiers import SpecifierSet
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    specs = re.findall(r'"transformers([<>=!~][^"]*)"', text)
+    assert len(specs) >= 4
+    for spec in specs:
+        s = SpecifierSet(spec)
+        assert any(x.operator in ("<", "<=", "~=", "==") for x in s), f"transformers{spec} has no upper bound"
+        assert transformers.__version__ in s, (spec, transformers.__version__)
