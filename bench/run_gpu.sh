@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|arch75|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|att-ab|mma|gbench]...
+#   bash bench/run_gpu.sh [build|arch75|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -66,40 +66,10 @@ for s in $steps; do
     e2e-graphs)  # the same with piecewise CUDA graphs (everything but attention replayed as graphs)
       python3 -m tactic.bench e2e --mode graphs --tag graphs --out "$OUT" 2>&1 | tee "$OUT/e2e-graphs.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
-    att-ab)  # the step's attention under compile-time variants of the chunk kernel, built in parallel
-      # ATT_AB: ';'-separated CUDA flag sets (an empty one is the default build). Default: L2
-      # prefetch 2 groups ahead; that with 1024-row pieces; the cp.async ring with 3 / 4 stages.
-      # Each variant first passes the kernel self-test (attention_check), then the step profile
-      # at 128K / 512K times it. ~4 min of builds (16 cores) + ~30 s per variant.
-      IFS=';' read -ra variants <<< "${ATT_AB:-;-DTACTIC_ATT_PREFETCH_AHEAD=2;-DTACTIC_ATT_PIECE=1024 -DTACTIC_ATT_PREFETCH_AHEAD=2;-DTACTIC_ATT_CPASYNC=1 -DTACTIC_ATT_U=2;-DTACTIC_ATT_CPASYNC=1 -DTACTIC_ATT_U=2 -DTACTIC_ATT_STAGES=4}"
-      for k in "${!variants[@]}"; do
-        ( python3 -m pip wheel --no-build-isolation --no-deps . -w "/tmp/tactic-ab$k" -Ccmake.define.TACTIC_CUDA=ON \
-            -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH "-Ccmake.define.CMAKE_CUDA_FLAGS=${variants[$k]}" \
-            -Cbuild-dir=/tmp/tactic-ab-build$k > "$OUT/build-ab$k.log" 2>&1
-          $NVCC ${variants[$k]} tests/cuda/attention_check.cu cuda/attention.cu cpp/src/*.cpp -o /tmp/att-check$k \
-            >> "$OUT/build-ab$k.log" 2>&1 ) &
-      done
-      wait
-      for k in "${!variants[@]}"; do
-        name="${variants[$k]:-default}"
-        whl=$(ls /tmp/tactic-ab$k/*.whl 2>/dev/null | head -1)
-        if [ -z "$whl" ] || [ ! -x /tmp/att-check$k ]; then echo "[$name] build failed"; tail -20 "$OUT/build-ab$k.log"; rc=1; continue; fi
-        /tmp/att-check$k > "$OUT/att-check$k.log" 2>&1 || { echo "[$name] attention_check FAILED"; tail -5 "$OUT/att-check$k.log"; rc=1; continue; }
-        python3 -m pip install -q --no-deps --force-reinstall "$whl" > /dev/null 2>&1 || { rc=1; continue; }
-        for n in 131072 524288; do
-          echo "[$name] N=$n: $(python3 bench/profile_step.py --context $n 2>&1 | grep -E 'attention_chunks' | head -1)"
-        done
-      done
-      echo "(the last variant is installed now: run 'build' before other steps)" ;;
-    mma)      # tensor-core chunk kernel (TACTIC_ATT_MMA=1) against the CUDA-core one (=0): dense
-              # attention alone (attention_check timing, Hq 32, fp16, D 128), then the step at 32/4 heads
-      $NVCC tests/cuda/attention_check.cu cuda/attention.cu cpp/src/*.cpp -o /tmp/attention_check || { rc=1; continue; }
-      for g in 8 4; do for n in 32768 131072 524288; do for m in 0 1; do
-        echo "[G=$g N=$n TACTIC_ATT_MMA=$m] $(TACTIC_ATT_MMA=$m /tmp/attention_check --time-only --time-n $n --time-g $g --time-hkv $((32 / g)) | grep -m1 TIME)"
-      done; done; done
-      for m in 0 1; do
-        TACTIC_ATT_MMA=$m python3 -m tactic.bench --n 32K 128K 512K --batch 1 --heads 32/4 32/8 --dtype float16 \
-          --target 0.9 --tag mma$m --out "$OUT" 2>&1 | grep -E "^ +[0-9]+ +1 " || rc=1
+    mma)      # tensor-core chunk kernel against the CUDA-core one (SparseDecoder's attention_kernel), step at 32/4 and 32/8
+      for m in cuda_cores tensor_cores; do
+        python3 -m tactic.bench --n 32K 128K 512K --batch 1 --heads 32/4 32/8 --dtype float16 \
+          --target 0.9 --attention-kernel $m --tag $m --out "$OUT" 2>&1 | grep -E "^ +[0-9]+ +1 " || rc=1
       done ;;
     gbench)   # tactic_bench: build with CUDA, then every CUDA benchmark at the default sizes
       bash bench/cpp/build.sh --debs bench/cpp/third_party --build /tmp/tactic-gbench --cuda ON \

@@ -222,6 +222,9 @@ NB_MODULE(_core, m) {
       .def_prop_rw("share_group", [](DecoderConfig& c) { return c.select.share_group; }, [](DecoderConfig& c, bool v) { c.select.share_group = v; })
       .def_prop_rw("budget", [](DecoderConfig& c) { return c.select.budget; }, [](DecoderConfig& c, int64_t v) { c.select.budget = v; })
       .def_prop_rw("page_size", [](DecoderConfig& c) { return c.select.page_size; }, [](DecoderConfig& c, int64_t v) { c.select.page_size = v; })
+      .def_prop_rw("head_split", [](DecoderConfig& c) { return c.kernels.head_split; }, [](DecoderConfig& c, int v) { c.kernels.head_split = v; })
+      .def_prop_rw("pdl", [](DecoderConfig& c) { return (int)c.kernels.pdl; }, [](DecoderConfig& c, int v) { c.kernels.pdl = (Switch)v; })
+      .def("set_attention_kernel", [](DecoderConfig& c, const std::string& s) { c.kernels.attention = parse_attention_kernel(s); })
       .def("validate", &DecoderConfig::validate);
 
   // Every method releases the GIL for its C++ work (other Python threads run meanwhile) and
@@ -313,6 +316,27 @@ NB_MODULE(_core, m) {
       .def("set_target",
            [](PyDecoder& d, double target) { locked(d, [&](Decoder& dec) { dec.set_target(target); }); },
            nb::arg("target"))
+      .def("plan",
+           [](PyDecoder& d) {
+             const StepPlan p = locked(d, [&](Decoder& dec) { return dec.plan(); });
+             nb::dict r;
+             r["device"] = p.device;
+             r["sm_count"] = p.sm_count;
+             r["kernel_arch"] = p.kernel_arch;
+             r["head_split"] = p.head_split;
+             r["attention_kernel"] = attention_kernel_name(p.attention);
+             r["pdl"] = p.pdl;
+             return r;
+           })
+      .def("set_kernels",
+           [](PyDecoder& d, int head_split, const std::string& attention, int pdl) {
+             KernelOptions k;
+             k.head_split = head_split;
+             k.attention = parse_attention_kernel(attention);
+             k.pdl = (Switch)pdl;
+             locked(d, [&](Decoder& dec) { dec.set_kernels(k); });
+           },
+           nb::arg("head_split"), nb::arg("attention_kernel"), nb::arg("pdl"))
       .def("stats",
            [](PyDecoder& d, int64_t layer) {
              // A copy taken under the lock: the next decode of the layer replaces the original.

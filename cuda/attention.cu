@@ -45,12 +45,9 @@ namespace {
 // which bounds the workspace by the item count, not by capacity.
 constexpr int kSplits = (int)kAttentionSplits;
 constexpr int kMinChunk = 64;
-#ifndef TACTIC_ATT_PIECE
-#define TACTIC_ATT_PIECE 256
-#endif
 // Row indices staged in shared memory at a time. The L2 prefetch stays within a piece, so each
-// piece's first group of warp steps goes unprefetched (a knob for A/B runs: see run_gpu.sh).
-constexpr int kPiece = TACTIC_ATT_PIECE;
+// piece's first group of warp steps goes unprefetched (1024-row pieces measured no better).
+constexpr int kPiece = 256;
 constexpr int64_t kMaxItems = 8192;  // plan prefix in shared memory: (items + 1) ints
 
 __host__ __device__ __forceinline__ int unit_len(int64_t total, int64_t items) {
@@ -95,22 +92,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// TACTIC_ATT_CPASYNC=1 (sm_80+, an A/B variant, off by default): the chunk kernel's K/V rows go
-// through a per-warp ring of TACTIC_ATT_STAGES shared-memory stages filled by cp.async, so
-// STAGES - 1 groups of warp steps are in flight without holding registers (16-bit K/V only,
-// where the ring fits the 48 KB of static shared memory; other cases keep register loads).
-#ifndef TACTIC_ATT_CPASYNC
-#define TACTIC_ATT_CPASYNC 0
-#endif
-#if TACTIC_ATT_CPASYNC
-#ifndef TACTIC_ATT_STAGES
-#define TACTIC_ATT_STAGES 3
-#endif
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-#endif
 // cp.async (sm_80+): 16 bytes global -> shared without registers; this form copies `bytes`
 // (16 or 0) and fills the rest of the 16 with zeros.
 __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, int bytes) {
@@ -149,23 +130,9 @@ struct ChunkParams {
 // Blocks per SM the register allocation must allow: 4 (16 warps) for the common 16-bit cases
 // up to 4 heads per pass; fewer where the in-flight f32 loads or 8 heads need more registers
 // (asking for more there makes ptxas spill).
-#ifndef TACTIC_ATT_BLOCKS_16BIT
-#define TACTIC_ATT_BLOCKS_16BIT 4
-#endif
-#ifndef TACTIC_ATT_U
-#define TACTIC_ATT_U 4
-#endif
-#ifndef TACTIC_ATT_PREFETCH
-#define TACTIC_ATT_PREFETCH 1
-#endif
-// How many groups of U warp steps ahead the L2 prefetch runs (1: the next group). A knob for
-// bench/attention_variants.sh A/B runs; 2 and 3 have not been measured yet.
-#ifndef TACTIC_ATT_PREFETCH_AHEAD
-#define TACTIC_ATT_PREFETCH_AHEAD 1
-#endif
 template <class T, int D, int GB>
 constexpr int chunk_min_blocks() {
-  return GB >= 8 ? 2 : (sizeof(T) == 4 || D == 256) ? 3 : TACTIC_ATT_BLOCKS_16BIT;
+  return GB >= 8 ? 2 : (sizeof(T) == 4 || D == 256) ? 3 : 4;
 }
 
 // The plan, computed by every block from the device counts (block 0 also stores it for the
@@ -234,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
   using Lay = RowLayout<T, D>;
   constexpr int L = Lay::kLanes, NS = Lay::kNS, VEC = Lay::kVec, E = Lay::kE, R = Lay::kRows,
                 S = Lay::kSlots;
-  constexpr int U = GB <= 4 ? TACTIC_ATT_U : 2;  // warp steps whose loads are in flight together
+  constexpr int U = GB <= 4 ? 4 : 2;  // warp steps whose loads are in flight together
 
   extern __shared__ int32_t s_first[];  // [items + 1]: first unit of item i; [items] = all units
   __shared__ int32_t s_rows[kPiece];
@@ -242,15 +209,6 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
   __shared__ float s_m[kWarps][GB], s_l[kWarps][GB];
   __shared__ long long s_red[kWarps];
   __shared__ int32_t s_wsum[kWarps];
-#if TACTIC_ATT_CPASYNC
-  // The ring: [warp][stage][K, V][u][lane] 16-byte slots; each lane copies and later reads only
-  // its own slots, so no barrier is needed between the copy and the read.
-  constexpr int CST = TACTIC_ATT_STAGES;
-  constexpr bool kCp = NS == 1 && kWarps * GB * D * 4 + kWarps * CST * 2 * U * 32 * 16 <= 44 * 1024;
-  __shared__ uint4 s_cp[kCp ? kWarps * CST * 2 * U * 32 : 1];
-#else
-  constexpr bool kCp = false;
-#endif
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int grp = lane / L, t = lane % L;  // row within the warp step, lane within the row
@@ -310,50 +268,11 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         for (int r = tid; r < pn; r += kThreads) s_rows[r] = src[r];
       }
       __syncthreads();
-#if TACTIC_ATT_CPASYNC
-      // This warp's iterations over the piece, and the ring's first CST - 1 stages.
-      const int piece_steps = (pn + R - 1) / R;
-      const int n_it = warp < piece_steps ? (piece_steps - 1 - warp) / (kWarps * U) + 1 : 0;
-      auto issue = [&](int it) {
-        if (!kCp) return;
-        if (it < n_it) {
-          uint4* buf = s_cp + (warp * CST + it % CST) * 2 * U * 32;
-          const int s0 = warp + it * kWarps * U;
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int pos = (s0 + u * kWarps) * R + grp;
-            if (pos < pn && t < S) {
-              const int64_t row = p.rows ? (int64_t)s_rows[pos] : start + p0 + pos;
-              cp_async16(buf + u * 32 + lane, kb + row * D + t * VEC);
-              cp_async16(buf + (U + u) * 32 + lane, vb + row * D + t * VEC);
-            }
-          }
-        }
-        cp_async_commit();  // empty groups too: the wait below counts groups
-      };
-      for (int it = 0; it < CST - 1; ++it) issue(it);
-#endif
       // Warp step st covers piece rows [st * R, st * R + R); warps interleave so that a short
       // piece is still spread over all of them.
       for (int st0 = warp; st0 * R < pn; st0 += kWarps * U) {
         uint4 kr[U][NS], vr[U][NS];
         bool valid[U];
-#if TACTIC_ATT_CPASYNC
-        if constexpr (kCp) {
-          const int it = (st0 - warp) / (kWarps * U);
-          issue(it + CST - 1);
-          cp_async_wait<CST - 1>();  // this lane's copies of iteration `it` have landed
-          const uint4* buf = s_cp + (warp * CST + it % CST) * 2 * U * 32;
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int pos = (st0 + u * kWarps) * R + grp;
-            valid[u] = pos < pn;
-            const bool here = valid[u] && t < S;
-            kr[u][0] = here ? buf[u * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);
-            vr[u][0] = here ? buf[(U + u) * 32 + lane] : make_uint4(0u, 0u, 0u, 0u);
-          }
-        } else
-#endif
         {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -382,8 +301,8 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         // the kernel waits less per load (one prefetch per 128-byte line of K and of V).
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int pos = (st0 + TACTIC_ATT_PREFETCH_AHEAD * kWarps * U + u * kWarps) * R + grp;
-          if (TACTIC_ATT_PREFETCH && !kCp && pos < pn) {
+          const int pos = (st0 + kWarps * U + u * kWarps) * R + grp;
+          if (pos < pn) {
             const int64_t row = p.rows ? (int64_t)s_rows[pos] : start + p0 + pos;
 #pragma unroll
             for (int j = 0; j < NS; ++j) {
@@ -455,9 +374,6 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
         }
       }
 
-#if TACTIC_ATT_CPASYNC
-      if constexpr (kCp) cp_async_wait<0>();  // the ring is idle before the next piece
-#endif
       }  // pieces
 
       // Merge the lane groups of the warp (they differ in the lane bits >= log2(L)).
@@ -897,75 +813,67 @@ int resident_blocks(std::size_t smem, std::size_t fixed = 0) {
   return v;
 }
 
+// The launch-time choices of one call: its stream and the plan's variants (resolved).
+struct LaunchPlan {
+  cudaStream_t stream;
+  bool pdl;
+  bool tensor_cores;
+};
+
 template <class T, int D, int GB>
-void launch_chunks(const ChunkParams& p, int64_t work, cudaStream_t stream) {
+void launch_chunks(const ChunkParams& p, int64_t work, const LaunchPlan& lp) {
   const std::size_t smem = (std::size_t)(p.items + 1) * sizeof(int32_t);
-  // Past the default 48 KB with the static arrays (up to 32 KB; up to 44 KB with the cp.async
-  // ring): opt in (once is enough, but the call is cheap and rare).
-  if (smem > (TACTIC_ATT_CPASYNC ? 4 : 16) * 1024) {
+  // Past the default 48 KB with the static arrays (up to 32 KB): opt in (once is enough, but
+  // the call is cheap and rare).
+  if (smem > 16 * 1024) {
     TACTIC_CUDA_CHECK(cudaFuncSetAttribute(attention_chunks_kernel<T, D, GB>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
   const int64_t grid = std::min<int64_t>(work * p.hsplit, resident_blocks<attention_chunks_kernel<T, D, GB>>(smem));
-  launch<attention_chunks_kernel<T, D, GB>>((unsigned)grid, kThreads, smem, stream, p);
+  launch<attention_chunks_kernel<T, D, GB>>(lp.pdl, (unsigned)grid, kThreads, smem, lp.stream, p);
   TACTIC_CUDA_LAUNCH_CHECK("attention_chunks_kernel");
 }
 
-// The tensor-core kernel where it applies: 16-bit K/V, D <= 128, at most 8 heads per group,
-// an sm_80+ binary, and TACTIC_ATT_MMA: unset, groups of 3-8 heads; 1, every group up to 8;
-// 0, never. From the H100 A/B (dense, fp16, D 128, Hkv 8; CUDA-core -> tensor-core us at
-// 32K / 128K / 512K): G 4 70.5 / 224 / 831 -> 65.4 / 201 / 745; G 3 70.7 / 216 / 788 ->
-// 66.9 / 202 / 744; G 2 64.3 / 203 / 766 -> 65.7 / 202 / 753 (a wash: left out); G 1 59.0 /
-// 197 / 750 -> 64.7 / 203 / 745 (slower where it matters).
 template <class T, int D>
-bool use_mma(int64_t g) {
-  if constexpr (sizeof(T) != 2 || D > 128) {
-    return false;
-  } else {
-    const int s = attention_mma_setting();
-    if (g > 8 || s == 0 || (s < 0 && g < 3)) return false;
-    return compiled_arch<attention_chunks_mma_kernel<T, D>>() >= 80;
-  }
-}
-
-template <class T, int D>
-void launch_chunks_mma(const ChunkParams& p, int64_t work, cudaStream_t stream) {
+void launch_chunks_mma(const ChunkParams& p, int64_t work, const LaunchPlan& lp) {
   if constexpr (sizeof(T) == 2 && D <= 128) {
     const std::size_t smem = mma_plan_bytes(p.items) + MmaTile<D>::kBytes;  // ~70 KB at D 128: opt in
     TACTIC_CUDA_CHECK(cudaFuncSetAttribute(attention_chunks_mma_kernel<T, D>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     const int64_t grid = std::min<int64_t>(work, resident_blocks<attention_chunks_mma_kernel<T, D>>(smem, MmaTile<D>::kBytes));
-    launch<attention_chunks_mma_kernel<T, D>>((unsigned)grid, kThreads, smem, stream, p);
+    launch<attention_chunks_mma_kernel<T, D>>(lp.pdl, (unsigned)grid, kThreads, smem, lp.stream, p);
     TACTIC_CUDA_LAUNCH_CHECK("attention_chunks_mma_kernel");
   }
 }
 
 template <class T, int D>
-void launch_chunks_g(const ChunkParams& p, int64_t work, cudaStream_t stream) {
-  if (use_mma<T, D>(p.g)) return launch_chunks_mma<T, D>(p, work, stream);
+void launch_chunks_g(const ChunkParams& p, int64_t work, const LaunchPlan& lp) {
+  if constexpr (sizeof(T) == 2 && D <= 128) {
+    if (lp.tensor_cores) return launch_chunks_mma<T, D>(p, work, lp);
+  }
   // Heads per block: the group size rounded up to a power of two, at most 4.
-  if (p.g <= 1) launch_chunks<T, D, 1>(p, work, stream);
-  else if (p.g <= 2) launch_chunks<T, D, 2>(p, work, stream);
-  else if (p.g <= 4) launch_chunks<T, D, 4>(p, work, stream);
+  if (p.g <= 1) launch_chunks<T, D, 1>(p, work, lp);
+  else if (p.g <= 2) launch_chunks<T, D, 2>(p, work, lp);
+  else if (p.g <= 4) launch_chunks<T, D, 4>(p, work, lp);
   else {  // 4 heads per block, ceil(g / 4) blocks per unit (registers: 8 heads' state per warp
           // left 2 blocks of 4 warps per SM, 1254 -> 779 us at 512K, G 8)
     ChunkParams q = p;
     q.hsplit = (int)((p.g + 3) / 4);
-    launch_chunks<T, D, 4>(q, work, stream);
+    launch_chunks<T, D, 4>(q, work, lp);
   }
 }
 
 template <int D>
 void launch_d(const AttentionArgs& a, const ChunkParams& cp, const MergeParams& mp, int64_t work,
-              int64_t merge_blocks, cudaStream_t stream) {
+              int64_t merge_blocks, const LaunchPlan& lp) {
   if (work > 0)
     dispatch_float(a.kv_dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_chunks_g<T, D>(cp, work, stream);
+      launch_chunks_g<T, D>(cp, work, lp);
     });
   dispatch_float(a.out_dtype, [&](auto tag) {
     using TO = decltype(tag);
-    launch<attention_merge_kernel<TO, D>>((unsigned)merge_blocks, kMergeThreads, 0, stream, mp);
+    launch<attention_merge_kernel<TO, D>>(lp.pdl, (unsigned)merge_blocks, kMergeThreads, 0, lp.stream, mp);
     TACTIC_CUDA_LAUNCH_CHECK("attention_merge_kernel");
   });
 }
@@ -993,12 +901,26 @@ bool tensor_core_available() {
   return compiled_arch<attention_chunks_mma_kernel<__half, 128>>() >= 80;
 }
 
-int attention_mma_setting() {
-  const char* e = std::getenv("TACTIC_ATT_MMA");
-  if (!e || !*e) return -1;
-  const std::string v(e);
-  if (v != "0" && v != "1") throw ValueError("TACTIC_ATT_MMA must be 0 or 1, not '" + v + "'");
-  return v[0] - '0';
+// Automatic: the tensor-core kernel for groups of 3-8 heads where it fits. From the H100 A/B
+// (dense, fp16, D 128, Hkv 8; CUDA-core -> tensor-core us at 32K / 128K / 512K): G 4 70.5 /
+// 224 / 831 -> 65.4 / 201 / 745; G 3 70.7 / 216 / 788 -> 66.9 / 202 / 744; G 2 a wash; G 1
+// 59.0 / 197 / 750 -> 64.7 / 203 / 745 (slower where it matters).
+AttentionKernel resolve_attention_kernel(AttentionKernel requested, DType kv, int64_t d, int64_t g) {
+  const bool fits = (kv == DType::f16 || kv == DType::bf16) && d <= 128 && g <= 8;
+  switch (requested) {
+    case AttentionKernel::cuda_cores: return requested;
+    case AttentionKernel::tensor_cores:
+      if (!fits)
+        throw UnsupportedError("attention_kernel='tensor_cores' needs float16/bfloat16 K/V, head_dim <= 128 and "
+                               "at most 8 query heads per KV head, got " + std::string(dtype_name(kv)) +
+                               ", head_dim " + std::to_string(d) + ", " + std::to_string(g) + " heads per KV head");
+      if (!tensor_core_available())
+        throw UnsupportedError("attention_kernel='tensor_cores' needs kernels built for sm_80 or newer; this "
+                               "build's run as sm_" + std::to_string(kernel_arch()) + " on this GPU");
+      return requested;
+    default:
+      return fits && g >= 3 && tensor_core_available() ? AttentionKernel::tensor_cores : AttentionKernel::cuda_cores;
+  }
 }
 
 std::size_t attention_workspace_bytes(int64_t batch, int64_t hkv, int64_t g, int64_t d,
@@ -1075,13 +997,14 @@ void decode_attention(const AttentionArgs& a) {
   mp.out_stride_b = a.out_stride_b;
   mp.out_stride_h = a.out_stride_h;
 
-  const cudaStream_t s = as_stream(a.stream);
+  const LaunchPlan lp{as_stream(a.stream), a.pdl,
+                      resolve_attention_kernel(a.kernel, a.kv_dtype, a.d, a.g) == AttentionKernel::tensor_cores};
   switch (a.d) {
-    case 64: launch_d<64>(a, cp, mp, work, merge_blocks, s); break;
-    case 80: launch_d<80>(a, cp, mp, work, merge_blocks, s); break;
-    case 96: launch_d<96>(a, cp, mp, work, merge_blocks, s); break;
-    case 128: launch_d<128>(a, cp, mp, work, merge_blocks, s); break;
-    default: launch_d<256>(a, cp, mp, work, merge_blocks, s); break;
+    case 64: launch_d<64>(a, cp, mp, work, merge_blocks, lp); break;
+    case 80: launch_d<80>(a, cp, mp, work, merge_blocks, lp); break;
+    case 96: launch_d<96>(a, cp, mp, work, merge_blocks, lp); break;
+    case 128: launch_d<128>(a, cp, mp, work, merge_blocks, lp); break;
+    default: launch_d<256>(a, cp, mp, work, merge_blocks, lp); break;
   }
 }
 

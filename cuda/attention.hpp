@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "tactic/tensor.hpp"
+#include "tactic/options.hpp"
 
 namespace tactic {
 namespace cuda {
@@ -39,6 +40,8 @@ struct AttentionArgs {
   DType out_dtype = DType::f32;     // f32, f16 or bf16
   int64_t out_stride_b = 0, out_stride_h = 0;  // elements
   void* stream = nullptr;           // cudaStream_t
+  AttentionKernel kernel = AttentionKernel::automatic;  // StepPlan::attention (resolved) or automatic
+  bool pdl = true;                  // programmatic dependent launch where the kernels have it
 };
 
 // Workspace bytes for the given geometry (at least 16, so an allocation is never empty).
@@ -50,10 +53,10 @@ std::size_t attention_workspace_bytes(int64_t batch, int64_t hkv, int64_t g, int
 // inconsistent sizes or misaligned pointers. Never synchronises.
 void decode_attention(const AttentionArgs& a);
 
-// TACTIC_ATT_MMA (read on every call): -1 unset (the tensor-core chunk kernel for groups of 3-8
-// query heads with 16-bit K/V and head dim <= 128), 0 (never), 1 (for every group up to 8).
-// Any other value is a ValueError; the decoder checks it before a step changes anything.
-int attention_mma_setting();
+// The chunk kernel decode_attention runs for `requested` (automatic: tensor cores for groups of
+// 3-8 query heads with 16-bit K/V and head dim <= 128 where the kernels have sm_80 code, CUDA
+// cores elsewhere). UnsupportedError for tensor cores where they cannot run.
+AttentionKernel resolve_attention_kernel(AttentionKernel requested, DType kv, int64_t d, int64_t g);
 
 }  // namespace cuda
 }  // namespace tactic

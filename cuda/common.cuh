@@ -41,28 +41,13 @@ inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 // launch (the wait returns at once).
 // Hand-written because the CUDA runtime offers only the attribute and the two PTX
 // instructions; CUTLASS wraps the same two instructions for its own kernels.
-// TACTIC_PDL_TRIGGER=1 (a compile-time A/B) adds an early launch_dependents after the wait, so
-// the next grid's blocks become resident while this one runs. Measured on the H100 (bench/NOTES.md,
-// seventh session): that cost +6% / +3% of the graphed step at 128K / 512K, so the default
-// leaves the trigger implicit (the next grid is scheduled as this one's blocks exit).
-#ifndef TACTIC_PDL_TRIGGER
-#define TACTIC_PDL_TRIGGER 0
-#endif
+// An early griddepcontrol.launch_dependents after the wait (the next grid's blocks resident
+// while this one runs) measured slower on the H100 (+6% / +3% of the graphed step at 128K /
+// 512K, bench/NOTES.md, seventh session): the trigger stays implicit (as this grid's blocks exit).
 __device__ __forceinline__ void pdl_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#if TACTIC_PDL_TRIGGER
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-#endif
-}
-
-// TACTIC_PDL=0 turns the attribute off (A/B timing; a bad value raises ValueError).
-inline bool pdl_wanted() {
-  const char* e = std::getenv("TACTIC_PDL");
-  if (!e || !*e || std::strcmp(e, "1") == 0) return true;
-  if (std::strcmp(e, "0") == 0) return false;
-  throw ValueError(std::string("TACTIC_PDL must be 0 or 1, not '") + e + "'");
 }
 
 // The architecture Kernel's code was compiled for, as __CUDA_ARCH__ / 10 saw it (90 for
@@ -91,37 +76,31 @@ int compiled_arch() {
   return v;
 }
 
-// Whether Kernel is launched with PDL here: TACTIC_PDL allows it and its binary has the
-// griddepcontrol instructions (sm_90+: an sm_80 build run on an H100 has no wait and must not
-// start early). launch() is a kernel launch with PDL where pdl_ok, a plain one elsewhere.
+// Appends the PDL attribute to cfg's attributes (room for one more) where the plan asks for it
+// (`pdl`, StepPlan::pdl) and Kernel's code has the griddepcontrol wait (sm_90+: an sm_80 build
+// run on an H100 has no wait and must not start early).
 template <auto Kernel>
-bool pdl_ok() {
-  return pdl_wanted() && compiled_arch<Kernel>() >= 90;
-}
-
-// Appends the PDL attribute to cfg's attributes (room for one more) where pdl_ok<Kernel>().
-template <auto Kernel>
-void add_pdl(cudaLaunchConfig_t& cfg, cudaLaunchAttribute* attrs) {
+void add_pdl(cudaLaunchConfig_t& cfg, cudaLaunchAttribute* attrs, bool pdl) {
   cfg.attrs = attrs;
-  if (!pdl_ok<Kernel>()) return;
+  if (!pdl || compiled_arch<Kernel>() < 90) return;
   cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
   a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   a.val.programmaticStreamSerializationAllowed = 1;
 }
 
+// A kernel launch, with PDL where `pdl` (the plan's choice) and the kernel allow it.
 template <auto Kernel, class... A>
-void launch(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, A&&... args) {
+void launch(bool pdl, dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, A&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
-  add_pdl<Kernel>(cfg, attr);
+  add_pdl<Kernel>(cfg, attr, pdl);
   TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, Kernel, std::forward<A>(args)...));
 }
 
-// Element loads/stores in fp32 for the three storage dtypes.
 template <class T> __device__ __forceinline__ float to_float(T x);
 template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }

@@ -9,6 +9,7 @@
 #include "common.cuh"
 #include "host_memory.hpp"
 #include "kmeans.hpp"
+#include "plan.hpp"
 #include "select.hpp"
 #include "store.hpp"
 #include "tactic/decoder.hpp"
@@ -56,6 +57,7 @@ struct DeviceGuard {
 struct DeviceDecoder::Impl {
   DecoderConfig cfg;
   int dev = 0;
+  StepPlan plan;  // the step's kernel variants, resolved (make_step_plan)
   int64_t L, B, H, Hq, G, D, cap, cmax;
   std::size_t es;
   DeviceBuffer k, v, pos, centroids, centroids_low, spreads, offsets, state;
@@ -82,13 +84,8 @@ struct DeviceDecoder::Impl {
     graphs_seen = graphs_seen || cap;
   }
 
-  // The start of decode and attend: a bad run-time switch (TACTIC_HEAD_SPLIT, TACTIC_PDL,
-  // TACTIC_ATT_MMA) fails here, before the step changes anything; then the slot list and the
-  // step's geometry.
+  // The start of decode and attend: the slot list and the step's geometry.
   StepGeometry begin_step(int64_t layer, const std::vector<int64_t>& slot_list, void* stream) {
-    head_split_override();
-    pdl_wanted();
-    attention_mma_setting();
     use_slots(slot_list, stream);
     return geometry(layer, (int64_t)slot_list.size(), stream);
   }
@@ -157,6 +154,7 @@ struct DeviceDecoder::Impl {
     g.slots = slots.as<int32_t>();
     g.state = state.as<SlotCounts>();
     g.stream = stream;
+    g.pdl = plan.pdl;
     return g;
   }
 
@@ -259,6 +257,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
                            std::to_string(m.cmax));
   if (mul_sat(m.B, m.Hq) >= ((uint64_t)1 << 31))  // the kernels' grids index (sequence, head) in int
     throw UnsupportedError("max_batch * num_q_heads must stay below 2^31 on CUDA");
+  m.plan = make_step_plan(cfg, m.cmax);  // UnsupportedError for a kernel variant this GPU lacks
   // Every buffer's size first, in saturating arithmetic (an absurd configuration must not wrap
   // around to a small number), so that a capacity that cannot fit is refused with the total it
   // needs before anything is allocated.
@@ -456,6 +455,8 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.head_fraction = m.cfg.select.head_fraction;
   a.min_clusters = m.cfg.select.min_clusters;
   a.dense = !m.clusters();
+  a.head_split = m.plan.head_split[slot_list.size() - 1];
+  a.sm_count = m.plan.sm_count;
   select_step(geo, a);
   m.last_slots[layer] = slot_list;
   if (out) m.attention(layer, geo, *out, stream);
@@ -484,6 +485,8 @@ void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, cons
   at.out_stride_b = out.strides[0];
   at.out_stride_h = out.strides[1];
   at.stream = stream;
+  at.kernel = plan.attention;
+  at.pdl = plan.pdl;
   decode_attention(at);
 }
 
@@ -499,7 +502,25 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
 
 const std::vector<int64_t>& DeviceDecoder::last_slots(int64_t layer) const { return p_->last_slots[layer]; }
 
-void DeviceDecoder::set_target(double target) { p_->cfg.select.target = target; }
+void DeviceDecoder::set_target(double target) {
+  Impl& m = *p_;
+  DeviceGuard guard(m.dev);
+  DecoderConfig c = m.cfg;
+  c.select.target = target;
+  m.plan = make_step_plan(c, m.cmax);  // nothing in today's plan depends on P; re-planned all the same
+  m.cfg = c;
+}
+
+const StepPlan& DeviceDecoder::plan() const { return p_->plan; }
+
+void DeviceDecoder::set_kernels(const KernelOptions& kernels) {
+  Impl& m = *p_;
+  DeviceGuard guard(m.dev);
+  DecoderConfig c = m.cfg;
+  c.kernels = kernels;
+  m.plan = make_step_plan(c, m.cmax);  // throws before anything changes
+  m.cfg = c;
+}
 
 void DeviceDecoder::stats(int64_t layer, LayerStats& st) {
   Impl& m = *p_;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "tactic/options.hpp"
+#include "tactic/plan.hpp"
 #include "tactic/store.hpp"
 #include "tactic/tensor.hpp"
 
@@ -45,6 +46,8 @@ class DeviceDecoder {
   // Slots of the last decode/select of `layer` (empty before the first).
   const std::vector<int64_t>& last_slots(int64_t layer) const;
   void set_target(double target);
+  const StepPlan& plan() const;
+  void set_kernels(const KernelOptions& kernels);  // re-plans; the old plan stays on failure
   // Copies the statistics of the last decode of `layer` to the host (synchronises).
   void stats(int64_t layer, LayerStats& out);
   // The counts of (layer, slot); re-read from the device (a synchronisation) where replays of a

@@ -1144,7 +1144,7 @@ void prepare_q(const StepGeometry& s, const void* q, DType dt, int64_t sb, int64
                float* qf, int32_t* head_index) {
   dispatch_float(dt, [&](auto tag) {
     using T = decltype(tag);
-    launch<prepare_q_kernel<T>>((unsigned)(s.batch * s.hkv * s.g), 128, 0, as_stream(s.stream),
+    launch<prepare_q_kernel<T>>(s.pdl, (unsigned)(s.batch * s.hkv * s.g), 128, 0, as_stream(s.stream),
         s, static_cast<const T*>(q), sb, sh, scale, qf, head_index);
   });
   TACTIC_CUDA_LAUNCH_CHECK("prepare_q");
@@ -1156,13 +1156,13 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
     using S = decltype(stag);
     dispatch_float(dst, [&](auto ttag) {
       using T = decltype(ttag);
-      launch<append_kernel<S, T>>(dim3((unsigned)s.batch, (unsigned)s.hkv), 128, 0, as_stream(s.stream),
+      launch<append_kernel<S, T>>(s.pdl, dim3((unsigned)s.batch, (unsigned)s.hkv), 128, 0, as_stream(s.stream),
           s, static_cast<const S*>(kn), static_cast<const S*>(vn), sb, sh, static_cast<T*>(k),
           static_cast<T*>(v), pos);
     });
   });
   TACTIC_CUDA_LAUNCH_CHECK("append_token");
-  launch<count_token_kernel>((unsigned)((s.batch + 127) / 128), 128, 0, as_stream(s.stream), s, num_sink, lost);
+  launch<count_token_kernel>(s.pdl, (unsigned)((s.batch + 127) / 128), 128, 0, as_stream(s.stream), s, num_sink, lost);
   TACTIC_CUDA_LAUNCH_CHECK("append_token (counts)");
 }
 
@@ -1200,18 +1200,7 @@ int max_active_clusters(int n) {
   return r;
 }
 
-int head_split_override() {
-  const char* e = std::getenv("TACTIC_HEAD_SPLIT");
-  if (!e || !*e) return 0;
-  const std::string v(e);
-  if (v != "1" && v != "2" && v != "4") throw ValueError("TACTIC_HEAD_SPLIT must be 1, 2 or 4, not '" + v + "'");
-  return v[0] - '0';
-}
-
-int head_split(int64_t heads, int64_t cmax) {
-  // TACTIC_HEAD_SPLIT=1|2|4 forces the choice (tests, measurements); read on every call, as it
-  // costs nothing next to a step.
-  if (const int n = head_split_override()) return n > 1 && head_split_available() ? n : 1;
+int auto_head_split(int64_t heads, int64_t cmax) {
   if (cmax < kHeadSplitMinClusters || !head_split_available()) return 1;
   // The largest cluster size whose clusters all run in one wave: a cluster needs n SMs of one
   // GPC at once, and these kernels fit one block per SM, so 4-block clusters can hold fewer
@@ -1247,7 +1236,7 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv, heads = items * s.g;
   if (a.dense) {
-    launch<dense_counts_kernel>((unsigned)((items + 127) / 128), 128, 0, st, s, a);
+    launch<dense_counts_kernel>(s.pdl, (unsigned)((items + 127) / 128), 128, 0, st, s, a);
     TACTIC_CUDA_LAUNCH_CHECK("dense_counts");
     return;
   }
@@ -1262,17 +1251,19 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
       return dim3((unsigned)items, (unsigned)((s.cmax + per - 1) / per));
     };
     switch (s.d) {
-      case 64: launch<score_kernel<T, 64>>(grid(kScoreUnroll<T, 64>()), kThreads, qbytes, st, s, a); break;
-      case 80: launch<score_kernel<T, 80>>(grid(kScoreUnroll<T, 80>()), kThreads, qbytes, st, s, a); break;
-      case 96: launch<score_kernel<T, 96>>(grid(kScoreUnroll<T, 96>()), kThreads, qbytes, st, s, a); break;
-      case 128: launch<score_kernel<T, 128>>(grid(kScoreUnroll<T, 128>()), kThreads, qbytes, st, s, a); break;
-      case 256: launch<score_kernel<T, 256>>(grid(kScoreUnroll<T, 256>()), kThreads, qbytes, st, s, a); break;
+      case 64: launch<score_kernel<T, 64>>(s.pdl, grid(kScoreUnroll<T, 64>()), kThreads, qbytes, st, s, a); break;
+      case 80: launch<score_kernel<T, 80>>(s.pdl, grid(kScoreUnroll<T, 80>()), kThreads, qbytes, st, s, a); break;
+      case 96: launch<score_kernel<T, 96>>(s.pdl, grid(kScoreUnroll<T, 96>()), kThreads, qbytes, st, s, a); break;
+      case 128: launch<score_kernel<T, 128>>(s.pdl, grid(kScoreUnroll<T, 128>()), kThreads, qbytes, st, s, a); break;
+      case 256: launch<score_kernel<T, 256>>(s.pdl, grid(kScoreUnroll<T, 256>()), kThreads, qbytes, st, s, a); break;
       default: throw UnsupportedError("CUDA selection supports head_dim 64, 80, 96, 128 or 256");
     }
   });
   TACTIC_CUDA_LAUNCH_CHECK("score_centroids");
   // Thread-block clusters of nsplit blocks per query head where a head has many clusters.
-  const int nsplit = head_split(heads, s.cmax);
+  const int nsplit = a.head_split;
+  if (!(nsplit == 1 || ((nsplit == 2 || nsplit == 4) && head_split_available())))
+    throw UnsupportedError("select_step: head_split " + std::to_string(nsplit) + " is not available here");
   const bool split = nsplit > 1;
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[2];
@@ -1286,33 +1277,34 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   if (split) {
-    add_pdl<select_head_split_kernel>(cfg, attr);  // both split kernels: same binary, same answer
+    add_pdl<select_head_split_kernel>(cfg, attr, s.pdl);  // both split kernels: same binary, same answer
     TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_head_split_kernel, s, a));
   } else {
-    launch<select_head_kernel>((unsigned)heads, kSelThreads, 0, st, s, a);
+    launch<select_head_kernel>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a);
   }
   TACTIC_CUDA_LAUNCH_CHECK("select_head");
-  // Enough blocks for about two per SM of an H100, at most kMaxExactSplits per head.
-  const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (264 + heads - 1) / heads));
+  // Enough blocks for about two per SM, at most kMaxExactSplits per head.
+  const int64_t sms = a.sm_count > 0 ? a.sm_count : 132;
+  const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (2 * sms + heads - 1) / heads));
   dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 eg((unsigned)heads, (unsigned)splits);
     switch (s.d) {
-      case 64: launch<select_exact_kernel<T, 64>>(eg, kExactThreads, 0, st, s, a); break;
-      case 80: launch<select_exact_kernel<T, 80>>(eg, kExactThreads, 0, st, s, a); break;
-      case 96: launch<select_exact_kernel<T, 96>>(eg, kExactThreads, 0, st, s, a); break;
-      case 128: launch<select_exact_kernel<T, 128>>(eg, kExactThreads, 0, st, s, a); break;
-      default: launch<select_exact_kernel<T, 256>>(eg, kExactThreads, 0, st, s, a); break;
+      case 64: launch<select_exact_kernel<T, 64>>(s.pdl, eg, kExactThreads, 0, st, s, a); break;
+      case 80: launch<select_exact_kernel<T, 80>>(s.pdl, eg, kExactThreads, 0, st, s, a); break;
+      case 96: launch<select_exact_kernel<T, 96>>(s.pdl, eg, kExactThreads, 0, st, s, a); break;
+      case 128: launch<select_exact_kernel<T, 128>>(s.pdl, eg, kExactThreads, 0, st, s, a); break;
+      default: launch<select_exact_kernel<T, 256>>(s.pdl, eg, kExactThreads, 0, st, s, a); break;
     }
   });
   TACTIC_CUDA_LAUNCH_CHECK("select_exact");
   if (split) TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_stop_split_kernel, s, a, splits));
-  else launch<select_stop_kernel>((unsigned)heads, kSelThreads, 0, st, s, a, splits);
+  else launch<select_stop_kernel>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a, splits);
   TACTIC_CUDA_LAUNCH_CHECK("select_stop");
   const dim3 rows_grid((unsigned)items, (unsigned)row_chunks(s.cmax));
-  launch<chunk_sums_kernel>(rows_grid, kThreads, 0, st, s, a);
+  launch<chunk_sums_kernel>(s.pdl, rows_grid, kThreads, 0, st, s, a);
   TACTIC_CUDA_LAUNCH_CHECK("chunk_sums");
-  launch<build_rows_kernel>(rows_grid, kThreads, 0, st, s, a);
+  launch<build_rows_kernel>(s.pdl, rows_grid, kThreads, 0, st, s, a);
   TACTIC_CUDA_LAUNCH_CHECK("build_rows");
 }
 

@@ -25,6 +25,7 @@ struct StepGeometry {
   const int32_t* slots;   // device [batch]
   SlotCounts* state;      // device [L * max_batch]
   void* stream;
+  bool pdl = false;       // launch with programmatic dependent launch (StepPlan::pdl)
 };
 
 // qf[b, hq, :] = scale * q[b, hq, :] in fp32 (q: any float dtype, strides in elements), and,
@@ -75,13 +76,15 @@ struct SelectArgs {
   double target, margin, head_fraction;
   int64_t min_clusters;
   bool dense;                    // policy dense: every row, no selection
+  int head_split = 1;            // blocks per query head (StepPlan::head_split for this batch)
+  int sm_count = 0;              // the device's multiprocessors (StepPlan::sm_count)
 };
 
 size_t select_scratch_bytes(int64_t heads);
-// TACTIC_HEAD_SPLIT (1, 2 or 4 blocks per query head in select_head / select_stop; forces what
-// select_step otherwise picks from the context and the device): 0 when unset; ValueError when
-// set to anything else. DeviceDecoder::decode calls it before it changes any state.
-int head_split_override();
+// Blocks per query head in select_head / select_stop for a step over `heads` query heads with
+// room for `cmax` clusters each: 1, or 2 / 4 (thread-block clusters) where heads have many
+// clusters and the device holds them all in one wave. The plan's automatic choice.
+int auto_head_split(int64_t heads, int64_t cmax);
 // Row-range tasks a head's exact clusters can need: one per 16 rows plus one per cluster.
 inline int64_t head_tasks_stride(int64_t cmax, int64_t cap) { return cmax + (cap + 15) / 16 + 1; }  // per step, heads = batch * Hq (at most)
 int64_t row_chunks(int64_t cmax);  // size of SelectArgs::chunk_sums per (sequence, KV head)

@@ -155,11 +155,10 @@ def test_fixture_layer_matches_the_workload_generator():
 
 
 def test_cli_on_cpu_writes_the_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TACTIC_PDL", "0")  # a run-time switch the JSON must name
     monkeypatch.setenv("TACTIC_GIT_COMMIT", "abc1234")
     rc = main(["--device", "cpu", "--n", "1K", "--batch", "2", "--heads", "4/2", "--head-dim", "64",
                "--target", "0.8", "0.95", "--series-s", "0.01", "--min-runs", "3", "--max-runs", "4",
-               "--out", str(tmp_path), "--tag", "test"])
+               "--out", str(tmp_path), "--tag", "test", "--pdl", "off", "--attention-kernel", "cuda_cores"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "floor" in printed and "sel" in printed and "n/a" in printed
@@ -170,7 +169,9 @@ def test_cli_on_cpu_writes_the_json(tmp_path, capsys, monkeypatch):
     for key in ("device", "date", "git_commit", "torch", "tactic", "copy_bandwidth", "rows", "skipped", "options"):
         assert key in d, key
     assert d["copy_bandwidth"]["median_gbps"] > 0
-    assert d["git_commit"] == "abc1234" and d["settings"] == {"TACTIC_PDL": "0"}
+    assert d["git_commit"] == "abc1234" and d["build"]["version"] == d["tactic"]
+    assert d["options"]["kernels"] == {"head_split": None, "attention_kernel": "cuda_cores", "pdl": False}
+    assert all(r["plan"]["device"] == -1 for r in d["rows"])  # the CPU plans nothing
     assert d["workloads"] == ["synthetic", "sparse"]
     assert [(r["workload"], r["P"]) for r in d["rows"]] == [("synthetic", 0.8), ("synthetic", 0.95),
                                                             ("sparse", 0.8), ("sparse", 0.95)]

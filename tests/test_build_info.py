@@ -70,25 +70,52 @@ def _kernels(torch, fn):
 
 
 @pytest.mark.parametrize("n", [8192, 131072])
-def test_step_runs_only_kernels_it_was_compiled_for(monkeypatch, n):
-    """A step at 8K and 128K (the split selection asked for) launches the thread-block-cluster
-    kernels only on an sm_90+ build and the tensor-core kernel only on an sm_80+ one, and its
-    output matches the float64 reference over the tokens it selected (here P = 1: all)."""
+def test_step_runs_only_kernels_it_was_compiled_for(n):
+    """A step at 8K and 128K launches the thread-block-cluster kernels (asked for where the
+    kernels have them) only on an sm_90+ build, the tensor-core kernel only on an sm_80+ one,
+    and PDL only on sm_90+; its output matches the float64 reference over the tokens it
+    selected (here P = 1: all)."""
     torch = _gpu()
-    monkeypatch.setenv("TACTIC_HEAD_SPLIT", "2")
+    dev = _device()
     gen = torch.Generator().manual_seed(n)
     hkv, g, d = 2, 4, 128
     k = torch.randn(n + 1, hkv, d, generator=gen).half()
     v = torch.randn(n + 1, hkv, d, generator=gen).half()
     q = torch.randn(1, hkv * g, d, generator=gen).half()
     dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype="float16",
-                               target=1.0, share_group=False)
+                               target=1.0, share_group=False,
+                               head_split=2 if dev["thread_block_clusters"] else None)
+    plan = dec.plan
+    assert plan["pdl"] == dev["programmatic_dependent_launch"] and plan["kernel_arch"] == dev["kernel_arch"]
+    assert plan["attention_kernel"] == ("tensor_cores" if dev["tensor_core_attention"] else "cuda_cores")
+    assert plan["sm_count"] == dev["sm_count"]
     dec.prefill(0, k[:n].cuda(), v[:n].cuda())
     out, names = _kernels(torch, lambda: dec.decode(0, q.cuda(), k[n:].cuda(), v[n:].cuda()))
-    dev = _device()
     split = any("split" in s and "select" in s for s in names)
     mma = any("attention_chunks_mma" in s for s in names)
     assert split == dev["thread_block_clusters"], (dev, sorted(names))
     assert mma == dev["tensor_core_attention"], (dev, sorted(names))
     ref, _ = ref_attention(q[0].double().numpy(), k.double().numpy(), v.double().numpy(), d ** -0.5)
     np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_variants_the_kernels_lack_are_refused():
+    """Asking for a kernel variant the loaded kernels were not compiled for is an error at
+    construction, naming it; the automatic plan never picks one."""
+    _gpu()
+    dev = _device()
+    opts = dict(max_tokens=64, device="cuda", dtype="float16", share_group=False)
+    if not dev["thread_block_clusters"]:
+        with pytest.raises(RuntimeError, match="head_split=2"):
+            tactic.SparseDecoder(1, 8, 2, 128, head_split=2, **opts)
+    if not dev["programmatic_dependent_launch"]:
+        with pytest.raises(RuntimeError, match="pdl"):
+            tactic.SparseDecoder(1, 8, 2, 128, pdl=True, **opts)
+    if not dev["tensor_core_attention"]:
+        with pytest.raises(RuntimeError, match="tensor_cores"):
+            tactic.SparseDecoder(1, 8, 2, 128, attention_kernel="tensor_cores", **opts)
+    auto = tactic.SparseDecoder(1, 8, 2, 128, max_batch=4, **opts).plan
+    assert auto["pdl"] == dev["programmatic_dependent_launch"]
+    assert all(s == 1 for s in auto["head_split"]) or dev["thread_block_clusters"]
+    with pytest.raises(RuntimeError, match="tensor_cores"):  # fp32 K/V: no tensor-core kernel
+        tactic.SparseDecoder(1, 8, 2, 128, attention_kernel="tensor_cores", **{**opts, "dtype": "float32"})

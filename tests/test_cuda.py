@@ -61,21 +61,22 @@ def _attention_kernels(fn):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("setting,g,d,mma", [(None, 8, 128, True), (None, 5, 64, True), (None, 4, 128, True),
-                                             (None, 3, 64, True), (None, 2, 128, False), ("1", 2, 96, True),
-                                             ("1", 1, 80, True), ("0", 8, 128, False), (None, 16, 64, False),
-                                             (None, 8, 256, False)])
-def test_tensor_core_attention_where_it_applies(monkeypatch, dtype, setting, g, d, mma):
+@pytest.mark.parametrize("kernel,g,d,mma", [("auto", 8, 128, True), ("auto", 5, 64, True), ("auto", 4, 128, True),
+                                            ("auto", 3, 64, True), ("auto", 2, 128, False),
+                                            ("tensor_cores", 2, 96, True), ("tensor_cores", 1, 80, True),
+                                            ("cuda_cores", 8, 128, False), ("auto", 16, 64, False),
+                                            ("auto", 8, 256, False)])
+def test_tensor_core_attention_where_it_applies(dtype, kernel, g, d, mma):
     """The tensor-core chunk kernel runs for groups of 3-8 heads with 16-bit K/V and D <= 128
-    (TACTIC_ATT_MMA=1: every group up to 8, also 1-2; 0: never), over gathered rows (P = 1
-    selects every cluster) of two sequences of different lengths, and matches float64 attention
-    as tightly as the CUDA-core kernel is asked to."""
-    if setting is not None:
-        monkeypatch.setenv("TACTIC_ATT_MMA", setting)
+    (attention_kernel='tensor_cores': every group up to 8, also 1-2; 'cuda_cores': never), as
+    the plan says, over gathered rows (P = 1 selects every cluster) of two sequences of
+    different lengths, and matches float64 attention as tightly as the CUDA-core kernel is
+    asked to."""
     gen = torch.Generator().manual_seed(g * 17 + d)
     hkv, lens = 2, (3000, 1234)
     dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype=dtype, max_batch=2,
-                               max_tokens=max(lens) + 1, target=1.0, share_group=False)
+                               max_tokens=max(lens) + 1, target=1.0, share_group=False, attention_kernel=kernel)
+    assert dec.plan["attention_kernel"] == ("tensor_cores" if mma else "cuda_cores")
     kv = []
     for s_, n in enumerate(lens):
         k, k64 = rand((n, hkv, d), dtype, gen, scale=2.0)
@@ -492,55 +493,63 @@ def _selection_kernels(fn):
     return {e.name for e in prof.events() if "select_head" in e.name or "select_stop" in e.name}
 
 
-@pytest.mark.parametrize("split", [None, "2"])
-def test_pdl_launches_match_plain_launches(monkeypatch, split):
+@pytest.mark.parametrize("split", [None, 2])
+def test_pdl_launches_match_plain_launches(split):
     """The step's kernels launched with programmatic dependent launch (the default on sm_90:
     each kernel waits for its predecessor in its first instruction) give bit for bit what plain
-    launches give (TACTIC_PDL=0), on a batch of two contexts of different lengths, with and
-    without the split selection kernels, across appends."""
-    if split:
-        monkeypatch.setenv("TACTIC_HEAD_SPLIT", split)
+    launches give (pdl=False), on a batch of two contexts of different lengths, with and
+    without the split selection kernels, across appends. Where the kernels lack sm_90 code,
+    asking for PDL or the split is refused and the automatic plan has neither."""
     gen = torch.Generator().manual_seed(61)
     hkv, g, d, lens = 2, 4, 128, (20000, 9000)
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", max_batch=2,
-                               max_tokens=max(lens) + 8, target=0.9, share_group=False)
+    opts = dict(device="cuda", dtype="float16", max_batch=2, max_tokens=max(lens) + 8, target=0.9, share_group=False)
+    sm90 = tactic.build_info()["devices"][0]["kernel_arch"] >= 90
+    if not sm90:
+        with pytest.raises(RuntimeError, match="sm_90"):
+            tactic.SparseDecoder(1, hkv * g, hkv, d, pdl=True, **opts)
+        if split:
+            with pytest.raises(RuntimeError, match="sm_90"):
+                tactic.SparseDecoder(1, hkv * g, hkv, d, head_split=split, **opts)
+            return
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, head_split=split, **opts)
+    assert dec.plan["pdl"] == sm90
+    if split:
+        assert dec.plan["head_split"] == [split, split]
+    pdl = [False, True] if sm90 else [False, False]
     for s_, n in enumerate(lens):
         kk, _ = mixture_keys(n, hkv, d, gen)
         dec.prefill(0, kk.half().cuda(), torch.randn(n, hkv, d, generator=gen).half().cuda(), seq=s_)
     for step in range(4):
         q = torch.randn(2, hkv * g, d, generator=gen).half().cuda()
-        monkeypatch.setenv("TACTIC_PDL", "0")
+        dec.set_kernels(head_split=split, pdl=pdl[0])
         plain = dec.decode(0, q, None, None, seq=[0, 1])
-        monkeypatch.setenv("TACTIC_PDL", "1")
+        dec.set_kernels(head_split=split, pdl=pdl[1])
         early = dec.decode(0, q, None, None, seq=[0, 1])
         assert torch.equal(plain, early), f"step {step}"
         assert torch.isfinite(early).all()
         kn = torch.randn(2, hkv, d, generator=gen).half().cuda()
-        monkeypatch.setenv("TACTIC_PDL", "1" if step % 2 else "0")
+        dec.set_kernels(head_split=split, pdl=pdl[step % 2])
         dec.decode(0, q, kn, kn, seq=[0, 1])
     assert dec.length(0, 0) == lens[0] + 4 and dec.length(0, 1) == lens[1] + 4
 
 
-@pytest.mark.parametrize("name,bad", [("TACTIC_HEAD_SPLIT", ("3", "four", "0")), ("TACTIC_PDL", ("2", "yes")),
-                                      ("TACTIC_ATT_MMA", ("2", "on"))])
-def test_bad_setting_fails_before_the_step(monkeypatch, name, bad):
-    """A run-time switch of the CUDA step with a bad value is a ValueError raised before the
-    step appends anything (decode and reuse_selection alike); the next step, with the setting
-    gone, sees the context it would have seen."""
+@pytest.mark.parametrize("kwargs,err", [(dict(head_split=3), ValueError), (dict(head_split=0), ValueError),
+                                        (dict(pdl="yes"), TypeError), (dict(attention_kernel="mma"), ValueError)])
+def test_bad_kernel_option_fails_before_anything_changes(kwargs, err):
+    """A bad kernel option is refused at construction and by set_kernels, whose failure keeps
+    the plan as it was; the next step sees the context it would have seen."""
     gen = torch.Generator().manual_seed(3)
+    with pytest.raises(err):
+        tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_tokens=400, dtype="float16", **kwargs)
     k = torch.randn(1, 300, 2, 64, generator=gen).half().cuda()
     dec = tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_batch=1, max_tokens=400, dtype="float16")
     dec.prefill(0, k, k)
+    before = dec.plan
+    with pytest.raises(err):
+        dec.set_kernels(**kwargs)
+    assert dec.plan == before
     q = torch.randn(1, 4, 64, generator=gen).half().cuda()
     kn = torch.randn(1, 2, 64, generator=gen).half().cuda()
-    dec.decode(0, q, None, None)  # a selection for reuse_selection below
-    for value in bad:
-        monkeypatch.setenv(name, value)
-        with pytest.raises(ValueError, match=name):
-            dec.decode(0, q, kn, kn)
-        with pytest.raises(ValueError, match=name):
-            dec.decode(0, q, None, None, reuse_selection=True)
-    monkeypatch.delenv(name)
     dec.decode(0, q, kn, kn)
     assert dec.length(0) == 301
     assert (dec.stats(0)["context"] == 301).all()
@@ -574,30 +583,30 @@ def split_case():
     return case
 
 
-@pytest.mark.parametrize("split", ["1", "2", "4", None])
-def test_split_selection_over_a_batch_matches_cpu(split, split_case, monkeypatch):
+@pytest.mark.parametrize("split", [1, 2, 4, None])
+def test_split_selection_over_a_batch_matches_cpu(split, split_case):
     """Heads with thousands of clusters run select_head / select_stop as thread-block clusters
-    of 2 or 4 blocks (sm_90, cmax >= 16384; TACTIC_HEAD_SPLIT forces the size, None lets the
-    library choose): a batch of different lengths, including one too short to select, picks
-    what the CPU picks, and P = 1 on the same path equals the float64 reference."""
-    if split is not None:
-        monkeypatch.setenv("TACTIC_HEAD_SPLIT", split)
-    if split in ("2", "4") and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("thread-block clusters need sm_90")
+    of 2 or 4 blocks (sm_90, cmax >= 16384; head_split= forces the size, None lets the plan
+    choose): a batch of different lengths, including one too short to select, picks what the
+    CPU picks, and P = 1 on the same path equals the float64 reference."""
+    if split in (2, 4) and not tactic.build_info()["devices"][0]["thread_block_clusters"]:
+        pytest.skip("thread-block clusters need sm_90 kernels")
     c = split_case
     hkv, g, d, lens, N, seq = c["hkv"], c["g"], c["d"], c["lens"], c["N"], c["seq"]
     k, v, q, kn, vn = (c[x].cuda() for x in ("k", "v", "q", "kn", "vn"))
     B = len(lens)
     for target in (0.9, 1.0):
         opts = dict(max_batch=3, max_tokens=N + 4, dtype="float16", target=target, share_group=False)
-        gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+        gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
+        if split is not None:
+            assert gpu.plan["head_split"][B - 1] == split
         gpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=seq, lengths=lens)
         out = []
         names = _selection_kernels(lambda: out.append(gpu.decode(0, q, kn, vn, seq=seq)))
         og = out[0]
         if split is not None:  # the forced path is the one that ran
             split_ran = any("split" in n for n in names)
-            assert split_ran == (split != "1") and len(names) == 2, names
+            assert split_ran == (split != 1) and len(names) == 2, names
         sg = gpu.stats(0)
         np.testing.assert_allclose(sg["context"], [n + 1 for n in lens])
         if target == 1.0:

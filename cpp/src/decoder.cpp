@@ -330,4 +330,15 @@ void Decoder::set_target(double target) {
   if (device_) device_->set_target(target);
 }
 
+const StepPlan& Decoder::plan() const {
+  static const StepPlan cpu{};
+  return device_ ? device_->plan() : cpu;
+}
+
+void Decoder::set_kernels(const KernelOptions& kernels) {
+  validate(kernels);
+  if (device_) device_->set_kernels(kernels);
+  cfg_.kernels = kernels;
+}
+
 }  // namespace tactic

@@ -32,6 +32,11 @@ const std::vector<int64_t>& DeviceDecoder::last_slots(int64_t) const {
   return none;
 }
 void DeviceDecoder::set_target(double) {}
+const StepPlan& DeviceDecoder::plan() const {
+  static const StepPlan none{};
+  return none;
+}
+void DeviceDecoder::set_kernels(const KernelOptions&) {}
 
 }  // namespace cuda
 }  // namespace tactic

@@ -20,6 +20,21 @@ const char* estimator_name(Estimator e) {
 }
 const char* metric_name(Metric m) { return m == Metric::euclidean ? "euclidean" : "spherical"; }
 
+const char* attention_kernel_name(AttentionKernel k) {
+  switch (k) {
+    case AttentionKernel::automatic: return "auto";
+    case AttentionKernel::cuda_cores: return "cuda_cores";
+    case AttentionKernel::tensor_cores: return "tensor_cores";
+  }
+  return "?";
+}
+
+AttentionKernel parse_attention_kernel(const std::string& s) {
+  for (AttentionKernel k : {AttentionKernel::automatic, AttentionKernel::cuda_cores, AttentionKernel::tensor_cores})
+    if (s == attention_kernel_name(k)) return k;
+  throw ValueError("`attention_kernel` must be 'auto', 'cuda_cores' or 'tensor_cores', got '" + s + "'");
+}
+
 Policy parse_policy(const std::string& s) {
   for (Policy p : {Policy::tactic, Policy::dense, Policy::oracle, Policy::quest, Policy::topk})
     if (s == policy_name(p)) return p;
@@ -96,12 +111,21 @@ void DecoderConfig::validate() const {
                            "CPU backend only: built without CUDA)");
 #endif
   tactic::validate(select);
+  tactic::validate(kernels);
   require(cluster_size >= 1, "cluster_size", ">= 1", cluster_size);
   require(kmeans_iters >= 1 && kmeans_iters <= 1000, "kmeans_iters", "in [1, 1000]", kmeans_iters);
   require(num_sink >= 0, "num_sink", ">= 0", num_sink);
   require(recluster_interval >= 1, "recluster_interval", ">= 1", recluster_interval);
   require(std::isfinite(scale) && scale >= 0, "scale", ">= 0 (0: 1/sqrt(head_dim))", scale);
   require(num_threads >= 0, "num_threads", ">= 0", num_threads);
+}
+
+void validate(const KernelOptions& o) {
+  const int h = o.head_split;
+  require(h == 0 || h == 1 || h == 2 || h == 4, "head_split", "0 (automatic), 1, 2 or 4", h);
+  const int a = (int)o.attention, p = (int)o.pdl;
+  require(a >= 0 && a <= 2, "attention_kernel", "'auto', 'cuda_cores' or 'tensor_cores'", a);
+  require(p >= -1 && p <= 1, "pdl", "automatic (-1), off (0) or on (1)", p);
 }
 
 double DecoderConfig::softmax_scale() const {

@@ -5,7 +5,8 @@ target fraction P of the attention mass (k-means clusters ranked by q.centroid p
 cluster-width term, with an estimate of the softmax mass to know where to stop), then
 attends over them.
 """
-from ._core import CapacityError, __version__, build_info, with_cuda, with_openmp
+from ._core import CapacityError, __version__, with_cuda, with_openmp
+from ._runinfo import build_info
 from .decoder import SparseDecoder
 from . import ops
 

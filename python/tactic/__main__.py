@@ -119,7 +119,12 @@ def _timing(fx, target: float, device: str, context: int, reps: int, quiet: bool
 def demo(args) -> int:
     fx = load_fixture()
     targets = args.targets
-    print(f"Tactic {__version__}  (OpenMP: {with_openmp}, CUDA: {with_cuda})")
+    from ._runinfo import build_info
+    b = build_info()
+    print(f"Tactic {__version__}  (OpenMP: {with_openmp}, CUDA: {with_cuda}"
+          + (f", architectures {b['cuda_archs']}" if b["cuda_archs"] else "") + ")")
+    for line in _device_lines(b):
+        print(f"  {line}")
     m = fx.meta
     print(f"Fixture: {m.get('model', 'SmolLM2-135M-Instruct')}, layers {sorted(fx.layers)}, "
           f"{fx.n_prefill} prompt tokens + {fx.n_decode} decode steps of real text "
@@ -154,13 +159,27 @@ def demo(args) -> int:
     return 0
 
 
+def _device_lines(d) -> list:
+    """One line per visible GPU: the kernel features this build uses there, and its warning."""
+    lines = []
+    for g in d["devices"]:
+        feats = [n for n in ("tensor_core_attention", "thread_block_clusters", "programmatic_dependent_launch") if g[n]]
+        lines.append(f"GPU {g['device']}        {g['name']} (sm_{g['compute_capability']}, {g['sm_count']} SMs), "
+                     f"kernels run as sm_{g['kernel_arch']}: {', '.join(feats) or 'no sm_80+ features'}")
+        if g["warning"]:
+            lines.append(g["warning"])
+    return lines
+
+
 def info(args) -> int:
     from ._runinfo import DIST_NAME, build_info, results_dir
     d = build_info()
     print(f"{DIST_NAME} {d['version']} (import name: tactic)")
     print(f"  commit       {d['git_commit']}")
-    print(f"  CUDA         {d['with_cuda']}" + (f" (architectures {d['cuda_architectures']})"
-                                                 if d.get("cuda_architectures") else ""))
+    print(f"  CUDA         {d['with_cuda']}" + (f" (architectures {d['cuda_archs']}, nvcc {d['cuda_compiler']})"
+                                                 if d["cuda_archs"] else ""))
+    for line in _device_lines(d):
+        print(f"  {line}")
     print(f"  OpenMP       {d['with_openmp']}")
     if "build_type" in d:
         print(f"  build        {d['build_type']}, {d['compiler']}")

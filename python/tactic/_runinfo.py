@@ -52,14 +52,20 @@ def git_commit() -> str:
 
 
 def build_info() -> dict:
-    """Version, commit and build settings of this installation."""
-    from . import __version__, with_cuda, with_openmp
+    """How this installation was built and what each visible GPU can use of it.
+
+    version, git_commit, with_cuda, with_openmp, cuda_archs (the CUDA architectures compiled,
+    e.g. "80 90"; "" without CUDA), cuda_compiler, package_dir, build_type and compiler (where
+    CMake recorded them), and devices: per visible GPU its name, compute_capability (90 for
+    sm_90), sm_count, kernel_arch (the architecture this build's kernels run as there), the
+    kernel features it uses (programmatic_dependent_launch, thread_block_clusters,
+    tensor_core_attention) and a warning where the GPU has a feature the kernels lack.
+    """
+    from ._core import build_info as core_build_info
     info = _build_info()
-    d = {"version": __version__, "git_commit": git_commit(), "with_cuda": bool(with_cuda),
-         "with_openmp": bool(with_openmp), "package_dir": str(Path(__file__).resolve().parent)}
+    d = {**core_build_info(), "git_commit": git_commit(), "package_dir": str(Path(__file__).resolve().parent)}
     if info is not None:
-        d.update(cuda_architectures=info.CUDA_ARCHITECTURES or None, build_type=info.BUILD_TYPE,
-                 compiler=info.CXX_COMPILER)
+        d.update(build_type=info.BUILD_TYPE, compiler=info.CXX_COMPILER)
     return d
 
 

@@ -57,6 +57,19 @@ def _parse_device(device):
     raise ValueError(f"`device` must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+def _kernel_options(head_split, attention_kernel, pdl):
+    """(head_split, attention_kernel, pdl) as the core takes them: 0 / -1 for automatic."""
+    if head_split is None:
+        head_split = 0
+    elif isinstance(head_split, bool) or not isinstance(head_split, (int, np.integer)) or head_split not in (1, 2, 4):
+        raise ValueError(f"`head_split` must be None (automatic), 1, 2 or 4, got {head_split!r}")
+    if not isinstance(attention_kernel, str):
+        raise TypeError(f"`attention_kernel` must be a str, got {type(attention_kernel).__name__}")
+    if pdl is not None and not isinstance(pdl, bool):
+        raise TypeError(f"`pdl` must be None (automatic) or a bool, got {type(pdl).__name__}")
+    return int(head_split), attention_kernel, -1 if pdl is None else int(pdl)
+
+
 class SparseDecoder:
     """Adaptive sparse attention for decoding, over a KV store it owns.
 
@@ -93,6 +106,12 @@ class SparseDecoder:
             the clusters. scale: softmax scale (default 1/sqrt(head_dim)).
         record_selection: keep per-token selection masks in `stats()` (memory: B*H*max_tokens).
         num_threads: CPU threads (0: all cores).
+        head_split, attention_kernel, pdl: the CUDA step's kernel variants, resolved once into
+            `plan` (and again by `set_kernels`): blocks per query head in the selection (None:
+            automatic; 1, 2 or 4, where 2 and 4 need sm_90 kernels), the attention chunk kernel
+            ('auto', 'cuda_cores', 'tensor_cores') and programmatic dependent launch (None:
+            where the kernels have it; True / False). A variant this build or GPU lacks raises
+            UnsupportedError (RuntimeError) at construction. Ignored on the CPU.
 
     Layouts: keys/values are token-major in every call, [N, Hkv, D] for one sequence and
     [B, N, Hkv, D] for a batch (FlashInfer's NHD; pass torch SDPA / Hugging Face K/V
@@ -112,7 +131,8 @@ class SparseDecoder:
                  sample_fraction: float = 0.01, sample_segments: int = -1, min_clusters: int = 8,
                  share_group: Optional[bool] = None, seed: int = 0,
                  scale: Optional[float] = None, record_selection: bool = False,
-                 num_threads: int = 0):
+                 num_threads: int = 0, head_split: Optional[int] = None,
+                 attention_kernel: str = "auto", pdl: Optional[bool] = None):
         c = _core.DecoderConfig()
         c.num_layers = _int("num_layers", num_layers)
         c.num_q_heads = _int("num_q_heads", num_q_heads)
@@ -151,6 +171,8 @@ class SparseDecoder:
             raise TypeError(f"`record_selection` must be a bool, got {type(record_selection).__name__}")
         c.record_selection = record_selection
         c.num_threads = _int("num_threads", num_threads, 0, maximum=_INT32_MAX)
+        c.head_split, kernel, c.pdl = _kernel_options(head_split, attention_kernel, pdl)
+        c.set_attention_kernel(kernel)
         c.validate()
         self._cfg = c
         self._core = _core.Decoder(c)
@@ -265,6 +287,20 @@ class SparseDecoder:
         value = _float("target", value)
         self._core.set_target(value)  # ValueError outside (0, 1]
         self._target = value
+
+    @property
+    def plan(self) -> dict:
+        """The CUDA step's resolved kernel variants: device, sm_count, kernel_arch (the
+        architecture the kernels run as), head_split (blocks per query head in the selection,
+        by the step's sequence count: head_split[b - 1]), attention_kernel ('cuda_cores' or
+        'tensor_cores') and pdl. device -1 on the CPU, where nothing is planned."""
+        return self._core.plan()
+
+    def set_kernels(self, head_split: Optional[int] = None, attention_kernel: str = "auto",
+                    pdl: Optional[bool] = None) -> None:
+        """Re-plans the CUDA step with other kernel variants (see the constructor); on error
+        the plan stays as it was."""
+        self._core.set_kernels(*_kernel_options(head_split, attention_kernel, pdl))
 
     def decode(self, layer: int, q, k_new, v_new, seq=None, out=None, budget=None, stream=None,
                reuse_selection: bool = False):

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "tactic/options.hpp"
+#include "tactic/plan.hpp"
 #include "tactic/select.hpp"
 #include "tactic/store.hpp"
 #include "tactic/tensor.hpp"
@@ -95,6 +96,12 @@ class Decoder {
   void attend(int64_t layer, const TensorView& q, const TensorView& out, const std::vector<int64_t>& slots);
   // Changes P for later decode() calls (ValueError outside (0, 1]); nothing else changes.
   void set_target(double target);
+  // The CUDA step's resolved kernel variants (device -1 on the CPU, where nothing is planned).
+  const StepPlan& plan() const;
+  // Re-plans the CUDA step with other kernel variants (tests and A/B timings): ValueError for an
+  // out-of-range option, UnsupportedError for one this build or device lacks; on failure the
+  // plan stays as it was. No-op on the CPU beyond the validation.
+  void set_kernels(const KernelOptions& kernels);
 
   // Statistics of the last decode() of `layer`; the reference stays valid for the decoder's
   // life but its contents are replaced by the next decode() of that layer.

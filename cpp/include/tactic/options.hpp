@@ -25,6 +25,27 @@ enum class Estimator : int {
   two_segment = 1,     // the paper's y = a/x + b through two exact segment means
 };
 
+// Which chunk kernel the CUDA attention runs.
+enum class AttentionKernel : int {
+  automatic = 0,     // tensor cores for groups of 3-8 query heads with 16-bit K/V and D <= 128
+                     // (measured: bench/NOTES.md, "tensor-core attention"), CUDA cores elsewhere
+  cuda_cores = 1,    // any dtype, head dim and group
+  tensor_cores = 2,  // mma.sync (sm_80 kernels): 16-bit K/V, D <= 128, groups up to 8
+};
+
+// An on/off switch whose default the plan resolves from the device and the build.
+enum class Switch : int { automatic = -1, off = 0, on = 1 };
+
+// The CUDA step's kernel variants (DecoderConfig::kernels), resolved once into the decoder's
+// StepPlan (tactic/plan.hpp) at construction and by Decoder::set_kernels; a request this build
+// or device cannot honour is an UnsupportedError then, never a launch failure later.
+struct KernelOptions {
+  int head_split = 0;  // blocks per query head in the selection: 0 automatic, 1, 2 or 4 (2 and 4
+                       // need the sm_90 thread-block-cluster kernels)
+  AttentionKernel attention = AttentionKernel::automatic;
+  Switch pdl = Switch::automatic;  // programmatic dependent launch (sm_90 kernels): automatic is on there
+};
+
 // k-means distance: squared Euclidean, or cosine on L2-normalised rows ("spherical").
 enum class Metric : int { euclidean = 0, spherical = 1 };
 
@@ -33,6 +54,8 @@ enum class Metric : int { euclidean = 0, spherical = 1 };
 const char* policy_name(Policy p);
 const char* estimator_name(Estimator e);
 const char* metric_name(Metric m);
+const char* attention_kernel_name(AttentionKernel k);  // "auto", "cuda_cores", "tensor_cores"
+AttentionKernel parse_attention_kernel(const std::string& s);  // throws ValueError naming `attention_kernel`
 Policy parse_policy(const std::string& s);        // throws ValueError naming `policy`
 Estimator parse_estimator(const std::string& s);  // throws ValueError naming `estimator`
 Metric parse_metric(const std::string& s);        // throws ValueError naming `metric`
@@ -89,6 +112,7 @@ struct DecoderConfig {
   DType dtype = DType::f16;  // KV storage dtype: f32, f16 or bf16
   Device device{};           // where the store lives and every input must be (cuda: CUDA builds only)
   SelectOptions select{};
+  KernelOptions kernels{};           // CUDA kernel variants (ignored on the CPU)
   int64_t cluster_size = 16;         // average tokens per k-means cluster
   int kmeans_iters = 10;             // Lloyd iterations per clustering
   Metric metric = Metric::euclidean;
@@ -108,5 +132,6 @@ struct DecoderConfig {
 // Throw ValueError naming the first out-of-range field.
 void validate(const SelectOptions& o);
 void validate(const KMeansOptions& o);
+void validate(const KernelOptions& o);
 
 }  // namespace tactic

@@ -77,6 +77,12 @@ def add_sweep_arguments(ap) -> None:
                          "(default: synthetic sparse)")
     ap.add_argument("--no-flashinfer", action="store_true",
                     help="leave out the FlashInfer peers (default: timed where flashinfer imports)")
+    ap.add_argument("--head-split", type=int, choices=[1, 2, 4], default=None,
+                    help="CUDA kernel variant: blocks per query head in the selection (default: the plan's choice)")
+    ap.add_argument("--attention-kernel", choices=["auto", "cuda_cores", "tensor_cores"], default="auto",
+                    help="CUDA kernel variant: the attention chunk kernel (default: auto)")
+    ap.add_argument("--pdl", choices=["auto", "on", "off"], default="auto",
+                    help="CUDA kernel variant: programmatic dependent launch (default: auto, on with sm_90 kernels)")
     ap.add_argument("--quick", action="store_true", help="~2 minutes: 8K-128K, B=1, 32/8, fp16, P=0.9")
     ap.add_argument("--rotate-mb", type=float,
                     help="MiB the L2 rotation cycles through (default: 4x the L2 of an H100 on CUDA, 0 on the CPU)")
@@ -121,6 +127,8 @@ def run_sweep(a, ap) -> int:
         ap.error("this build of tactic has no CUDA backend (rebuild with -Ccmake.define.TACTIC_CUDA=ON)")
     opt = Options(device=a.device, workloads=tuple(a.workload), seed=a.seed, graphs=not a.no_graphs,
                   flashinfer=not a.no_flashinfer,
+                  kernels=dict(head_split=a.head_split, attention_kernel=a.attention_kernel,
+                               pdl=None if a.pdl == "auto" else a.pdl == "on"),
                   padded_gather=not a.no_padded_gather, max_prefill_s=a.max_prefill_s,
                   runs=RunPolicy(warmup=5, min_runs=a.min_runs, max_runs=a.max_runs, budget_s=a.series_s))
     if not cuda:  # development defaults: a few seconds on a laptop core

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import platform
-import os
 import re
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import List
 import torch
 
 from .. import __version__
-from .._runinfo import git_commit, results_dir  # noqa: F401  (git_commit: part of this module's API)
+from .._runinfo import build_info, git_commit, results_dir  # noqa: F401  (git_commit: part of this module's API)
 
 
 def device_name(device) -> str:
@@ -34,11 +33,7 @@ def device_slug(device) -> str:
 def environment(device) -> dict:
     return {"device": device_name(device), "date": time.strftime("%Y-%m-%d"), "git_commit": git_commit(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "tactic": __version__,
-            "python": platform.python_version(),
-            # The run-time switches of the CUDA backend (TACTIC_PDL, TACTIC_HEAD_SPLIT, ...) set for
-            # this run: an A/B's two JSON files must say which side each is.
-            "settings": {k: v for k, v in sorted(os.environ.items())
-                         if k.startswith("TACTIC_") and k != "TACTIC_GIT_COMMIT"}}
+            "python": platform.python_version(), "build": build_info()}
 
 
 def result_path(out_dir, device, kind: str, suffix: str) -> Path:

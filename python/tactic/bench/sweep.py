@@ -70,6 +70,9 @@ class Options:
     graphs: bool = True
     padded_gather: bool = True
     flashinfer: bool = True
+    # The CUDA step's kernel variants (SparseDecoder's head_split / attention_kernel / pdl; an
+    # A/B sets them here, and every row records the plan they resolved to).
+    kernels: dict = field(default_factory=dict)
     time_budget_s: float = 420.0
     max_prefill_s: float = 30.0
     memory_fraction: float = 0.85
@@ -325,7 +328,7 @@ class Sweep:
 
         def build(policy: str, target: float) -> Tuple[SparseDecoder, float]:
             dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy,
-                                record_selection=policy == "tactic", **common)
+                                record_selection=policy == "tactic", **common, **opt.kernels)
             _sync(dev)
             t = time.perf_counter()
             for l in range(layers):
@@ -477,6 +480,7 @@ class Sweep:
             "floor": {"bytes": floor_bytes, "us": floor_us, "parts": floors[0]["parts"],
                       "copy_gbps": self.copy_gbps, "launch_us": traffic.LAUNCH_US},
             "checks": checks,
+            "plan": tac.plan,
         }
         row["sdpa_best"], row["speedup"] = speedups(methods)
         row["dense_best"], row["speedup_vs_dense_best"] = speedups(methods, DENSE_PEERS)
