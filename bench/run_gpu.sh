@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|arch75|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|mma|gbench]...
+#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -39,7 +39,7 @@ for s in $steps; do
       $NVCC tests/cuda/kmeans_check.cu cuda/kmeans.cu cpp/src/*.cpp -o /tmp/kmeans_check && /tmp/kmeans_check || rc=1
       $NVCC tests/cuda/attention_check.cu cuda/attention.cu cpp/src/*.cpp -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
     pytest)
-      python3 -m pytest -q tests/test_cuda.py tests/test_cuda_hardening.py 2>&1 | tail -30
+      python3 -m pytest -q tests/test_cuda.py tests/test_cuda_hardening.py tests/test_build_info.py tests/test_layout.py 2>&1 | tail -30
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     integration)  # the transformers integration on the GPU (tiny random models; SmolLM2 if installed)
       python3 -m pytest -q -m gpu tests/test_transformers.py 2>&1 | tail -20
@@ -48,7 +48,16 @@ for s in $steps; do
       SKIP_BUILD=1 OUT="$OUT" .ci/compute-sanitizer || rc=1 ;;
     bench)    # full default sweep: N 8K-512K, B 1/8/32, 32/8 and 32/4 heads, fp16/bf16, P .8/.9/.95
       python3 -m tactic.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
-    quick)    # ~1 min: 8K-128K, B=1, 32/8, fp16, P=0.9
+    flashinfer)  # FlashInfer for the peers: .whl/fi.tar.xz (its wheel and apache-tvm-ffi's, unpacked, without
+                 # flashinfer/data/csrc's subfolders) onto PYTHONPATH; JIT builds land in /tmp
+      if [ -f .whl/fi.tar.xz ]; then
+        mkdir -p /tmp/fi && tar xJf .whl/fi.tar.xz -C /tmp/fi
+        export PYTHONPATH=/tmp/fi${PYTHONPATH:+:$PYTHONPATH} FLASHINFER_WORKSPACE_BASE=/tmp
+        python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" || rc=1
+      else
+        echo "no .whl/fi.tar.xz: the FlashInfer peers will be skipped"
+      fi ;;
+    quick)    # ~2 min: 8K-128K, B=1, 32/8, fp16, P=0.9, workloads (b) and its sparse layer
       python3 -m tactic.bench --quick --out "$OUT" 2>&1 | tee "$OUT/quick.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     fixture)  # real SmolLM2 KV tiled (9/3 heads, D 64)
       python3 -m tactic.bench --workload fixture --n 32K 128K 512K --batch 1 8 --dtype float16 \
