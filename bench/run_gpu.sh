@@ -35,9 +35,10 @@ for s in $steps; do
         "tests/test_cuda.py::test_selection_matches_cpu_long_context" "tests/test_cuda.py::test_pdl_launches_match_plain_launches" \
         "tests/test_cuda.py::test_dense_matches_reference" 2>&1 | tail -8
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
-    selftest)
+    selftest) # the attention (cuda/attention*.cu) calls kernel_arch (capabilities.cu), which needs the selection
       $NVCC tests/cuda/kmeans_check.cu cuda/kmeans.cu cpp/src/*.cpp -o /tmp/kmeans_check && /tmp/kmeans_check || rc=1
-      $NVCC tests/cuda/attention_check.cu cuda/attention.cu cpp/src/*.cpp -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
+      $NVCC tests/cuda/attention_check.cu cuda/attention*.cu cuda/capabilities.cu cuda/select*.cu cpp/src/*.cpp \
+        -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
     pytest)
       python3 -m pytest -q tests/test_cuda.py tests/test_cuda_hardening.py tests/test_build_info.py tests/test_layout.py 2>&1 | tail -30
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;

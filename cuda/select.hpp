@@ -42,8 +42,8 @@ void append_token(const StepGeometry& s, const void* k_new, const void* v_new, D
                   int64_t stride_b, int64_t stride_h, void* k, void* v, int32_t* pos, DType dst,
                   int num_sink, int32_t* lost);
 
-struct SelInfo;    // per-head hand-over between the selection kernels (select.cu)
-struct ExactPart;  // one block's exact (max, sum) partial (select.cu)
+struct SelInfo;    // per-head hand-over between the selection kernels (select_common.cuh)
+struct ExactPart;  // one block's exact (max, sum) partial (select_common.cuh)
 
 struct SelectArgs {
   const void* k;                 // store keys (storage dtype)

@@ -1,7 +1,9 @@
-// Device self-test of the split-KV decode attention (cuda/attention.cu) against a float64 host
-// reference computed here. Build and run from the repository root:
+// Device self-test of the split-KV decode attention (cuda/attention*.cu) against a float64 host
+// reference computed here. Build and run from the repository root (as bench/run_gpu.sh selftest
+// does; capabilities.cu, for kernel_arch, brings in the selection's files):
 //
-//   nvcc -std=c++17 -O2 -arch=sm_90 -Icpp/include -Icpp/src -Icuda tests/cuda/attention_check.cu cuda/attention.cu cpp/src/tensor.cpp -Xcompiler -fopenmp -lgomp -o /tmp/attention_check
+//   nvcc -std=c++17 -O2 -arch=sm_90 -DTACTIC_VERSION=\"selftest\" -Icpp/include -Icpp/src -Icuda -Xcompiler -fopenmp \
+//     tests/cuda/attention_check.cu cuda/attention*.cu cuda/capabilities.cu cuda/select*.cu cpp/src/*.cpp -o /tmp/attention_check
 //   /tmp/attention_check           # all cases + timing; exit status 0 only if every case passes
 //   /tmp/attention_check --quick   # no count-32768 items, no timing
 //

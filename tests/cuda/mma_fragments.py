@@ -1,4 +1,4 @@
-"""A numpy model of one warp's tile in cuda/attention.cu's attention_chunks_mma_kernel: the
+"""A numpy model of one warp's tile in cuda/attention_mma.cu's attention_chunks_mma_kernel: the
 lanes' ldmatrix addresses and fragment registers, with ldmatrix (.x2/.x4, .trans) and
 mma.m16n8k16 modelled after their PTX fragment layouts, checked against Q K^T and P V for head
 dims 64-128, groups of 1-8 heads and part-filled tiles. It checks the kernel's index algebra

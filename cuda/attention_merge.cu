@@ -1,0 +1,114 @@
+// The merge kernel of the split-KV decode attention: one block per (item, query head)
+// combines the ceil(count / L) partials of its units by log-sum-exp and writes acc / l (zeros
+// when the item has no rows).
+#include <cfloat>
+#include <cstdint>
+
+#include "attention_common.cuh"
+
+namespace tactic {
+namespace cuda {
+
+namespace {
+
+constexpr int kMergeThreads = 512;  // 16 warps: a long item's ~200 partials in few rounds
+constexpr int kMergeWarps = kMergeThreads / 32;
+
+// One block per (item, query head of the group): warps take interleaved chunks, lanes hold
+// float4 pieces of d; the warps' sums meet in shared memory.
+template <class TO, int D>
+__global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const MergeParams p) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
+  constexpr int NV4 = D / 4, PER = (NV4 + 31) / 32;
+  static_assert(D % 4 == 0, "head dim must be a multiple of 4");
+  __shared__ float s_acc[kMergeWarps][D];
+  __shared__ float s_l[kMergeWarps];
+  __shared__ float s_red[kMergeWarps];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t blk = blockIdx.x, i = blk / p.g, j = blk - i * p.g;
+  const int64_t b = i / p.hkv, h = i - b * p.hkv;
+  TO* out = static_cast<TO*>(p.out) + b * p.out_stride_b + (h * p.g + j) * p.out_stride_h;
+  const int count = clamp_count(p.counts[i], p.max_count);
+  if (count == 0) {  // uniform over the block; the plan is not read (no chunk kernel ran then)
+    for (int dd = tid; dd < D; dd += kMergeThreads) out[dd] = from_float<TO>(0.f);
+    return;
+  }
+  const int len = p.plan[0];
+  const int nch = (int)(((int64_t)count + len - 1) / len);
+  const int64_t rec0 = (int64_t)p.plan[1 + i] * p.g + j;  // unit c's record: rec0 + c * g
+
+  float mx = -FLT_MAX;
+  for (int c = tid; c < nch; c += kMergeThreads) mx = fmaxf(mx, p.ws_ml[(rec0 + c * p.g) * 2]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
+  if (lane == 0) s_red[warp] = mx;
+  __syncthreads();
+  mx = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kMergeWarps; ++w) mx = fmaxf(mx, s_red[w]);
+
+  float4 a[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) a[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  float lsum = 0.f;
+#pragma unroll 4
+  for (int c = warp; c < nch; c += kMergeWarps) {
+    const int64_t rec = rec0 + (int64_t)c * p.g;
+    const float wgt = fast_exp2(p.ws_ml[rec * 2] - mx);
+    lsum = fmaf(wgt, p.ws_ml[rec * 2 + 1], lsum);
+    const float4* src = reinterpret_cast<const float4*>(p.ws_acc + rec * D);
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      const int v = lane + 32 * k;
+      if (v < NV4) {
+        const float4 x = src[v];
+        a[k].x = fmaf(wgt, x.x, a[k].x);
+        a[k].y = fmaf(wgt, x.y, a[k].y);
+        a[k].z = fmaf(wgt, x.z, a[k].z);
+        a[k].w = fmaf(wgt, x.w, a[k].w);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int v = lane + 32 * k;
+    if (v < NV4) {
+      s_acc[warp][4 * v] = a[k].x;
+      s_acc[warp][4 * v + 1] = a[k].y;
+      s_acc[warp][4 * v + 2] = a[k].z;
+      s_acc[warp][4 * v + 3] = a[k].w;
+    }
+  }
+  if (lane == 0) s_l[warp] = lsum;
+  __syncthreads();
+  float ltot = 0.f;
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) ltot += s_l[w];
+  const float inv = ltot > 0.f ? 1.f / ltot : 0.f;  // no mass (all scores -inf): zeros
+  for (int dd = tid; dd < D; dd += kMergeThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) sum += s_acc[w][dd];
+    out[dd] = from_float<TO>(sum * inv);
+  }
+}
+
+}  // namespace
+
+void launch_merge(const MergeParams& p, int64_t blocks, const LaunchPlan& lp, DType out, int64_t d) {
+  dispatch_float(out, [&](auto tag) {
+    using TO = decltype(tag);
+    switch (d) {
+      case 64: launch<attention_merge_kernel<TO, 64>>(lp.pdl, (unsigned)blocks, kMergeThreads, 0, lp.stream, p); break;
+      case 80: launch<attention_merge_kernel<TO, 80>>(lp.pdl, (unsigned)blocks, kMergeThreads, 0, lp.stream, p); break;
+      case 96: launch<attention_merge_kernel<TO, 96>>(lp.pdl, (unsigned)blocks, kMergeThreads, 0, lp.stream, p); break;
+      case 128: launch<attention_merge_kernel<TO, 128>>(lp.pdl, (unsigned)blocks, kMergeThreads, 0, lp.stream, p); break;
+      default: launch<attention_merge_kernel<TO, 256>>(lp.pdl, (unsigned)blocks, kMergeThreads, 0, lp.stream, p); break;
+    }
+    TACTIC_CUDA_LAUNCH_CHECK("attention_merge_kernel");
+  });
+}
+
+}  // namespace cuda
+}  // namespace tactic
