@@ -163,6 +163,151 @@ void select_quest(const KVStore& st, int64_t layer, int64_t slot, int64_t head, 
 
 enum : uint8_t { kUnread = 0, kHead = 1, kSample = 2, kChosen = 3, kShared = 4 };
 
+// Phi^-1(c) for the standard normal, by bisection on erfc (called once per selection).
+double normal_quantile(double c) {
+  double lo = -40, hi = 40;
+  for (int it = 0; it < 200; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (0.5 * std::erfc(-mid / std::sqrt(2.0)) < c ? lo : hi) = mid;
+  }
+  return 0.5 * (lo + hi);
+}
+
+// splitmix64: the sample's random numbers, a pure function of (layer, slot, KV head, query
+// head, context length, draw index), so a step's selection is reproducible.
+uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+double unit(uint64_t x) { return (double)(mix64(x) >> 11) * 0x1.0p-53; }  // [0, 1)
+
+struct CertifiedStop {
+  double read;  // exact mass of the head's selection (exp(l - m) summed)
+  double tail;  // estimated (unbiased) mass of the unread rest
+};
+
+// The certified stop rule, for one query head whose first selection (everything read so far
+// plus the prior's prefix, s.fresh) is marked kChosen / kHead / kShared in s.state.
+//
+//   1. Exact read mass R: the sinks, the recent rows and every selected cluster are scored
+//      exactly (the attention computes the same sum: nothing about R is estimated).
+//   2. Tail sample, drawn once: n = tail_samples draws with replacement from the unread
+//      clusters U, cluster j with probability pi_j = (w_j / W + |j| / |U|) / 2, where
+//      w_j = |j| exp(score_j) is the ranking's prior and the size-proportional half keeps
+//      every unread token's share >= 1 / (2 |U|) (a defensive mixture: a wrong prior costs
+//      variance, never bias). Each drawn cluster is scored whole: Y_i = T_j / pi_j, T_j its
+//      exact mass, is an unbiased (Hansen-Hurwitz) estimate of T(U), the unread mass.
+//      (One token per draw was tried first: heavy single tokens in the tail made the
+//      estimate skewed and the bound under-covered; bench/NOTES.md.)
+//   3. Bound, once: T_up = mean Y + z_c sd(Y) / sqrt(n), z_c the normal quantile of
+//      `confidence`, and Z_up = R + T_up, an upper bound on the softmax denominator Z.
+//      Certified when R >= P Z_up (then R / Z >= P whenever Z <= Z_up).
+//   4. Top-up (at most max_rounds, only while R < P Z_up): read the unread cluster holding
+//      the largest draw (the sample's pointer to mass the ranking missed), then next-ranked
+//      clusters until their prior, rescaled to the sample's estimate of the unread rest,
+//      adds up to P Z_up - R. Score them exactly (R grows by exact mass, Z_up stays), check.
+//   5. After the last round the selection stands; est_mass reports R / (R + T_hat), T_hat
+//      the sample's estimate less the exact mass read since.
+template <class Rank>
+CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t h,
+                      const float* qh, const SelectOptions& opt, double z_conf, double m,
+                      double a_mass, Rank& rank, int64_t take, SelectScratch& s) {
+  const SlotState& ss = st.state(layer, slot);
+  const int64_t c = st.num_clusters(layer, slot, head), base = ss.n_sink;
+  const int32_t* off = st.offsets(layer, slot, head);
+  auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+  auto read = [&](int64_t j) {  // exact mass of cluster j
+    row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
+               s.logit.data() + off[j], s.row);
+    double e = 0;
+    for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+    return s.mass[j] = e;
+  };
+  // 1. Exact read mass (the prior's prefix was only estimated so far).
+  for (int32_t j : s.fresh) read(j);
+  double R = a_mass;
+  for (int64_t j = 0; j < c; ++j)
+    if (s.state[j] != kUnread) R += s.mass[j];
+
+  // 2. The tail sample. s.score holds the ranking score; w_j its prior mass.
+  const int64_t n = opt.tail_samples, len = ss.total();
+  double W = 0, U = 0;
+  for (int64_t j = 0; j < c; ++j)
+    if (s.state[j] == kUnread) {
+      W += csize(j) * std::exp((double)s.score[j] - m);
+      U += csize(j);
+    }
+  s.cdf.assign(c, 0.0);
+  s.draw_cluster.assign(n, -1);
+  s.draw_y.assign(n, 0.0);
+  if (U > 0) {
+    double acc = 0;
+    const bool prior_ok = W > 0 && std::isfinite(W);
+    for (int64_t j = 0; j < c; ++j) {
+      if (s.state[j] == kUnread) {
+        const double uni = csize(j) / U;
+        acc += prior_ok ? 0.5 * (csize(j) * std::exp((double)s.score[j] - m) / W + uni) : uni;
+      }
+      s.cdf[j] = acc;
+    }
+    const uint64_t key = mix64(mix64(mix64(mix64(mix64((uint64_t)layer) ^ (uint64_t)slot) ^
+                                           (uint64_t)head) ^ (uint64_t)h) ^ (uint64_t)len);
+    for (int64_t i = 0; i < n; ++i) {
+      const double u = unit(key + 2 * (uint64_t)i) * acc;
+      int64_t j = std::upper_bound(s.cdf.begin(), s.cdf.end(), u) - s.cdf.begin();
+      j = std::min(j, c - 1);
+      while (j > 0 && s.state[j] != kUnread) --j;  // u landed on a flat step (rounding)
+      const double pi = (s.cdf[j] - (j ? s.cdf[j - 1] : 0.0)) / acc;
+      if (!(pi > 0) || s.state[j] != kUnread) continue;  // counts as a zero draw
+      // The whole drawn cluster is scored exactly (no within-cluster variance).
+      row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
+                 s.logit.data() + off[j], s.row);
+      double e = 0;
+      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+      s.draw_cluster[i] = (int32_t)j;
+      s.draw_y[i] = e / pi;
+    }
+  }
+  // 3. One bound on the total: Z_up = R0 + T_up(U0) >= Z with probability ~confidence. It is
+  // not re-estimated after top-ups (re-using the sample on the shrunken set would bias it
+  // low: the top-up reads exactly the clusters where the sample found mass); mass read later
+  // is exact, so R / Z_up only grows and R >= P Z_up certifies R / Z >= P.
+  double sum = 0, sq = 0;
+  for (int64_t i = 0; i < n; ++i) sum += s.draw_y[i], sq += s.draw_y[i] * s.draw_y[i];
+  const double t0 = sum / n, var = std::max(0.0, (sq - n * t0 * t0) / (n - 1));
+  const double z_up = R + t0 + z_conf * std::sqrt(var / n), r0 = R, P = opt.target;
+  // 4. Top-up rounds.
+  for (int round = 0; round < opt.max_rounds && R < P * z_up; ++round) {
+    // The rest's prior, rescaled to the sample's estimate of what is still unread.
+    double w_rest = 0;
+    for (int64_t j = 0; j < c; ++j)
+      if (s.state[j] == kUnread) w_rest += csize(j) * std::exp((double)s.score[j] - m);
+    const double scale = w_rest > 0 ? std::max(t0 - (R - r0), 0.0) / w_rest : 0.0;
+    double need = P * z_up - R;
+    auto add = [&](int64_t j) {
+      s.state[j] = kChosen;
+      R += read(j);
+      need -= scale * csize(j) * std::exp((double)s.score[j] - m);
+    };
+    int64_t hot = -1;  // the unread cluster of the largest draw
+    double best = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t j = s.draw_cluster[i];
+      if (j >= 0 && s.state[j] == kUnread && s.draw_y[i] > best) best = s.draw_y[i], hot = j;
+    }
+    if (hot >= 0) add(hot);
+    for (; take < c && need > 0; ++take) {
+      const int64_t j = rank(take);
+      if (s.state[j] == kUnread) add(j);
+    }
+    if (take >= c) break;  // everything is read
+  }
+  const double t_hat = std::max(t0 - (R - r0), 0.0);
+  return {R, t_hat};
+}
+
 void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
                    int64_t g, const SelectOptions& opt, bool record, SelectScratch& s,
                    KVSelection& out) {
@@ -190,7 +335,12 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     return;
   }
 
-  const double p_eff = std::min(1.0, opt.target + opt.margin * (1.0 - opt.target));
+  const bool certified = opt.stop_rule == StopRule::certified;
+  // The prior rule aims above P against its estimate's error; the certified rule aims at P
+  // itself for its first read and lets the bound decide the rest.
+  const double p_eff =
+      certified ? opt.target : std::min(1.0, opt.target + opt.margin * (1.0 - opt.target));
+  const double z_conf = certified ? normal_quantile(opt.confidence) : 0.0;
   s.score.resize(c);
   s.order.resize(c);
   s.state.resize(c);
@@ -338,11 +488,19 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
           acc += s.mass[j];
           s.state[j] = kChosen;
         }
+      s.fresh.clear();
       for (; take < c && acc < p_eff * z; ++take) {
         const int64_t j = rank(take);
         if (s.state[j] != kUnread) continue;
         acc += s.mass[j];
         s.state[j] = kChosen;
+        s.fresh.push_back((int32_t)j);
+      }
+      if (certified) {
+        const CertifiedStop r = certify(st, layer, slot, head, h, qh, opt, z_conf, m, a_mass,
+                                        rank, take, s);
+        acc = r.read;
+        z = r.read + r.tail;
       }
     }
     int64_t sel_tokens = always;

@@ -25,6 +25,14 @@ enum class Estimator : int {
   two_segment = 1,     // the paper's y = a/x + b through two exact segment means
 };
 
+// When the tactic policy stops adding clusters (bench/NOTES.md, "A stop rule with its own
+// guarantee").
+enum class StopRule : int {
+  certified = 0,  // exact mass of what is read + a sampled upper confidence bound on the rest;
+                  // top-up rounds until P is certified at `confidence` (the default)
+  prior = 1,      // the estimator's tail guess alone, aiming at P + margin * (1 - P)
+};
+
 // k-means distance: squared Euclidean, or cosine on L2-normalised rows ("spherical").
 enum class Metric : int { euclidean = 0, spherical = 1 };
 
@@ -33,9 +41,11 @@ enum class Metric : int { euclidean = 0, spherical = 1 };
 const char* policy_name(Policy p);
 const char* estimator_name(Estimator e);
 const char* metric_name(Metric m);
+const char* stop_rule_name(StopRule r);
 Policy parse_policy(const std::string& s);        // throws ValueError naming `policy`
 Estimator parse_estimator(const std::string& s);  // throws ValueError naming `estimator`
 Metric parse_metric(const std::string& s);        // throws ValueError naming `metric`
+StopRule parse_stop_rule(const std::string& s);   // throws ValueError naming `stop_rule`
 
 // Options of one k-means run (tactic::kmeans).
 struct KMeansOptions {
@@ -50,8 +60,14 @@ struct KMeansOptions {
 struct SelectOptions {
   Policy policy = Policy::tactic;
   double target = 0.9;  // P in (0, 1]: fraction of attention mass to keep
+  StopRule stop_rule = StopRule::certified;
+  // certified: each query head's kept mass reaches P with at least this probability over the
+  // (seeded) tail sample, to the accuracy of a normal approximation of the sample mean.
+  double confidence = 0.95;
+  int64_t tail_samples = 32;  // certified: unread clusters drawn (and scored whole) per query head
+  int max_rounds = 4;         // certified: top-up rounds at most after the first read
   Estimator estimator = Estimator::centroid_prior;
-  // The stop rule aims at P_eff = P + margin * (1 - P), against estimation error.
+  // The prior stop rule aims at P_eff = P + margin * (1 - P), against estimation error.
   double margin = 0.35;
   // Ranking and the mass prior score cluster c by q.c + spread * |q|^2 s_c / 2, where s_c is
   // the cluster's mean squared distance to its centroid per dimension: the log-normal mean
