@@ -188,9 +188,13 @@ struct CertifiedStop {
   double tail;  // estimated (unbiased) mass of the unread rest
 };
 
-// The certified stop rule, for one query head whose first selection (everything read so far
-// plus the prior's prefix, s.fresh) is marked kChosen / kHead / kShared in s.state.
+// The certified stop rule (stop_rule = certified), per KV head and its G query heads:
 //
+//   0. First read (select_tactic's per-head loop, unchanged from the prior rule except that
+//      it aims at P itself, margin 0): each head ranks clusters, scores its exact head,
+//      calibrates the prior to it and takes the ranked prefix whose estimated mass reaches P.
+//      Their union is what every head of the group attends.
+//   Then, per query head, over that union (select_tactic's second pass calls this):
 //   1. Exact read mass R: the sinks, the recent rows and every selected cluster are scored
 //      exactly (the attention computes the same sum: nothing about R is estimated).
 //   2. Tail sample, drawn once: n = tail_samples draws with replacement from the unread
@@ -209,7 +213,10 @@ struct CertifiedStop {
 //      clusters until their prior, rescaled to the sample's estimate of the unread rest,
 //      adds up to P Z_up - R. Score them exactly (R grows by exact mass, Z_up stays), check.
 //   5. After the last round the selection stands; est_mass reports R / (R + T_hat), T_hat
-//      the sample's estimate less the exact mass read since.
+//      the sample's estimate less the exact mass read since. The head's top-ups join the
+//      union, so later heads of the group certify over them too.
+// Cost per query head: the union's K rows scored once more, at most tail_samples distinct
+// clusters scored (K rows only; a cluster drawn twice is scored once), and the top-ups.
 template <class Rank>
 CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t h,
                       const float* qh, const SelectOptions& opt, double z_conf, double m,
@@ -240,6 +247,7 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
       U += csize(j);
     }
   s.cdf.assign(c, 0.0);
+  s.drawn.assign(c, -1.0);
   s.draw_cluster.assign(n, -1);
   s.draw_y.assign(n, 0.0);
   if (U > 0) {
@@ -261,11 +269,15 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
       while (j > 0 && s.state[j] != kUnread) --j;  // u landed on a flat step (rounding)
       const double pi = (s.cdf[j] - (j ? s.cdf[j - 1] : 0.0)) / acc;
       if (!(pi > 0) || s.state[j] != kUnread) continue;  // counts as a zero draw
-      // The whole drawn cluster is scored exactly (no within-cluster variance).
-      row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
-                 s.logit.data() + off[j], s.row);
-      double e = 0;
-      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+      // The whole drawn cluster is scored exactly (no within-cluster variance), once: a
+      // cluster drawn again reuses its mass.
+      double& e = s.drawn[j];
+      if (e < 0) {
+        row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
+                   s.logit.data() + off[j], s.row);
+        e = 0;
+        for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+      }
       s.draw_cluster[i] = (int32_t)j;
       s.draw_y[i] = e / pi;
     }
@@ -496,12 +508,6 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
         s.state[j] = kChosen;
         s.fresh.push_back((int32_t)j);
       }
-      if (certified) {
-        const CertifiedStop r = certify(st, layer, slot, head, h, qh, opt, z_conf, m, a_mass,
-                                        rank, take, s);
-        acc = r.read;
-        z = r.read + r.tail;
-      }
     }
     int64_t sel_tokens = always;
     if (record) own.assign(c, 0);
@@ -520,6 +526,62 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
       for (int64_t j = 0; j < c; ++j)
         if (own[j]) push_range(hr, base + off[j], base + off[j + 1]);
       push_range(hr, base + nclu, n);
+    }
+  }
+  // The certified rule's second pass: every head of the group attends the union of the
+  // first reads, so each certifies (and tops up) its mass over that union.
+  if (certified) {
+    std::vector<float> fixed(always);
+    for (int64_t h = 0; h < g; ++h) {
+      const float* qh = q + h * d;
+      dot_many(qh, cent, c, d, s.score.data());
+      if (opt.spread > 0) {
+        float qq = 0.f;
+        for (int64_t k = 0; k < d; ++k) qq = std::fma(qh[k], qh[k], qq);
+        const float w = 0.5f * (float)opt.spread * qq;
+        for (int64_t j = 0; j < c; ++j) s.score[j] = std::fma(w, spread[j], s.score[j]);
+      }
+      std::iota(s.order.begin(), s.order.end(), 0);
+      auto by_score = [&](int32_t a, int32_t b) {
+        return s.score[a] != s.score[b] ? s.score[a] > s.score[b] : a < b;
+      };
+      int64_t sorted = 0;
+      auto rank = [&](int64_t k) {
+        if (k >= sorted) {
+          const int64_t e = std::min<int64_t>(c, std::max<int64_t>({k + 1, 2 * sorted, 64}));
+          if (e < c) std::nth_element(s.order.begin() + sorted, s.order.begin() + e, s.order.end(), by_score);
+          std::sort(s.order.begin() + sorted, s.order.begin() + e, by_score);
+          sorted = e;
+        }
+        return (int64_t)s.order[k];
+      };
+      // Exp-scores relative to m, the largest of the always-read logits and cluster scores
+      // (a reference point only: sums are in double).
+      row_logits(st, layer, slot, head, 0, ss.n_sink, qh, fixed.data(), s.row);
+      row_logits(st, layer, slot, head, base + nclu, n, qh, fixed.data() + ss.n_sink, s.row);
+      double m = -std::numeric_limits<double>::infinity(), a_mass = 0;
+      for (float v : fixed) m = std::max(m, (double)v);
+      for (int64_t j = 0; j < c; ++j) m = std::max(m, (double)s.score[j]);
+      for (float v : fixed) a_mass += std::exp(v - m);
+      s.fresh.clear();
+      for (int64_t j = 0; j < c; ++j) {
+        s.state[j] = s.mark[j] ? kChosen : kUnread;
+        if (s.mark[j]) s.fresh.push_back((int32_t)j);
+      }
+      const CertifiedStop r = certify(st, layer, slot, head, h, qh, opt, z_conf, m, a_mass, rank, 0, s);
+      int64_t sel_tokens = always;
+      for (int64_t j = 0; j < c; ++j)
+        if (s.state[j] != kUnread) sel_tokens += csize(j), s.mark[j] = 1;
+      out.head_tokens[h] = sel_tokens;
+      out.est_mass[h] = r.read + r.tail > 0 ? std::min(1.0, r.read / (r.read + r.tail)) : 1.0;
+      if (record) {
+        auto& hr = out.head_rows[h];
+        hr.clear();
+        push_range(hr, 0, ss.n_sink);
+        for (int64_t j = 0; j < c; ++j)
+          if (s.state[j] != kUnread) push_range(hr, base + off[j], base + off[j + 1]);
+        push_range(hr, base + nclu, n);
+      }
     }
   }
   out.rows.clear();

@@ -110,7 +110,7 @@ class SparseDecoder:
     def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  max_batch: int = 1, max_tokens: int = 8192, device="cpu", dtype="float16",
                  target: float = 0.9, policy: str = "tactic", *, stop_rule: Optional[str] = None,
-                 confidence: float = 0.95, tail_samples: int = 32, max_rounds: int = 4,
+                 confidence: float = 0.95, tail_samples: int = 64, max_rounds: int = 4,
                  estimator: str = "centroid_prior",
                  margin: float = 0.35, spread: float = 0.75, cluster_size: int = 16, kmeans_iters: int = 10,
                  metric: str = "euclidean", num_sink: int = 4, recluster_interval: int = 2048,

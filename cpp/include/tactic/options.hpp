@@ -64,7 +64,7 @@ struct SelectOptions {
   // certified: each query head's kept mass reaches P with at least this probability over the
   // (seeded) tail sample, to the accuracy of a normal approximation of the sample mean.
   double confidence = 0.95;
-  int64_t tail_samples = 32;  // certified: unread clusters drawn (and scored whole) per query head
+  int64_t tail_samples = 64;  // certified: unread clusters drawn (with replacement; scored whole) per query head
   int max_rounds = 4;         // certified: top-up rounds at most after the first read
   Estimator estimator = Estimator::centroid_prior;
   // The prior stop rule aims at P_eff = P + margin * (1 - P), against estimation error.

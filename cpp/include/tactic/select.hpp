@@ -29,7 +29,7 @@ struct SelectScratch {
   std::vector<uint8_t> state, mark;
   std::vector<float> row;
   std::vector<int32_t> fresh, draw_cluster;  // certified stop: prefix to score; sample clusters
-  std::vector<double> cdf, draw_y;           // certified stop: proposal CDF; sample values
+  std::vector<double> cdf, draw_y, drawn;    // certified stop: proposal CDF; draw values; drawn clusters' mass
 };
 
 // Select for KV head `head` of (layer, slot) and its G query heads; results replace `out`.
