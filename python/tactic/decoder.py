@@ -78,11 +78,12 @@ class SparseDecoder:
             'topk' (the exact top-`budget` tokens per KV head: those with the largest
             probability under any query head of its group; every head attends them).
         stop_rule: 'certified' (default on the CPU) or 'prior' (default on CUDA, the only
-            rule the GPU implements so far). certified: the mass of what is read is exact and
-            only the unread rest is estimated, from `tail_samples` seeded draws of unread
-            tokens; clusters are topped up (at most `max_rounds` rounds) until
-            read / (read + upper bound of the rest) >= P, the bound holding with probability
-            `confidence` (normal approximation; docs/CONTRACT.md says what is guaranteed).
+            rule the GPU implements so far). certified: the mass of what a query head
+            attends (its group's union) is computed exactly and only the unread rest is
+            estimated, from `tail_samples` seeded draws of unread clusters scored whole;
+            clusters are added (at most `max_rounds` rounds) until read >= P * (read +
+            upper bound of the rest), the bound holding with probability `confidence` under
+            a normal approximation (docs/CONTRACT.md: what is guaranteed, what is not).
             prior: stop where the estimator's guess reaches P + margin * (1 - P).
         estimator: 'centroid_prior' (default, measured best) or 'two_segment' (the paper's
             a/x + b fit): the tail guess (prior rule) and the first read (certified).
