@@ -203,6 +203,10 @@ struct CertifiedStop {
 //      every unread token's share >= 1 / (2 |U|) (a defensive mixture: a wrong prior costs
 //      variance, never bias). Each drawn cluster is scored whole: Y_i = T_j / pi_j, T_j its
 //      exact mass, is an unbiased (Hansen-Hurwitz) estimate of T(U), the unread mass.
+//      Certainty clusters first: a cluster whose expected draw count n pi_j reaches 1 is
+//      scored exactly once for one draw of the budget and leaves the sampled set (chosen from
+//      the prior alone, so no bias; repeated draws of the top-prior clusters were where the
+//      budget went). T_hat = their exact mass + the draws' mean over the rest.
 //      (One token per draw was tried first: heavy single tokens in the tail made the
 //      estimate skewed and the bound under-covered; bench/NOTES.md.)
 //   3. Bound, once: T_up = mean Y + z_c sd(Y) / sqrt(n), z_c the normal quantile of
@@ -248,48 +252,80 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     }
   s.cdf.assign(c, 0.0);
   s.drawn.assign(c, -1.0);
+  s.certain.assign(c, 0);
   s.draw_cluster.assign(n, -1);
   s.draw_y.assign(n, 0.0);
-  if (U > 0) {
+  auto exact = [&](int64_t j) {  // a drawn cluster's exact mass, scored once
+    double& e = s.drawn[j];
+    if (e < 0) {
+      row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
+                 s.logit.data() + off[j], s.row);
+      e = 0;
+      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+    }
+    return e;
+  };
+  auto w = [&](int64_t j) { return csize(j) * std::exp((double)s.score[j] - m); };
+  auto open = [&](int64_t j) { return s.state[j] == kUnread && !s.certain[j]; };
+  const bool prior_ok = W > 0 && std::isfinite(W);
+  // Certainty clusters: one whose expected draw count n_left pi_j reaches 1 would be drawn
+  // (about) surely and repeatedly; it is scored exactly once instead, for one draw of the
+  // budget, and leaves the sampled set (a choice made from the prior alone: no bias).
+  double t_certain = 0, Wr = W, Ur = U;
+  int64_t n_left = n;
+  while (Ur > 0 && n_left > 2) {
+    bool any = false;
+    const double w_pass = Wr, u_pass = Ur;
+    for (int64_t j = 0; j < c && n_left > 2; ++j) {
+      if (!open(j)) continue;
+      const double pi = prior_ok && w_pass > 0 ? 0.5 * (w(j) / w_pass + csize(j) / u_pass) : csize(j) / u_pass;
+      if (n_left * pi < 1) continue;
+      s.certain[j] = 1;
+      t_certain += exact(j);
+      Wr -= w(j);
+      Ur -= csize(j);
+      --n_left;
+      any = true;
+    }
+    if (!any) break;
+    Wr = Ur = 0;  // recomputed, not subtracted (cancellation)
+    for (int64_t j = 0; j < c; ++j)
+      if (open(j)) Wr += w(j), Ur += csize(j);
+  }
+  if (Ur > 0) {
     double acc = 0;
-    const bool prior_ok = W > 0 && std::isfinite(W);
+    const bool rest_ok = prior_ok && Wr > 0;
     for (int64_t j = 0; j < c; ++j) {
-      if (s.state[j] == kUnread) {
-        const double uni = csize(j) / U;
-        acc += prior_ok ? 0.5 * (csize(j) * std::exp((double)s.score[j] - m) / W + uni) : uni;
-      }
+      if (open(j)) acc += rest_ok ? 0.5 * (w(j) / Wr + csize(j) / Ur) : csize(j) / Ur;
       s.cdf[j] = acc;
     }
     const uint64_t key = mix64(mix64(mix64(mix64(mix64((uint64_t)layer) ^ (uint64_t)slot) ^
                                            (uint64_t)head) ^ (uint64_t)h) ^ (uint64_t)len);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n_left; ++i) {
       const double u = unit(key + 2 * (uint64_t)i) * acc;
       int64_t j = std::upper_bound(s.cdf.begin(), s.cdf.end(), u) - s.cdf.begin();
       j = std::min(j, c - 1);
-      while (j > 0 && s.state[j] != kUnread) --j;  // u landed on a flat step (rounding)
+      while (j > 0 && !open(j)) --j;  // u landed on a flat step (rounding)
       const double pi = (s.cdf[j] - (j ? s.cdf[j - 1] : 0.0)) / acc;
-      if (!(pi > 0) || s.state[j] != kUnread) continue;  // counts as a zero draw
-      // The whole drawn cluster is scored exactly (no within-cluster variance), once: a
-      // cluster drawn again reuses its mass.
-      double& e = s.drawn[j];
-      if (e < 0) {
-        row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
-                   s.logit.data() + off[j], s.row);
-        e = 0;
-        for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
-      }
+      if (!(pi > 0) || !open(j)) continue;  // counts as a zero draw
+      // The whole drawn cluster is scored exactly (no within-cluster variance).
       s.draw_cluster[i] = (int32_t)j;
-      s.draw_y[i] = e / pi;
+      s.draw_y[i] = exact(j) / pi;
     }
+  } else {
+    n_left = 0;  // every unread cluster is a certainty cluster: the tail is exact
   }
   // 3. One bound on the total: Z_up = R0 + T_up(U0) >= Z with probability ~confidence. It is
   // not re-estimated after top-ups (re-using the sample on the shrunken set would bias it
   // low: the top-up reads exactly the clusters where the sample found mass); mass read later
   // is exact, so R / Z_up only grows and R >= P Z_up certifies R / Z >= P.
   double sum = 0, sq = 0;
-  for (int64_t i = 0; i < n; ++i) sum += s.draw_y[i], sq += s.draw_y[i] * s.draw_y[i];
-  const double t0 = sum / n, var = std::max(0.0, (sq - n * t0 * t0) / (n - 1));
-  const double z_up = R + t0 + z_conf * std::sqrt(var / n), r0 = R, P = opt.target;
+  for (int64_t i = 0; i < n_left; ++i) sum += s.draw_y[i], sq += s.draw_y[i] * s.draw_y[i];
+  const double mean = n_left ? sum / n_left : 0.0;
+  const double var = n_left > 1 ? std::max(0.0, (sq - n_left * mean * mean) / (n_left - 1)) : 0.0;
+  const double t0 = t_certain + mean;
+  const double z_up = R + t0 + (n_left ? z_conf * std::sqrt(var / n_left) : 0.0), r0 = R,
+               P = opt.target;
   // 4. Top-up rounds.
   for (int round = 0; round < opt.max_rounds && R < P * z_up; ++round) {
     // The rest's prior, rescaled to the sample's estimate of what is still unread.
@@ -305,7 +341,7 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     };
     int64_t hot = -1;  // the unread cluster of the largest draw
     double best = 0;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n_left; ++i) {
       const int32_t j = s.draw_cluster[i];
       if (j >= 0 && s.state[j] == kUnread && s.draw_y[i] > best) best = s.draw_y[i], hot = j;
     }
