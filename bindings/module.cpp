@@ -207,6 +207,11 @@ NB_MODULE(_core, m) {
       .def("set_policy", [](DecoderConfig& c, const std::string& s) { c.select.policy = parse_policy(s); })
       .def("set_estimator", [](DecoderConfig& c, const std::string& s) { c.select.estimator = parse_estimator(s); })
       .def("set_metric", [](DecoderConfig& c, const std::string& s) { c.metric = parse_metric(s); })
+      .def("set_stop_rule", [](DecoderConfig& c, const std::string& s) { c.select.stop_rule = parse_stop_rule(s); })
+      .def_prop_ro("stop_rule", [](DecoderConfig& c) { return std::string(stop_rule_name(c.select.stop_rule)); })
+      .def_prop_rw("confidence", [](DecoderConfig& c) { return c.select.confidence; }, [](DecoderConfig& c, double v) { c.select.confidence = v; })
+      .def_prop_rw("tail_samples", [](DecoderConfig& c) { return c.select.tail_samples; }, [](DecoderConfig& c, int64_t v) { c.select.tail_samples = v; })
+      .def_prop_rw("max_rounds", [](DecoderConfig& c) { return c.select.max_rounds; }, [](DecoderConfig& c, int v) { c.select.max_rounds = v; })
       .def("set_device", [](DecoderConfig& c, const std::string& kind, int index) {
         if (kind == "cpu") c.device = {DeviceKind::cpu, 0};
         else if (kind == "cuda") c.device = {DeviceKind::cuda, index};

@@ -232,6 +232,8 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
                            "' runs on the CPU backend only; on CUDA use 'tactic' or 'dense'");
   if (pol == Policy::tactic && cfg.select.estimator != Estimator::centroid_prior)
     throw UnsupportedError("the CUDA backend implements the 'centroid_prior' estimator only");
+  if (pol == Policy::tactic && cfg.select.stop_rule != StopRule::prior)
+    throw UnsupportedError("the CUDA backend implements stop_rule='prior' only (the certified rule is CPU-only for now)");
   if (pol == Policy::tactic && cfg.select.share_group)
     throw UnsupportedError("the CUDA backend selects each query head independently: set share_group=False");
   const int64_t d = cfg.head_dim;

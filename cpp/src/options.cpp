@@ -34,6 +34,7 @@ AttentionKernel parse_attention_kernel(const std::string& s) {
     if (s == attention_kernel_name(k)) return k;
   throw ValueError("`attention_kernel` must be 'auto', 'cuda_cores' or 'tensor_cores', got '" + s + "'");
 }
+const char* stop_rule_name(StopRule r) { return r == StopRule::certified ? "certified" : "prior"; }
 
 Policy parse_policy(const std::string& s) {
   for (Policy p : {Policy::tactic, Policy::dense, Policy::oracle, Policy::quest, Policy::topk})
@@ -52,6 +53,12 @@ Metric parse_metric(const std::string& s) {
   throw ValueError("`metric` must be 'euclidean' or 'spherical', got '" + s + "'");
 }
 
+StopRule parse_stop_rule(const std::string& s) {
+  if (s == "certified") return StopRule::certified;
+  if (s == "prior") return StopRule::prior;
+  throw ValueError("`stop_rule` must be 'certified' or 'prior', got '" + s + "'");
+}
+
 namespace {
 template <class T>
 void require(bool ok, const char* name, const char* expect, T got) {
@@ -64,6 +71,11 @@ void require(bool ok, const char* name, const char* expect, T got) {
 
 void validate(const SelectOptions& o) {
   require(std::isfinite(o.target) && o.target > 0 && o.target <= 1, "target", "in (0, 1]", o.target);
+  require(std::isfinite(o.confidence) && o.confidence > 0 && o.confidence < 1, "confidence",
+          "in (0, 1)", o.confidence);
+  require(o.tail_samples >= 2 && o.tail_samples <= 65536, "tail_samples", "in [2, 65536]",
+          o.tail_samples);
+  require(o.max_rounds >= 0 && o.max_rounds <= 64, "max_rounds", "in [0, 64]", o.max_rounds);
   require(std::isfinite(o.margin) && o.margin >= 0 && o.margin <= 1, "margin", "in [0, 1]", o.margin);
   require(std::isfinite(o.spread) && o.spread >= 0 && o.spread <= 4, "spread", "in [0, 4]", o.spread);
   require(std::isfinite(o.head_fraction) && o.head_fraction >= 0 && o.head_fraction <= 1,

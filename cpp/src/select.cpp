@@ -163,6 +163,199 @@ void select_quest(const KVStore& st, int64_t layer, int64_t slot, int64_t head, 
 
 enum : uint8_t { kUnread = 0, kHead = 1, kSample = 2, kChosen = 3, kShared = 4 };
 
+// Phi^-1(c) for the standard normal, by bisection on erfc (called once per selection).
+double normal_quantile(double c) {
+  double lo = -40, hi = 40;
+  for (int it = 0; it < 200; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (0.5 * std::erfc(-mid / std::sqrt(2.0)) < c ? lo : hi) = mid;
+  }
+  return 0.5 * (lo + hi);
+}
+
+// splitmix64: the sample's random numbers, a pure function of (layer, slot, KV head, query
+// head, context length, draw index), so a step's selection is reproducible.
+uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+double unit(uint64_t x) { return (double)(mix64(x) >> 11) * 0x1.0p-53; }  // [0, 1)
+
+struct CertifiedStop {
+  double read;  // exact mass of the head's selection (exp(l - m) summed)
+  double tail;  // estimated (unbiased) mass of the unread rest
+};
+
+// The certified stop rule (stop_rule = certified), per KV head and its G query heads:
+//
+//   0. First read (select_tactic's per-head loop, unchanged from the prior rule except that
+//      it aims at P itself, margin 0): each head ranks clusters, scores its exact head,
+//      calibrates the prior to it and takes the ranked prefix whose estimated mass reaches P.
+//      Their union is what every head of the group attends.
+//   Then, per query head, over that union (select_tactic's second pass calls this):
+//   1. Exact read mass R: the sinks, the recent rows and every selected cluster are scored
+//      exactly (the attention computes the same sum: nothing about R is estimated).
+//   2. Tail sample, drawn once: n = tail_samples draws with replacement from the unread
+//      clusters U, cluster j with probability pi_j = (w_j / W + |j| / |U|) / 2, where
+//      w_j = |j| exp(score_j) is the ranking's prior and the size-proportional half keeps
+//      every unread token's share >= 1 / (2 |U|) (a defensive mixture: a wrong prior costs
+//      variance, never bias). Each drawn cluster is scored whole: Y_i = T_j / pi_j, T_j its
+//      exact mass, is an unbiased (Hansen-Hurwitz) estimate of T(U), the unread mass.
+//      Certainty clusters first: a cluster whose expected draw count n pi_j reaches 1 is
+//      scored exactly once for one draw of the budget and leaves the sampled set (chosen from
+//      the prior alone, so no bias; repeated draws of the top-prior clusters were where the
+//      budget went). T_hat = their exact mass + the draws' mean over the rest.
+//      (One token per draw was tried first: heavy single tokens in the tail made the
+//      estimate skewed and the bound under-covered; bench/NOTES.md.)
+//   3. Bound, once: T_up = mean Y + z_c sd(Y) / sqrt(n), z_c the normal quantile of
+//      `confidence`, and Z_up = R + T_up, an upper bound on the softmax denominator Z.
+//      Certified when R >= P Z_up (then R / Z >= P whenever Z <= Z_up).
+//   4. Top-up (at most max_rounds, only while R < P Z_up): read the unread cluster holding
+//      the largest draw (the sample's pointer to mass the ranking missed), then next-ranked
+//      clusters until their prior, rescaled to the sample's estimate of the unread rest,
+//      adds up to P Z_up - R. Score them exactly (R grows by exact mass, Z_up stays), check.
+//   5. After the last round the selection stands; est_mass reports R / (R + T_hat), T_hat
+//      the sample's estimate less the exact mass read since. The head's top-ups join the
+//      union, so later heads of the group certify over them too.
+// Cost per query head: the union's K rows scored once more, at most tail_samples distinct
+// clusters scored (K rows only; a cluster drawn twice is scored once), and the top-ups.
+template <class Rank>
+CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t h,
+                      const float* qh, const SelectOptions& opt, double z_conf, double m,
+                      double a_mass, Rank& rank, int64_t take, SelectScratch& s) {
+  const SlotState& ss = st.state(layer, slot);
+  const int64_t c = st.num_clusters(layer, slot, head), base = ss.n_sink;
+  const int32_t* off = st.offsets(layer, slot, head);
+  auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+  auto read = [&](int64_t j) {  // exact mass of cluster j
+    row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
+               s.logit.data() + off[j], s.row);
+    double e = 0;
+    for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+    return s.mass[j] = e;
+  };
+  // 1. Exact read mass (the prior's prefix was only estimated so far).
+  for (int32_t j : s.fresh) read(j);
+  double R = a_mass;
+  for (int64_t j = 0; j < c; ++j)
+    if (s.state[j] != kUnread) R += s.mass[j];
+
+  // 2. The tail sample. s.score holds the ranking score; w_j its prior mass.
+  const int64_t n = opt.tail_samples, len = ss.total();
+  double W = 0, U = 0;
+  for (int64_t j = 0; j < c; ++j)
+    if (s.state[j] == kUnread) {
+      W += csize(j) * std::exp((double)s.score[j] - m);
+      U += csize(j);
+    }
+  s.cdf.assign(c, 0.0);
+  s.drawn.assign(c, -1.0);
+  s.certain.assign(c, 0);
+  s.draw_cluster.assign(n, -1);
+  s.draw_y.assign(n, 0.0);
+  auto exact = [&](int64_t j) {  // a drawn cluster's exact mass, scored once
+    double& e = s.drawn[j];
+    if (e < 0) {
+      row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
+                 s.logit.data() + off[j], s.row);
+      e = 0;
+      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+    }
+    return e;
+  };
+  auto w = [&](int64_t j) { return csize(j) * std::exp((double)s.score[j] - m); };
+  auto open = [&](int64_t j) { return s.state[j] == kUnread && !s.certain[j]; };
+  const bool prior_ok = W > 0 && std::isfinite(W);
+  // Certainty clusters: one whose expected draw count n_left pi_j reaches 1 would be drawn
+  // (about) surely and repeatedly; it is scored exactly once instead, for one draw of the
+  // budget, and leaves the sampled set (a choice made from the prior alone: no bias).
+  double t_certain = 0, Wr = W, Ur = U;
+  int64_t n_left = n;
+  while (Ur > 0 && n_left > 2) {
+    bool any = false;
+    const double w_pass = Wr, u_pass = Ur;
+    for (int64_t j = 0; j < c && n_left > 2; ++j) {
+      if (!open(j)) continue;
+      const double pi = prior_ok && w_pass > 0 ? 0.5 * (w(j) / w_pass + csize(j) / u_pass) : csize(j) / u_pass;
+      if (n_left * pi < 1) continue;
+      s.certain[j] = 1;
+      t_certain += exact(j);
+      Wr -= w(j);
+      Ur -= csize(j);
+      --n_left;
+      any = true;
+    }
+    if (!any) break;
+    Wr = Ur = 0;  // recomputed, not subtracted (cancellation)
+    for (int64_t j = 0; j < c; ++j)
+      if (open(j)) Wr += w(j), Ur += csize(j);
+  }
+  if (Ur > 0) {
+    double acc = 0;
+    const bool rest_ok = prior_ok && Wr > 0;
+    for (int64_t j = 0; j < c; ++j) {
+      if (open(j)) acc += rest_ok ? 0.5 * (w(j) / Wr + csize(j) / Ur) : csize(j) / Ur;
+      s.cdf[j] = acc;
+    }
+    const uint64_t key = mix64(mix64(mix64(mix64(mix64((uint64_t)layer) ^ (uint64_t)slot) ^
+                                           (uint64_t)head) ^ (uint64_t)h) ^ (uint64_t)len);
+    for (int64_t i = 0; i < n_left; ++i) {
+      const double u = unit(key + 2 * (uint64_t)i) * acc;
+      int64_t j = std::upper_bound(s.cdf.begin(), s.cdf.end(), u) - s.cdf.begin();
+      j = std::min(j, c - 1);
+      while (j > 0 && !open(j)) --j;  // u landed on a flat step (rounding)
+      const double pi = (s.cdf[j] - (j ? s.cdf[j - 1] : 0.0)) / acc;
+      if (!(pi > 0) || !open(j)) continue;  // counts as a zero draw
+      // The whole drawn cluster is scored exactly (no within-cluster variance).
+      s.draw_cluster[i] = (int32_t)j;
+      s.draw_y[i] = exact(j) / pi;
+    }
+  } else {
+    n_left = 0;  // every unread cluster is a certainty cluster: the tail is exact
+  }
+  // 3. One bound on the total: Z_up = R0 + T_up(U0) >= Z with probability ~confidence. It is
+  // not re-estimated after top-ups (re-using the sample on the shrunken set would bias it
+  // low: the top-up reads exactly the clusters where the sample found mass); mass read later
+  // is exact, so R / Z_up only grows and R >= P Z_up certifies R / Z >= P.
+  double sum = 0, sq = 0;
+  for (int64_t i = 0; i < n_left; ++i) sum += s.draw_y[i], sq += s.draw_y[i] * s.draw_y[i];
+  const double mean = n_left ? sum / n_left : 0.0;
+  const double var = n_left > 1 ? std::max(0.0, (sq - n_left * mean * mean) / (n_left - 1)) : 0.0;
+  const double t0 = t_certain + mean;
+  const double z_up = R + t0 + (n_left ? z_conf * std::sqrt(var / n_left) : 0.0), r0 = R,
+               P = opt.target;
+  // 4. Top-up rounds.
+  for (int round = 0; round < opt.max_rounds && R < P * z_up; ++round) {
+    // The rest's prior, rescaled to the sample's estimate of what is still unread.
+    double w_rest = 0;
+    for (int64_t j = 0; j < c; ++j)
+      if (s.state[j] == kUnread) w_rest += csize(j) * std::exp((double)s.score[j] - m);
+    const double scale = w_rest > 0 ? std::max(t0 - (R - r0), 0.0) / w_rest : 0.0;
+    double need = P * z_up - R;
+    auto add = [&](int64_t j) {
+      s.state[j] = kChosen;
+      R += read(j);
+      need -= scale * csize(j) * std::exp((double)s.score[j] - m);
+    };
+    int64_t hot = -1;  // the unread cluster of the largest draw
+    double best = 0;
+    for (int64_t i = 0; i < n_left; ++i) {
+      const int32_t j = s.draw_cluster[i];
+      if (j >= 0 && s.state[j] == kUnread && s.draw_y[i] > best) best = s.draw_y[i], hot = j;
+    }
+    if (hot >= 0) add(hot);
+    for (; take < c && need > 0; ++take) {
+      const int64_t j = rank(take);
+      if (s.state[j] == kUnread) add(j);
+    }
+    if (take >= c) break;  // everything is read
+  }
+  const double t_hat = std::max(t0 - (R - r0), 0.0);
+  return {R, t_hat};
+}
+
 void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
                    int64_t g, const SelectOptions& opt, bool record, SelectScratch& s,
                    KVSelection& out) {
@@ -190,7 +383,12 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     return;
   }
 
-  const double p_eff = std::min(1.0, opt.target + opt.margin * (1.0 - opt.target));
+  const bool certified = opt.stop_rule == StopRule::certified;
+  // The prior rule aims above P against its estimate's error; the certified rule aims at P
+  // itself for its first read and lets the bound decide the rest.
+  const double p_eff =
+      certified ? opt.target : std::min(1.0, opt.target + opt.margin * (1.0 - opt.target));
+  const double z_conf = certified ? normal_quantile(opt.confidence) : 0.0;
   s.score.resize(c);
   s.order.resize(c);
   s.state.resize(c);
@@ -338,11 +536,13 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
           acc += s.mass[j];
           s.state[j] = kChosen;
         }
+      s.fresh.clear();
       for (; take < c && acc < p_eff * z; ++take) {
         const int64_t j = rank(take);
         if (s.state[j] != kUnread) continue;
         acc += s.mass[j];
         s.state[j] = kChosen;
+        s.fresh.push_back((int32_t)j);
       }
     }
     int64_t sel_tokens = always;
@@ -362,6 +562,62 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
       for (int64_t j = 0; j < c; ++j)
         if (own[j]) push_range(hr, base + off[j], base + off[j + 1]);
       push_range(hr, base + nclu, n);
+    }
+  }
+  // The certified rule's second pass: every head of the group attends the union of the
+  // first reads, so each certifies (and tops up) its mass over that union.
+  if (certified) {
+    std::vector<float> fixed(always);
+    for (int64_t h = 0; h < g; ++h) {
+      const float* qh = q + h * d;
+      dot_many(qh, cent, c, d, s.score.data());
+      if (opt.spread > 0) {
+        float qq = 0.f;
+        for (int64_t k = 0; k < d; ++k) qq = std::fma(qh[k], qh[k], qq);
+        const float w = 0.5f * (float)opt.spread * qq;
+        for (int64_t j = 0; j < c; ++j) s.score[j] = std::fma(w, spread[j], s.score[j]);
+      }
+      std::iota(s.order.begin(), s.order.end(), 0);
+      auto by_score = [&](int32_t a, int32_t b) {
+        return s.score[a] != s.score[b] ? s.score[a] > s.score[b] : a < b;
+      };
+      int64_t sorted = 0;
+      auto rank = [&](int64_t k) {
+        if (k >= sorted) {
+          const int64_t e = std::min<int64_t>(c, std::max<int64_t>({k + 1, 2 * sorted, 64}));
+          if (e < c) std::nth_element(s.order.begin() + sorted, s.order.begin() + e, s.order.end(), by_score);
+          std::sort(s.order.begin() + sorted, s.order.begin() + e, by_score);
+          sorted = e;
+        }
+        return (int64_t)s.order[k];
+      };
+      // Exp-scores relative to m, the largest of the always-read logits and cluster scores
+      // (a reference point only: sums are in double).
+      row_logits(st, layer, slot, head, 0, ss.n_sink, qh, fixed.data(), s.row);
+      row_logits(st, layer, slot, head, base + nclu, n, qh, fixed.data() + ss.n_sink, s.row);
+      double m = -std::numeric_limits<double>::infinity(), a_mass = 0;
+      for (float v : fixed) m = std::max(m, (double)v);
+      for (int64_t j = 0; j < c; ++j) m = std::max(m, (double)s.score[j]);
+      for (float v : fixed) a_mass += std::exp(v - m);
+      s.fresh.clear();
+      for (int64_t j = 0; j < c; ++j) {
+        s.state[j] = s.mark[j] ? kChosen : kUnread;
+        if (s.mark[j]) s.fresh.push_back((int32_t)j);
+      }
+      const CertifiedStop r = certify(st, layer, slot, head, h, qh, opt, z_conf, m, a_mass, rank, 0, s);
+      int64_t sel_tokens = always;
+      for (int64_t j = 0; j < c; ++j)
+        if (s.state[j] != kUnread) sel_tokens += csize(j), s.mark[j] = 1;
+      out.head_tokens[h] = sel_tokens;
+      out.est_mass[h] = r.read + r.tail > 0 ? std::min(1.0, r.read / (r.read + r.tail)) : 1.0;
+      if (record) {
+        auto& hr = out.head_rows[h];
+        hr.clear();
+        push_range(hr, 0, ss.n_sink);
+        for (int64_t j = 0; j < c; ++j)
+          if (s.state[j] != kUnread) push_range(hr, base + off[j], base + off[j + 1]);
+        push_range(hr, base + nclu, n);
+      }
     }
   }
   out.rows.clear();

@@ -11,6 +11,7 @@ from . import _core
 
 POLICIES = ("tactic", "dense", "oracle", "quest", "topk")
 ESTIMATORS = ("centroid_prior", "two_segment")
+STOP_RULES = ("certified", "prior")
 METRICS = ("euclidean", "spherical")
 
 
@@ -89,8 +90,17 @@ class SparseDecoder:
             'quest' (pages of `page_size` by min/max bound, at `budget` tokens per KV head),
             'topk' (the exact top-`budget` tokens per KV head: those with the largest
             probability under any query head of its group; every head attends them).
+        stop_rule: 'certified' (default on the CPU) or 'prior' (default on CUDA, the only
+            rule the GPU implements so far). certified: the mass of what a query head
+            attends (its group's union) is computed exactly and only the unread rest is
+            estimated, from `tail_samples` seeded draws of unread clusters scored whole;
+            clusters are added (at most `max_rounds` rounds) until read >= P * (read +
+            upper bound of the rest), the bound holding with probability `confidence` under
+            a normal approximation (docs/CONTRACT.md: what is guaranteed, what is not).
+            prior: stop where the estimator's guess reaches P + margin * (1 - P).
         estimator: 'centroid_prior' (default, measured best) or 'two_segment' (the paper's
-            a/x + b fit). margin: the stop rule aims at P + margin * (1 - P).
+            a/x + b fit): the tail guess (prior rule) and the first read (certified).
+            margin: the prior rule aims at P + margin * (1 - P).
             spread: clusters are ranked (and their unread mass estimated) by
             q.c + spread * |q|^2 s_c / 2, s_c the cluster's mean squared distance to its
             centroid per dimension (the log-normal mean of exp(q.k) over the cluster); 0
@@ -124,7 +134,9 @@ class SparseDecoder:
 
     def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  max_batch: int = 1, max_tokens: int = 8192, device="cpu", dtype="float16",
-                 target: float = 0.9, policy: str = "tactic", *, estimator: str = "centroid_prior",
+                 target: float = 0.9, policy: str = "tactic", *, stop_rule: Optional[str] = None,
+                 confidence: float = 0.95, tail_samples: int = 64, max_rounds: int = 4,
+                 estimator: str = "centroid_prior",
                  margin: float = 0.35, spread: float = 0.75, cluster_size: int = 16, kmeans_iters: int = 10,
                  metric: str = "euclidean", num_sink: int = 4, recluster_interval: int = 2048,
                  budget: int = 0, page_size: int = 16, head_fraction: float = 0.02,
@@ -145,6 +157,12 @@ class SparseDecoder:
         c.target = _float("target", target)
         c.set_policy(_choice("policy", policy, POLICIES))
         c.set_estimator(_choice("estimator", estimator, ESTIMATORS))
+        if stop_rule is None:  # the CUDA backend implements the prior rule only (for now)
+            stop_rule = "certified" if _parse_device(device)[0] == "cpu" else "prior"
+        c.set_stop_rule(_choice("stop_rule", stop_rule, STOP_RULES))
+        c.confidence = _float("confidence", confidence)
+        c.tail_samples = _int("tail_samples", tail_samples)
+        c.max_rounds = _int("max_rounds", max_rounds, maximum=_INT32_MAX)
         c.margin = _float("margin", margin)
         c.spread = _float("spread", spread)
         c.cluster_size = _int("cluster_size", cluster_size)

@@ -44,6 +44,12 @@ struct KernelOptions {
                        // need the sm_90 thread-block-cluster kernels)
   AttentionKernel attention = AttentionKernel::automatic;
   Switch pdl = Switch::automatic;  // programmatic dependent launch (sm_90 kernels): automatic is on there
+// When the tactic policy stops adding clusters (bench/NOTES.md, "A stop rule with its own
+// guarantee").
+enum class StopRule : int {
+  certified = 0,  // exact mass of what is read + a sampled upper confidence bound on the rest;
+                  // top-up rounds until P is certified at `confidence` (the default)
+  prior = 1,      // the estimator's tail guess alone, aiming at P + margin * (1 - P)
 };
 
 // k-means distance: squared Euclidean, or cosine on L2-normalised rows ("spherical").
@@ -56,9 +62,11 @@ const char* estimator_name(Estimator e);
 const char* metric_name(Metric m);
 const char* attention_kernel_name(AttentionKernel k);  // "auto", "cuda_cores", "tensor_cores"
 AttentionKernel parse_attention_kernel(const std::string& s);  // throws ValueError naming `attention_kernel`
+const char* stop_rule_name(StopRule r);
 Policy parse_policy(const std::string& s);        // throws ValueError naming `policy`
 Estimator parse_estimator(const std::string& s);  // throws ValueError naming `estimator`
 Metric parse_metric(const std::string& s);        // throws ValueError naming `metric`
+StopRule parse_stop_rule(const std::string& s);   // throws ValueError naming `stop_rule`
 
 // Options of one k-means run (tactic::kmeans).
 struct KMeansOptions {
@@ -73,8 +81,14 @@ struct KMeansOptions {
 struct SelectOptions {
   Policy policy = Policy::tactic;
   double target = 0.9;  // P in (0, 1]: fraction of attention mass to keep
+  StopRule stop_rule = StopRule::certified;
+  // certified: each query head's kept mass reaches P with at least this probability over the
+  // (seeded) tail sample, to the accuracy of a normal approximation of the sample mean.
+  double confidence = 0.95;
+  int64_t tail_samples = 64;  // certified: unread clusters drawn (with replacement; scored whole) per query head
+  int max_rounds = 4;         // certified: top-up rounds at most after the first read
   Estimator estimator = Estimator::centroid_prior;
-  // The stop rule aims at P_eff = P + margin * (1 - P), against estimation error.
+  // The prior stop rule aims at P_eff = P + margin * (1 - P), against estimation error.
   double margin = 0.35;
   // Ranking and the mass prior score cluster c by q.c + spread * |q|^2 s_c / 2, where s_c is
   // the cluster's mean squared distance to its centroid per dimension: the log-normal mean

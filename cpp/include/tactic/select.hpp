@@ -28,6 +28,9 @@ struct SelectScratch {
   std::vector<double> mass;
   std::vector<uint8_t> state, mark;
   std::vector<float> row;
+  std::vector<int32_t> fresh, draw_cluster;  // certified stop: prefix to score; sample clusters
+  std::vector<double> cdf, draw_y, drawn;    // certified stop: proposal CDF; draw values; drawn clusters' mass
+  std::vector<uint8_t> certain;              // certified stop: clusters scored with certainty
 };
 
 // Select for KV head `head` of (layer, slot) and its G query heads; results replace `out`.
