@@ -44,6 +44,8 @@ struct KernelOptions {
                        // need the sm_90 thread-block-cluster kernels)
   AttentionKernel attention = AttentionKernel::automatic;
   Switch pdl = Switch::automatic;  // programmatic dependent launch (sm_90 kernels): automatic is on there
+};
+
 // When the tactic policy stops adding clusters (bench/NOTES.md, "A stop rule with its own
 // guarantee").
 enum class StopRule : int {
