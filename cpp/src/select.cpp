@@ -356,6 +356,41 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   return {R, t_hat};
 }
 
+// Every cluster's ranking score q.c + spread_w * |q|^2 s_c / 2 (the prior's exponent too).
+void score_clusters(const float* qh, const float* cent, const float* spread, int64_t c, int64_t d,
+                    double spread_w, float* score) {
+  dot_many(qh, cent, c, d, score);
+  if (spread_w > 0) {
+    float qq = 0.f;
+    for (int64_t k = 0; k < d; ++k) qq = std::fma(qh[k], qh[k], qq);
+    const float w = 0.5f * (float)spread_w * qq;
+    for (int64_t j = 0; j < c; ++j) score[j] = std::fma(w, spread[j], score[j]);
+  }
+}
+
+// The clusters by descending score (ties: lower index first), sorted lazily: the stop point
+// usually comes after a small share of the clusters, and a full sort of thousands of scores per
+// head was the largest cost of a selection. rank(k) sorts in chunks (nth_element, then sort)
+// as far as k.
+struct LazyRank {
+  std::vector<int32_t>& order;
+  const std::vector<float>& score;
+  int64_t c, sorted = 0;
+  LazyRank(std::vector<int32_t>& o, const std::vector<float>& sc, int64_t n) : order(o), score(sc), c(n) {
+    std::iota(order.begin(), order.begin() + c, 0);
+  }
+  int64_t operator()(int64_t k) {
+    if (k >= sorted) {
+      auto by_score = [&](int32_t a, int32_t b) { return score[a] != score[b] ? score[a] > score[b] : a < b; };
+      const int64_t e = std::min<int64_t>(c, std::max<int64_t>({k + 1, 2 * sorted, 64}));
+      if (e < c) std::nth_element(order.begin() + sorted, order.begin() + e, order.begin() + c, by_score);
+      std::sort(order.begin() + sorted, order.begin() + e, by_score);
+      sorted = e;
+    }
+    return (int64_t)order[k];
+  }
+};
+
 void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
                    int64_t g, const SelectOptions& opt, bool record, SelectScratch& s,
                    KVSelection& out) {
@@ -397,30 +432,8 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   std::vector<uint8_t> own;
   for (int64_t h = 0; h < g; ++h) {
     const float* qh = q + h * d;
-    dot_many(qh, cent, c, d, s.score.data());
-    if (opt.spread > 0) {
-      float qq = 0.f;
-      for (int64_t k = 0; k < d; ++k) qq = std::fma(qh[k], qh[k], qq);
-      const float w = 0.5f * (float)opt.spread * qq;
-      for (int64_t j = 0; j < c; ++j) s.score[j] = std::fma(w, spread[j], s.score[j]);
-    }
-    std::iota(s.order.begin(), s.order.end(), 0);
-    // The ranked order is sorted lazily: the stop point usually comes after a small share
-    // of the clusters, and a full sort of thousands of scores per head was the largest cost
-    // of a selection. rank(k) sorts in chunks (nth_element, then sort) as far as k.
-    auto by_score = [&](int32_t a, int32_t b) {
-      return s.score[a] != s.score[b] ? s.score[a] > s.score[b] : a < b;
-    };
-    int64_t sorted = 0;
-    auto rank = [&](int64_t k) {
-      if (k >= sorted) {
-        const int64_t e = std::min<int64_t>(c, std::max<int64_t>({k + 1, 2 * sorted, 64}));
-        if (e < c) std::nth_element(s.order.begin() + sorted, s.order.begin() + e, s.order.end(), by_score);
-        std::sort(s.order.begin() + sorted, s.order.begin() + e, by_score);
-        sorted = e;
-      }
-      return (int64_t)s.order[k];
-    };
+    score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
+    LazyRank rank(s.order, s.score, c);
     if (opt.segments() > 0) rank(c - 1);  // the two-segment fit walks every rank
     std::fill(s.state.begin(), s.state.end(), kUnread);
 
@@ -570,27 +583,8 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     std::vector<float> fixed(always);
     for (int64_t h = 0; h < g; ++h) {
       const float* qh = q + h * d;
-      dot_many(qh, cent, c, d, s.score.data());
-      if (opt.spread > 0) {
-        float qq = 0.f;
-        for (int64_t k = 0; k < d; ++k) qq = std::fma(qh[k], qh[k], qq);
-        const float w = 0.5f * (float)opt.spread * qq;
-        for (int64_t j = 0; j < c; ++j) s.score[j] = std::fma(w, spread[j], s.score[j]);
-      }
-      std::iota(s.order.begin(), s.order.end(), 0);
-      auto by_score = [&](int32_t a, int32_t b) {
-        return s.score[a] != s.score[b] ? s.score[a] > s.score[b] : a < b;
-      };
-      int64_t sorted = 0;
-      auto rank = [&](int64_t k) {
-        if (k >= sorted) {
-          const int64_t e = std::min<int64_t>(c, std::max<int64_t>({k + 1, 2 * sorted, 64}));
-          if (e < c) std::nth_element(s.order.begin() + sorted, s.order.begin() + e, s.order.end(), by_score);
-          std::sort(s.order.begin() + sorted, s.order.begin() + e, by_score);
-          sorted = e;
-        }
-        return (int64_t)s.order[k];
-      };
+      score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
+      LazyRank rank(s.order, s.score, c);
       // Exp-scores relative to m, the largest of the always-read logits and cluster scores
       // (a reference point only: sums are in double).
       row_logits(st, layer, slot, head, 0, ss.n_sink, qh, fixed.data(), s.row);
