@@ -1,5 +1,8 @@
 """The CUDA backend against the float64 reference and against the CPU backend.
 
+CUDA selects with the prior stop rule only (the certified rule is CPU-only for now), so every
+CPU twin below is built with stop_rule="prior".
+
 Skipped, with the reason, where this build has no CUDA backend or no GPU is visible.
 """
 import numpy as np
@@ -122,7 +125,7 @@ def test_selection_matches_cpu(g, target):
     k, _ = mixture_keys(n + steps, hkv, d, gen)
     k = k.half()
     v = torch.randn(n + steps, hkv, d, generator=gen).half()
-    opts = dict(max_tokens=n + steps, dtype="float16", target=target, share_group=False)
+    opts = dict(max_tokens=n + steps, dtype="float16", target=target, share_group=False, stop_rule="prior")
     cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
     gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
     cpu.prefill(0, k[:n], v[:n])
@@ -152,7 +155,8 @@ def test_real_fixture_accuracy_matches_cpu(fixture_data):
         read, union = [], []
         for cap in fixture_layers(fx):
             ref = reference(cap, fx.n_prefill, fx.scale)
-            run = run_policy(cap, fx.n_prefill, fx.scale, "tactic", target=0.9, device=device, share_group=False)
+            run = run_policy(cap, fx.n_prefill, fx.scale, "tactic", target=0.9, device=device, share_group=False,
+                             stop_rule="prior")
             acc = accuracy(run, ref)
             read.append(acc.read_fraction.ravel())
             union.append(kv_union_success(acc, 0.9, 3).ravel())
@@ -464,7 +468,7 @@ def test_selection_matches_cpu_long_context(n):
     k, _ = mixture_keys(n + steps, hkv, d, gen, centres=256)
     k = k.half()
     v = torch.randn(n + steps, hkv, d, generator=gen).half()
-    opts = dict(max_tokens=n + steps, dtype="float16", target=0.9, share_group=False)
+    opts = dict(max_tokens=n + steps, dtype="float16", target=0.9, share_group=False, stop_rule="prior")
     cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
     gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
     cpu.prefill(0, k[:n], v[:n])
@@ -571,7 +575,7 @@ def split_case():
     vn = torch.randn(B, hkv, d, generator=gen).half()
     case = dict(hkv=hkv, g=g, d=d, lens=lens, N=N, k=k, v=v, q=q, kn=kn, vn=vn, seq=[1, 2, 0])
     cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=3, max_tokens=N + 4, dtype="float16", target=0.9,
-                               share_group=False)
+                               share_group=False, stop_rule="prior")
     cpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=case["seq"], lengths=lens)  # token-major views
     case["cpu_out"] = cpu.decode(0, q, kn, vn, seq=case["seq"])
     case["cpu_stats"] = cpu.stats(0)
@@ -596,7 +600,8 @@ def test_split_selection_over_a_batch_matches_cpu(split, split_case):
     k, v, q, kn, vn = (c[x].cuda() for x in ("k", "v", "q", "kn", "vn"))
     B = len(lens)
     for target in (0.9, 1.0):
-        opts = dict(max_batch=3, max_tokens=N + 4, dtype="float16", target=target, share_group=False)
+        opts = dict(max_batch=3, max_tokens=N + 4, dtype="float16", target=target, share_group=False,
+                    stop_rule="prior")
         gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
         if split is not None:
             assert gpu.plan["head_split"][B - 1] == split
@@ -689,7 +694,8 @@ def test_ranking_spread_term_matches_cpu(spread):
     for device in ("cpu", "cuda"):
         dec = tactic.SparseDecoder(1, 1, 1, d, max_tokens=2 * m, dtype="float32", device=device,
                                    num_sink=0, min_clusters=1, head_fraction=0.0, target=0.01,
-                                   margin=0.0, spread=spread, share_group=False, record_selection=True)
+                                   margin=0.0, spread=spread, share_group=False, record_selection=True,
+                                   stop_rule="prior")
         kk, qq = torch.from_numpy(keys), torch.from_numpy(q)
         if device == "cuda":
             kk, qq = kk.cuda(), qq.cuda()
