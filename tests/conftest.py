@@ -73,3 +73,13 @@ def cmake_cxx():
     if cxx is None:
         pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) on PATH")
     return cmake, cxx
+
+
+def bench_inputs(b, hkv, g, n, d, dtype, seed):
+    """Seeded torch K/V [B, Hkv, N, D] and queries [B, Hq, D] for the bench peers' tests."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    q = (2 * torch.randn(b, hkv * g, d, generator=gen)).to(dtype)
+    return k, v, q

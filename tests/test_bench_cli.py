@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from conftest import ref_attention  # noqa: E402
+from conftest import bench_inputs as _inputs, ref_attention  # noqa: E402
 from tactic.bench import peers, sweep, timing, traffic  # noqa: E402
 from tactic.bench.__main__ import main  # noqa: E402
 
 
-def _inputs(b, hkv, g, n, d, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-    q = (2 * torch.randn(b, hkv * g, d, generator=gen)).to(dtype)
-    return k, v, q
 
 
 @pytest.mark.parametrize("builder", [peers.gather_sdpa, peers.gather_sdpa_padded])

@@ -15,16 +15,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from conftest import ref_attention  # noqa: E402
+from conftest import bench_inputs as _inputs, ref_attention  # noqa: E402
 from tactic.bench import e2e, peers  # noqa: E402
 
 
-def _inputs(b, hkv, g, n, d, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-    q = (2 * torch.randn(b, hkv * g, d, generator=gen)).to(dtype)
-    return k, v, q
 
 
 def _mask(b, hkv, n, seed):
