@@ -1,7 +1,9 @@
 """Per-kernel GPU time of one Tactic decode step (torch.profiler / CUPTI), to see where the
-step's time goes. Workload: the calibrated synthetic generator of `python -m tactic.bench`.
+step's time goes. Workloads: those of `python -m tactic.bench` (synthetic (b), its sparse layer).
+PDL is off by default here: with programmatic dependent launch a kernel's time includes its wait
+for the one before it, which hides where the time goes.
 
-    python bench/profile_step.py [--context 32768] [--policy tactic]
+    python bench/profile_step.py [--context 32768 131072] [--workload sparse] [--pdl]
 """
 import argparse
 
@@ -9,19 +11,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tactic
-from tactic.bench.workloads import synthetic
+from tactic.bench.workloads import make
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--context", type=int, default=32768)
-    p.add_argument("--policy", default="tactic")
-    p.add_argument("--target", type=float, default=0.9)
-    a = p.parse_args()
-    hq, hkv, d, n = 32, 8, 128, a.context
-    wl = synthetic(n, 1, hq, hkv, d, "float16", "cuda", seed=0)
+def profile_one(n, a):
+    hq, hkv, d = 32, 8, 128
+    wl = make(a.workload, n, 1, hq, hkv, d, "float16", "cuda", seed=0)
     q = wl.queries
-    dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, device="cuda", target=a.target, policy=a.policy)
+    dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, device="cuda", target=a.target,
+                               policy=a.policy, pdl=a.pdl, head_split=a.head_split)
     dec.prefill(0, wl.keys.transpose(1, 2), wl.values.transpose(1, 2))  # token-major views
     out = torch.empty_like(q)
     for _ in range(5):
@@ -32,7 +30,8 @@ def main():
         for _ in range(steps):
             dec.decode(0, q, None, None, out=out)
         torch.cuda.synchronize()
-    print(f"N={n} policy={a.policy} read={dec.stats(0)['read_fraction'].mean():.1%}; per step:")
+    print(f"N={n} workload={a.workload} policy={a.policy} read={dec.stats(0)['read_fraction'].mean():.1%} "
+          f"plan={dec.plan}; per step:")
     rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     total = 0.0
     for e in rows:
@@ -40,6 +39,19 @@ def main():
         total += t
         print(f"  {t:9.1f} us  {e.count // steps:3d}x  {e.key[:90]}")
     print(f"  {total:9.1f} us  total GPU time per step")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--context", type=int, nargs="+", default=[32768])
+    p.add_argument("--workload", default="sparse", choices=["synthetic", "sparse"])
+    p.add_argument("--policy", default="tactic")
+    p.add_argument("--target", type=float, default=0.9)
+    p.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch")
+    p.add_argument("--head-split", type=int, default=None)
+    a = p.parse_args()
+    for n in a.context:
+        profile_one(n, a)
 
 
 if __name__ == "__main__":

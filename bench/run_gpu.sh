@@ -64,7 +64,7 @@ for s in $steps; do
       python3 -m tactic.bench --workload fixture --n 32K 128K 512K --batch 1 8 --dtype float16 \
         --target 0.9 --budget-s 240 --out "$OUT" 2>&1 | tee "$OUT/fixture.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     profile)  # per-kernel time of one step (torch profiler) at 32K / 128K / 512K
-      for n in 32768 131072 524288; do python3 bench/profile_step.py --context $n 2>&1 | head -16; done ;;
+      for w in sparse synthetic; do python3 bench/profile_step.py --workload $w --context 32768 131072 524288 2>&1 | grep -v "^ *0.0 us"; done ;;
     ncu)      # hardware counters of the selection and attention kernels at 128K (one launch each)
       ncu --clock-control none -k regex:"select_head|select_stop|select_exact|attention_chunks|score_kernel|build_rows" \
         -s 40 -c 6 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \

@@ -330,6 +330,7 @@ NB_MODULE(_core, m) {
              r["kernel_arch"] = p.kernel_arch;
              r["head_split"] = p.head_split;
              r["attention_kernel"] = attention_kernel_name(p.attention);
+             r["score_kernel"] = attention_kernel_name(p.score);
              r["pdl"] = p.pdl;
              return r;
            })

@@ -3,6 +3,7 @@
 // query head (score_kernel), with each head's best and worst score for the histogram.
 #include <string>
 
+#include "mma.cuh"
 #include "select_common.cuh"
 
 namespace tactic {
@@ -61,7 +62,7 @@ __global__ void count_token_kernel(StepGeometry s, int num_sink, int32_t* lost) 
 // scores[b*Hq + h*g + j, c] = qf . centroid_c + spread * |qf|^2 * spreads_c / 2 for the g query
 // heads of KV head h (the spread term: SelectOptions::spread), and
 // seg_max / seg_min[b*Hq + h*g + j] = the largest / smallest of them (atomicMax / atomicMin;
-// select_head resets them). A quad of
+// select_hist resets them). A quad of
 // lanes takes one centroid (each lane D/16 float4 slots, so a warp load covers 8 centroids'
 // 64-byte pieces) and all g heads use the centroid while it is in registers: the centroids,
 // the largest read of the selection, are read once per KV head, not once per query head.
@@ -155,6 +156,113 @@ __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, Sele
   }
 }
 
+
+// The same scores on tensor cores (16-bit centroids, D 64 or 128, g <= 8; sm_80+), which the
+// CUDA-core kernel above computes with ~G x D FMAs and conversions per centroid and lane quad:
+// at 512K that arithmetic, not the 64 MiB of centroids, set its time (44 us on the H200, 1.5 TB/s).
+// One mma.sync m16n8k16 takes 8 centroids x 16 dimensions for all heads: A rows 0-7 hold the
+// heads' q rounded to 16 bits, rows 8-15 what that rounding missed (as in attention_mma.cu), so
+// a score is the sum of the two accumulator rows a lane holds, at about fp32 precision. The
+// dimensions are permuted (a dot product does not care, as long as q and the centroids agree):
+// lane (g, t) reads centroid g's dimensions [t D / 4, (t + 1) D / 4) as whole 16-byte loads, and
+// k-step kk takes dimensions t D / 4 + 4 kk + {0, 1} and {2, 3} of that run. Each warp walks
+// tiles of 8 centroids, kScoreTiles at a time so their loads are in flight together.
+constexpr int kScoreTiles = 2;
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) score_mma_kernel(StepGeometry s, SelectArgs a) {
+  pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int KS = D / 16, PV = D / 32;  // k-steps; 16-byte loads per lane and centroid
+  __shared__ int32_t s_max[8], s_min[8];
+  __shared__ float s_w[8];  // spread * |q_j|^2 / 2 per head
+  const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, hq = s.hkv * s.g;
+  const int32_t slot = s.slots[b];
+  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
+  const int64_t hi = head_index(s, slot, h), C = st.n_clusters;
+  const int64_t seg0 = b * hq + h * s.g;
+  const float* q = a.qf + seg0 * D;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  if (tid < 8) {
+    s_max[tid] = INT_MIN;
+    s_min[tid] = INT_MAX;
+    float qq = 0.f;  // |q|^2 summed in the CPU backend's order (select.cpp)
+    if (tid < s.g)
+      for (int e = 0; e < D; ++e) qq = fmaf(q[tid * D + e], q[tid * D + e], qq);
+    s_w[tid] = 0.5f * (float)a.spread * qq;
+  }
+  // A fragments: head g's q (hi in rows 0-7, lo in rows 8-15) at this lane's dimensions.
+  uint32_t qa[KS][4];
+  {
+    const float* qg = q + (int64_t)g * D + t * (D / 4);
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      float x[4] = {0.f, 0.f, 0.f, 0.f};
+      if (g < s.g)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[e] = qg[4 * kk + e];
+      split_pack<T>(x[0], x[1], qa[kk][0], qa[kk][1]);
+      split_pack<T>(x[2], x[3], qa[kk][2], qa[kk][3]);
+    }
+  }
+  __syncthreads();
+  const T* cent = static_cast<const T*>(a.centroids) + hi * s.cmax * D;
+  float best = -INFINITY, worst = INFINITY;  // head g's, over this lane's centroids
+  const int64_t warps = (int64_t)gridDim.y * (kThreads / 32);
+  for (int64_t c0 = ((int64_t)blockIdx.y * (kThreads / 32) + warp) * 8 * kScoreTiles; c0 < C;
+       c0 += warps * 8 * kScoreTiles) {
+    uint4 raw[kScoreTiles][PV];
+#pragma unroll
+    for (int u = 0; u < kScoreTiles; ++u) {
+      const int64_t c = c0 + 8 * u + g;
+      const uint4* src = reinterpret_cast<const uint4*>(cent + (c < C ? c : 0) * D) + t * PV;
+#pragma unroll
+      for (int v = 0; v < PV; ++v) raw[u][v] = c < C ? __ldg(src + v) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kScoreTiles; ++u) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(&raw[u][kk / 2]) + (kk & 1) * 2;
+        mma16816<T>(acc, qa[kk], w[0], w[1]);
+      }
+      // Lane (g, t): head g's scores of centroids c0 + 8u + 2t and + 1 (hi row + lo row).
+      if (g < s.g) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t c = c0 + 8 * u + 2 * t + e;
+          if (c < C) {
+            const float spr = a.spread > 0 ? __ldg(a.spreads + hi * s.cmax + c) : 0.f;
+            const float sc = fmaf(s_w[g], spr, acc[e] + acc[2 + e]);
+            a.scores[(seg0 + g) * s.cmax + c] = sc;
+            best = fmaxf(best, sc);
+            worst = fminf(worst, sc);
+          }
+        }
+      }
+    }
+  }
+  // Head g's extremes over the warp's lanes of that head (the four t), then shared, then global.
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+    worst = fminf(worst, __shfl_xor_sync(0xffffffffu, worst, o));
+  }
+  if (t == 0 && g < s.g && best >= worst) {
+    atomicMax(&s_max[g], order_float(best));
+    atomicMin(&s_min[g], order_float(worst));
+  }
+  __syncthreads();
+  if (tid < s.g && s_max[tid] != INT_MIN) {
+    atomicMax(a.seg_max + seg0 + tid, s_max[tid]);
+    atomicMin(a.seg_min + seg0 + tid, s_min[tid]);
+  }
+#else
+  __trap();  // launched only where the binary is sm_80 or newer (score_tensor_cores_available)
+#endif
+}
+
 }  // namespace
 
 void prepare_q(const StepGeometry& s, const void* q, DType dt, int64_t sb, int64_t sh, float scale,
@@ -183,9 +291,34 @@ void append_token(const StepGeometry& s, const void* kn, const void* vn, DType s
   TACTIC_CUDA_LAUNCH_CHECK("append_token (counts)");
 }
 
+bool score_tensor_cores_available() { return compiled_arch<score_mma_kernel<__half, 128>>() >= 80; }
+
+bool score_tensor_cores_fit(DType dt, int64_t d, int64_t g) {
+  return (dt == DType::f16 || dt == DType::bf16) && (d == 64 || d == 128) && g <= 8;
+}
+
 void launch_score(const StepGeometry& s, const SelectArgs& a) {
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv;
+  if (a.score_tensor_cores) {
+    if (!score_tensor_cores_fit(a.dtype, s.d, s.g))
+      throw UnsupportedError("select_step: tensor-core scores need 16-bit K/V, head_dim 64 or 128 and g <= 8");
+    // Enough warps for about 16 per multiprocessor, at most one per kScoreTiles tiles of 8 centroids.
+    const int64_t sms = a.sm_count > 0 ? a.sm_count : 132;
+    const int64_t per_block = (kThreads / 32) * 8 * kScoreTiles;
+    const int64_t by = std::max<int64_t>(1, std::min<int64_t>((s.cmax + per_block - 1) / per_block,
+                                                              (2 * sms + items - 1) / items));
+    const dim3 grid((unsigned)items, (unsigned)by);
+    dispatch_float(a.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (!std::is_same<T, float>::value) {
+        if (s.d == 64) launch<score_mma_kernel<T, 64>>(s.pdl, grid, kThreads, 0, st, s, a);
+        else launch<score_mma_kernel<T, 128>>(s.pdl, grid, kThreads, 0, st, s, a);
+      }
+    });
+    TACTIC_CUDA_LAUNCH_CHECK("score_centroids (tensor cores)");
+    return;
+  }
   const size_t qbytes = (size_t)(s.g * s.d * sizeof(float));
   dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);
