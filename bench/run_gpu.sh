@@ -66,7 +66,7 @@ for s in $steps; do
     profile)  # per-kernel time of one step (torch profiler) at 32K / 128K / 512K
       for w in sparse synthetic; do python3 bench/profile_step.py --workload $w --context 32768 131072 524288 2>&1 | grep -v "^ *0.0 us"; done ;;
     ncu)      # hardware counters of the selection and attention kernels at 128K (one launch each)
-      ncu --clock-control none -k regex:"select_head|select_stop|select_exact|attention_chunks|score_kernel|build_rows" \
+      ncu --clock-control none -k regex:"select_head|select_stop|select_exact|attention_chunks|score_|build_rows" \
         -s 40 -c 6 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis \
         python3 bench/profile_step.py --context 131072 > "$OUT/ncu.txt" 2>&1 || rc=1

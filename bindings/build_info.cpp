@@ -26,6 +26,7 @@ void export_build_info(nb::module_& m) {
           e["sm_count"] = f.sm_count;
           e["kernel_arch"] = f.kernel_arch;
           e["programmatic_dependent_launch"] = f.programmatic_dependent_launch;
+          e["thread_block_clusters"] = f.thread_block_clusters;
           e["tensor_core_attention"] = f.tensor_core_attention;
           e["warning"] = f.warning;
           devices.append(e);
@@ -38,6 +39,6 @@ void export_build_info(nb::module_& m) {
       "compiled, e.g. '80 90'), cuda_compiler, and devices: for each visible GPU its name,\n"
       "compute_capability (90 for sm_90), sm_count, kernel_arch (the architecture this build's\n"
       "kernels run as there), which kernel features it uses (programmatic_dependent_launch,\n"
-      "tensor_core_attention) and a warning where the GPU has a feature\n"
+      "thread_block_clusters, tensor_core_attention) and a warning where the GPU has a feature\n"
       "the kernels were not built for.");
 }

@@ -39,11 +39,12 @@ std::vector<DeviceFeatures> device_features() {
     f.sm_count = prop.multiProcessorCount;
     f.kernel_arch = kernel_arch();
     f.programmatic_dependent_launch = f.kernel_arch >= 90;
+    f.thread_block_clusters = head_split_available();
     f.tensor_core_attention = tensor_core_available();
     const int want = std::min(f.compute_capability, 90);  // the newest code path any kernel has
     if (f.kernel_arch < want) {
       std::string lost;
-      if (f.compute_capability >= 90) lost += "programmatic dependent launch";
+      if (f.compute_capability >= 90) lost += "programmatic dependent launch, thread-block-cluster selection";
       if (f.compute_capability >= 80 && f.kernel_arch < 80) lost += std::string(lost.empty() ? "" : ", ") + "tensor-core attention";
       f.warning = "Tactic: this build's CUDA kernels run as " + sm(f.kernel_arch) + " on " + f.name + " (" +
                   sm(f.compute_capability) + "): " + lost +

@@ -61,7 +61,7 @@ struct DeviceDecoder::Impl {
   int64_t L, B, H, Hq, G, D, cap, cmax;
   std::size_t es;
   DeviceBuffer k, v, pos, centroids, centroids_low, spreads, offsets, state;
-  DeviceBuffer qf, scores, seg_max, ids, sel_scratch;
+  DeviceBuffer qf, scores, seg_max, ids, tasks, sel_scratch;
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
   DeviceBuffer lost;                          // [L * B] int32: tokens a replayed append found no room for
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
@@ -284,7 +284,8 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   if (m.clusters()) {
     need(m.scores, segs * cmax * 4, "cluster scores");
     need(m.seg_max, segs * 8, "best and worst scores");
-    need(m.ids, segs * cmax * 4, "bucket-sorted cluster ids");
+    need(m.ids, segs * cmax * 4, "exact-head lists");
+    need(m.tasks, mul_sat(segs * 8, head_tasks_stride(m.cmax, m.cap)), "exact-head tasks");
     need(m.sel_scratch, select_scratch_bytes((int64_t)segs), "selection scratch");
     need(m.kv_mark, items * cmax, "selection marks");
     if (cfg.record_selection) need(m.head_mark, mul_sat(m.L, segs * cmax), "selection marks");
@@ -317,7 +318,6 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.p, 0x80, segs * 4));
     TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.as<int32_t>() + segs, 0x7f, segs * 4));
     TACTIC_CUDA_CHECK(cudaMemset(m.kv_mark.p, 0, m.kv_mark.n));
-    TACTIC_CUDA_CHECK(cudaMemset(m.sel_scratch.p, 0, m.sel_scratch.n));  // accumulators and counters
   }
   TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
   m.host_state.assign(m.L * m.B, SlotState{});
@@ -441,8 +441,10 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.scores = m.scores.as<float>();
   a.seg_max = m.seg_max.as<int32_t>();
   a.seg_min = m.seg_max.as<int32_t>() + segs;
-  a.scratch = m.sel_scratch.p;
   a.ids = m.ids.as<int32_t>();
+  a.scratch = m.sel_scratch.p;
+  a.tasks = m.tasks.as<int32_t>();
+  a.tasks_stride = head_tasks_stride(m.cmax, m.cap);
   a.kv_mark = m.kv_mark.as<uint8_t>();
   a.head_mark = m.head_mark.p ? m.head_mark.as<uint8_t>() + (std::size_t)layer * segs * m.cmax : nullptr;
   a.head_tokens = m.head_tokens.as<int64_t>() + (std::size_t)layer * segs;

@@ -18,6 +18,9 @@ StepPlan make_step_plan(const DecoderConfig& cfg, int64_t cmax) {
   TACTIC_CUDA_CHECK(cudaDeviceGetAttribute(&p.sm_count, cudaDevAttrMultiProcessorCount, p.device));
   p.kernel_arch = kernel_arch();
   const std::string here = "; this build's kernels run as sm_" + std::to_string(p.kernel_arch) + " on this GPU";
+  if (k.head_split > 1 && !head_split_available())
+    throw UnsupportedError("head_split=" + std::to_string(k.head_split) +
+                           " needs the thread-block-cluster selection kernels (sm_90)" + here);
   if (k.pdl == Switch::on && p.kernel_arch < 90)
     throw UnsupportedError("pdl=True needs kernels built for sm_90 or newer" + here);
   p.pdl = k.pdl == Switch::automatic ? p.kernel_arch >= 90 : k.pdl == Switch::on;
@@ -28,7 +31,7 @@ StepPlan make_step_plan(const DecoderConfig& cfg, int64_t cmax) {
                 : AttentionKernel::cuda_cores;
   p.head_split.resize((std::size_t)cfg.max_batch);
   for (int64_t b = 1; b <= cfg.max_batch; ++b)
-    p.head_split[(std::size_t)b - 1] = k.head_split ? k.head_split : auto_head_split(b * cfg.num_q_heads, cmax, p.sm_count);
+    p.head_split[(std::size_t)b - 1] = k.head_split ? k.head_split : auto_head_split(b * cfg.num_q_heads, cmax);
   return p;
 }
 

@@ -9,39 +9,73 @@
 //
 // The stages, one file each, in the order select_step runs them:
 //   select_rank.cu      q in fp32, the new token appended, centroid scores (score_kernel)
-//   select_estimate.cu  histogram and exact head (select_hist: head_split blocks per head)
-//   select_exact.cu     exact masses of sinks, recent and exact-head rows, then alpha, z and the
-//                       stop point (select_exact: head_split blocks per head)
-//   select_union.cu     per-KV-head union marks and row list (chunk_sums, build_rows)
-// with their shared device primitives in select_common.cuh. Each per-head decision is taken by
-// the last of the head's blocks to finish (last_block), so the whole GPU works on every pass
-// over the clusters and a decision costs no launch of its own; the decisions travel as ranked
-// prefixes (SelInfo), which the union tests cluster by cluster instead of reading marks.
-// This file holds the orchestration: the automatic head split, the scratch layout and
-// select_step.
+//   select_estimate.cu  histogram, exact head and its prior (select_head)
+//   select_exact.cu     exact masses of sinks, recent and exact-head rows (select_exact)
+//   select_stop.cu      alpha, z, the stop point, marks (select_stop)
+//   select_union.cu     per-KV-head union as a row list (chunk_sums, build_rows)
+// with their shared device primitives in select_common.cuh. This file holds the orchestration:
+// the head split choice, the scratch layout and select_step.
 #include <algorithm>
 #include <string>
 
+#include "capabilities.hpp"
 #include "select_common.cuh"
 #include "select_stages.hpp"
 
 namespace tactic {
 namespace cuda {
 
-int auto_head_split(int64_t heads, int64_t cmax, int sm_count) {
-  const int64_t sms = sm_count > 0 ? sm_count : 1;
-  const int64_t want = 2 * sms / std::max<int64_t>(heads, 1);  // one wave of two 512-thread blocks per SM
-  return (int)std::max<int64_t>(1, std::min<int64_t>({want, (cmax + 255) / 256, (int64_t)kMaxTiles}));
+namespace {
+
+// Below kHeadSplitMinClusters (room for 256K tokens at 16 per cluster): the one-block kernels.
+// Measured on the H100 at B = 1, 32/8, workload (b) (select_head + select_stop, us): 128K
+// one-block 17.2 + 11.5, 2-block clusters 18.4 + 12.6, 4-block 31.4 + 23.3 (fewer 4-block
+// clusters fit at once than there are heads); 512K: 52.1 + 28.3, 37.7 + 22.7, 48.7 + 25.0.
+constexpr int64_t kHeadSplitMinClusters = 16384;
+
+}  // namespace
+
+// Whether the split kernels can run here: the binary loaded for this device must be sm_90 or
+// newer (thread-block clusters); an older binary's kernel body is a trap.
+bool head_split_available() {
+  return select_head_split_arch() >= 90 && select_stop_split_arch() >= 90;
+}
+
+// How many clusters of n blocks of the split kernels the device holds at once (the smaller of
+// the two kernels' figures; cached per device).
+int max_active_clusters(int n) {
+  int dev = 0;
+  TACTIC_CUDA_CHECK(cudaGetDevice(&dev));
+  static int cached[64][5];  // [device][n]: 1 + the answer, 0 unknown
+  if (dev < 64 && cached[dev][n]) return cached[dev][n] - 1;
+  // A device or driver that cannot answer gets the one-block kernels (0 clusters), not an
+  // error: the query's failure is cleared so no later launch check reports it.
+  int h = select_head_split_clusters(n), t = h >= 0 ? select_stop_split_clusters(n) : -1;
+  if (h < 0 || t < 0) h = t = 0;
+  const int r = std::max(0, std::min(h, t));
+  if (dev < 64) cached[dev][n] = r + 1;
+  return r;
+}
+
+int auto_head_split(int64_t heads, int64_t cmax) {
+  if (cmax < kHeadSplitMinClusters || !head_split_available()) return 1;
+  // The largest cluster size whose clusters all run in one wave: a cluster needs n SMs of one
+  // GPC at once, and these kernels fit one block per SM, so 4-block clusters can hold fewer
+  // heads than SMs / 4 (the first H100 run of 4-block clusters at B = 1, 32 heads, always:
+  // select_head 17 -> 30 us at 128K, as a second wave would make it).
+  for (int n : {4, 2})
+    if (max_active_clusters(n) >= heads) return n;
+  return 1;
 }
 
 size_t select_scratch_bytes(int64_t heads) {
-  return (size_t)heads * (sizeof(SelInfo) + kMaxTiles * sizeof(ExactPart) + 4 * kBuckets * sizeof(int32_t) +
-                          sizeof(int32_t)) + 8 * 16;
+  return (size_t)heads * (sizeof(SelInfo) + kMaxExactSplits * sizeof(ExactPart) + kBuckets * sizeof(float) +
+                          kCand * sizeof(int32_t)) + 4 * 16;
 }
 
 void select_step(const StepGeometry& s, const SelectArgs& args) {
   SelectArgs a = args;
-  {  // carve the scratch: info, parts, histograms, candidates, counters (each 16-byte aligned)
+  {  // carve the scratch: info, parts, histograms, candidates (each 16-byte aligned)
     const int64_t heads = s.batch * s.hkv * s.g;
     char* p = static_cast<char*>(a.scratch);
     auto take = [&](size_t bytes) {
@@ -50,12 +84,9 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
       return r;
     };
     a.info = reinterpret_cast<SelInfo*>(take(heads * sizeof(SelInfo)));
-    a.parts = reinterpret_cast<ExactPart*>(take(heads * kMaxTiles * sizeof(ExactPart)));
-    a.acc_tok = reinterpret_cast<int32_t*>(take(heads * kBuckets * sizeof(int32_t)));
-    a.acc_cnt = reinterpret_cast<int32_t*>(take(heads * kBuckets * sizeof(int32_t)));
-    a.acc_pri = reinterpret_cast<float*>(take(heads * kBuckets * sizeof(float)));
-    a.cursor = reinterpret_cast<int32_t*>(take(heads * kBuckets * sizeof(int32_t)));
-    a.counters = reinterpret_cast<int32_t*>(take(heads * sizeof(int32_t)));
+    a.parts = reinterpret_cast<ExactPart*>(take(heads * kMaxExactSplits * sizeof(ExactPart)));
+    a.hist_pri = reinterpret_cast<float*>(take(heads * kBuckets * sizeof(float)));
+    a.cand = reinterpret_cast<int32_t*>(take(heads * kCand * sizeof(int32_t)));
   }
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv, heads = items * s.g;
@@ -64,14 +95,19 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     return;
   }
   if (s.d > 256) throw UnsupportedError("CUDA selection supports head_dim <= 256");
-  if (s.g > 16) throw UnsupportedError("CUDA selection supports at most 16 query heads per KV head");
+  // kv_mark is all zero here: build_rows clears each mark after its last read.
   if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
-  const int tiles = a.head_split;
-  if (tiles < 1 || tiles > kMaxTiles)
-    throw UnsupportedError("select_step: head_split " + std::to_string(tiles) + " is not in 1.." + std::to_string(kMaxTiles));
   launch_score(s, a);
-  launch_select_hist(s, a, tiles);
-  launch_select_exact(s, a, tiles);
+  // Thread-block clusters of nsplit blocks per query head where a head has many clusters.
+  const int nsplit = a.head_split;
+  if (!(nsplit == 1 || ((nsplit == 2 || nsplit == 4) && head_split_available())))
+    throw UnsupportedError("select_step: head_split " + std::to_string(nsplit) + " is not available here");
+  launch_select_head(s, a, nsplit);
+  // Enough blocks for about two per SM, at most kMaxExactSplits per head.
+  const int64_t sms = a.sm_count > 0 ? a.sm_count : 132;
+  const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (2 * sms + heads - 1) / heads));
+  launch_select_exact(s, a, splits);
+  launch_select_stop(s, a, nsplit, splits);
   launch_build_rows(s, a);
 }
 

@@ -57,18 +57,16 @@ struct SelectArgs {
   int32_t* seg_max;              // [batch * Hq] best score as an ordered int; every entry must
                                  // be below any score before a step (select_step leaves it so)
   int32_t* seg_min;              // [batch * Hq] worst score, likewise: above any score before a step
-  void* scratch;                 // select_scratch_bytes(batch * Hq) bytes, zero when allocated (each
-                                 // step leaves its accumulators and counters zero); carved by select_step
+  int32_t* ids;                  // [batch * Hq, cmax] scratch: each head's exact-head clusters
+  int32_t* tasks;                // [batch * Hq, tasks_stride] int2 scratch: exact-head row ranges
+  int64_t tasks_stride;          // head_tasks_stride(cmax, cap) int2 entries per head
+  void* scratch;                 // select_scratch_bytes(batch * Hq) bytes; carved by select_step
   SelInfo* info;                 // (set by select_step from scratch)
   ExactPart* parts;
-  int32_t* acc_tok;              // [batch * Hq, kBuckets] histograms: tokens, clusters and prior
-  int32_t* acc_cnt;              // mass per bucket, added by select_hist's blocks, cleared by
-  float* acc_pri;                // select_exact's last block
-  int32_t* cursor;               // [batch * Hq, kBuckets] places taken per bucket in `ids`
-  int32_t* counters;             // [batch * Hq] select_exact's blocks finished per head
-  int32_t* ids;                  // [batch * Hq, cmax] cluster ids by bucket (the candidate buckets)
-  uint8_t* kv_mark;              // [batch * Hkv, cmax] union marks (written by chunk_sums, cleared
-                                 // by build_rows)
+  float* hist_pri;
+  int32_t* cand;
+  uint8_t* kv_mark;              // [batch * Hkv, cmax] union marks: zero before a step
+                                 // (zero them at allocation; each step leaves them zero)
   uint8_t* head_mark;            // [batch * Hq, cmax] or null: each head's own clusters
   int64_t* head_tokens;          // [batch * Hq]
   double* est_mass;              // [batch * Hq]
@@ -78,8 +76,7 @@ struct SelectArgs {
   double target, margin, head_fraction;
   int64_t min_clusters;
   bool dense;                    // policy dense: every row, no selection
-  int head_split = 1;            // blocks per query head in select_hist / select_exact
-                                 // (StepPlan::head_split for this batch; 1..kMaxTiles)
+  int head_split = 1;            // blocks per query head (StepPlan::head_split for this batch)
   int sm_count = 0;              // the device's multiprocessors (StepPlan::sm_count)
   bool score_tensor_cores = false;  // centroid scores on tensor cores (StepPlan::score)
 };
@@ -90,17 +87,16 @@ bool score_tensor_cores_available();
 bool score_tensor_cores_fit(DType dtype, int64_t head_dim, int64_t g);
 
 size_t select_scratch_bytes(int64_t heads);
-// Blocks per query head in select_hist / select_exact for a step over `heads` query heads with
-// room for `cmax` clusters each on a device of `sm_count` multiprocessors: two blocks per
-// multiprocessor in one wave (a second wave repeats the blocks' latency chain), at most one per
-// 256 clusters and kMaxTiles (32). The plan's
-// automatic choice; max_head_split() is the largest a caller may ask for.
-int auto_head_split(int64_t heads, int64_t cmax, int sm_count);
-constexpr int max_head_split() { return 32; }
+// Blocks per query head in select_head / select_stop for a step over `heads` query heads with
+// room for `cmax` clusters each: 1, or 2 / 4 (thread-block clusters) where heads have many
+// clusters and the device holds them all in one wave. The plan's automatic choice.
+int auto_head_split(int64_t heads, int64_t cmax);
+// Row-range tasks a head's exact clusters can need: one per 16 rows plus one per cluster.
+inline int64_t head_tasks_stride(int64_t cmax, int64_t cap) { return cmax + (cap + 15) / 16 + 1; }  // per step, heads = batch * Hq (at most)
 int64_t row_chunks(int64_t cmax);  // size of SelectArgs::chunk_sums per (sequence, KV head)
 
 // The whole selection of one step: scores, per-head exact head and stop point (no sort: a
-// score histogram plus exact ranking of the one crossing bucket), union marks and rows.
+// score histogram plus exact ranking of the one crossing bucket), union rows.
 void select_step(const StepGeometry& s, const SelectArgs& a);
 
 }  // namespace cuda

@@ -1,7 +1,7 @@
 // Device primitives shared by the selection stages (select_rank.cu, select_estimate.cu,
-// select_exact.cu, select_union.cu): the hand-over structs, the constants, the score histogram
-// and its crossing-bucket search, candidate ranking, the ranked-prefix test, the passes over a
-// head's clusters and the last-block handshake of the tiled kernels. The algorithms that use
+// select_exact.cu, select_stop.cu, select_union.cu): the hand-over structs, the constants, the
+// score histogram and its crossing-bucket search, candidate ranking, the passes over a head's
+// clusters and the thread-block-cluster helpers of the split kernels. The algorithms that use
 // them live in the stage files; select.cu orders the stages (select_step).
 //
 // Everything device-side is in an anonymous namespace: each stage file is its own translation
@@ -9,6 +9,7 @@
 // (plain host functions, select_stages.hpp) are what crosses files.
 #pragma once
 #include <cub/block/block_scan.cuh>
+#include <cooperative_groups.h>
 #include <cuda/functional>
 
 #include <cfloat>
@@ -21,26 +22,22 @@
 namespace tactic {
 namespace cuda {
 
-// Per-head decisions handed from stage to stage. A decision is a prefix of the head's ranking
-// (bucket ascending, then score descending and cluster id ascending within a bucket): every
-// cluster of a bucket below `*_whole`, plus, in bucket `*_bk`, those ranked at or before the
-// last taken one (score `*_ts`, id `*_tid`) when `*_cut` > 0. in_prefix() tests one cluster.
+// Per-head state handed from select_head_kernel to select_stop_kernel.
 struct SelInfo {
-  int32_t all;       // 1: every cluster selected (degenerate, P = 1, or an unusable estimate)
-  int32_t bh, bh_whole, nh_cand, cut_h;  // the exact head (select_hist)
-  int32_t h_tid, s_whole, s_bk, s_cut, s_tid;  // ... its last taken id; the stop point (select_exact)
-  float h_ts, s_ts;  // the last taken scores
+  int32_t all;       // 1: every cluster selected already (degenerate or P = 1)
+  int32_t bh, bh_whole, nh_cand, cut_h, n_head, n_tasks;
   float mx;          // best centroid score
   float bpl;         // histogram buckets per unit of logit (bucket_of)
+  double prior_head; // sum over head clusters of size * exp(score - mx)
 };
-struct ExactPart {   // one block's online (max, sum) of sinks + recent (a) and head rows (h),
-  double am, as, hm, hs, prior;  // and the prior of its head clusters
+struct ExactPart {   // one block's online (max, sum) of sinks + recent (a) and head rows (h)
+  double am, as, hm, hs;
 };
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxTiles = 32;  // blocks per query head in select_hist / select_exact (<= 32: one warp combines them)
+constexpr int kMaxExactSplits = 16;  // <= 32: select_stop combines them in one warp
 
 __device__ __forceinline__ int64_t head_index(const StepGeometry& s, int32_t slot, int64_t h) {
   return (s.layer * s.max_batch + slot) * s.hkv + h;
@@ -97,7 +94,7 @@ struct SelShared {
   double red_d[kSelWarps];
   int64_t red_i[kSelWarps];
   typename HeadScan::TempStorage scan;
-  int n_cand, cut, bucket;
+  int n_cand, n_head, cut, bucket;
   double dsh[4];
 };
 
@@ -194,6 +191,9 @@ __device__ __forceinline__ void rank_candidates(const float* cs, const int32_t* 
   __syncthreads();
 }
 
+// Gathers the clusters of bucket `bk` (excluding those with head[j] set, when given) into
+// S.cs/S.cid, ranks them (score descending, id ascending) into S.sorted; returns their
+// number, or -1 if more than kCand.
 // The clusters of bucket bk among [lo, C) into S.cs / S.cid (S.n_cand counts them, even past
 // kCand; it must be zero before).
 __device__ __forceinline__ void gather_bucket(const float* sc, const int32_t* off, int64_t lo, int64_t C, float mx,
@@ -257,32 +257,63 @@ __device__ int cut_candidates(int from, int n, double start, double goal, SelSha
   return S.cut;
 }
 
-// Whether cluster j (score x) is in a ranked prefix (SelInfo): buckets below `whole`, plus the
-// first `cut` clusters of bucket `bk` in rank order, the last of them (ts, tid).
-__device__ __forceinline__ bool in_prefix(float x, int64_t j, float mx, float bpl, int whole, int bk, int cut,
-                                          float ts, int32_t tid) {
-  const int b = bucket_of(x, mx, bpl);
-  return b < whole || (cut > 0 && b == bk && (x > ts || (x == ts && j <= tid)));
+// Thread-block cluster operations for the split kernels (sm_90). The host launches those only
+// where the loaded binary is sm_90 or newer (head_split_available); elsewhere these trap.
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
 }
-__device__ __forceinline__ bool in_selection(const SelInfo& f, float x, int64_t j) {
-  return f.all || in_prefix(x, j, f.mx, f.bpl, f.s_whole, f.s_bk, f.s_cut, f.s_ts, f.s_tid);
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return (int)cooperative_groups::this_cluster().block_rank();
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ int cluster_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return (int)cooperative_groups::this_cluster().num_blocks();
+#else
+  return 1;
+#endif
+}
+template <class T>
+__device__ __forceinline__ T* cluster_peer(T* p, int rank) {  // block `rank`'s copy of shared p
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  __trap();
+  return p;
+#endif
 }
 
-// The last of a head's `n` blocks to get here returns true (in every thread), after every
-// block's writes before this call are visible to it; the counter is left at n for it to clear.
-// (A grid-wide barrier by counting: the blocks of a head need no co-residency, so the kernel
-// stays an ordinary, graph-capturable launch.)
-__device__ __forceinline__ bool last_block(int32_t* counter, int n) {
-  __shared__ int s_last;
-  __threadfence();
+// After each of the cluster's blocks gathered its share of a bucket (gather_bucket): a cluster
+// barrier, then every block copies all blocks' candidates, block 0's first, into cs / cid.
+// Returns their number, or -1 if more than kCand.
+__device__ int merge_candidates(SelShared& S, float* cs, int32_t* cid, int nsplit) {
+  cluster_barrier();
+  int n = 0;
+  for (int q = 0; q < nsplit && n >= 0; ++q) {
+    const SelShared* R = cluster_peer(&S, q);
+    const int nq = R->n_cand;
+    if (nq > kCand - n) {
+      n = -1;
+    } else {
+      for (int k = threadIdx.x; k < nq; k += kSelThreads) {
+        cs[n + k] = R->cs[k];
+        cid[n + k] = R->cid[k];
+      }
+      n += nq;
+    }
+  }
   __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == n - 1;
-  __syncthreads();
-  if (s_last) __threadfence();
-  return s_last;
+  return n;
 }
 
-// One query head's slice of the step's state (select_hist, select_exact).
+// One query head's slice of the step's state (select_head, its split form and select_stop).
 struct HeadView {
   int64_t i, b, h;                 // query head (flat over the batch), sequence, KV head
   const int32_t* off;              // cluster offsets [C + 1]
@@ -290,6 +321,7 @@ struct HeadView {
   uint8_t* kmark;                  // the KV head's union marks
   uint8_t* hmark;                  // this head's own marks, or null
   const float* sc;                 // centroid scores
+  int32_t* head_list;              // exact-head clusters
 };
 
 __device__ __forceinline__ HeadView head_view(const StepGeometry& s, const SelectArgs& a, int64_t i) {
@@ -310,12 +342,49 @@ __device__ __forceinline__ HeadView head_view(const StepGeometry& s, const Selec
   v.kmark = a.kv_mark + (v.b * s.hkv + v.h) * s.cmax;
   v.hmark = a.head_mark ? a.head_mark + i * s.cmax : nullptr;
   v.sc = a.scores + i * s.cmax;
+  v.head_list = a.ids + i * s.cmax;
   return v;
 }
 
-// Whether a head selects everything without ranking (no clusters, too few, or P = 1).
-__device__ __forceinline__ bool selects_all(const HeadView& v, const SelectArgs& a) {
-  return v.C == 0 || v.C < a.min_clusters || a.target >= 1.0;
+// A launch of Kernel over `blocks` blocks of kSelThreads in thread-block clusters of nsplit
+// (the split kernels of select_head / select_stop), with PDL where the plan and the kernel
+// allow it.
+template <auto Kernel, class... A>
+void launch_split(bool pdl, unsigned blocks, int nsplit, cudaStream_t st, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[2];
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kSelThreads);
+  cfg.stream = st;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)nsplit;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  add_pdl<Kernel>(cfg, attr, pdl);
+  TACTIC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, Kernel, std::forward<A>(args)...));
+}
+
+// How many clusters of n blocks of Kernel (kSelThreads each) the device holds at once, or -1
+// where the device or driver cannot answer (the query's error is cleared, so no later launch
+// check reports it).
+template <auto Kernel>
+int active_clusters(int n) {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  cfg.gridDim = dim3((unsigned)n);
+  cfg.blockDim = dim3(kSelThreads);
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim = {(unsigned)n, 1, 1};
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int r = 0;
+  if (cudaOccupancyMaxActiveClusters(&r, Kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  return r;
 }
 
 }  // namespace

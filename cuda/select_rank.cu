@@ -62,7 +62,7 @@ __global__ void count_token_kernel(StepGeometry s, int num_sink, int32_t* lost) 
 // scores[b*Hq + h*g + j, c] = qf . centroid_c + spread * |qf|^2 * spreads_c / 2 for the g query
 // heads of KV head h (the spread term: SelectOptions::spread), and
 // seg_max / seg_min[b*Hq + h*g + j] = the largest / smallest of them (atomicMax / atomicMin;
-// select_hist resets them). A quad of
+// select_head resets them). A quad of
 // lanes takes one centroid (each lane D/16 float4 slots, so a warp load covers 8 centroids'
 // 64-byte pieces) and all g heads use the centroid while it is in registers: the centroids,
 // the largest read of the selection, are read once per KV head, not once per query head.

@@ -13,17 +13,24 @@ namespace cuda {
 // query head, and each head's best and worst score (seg_max / seg_min).
 void launch_score(const StepGeometry& s, const SelectArgs& a);
 
-// select_estimate.cu: the score histogram (tokens and prior mass per bucket) by `tiles` blocks
-// per query head; the last block of each head takes its exact head (SelInfo).
-void launch_select_hist(const StepGeometry& s, const SelectArgs& a, int tiles);
+// select_estimate.cu: histogram, exact head and its row-range tasks per query head; nsplit
+// blocks per head (1, or 2 / 4 in thread-block clusters where head_split_available()).
+void launch_select_head(const StepGeometry& s, const SelectArgs& a, int nsplit);
+int select_head_split_arch();          // compiled_arch of the split kernel
+int select_head_split_clusters(int n);  // clusters of n blocks resident at once; -1: no answer
 
-// select_exact.cu: exact (max, sum) of sinks, recent and exact-head rows and the head's prior,
-// `tiles` blocks per query head; the last block of each head takes alpha, z and the stop point
-// (SelInfo) and writes the head's statistics.
-void launch_select_exact(const StepGeometry& s, const SelectArgs& a, int tiles);
+// select_exact.cu: exact (max, sum) partials of sinks, recent and exact-head rows, `splits`
+// blocks per query head (at most kMaxExactSplits).
+void launch_select_exact(const StepGeometry& s, const SelectArgs& a, int splits);
 
-// select_union.cu: each (sequence, KV head)'s union marks from its query heads' stop points,
-// then its row list from them (clearing the marks), or, for the dense policy, every row.
+// select_stop.cu: stop point, marks and statistics per query head (nsplit as select_head;
+// `splits`: the exact partials per head to combine).
+void launch_select_stop(const StepGeometry& s, const SelectArgs& a, int nsplit, int splits);
+int select_stop_split_arch();
+int select_stop_split_clusters(int n);
+
+// select_union.cu: each (sequence, KV head)'s row list from the union marks (which it clears),
+// or, for the dense policy, every row.
 void launch_build_rows(const StepGeometry& s, const SelectArgs& a);
 void launch_dense_counts(const StepGeometry& s, const SelectArgs& a);
 

@@ -1,7 +1,6 @@
-// Selection stage 4, union: the per-(sequence, KV head) union of its query heads' selections
-// (each a ranked prefix, SelInfo, tested cluster by cluster on the heads' scores) as marks,
-// turned into the row list the attention reads (sinks, marked clusters in physical order,
-// recent rows), clearing the marks for the next step; and the dense policy's counts.
+// Selection stage 5, union: the per-(sequence, KV head) union of its query heads' marked
+// clusters turned into the row list the attention reads (sinks, marked clusters in physical
+// order, recent rows), clearing the marks for the next step; and the dense policy's counts.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -21,35 +20,15 @@ __global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, Se
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   typedef cub::BlockReduce<int64_t, kThreads> ReduceI;
   __shared__ typename ReduceI::TempStorage tmp;
-  __shared__ SelInfo info[16];  // the group's decisions (g <= 16: select_step checks)
   const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, chunk = blockIdx.y;
-  const int64_t seg0 = b * s.hkv * s.g + h * s.g;
   const int32_t slot = s.slots[b];
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
   const int32_t* off = a.offsets + head_index(s, slot, h) * (s.cmax + 1);
-  uint8_t* kmark = a.kv_mark + item * s.cmax;
-  if (threadIdx.x < s.g) info[threadIdx.x] = a.info[seg0 + threadIdx.x];
-  __syncthreads();
+  const uint8_t* kmark = a.kv_mark + item * s.cmax;
   int64_t v = 0;
   for (int64_t j = chunk * kRowChunk + threadIdx.x; j < min((chunk + 1) * kRowChunk, (int64_t)st.n_clusters);
-       j += kThreads) {
-    // Every head's score loaded before any mark is stored (a byte store may alias them, so
-    // the loads would otherwise wait for each store in turn).
-    float x[16];
-#pragma unroll
-    for (int q = 0; q < 16; ++q)
-      if (q < s.g) x[q] = __ldg(a.scores + (seg0 + q) * s.cmax + j);
-    bool any = false;
-#pragma unroll
-    for (int q = 0; q < 16; ++q)
-      if (q < s.g) {
-        const bool in = in_selection(info[q], x[q], j);
-        if (a.head_mark && in) a.head_mark[(seg0 + q) * s.cmax + j] = 1;
-        any |= in;
-      }
-    kmark[j] = any;
-    if (any) v += (int64_t)off[j + 1] - off[j];
-  }
+       j += kThreads)
+    if (kmark[j]) v += (int64_t)off[j + 1] - off[j];
   v = ReduceI(tmp).Sum(v);
   if (threadIdx.x == 0) a.chunk_sums[item * gridDim.y + chunk] = (int32_t)v;
 }

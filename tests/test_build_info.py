@@ -43,6 +43,7 @@ def test_features_follow_the_compiled_architecture():
     arch, cc = dev["kernel_arch"], dev["compute_capability"]
     assert 50 <= arch <= cc, dev
     assert dev["programmatic_dependent_launch"] == (arch >= 90)
+    assert dev["thread_block_clusters"] == (arch >= 90)
     assert dev["tensor_core_attention"] == (arch >= 80)
     assert bool(dev["warning"]) == (arch < min(cc, 90)), dev
     assert dev["sm_count"] > 0
@@ -70,8 +71,10 @@ def _kernels(torch, fn):
 
 @pytest.mark.parametrize("n", [8192, 131072])
 def test_step_runs_only_kernels_it_was_compiled_for(n):
-    """A step at 8K and 128K (two blocks per head in the selection) launches the tensor-core
-    kernel only on an sm_80+ build and PDL only on sm_90+; its output matches the float64 reference over the tokens it
+    """A step at 8K and 128K launches the thread-block-cluster kernels (asked for where the
+    kernels have them) only on an sm_90+ build, the tensor-core attention and centroid-score
+    kernels only on an sm_80+ one,
+    and PDL only on sm_90+; its output matches the float64 reference over the tokens it
     selected (here P = 1: all)."""
     torch = _gpu()
     dev = _device()
@@ -81,14 +84,20 @@ def test_step_runs_only_kernels_it_was_compiled_for(n):
     v = torch.randn(n + 1, hkv, d, generator=gen).half()
     q = torch.randn(1, hkv * g, d, generator=gen).half()
     dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype="float16",
-                               target=1.0, share_group=False, head_split=2)
+                               target=1.0, share_group=False,
+                               head_split=2 if dev["thread_block_clusters"] else None)
     plan = dec.plan
     assert plan["pdl"] == dev["programmatic_dependent_launch"] and plan["kernel_arch"] == dev["kernel_arch"]
     assert plan["attention_kernel"] == ("tensor_cores" if dev["tensor_core_attention"] else "cuda_cores")
     assert plan["sm_count"] == dev["sm_count"]
     dec.prefill(0, k[:n].cuda(), v[:n].cuda())
     out, names = _kernels(torch, lambda: dec.decode(0, q.cuda(), k[n:].cuda(), v[n:].cuda()))
+    split = any("split" in s and "select" in s for s in names)
     mma = any("attention_chunks_mma" in s for s in names)
+    score_mma = any("score_mma" in s for s in names)  # sm_80 kernels too (mma.sync)
+    assert score_mma == dev["tensor_core_attention"], (dev, sorted(names))
+    assert plan["score_kernel"] == ("tensor_cores" if dev["tensor_core_attention"] else "cuda_cores")
+    assert split == dev["thread_block_clusters"], (dev, sorted(names))
     assert mma == dev["tensor_core_attention"], (dev, sorted(names))
     ref, _ = ref_attention(q[0].double().numpy(), k.double().numpy(), v.double().numpy(), d ** -0.5)
     np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=2e-3, rtol=2e-3)
@@ -100,6 +109,9 @@ def test_variants_the_kernels_lack_are_refused():
     _gpu()
     dev = _device()
     opts = dict(max_tokens=64, device="cuda", dtype="float16", share_group=False)
+    if not dev["thread_block_clusters"]:
+        with pytest.raises(RuntimeError, match="head_split=2"):
+            tactic.SparseDecoder(1, 8, 2, 128, head_split=2, **opts)
     if not dev["programmatic_dependent_launch"]:
         with pytest.raises(RuntimeError, match="pdl"):
             tactic.SparseDecoder(1, 8, 2, 128, pdl=True, **opts)
@@ -108,6 +120,6 @@ def test_variants_the_kernels_lack_are_refused():
             tactic.SparseDecoder(1, 8, 2, 128, attention_kernel="tensor_cores", **opts)
     auto = tactic.SparseDecoder(1, 8, 2, 128, max_batch=4, **opts).plan
     assert auto["pdl"] == dev["programmatic_dependent_launch"]
-    assert all(1 <= s <= 32 for s in auto["head_split"])
+    assert all(s == 1 for s in auto["head_split"]) or dev["thread_block_clusters"]
     with pytest.raises(RuntimeError, match="tensor_cores"):  # fp32 K/V: no tensor-core kernel
         tactic.SparseDecoder(1, 8, 2, 128, attention_kernel="tensor_cores", **{**opts, "dtype": "float32"})

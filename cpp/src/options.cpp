@@ -134,7 +134,7 @@ void DecoderConfig::validate() const {
 
 void validate(const KernelOptions& o) {
   const int h = o.head_split;
-  require(h >= 0 && h <= 32, "head_split", "0 (automatic) or 1..32", h);
+  require(h == 0 || h == 1 || h == 2 || h == 4, "head_split", "0 (automatic), 1, 2 or 4", h);
   const int a = (int)o.attention, p = (int)o.pdl;
   require(a >= 0 && a <= 2, "attention_kernel", "'auto', 'cuda_cores' or 'tensor_cores'", a);
   require(p >= -1 && p <= 1, "pdl", "automatic (-1), off (0) or on (1)", p);

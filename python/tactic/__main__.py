@@ -163,7 +163,7 @@ def _device_lines(d) -> list:
     """One line per visible GPU: the kernel features this build uses there, and its warning."""
     lines = []
     for g in d["devices"]:
-        feats = [n for n in ("tensor_core_attention", "programmatic_dependent_launch") if g[n]]
+        feats = [n for n in ("tensor_core_attention", "thread_block_clusters", "programmatic_dependent_launch") if g[n]]
         lines.append(f"GPU {g['device']}        {g['name']} (sm_{g['compute_capability']}, {g['sm_count']} SMs), "
                      f"kernels run as sm_{g['kernel_arch']}: {', '.join(feats) or 'no sm_80+ features'}")
         if g["warning"]:

@@ -58,7 +58,7 @@ def build_info() -> dict:
     e.g. "80 90"; "" without CUDA), cuda_compiler, package_dir, build_type and compiler (where
     CMake recorded them), and devices: per visible GPU its name, compute_capability (90 for
     sm_90), sm_count, kernel_arch (the architecture this build's kernels run as there), the
-    kernel features it uses (programmatic_dependent_launch,
+    kernel features it uses (programmatic_dependent_launch, thread_block_clusters,
     tensor_core_attention) and a warning where the GPU has a feature the kernels lack.
     """
     from ._core import build_info as core_build_info

@@ -62,8 +62,8 @@ def _kernel_options(head_split, attention_kernel, pdl):
     """(head_split, attention_kernel, pdl) as the core takes them: 0 / -1 for automatic."""
     if head_split is None:
         head_split = 0
-    elif isinstance(head_split, bool) or not isinstance(head_split, (int, np.integer)) or not 1 <= head_split <= 32:
-        raise ValueError(f"`head_split` must be None (automatic) or an int in 1..32, got {head_split!r}")
+    elif isinstance(head_split, bool) or not isinstance(head_split, (int, np.integer)) or head_split not in (1, 2, 4):
+        raise ValueError(f"`head_split` must be None (automatic), 1, 2 or 4, got {head_split!r}")
     if not isinstance(attention_kernel, str):
         raise TypeError(f"`attention_kernel` must be a str, got {type(attention_kernel).__name__}")
     if pdl is not None and not isinstance(pdl, bool):
@@ -117,9 +117,8 @@ class SparseDecoder:
         record_selection: keep per-token selection masks in `stats()` (memory: B*H*max_tokens).
         num_threads: CPU threads (0: all cores).
         head_split, attention_kernel, pdl: the CUDA step's kernel variants, resolved once into
-            `plan` (and again by `set_kernels`): blocks per query head in the selection's passes
-            over the clusters (None: automatic, two blocks per multiprocessor; or
-            1..32), the attention chunk kernel
+            `plan` (and again by `set_kernels`): blocks per query head in the selection (None:
+            automatic; 1, 2 or 4, where 2 and 4 need sm_90 kernels), the attention chunk kernel
             ('auto', 'cuda_cores', 'tensor_cores') and programmatic dependent launch (None:
             where the kernels have it; True / False). A variant this build or GPU lacks raises
             UnsupportedError (RuntimeError) at construction. Ignored on the CPU.

@@ -23,6 +23,7 @@ struct DeviceFeatures {
   int sm_count = 0;
   int kernel_arch = 0;         // the architecture this build's kernels run as here (PTX version)
   bool programmatic_dependent_launch = false;  // sm_90 kernels on an sm_90+ GPU
+  bool thread_block_clusters = false;          // the split selection kernels (sm_90)
   bool tensor_core_attention = false;          // the mma.sync attention kernel (sm_80)
   std::string warning;  // non-empty where the device has a feature these kernels were not built for
 };

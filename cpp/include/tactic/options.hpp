@@ -40,8 +40,8 @@ enum class Switch : int { automatic = -1, off = 0, on = 1 };
 // StepPlan (tactic/plan.hpp) at construction and by Decoder::set_kernels; a request this build
 // or device cannot honour is an UnsupportedError then, never a launch failure later.
 struct KernelOptions {
-  int head_split = 0;  // blocks per query head in the selection's passes over the clusters
-                       // (histogram, exact head): 0 automatic, else 1..32
+  int head_split = 0;  // blocks per query head in the selection: 0 automatic, 1, 2 or 4 (2 and 4
+                       // need the sm_90 thread-block-cluster kernels)
   AttentionKernel attention = AttentionKernel::automatic;
   Switch pdl = Switch::automatic;  // programmatic dependent launch (sm_90 kernels): automatic is on there
 };

@@ -14,7 +14,7 @@ struct StepPlan {
   int sm_count = 0;      // the device's multiprocessors (sizes the grids)
   int kernel_arch = 0;   // the architecture this build's kernels run as there (90 for sm_90)
   // Blocks per query head in the selection kernels of a step over b sequences: head_split[b - 1]
-  // (1..32; automatic: two blocks per multiprocessor in one wave, at most one per 256 clusters).
+  // (1, 2 or 4; 2 and 4 are thread-block clusters).
   std::vector<int> head_split;
   AttentionKernel attention = AttentionKernel::cuda_cores;  // resolved: never automatic
   // The centroid-score kernel: tensor cores where the kernels have them (sm_80+) and the shape
