@@ -36,6 +36,7 @@ import tactic
 RULES = {  # name -> SparseDecoder options; every family gets the same ones
     "certified": {"stop_rule": "certified"},
     "prior": {"stop_rule": "prior"},
+    "certified-nohead": {"stop_rule": "certified", "head_fraction": 0.0},
 }
 
 
@@ -326,9 +327,9 @@ def plot(results, targets, rules, path):
                 if s is None:
                     continue
                 ax.scatter(s["read_fraction"], s["union_share"], marker=mk,
-                           color="tab:blue" if rname == "certified" else "tab:orange",
+                           color={"certified": "tab:blue", "prior": "tab:orange"}.get(rname, "tab:purple"),
                            label=f"Tactic {rname}" if fam == next(iter(results)) else None)
-                if rname == "certified":
+                if rname == "certified" and "oracle_tokens_per_union" in s:  # absent with --no-baselines
                     n = s["tokens_per_union"] / s["read_fraction"]
                     ax.scatter(s["oracle_tokens_per_union"] / n, 1.0, marker="*", color="k",
                                label="oracle" if fam == next(iter(results)) else None)

@@ -139,8 +139,8 @@ def test_estimators_and_metrics_run_on_real_attention(fixture_data):
 @pytest.mark.parametrize("spread", [0.0, 1.0])
 def test_ranking_adds_the_spread_term(spread):
     # Two groups of keys: a narrow one with the larger q.centroid and a wide one whose keys
-    # reach far higher scores. With a one-cluster exact head and a tiny target, the decoder
-    # attends exactly its top-ranked cluster: q.c ranks the narrow group first, the spread
+    # reach far higher scores. With a one-cluster exact head (the prior rule's minimum) and a
+    # tiny target, the decoder attends exactly its top-ranked cluster: q.c ranks the narrow group first, the spread
     # term (q.c + spread |q|^2 s_c / 2, computed here in float64 from the layout) the wide one.
     rng = np.random.default_rng(7)
     d, m = 4, 16
@@ -150,7 +150,7 @@ def test_ranking_adds_the_spread_term(spread):
     q = np.array([[4.0, 0.0, 0.0, 0.0]], np.float32)  # scaled by 1/sqrt(4): (2, 0, 0, 0)
     dec = tactic.SparseDecoder(1, 1, 1, d, max_tokens=2 * m, dtype="float32", num_sink=0,
                                min_clusters=1, head_fraction=0.0, target=0.01, margin=0.0,
-                               spread=spread, record_selection=True)
+                               spread=spread, record_selection=True, stop_rule="prior")
     dec.prefill(0, keys, keys)
     lay = dec.layout(0)
     off, cent = lay["offsets"], lay["centroids"].astype(np.float64)

@@ -424,6 +424,10 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   const double p_eff =
       certified ? opt.target : std::min(1.0, opt.target + opt.margin * (1.0 - opt.target));
   const double z_conf = certified ? normal_quantile(opt.confidence) : 0.0;
+  // The certified rule with head_fraction 0 reads no exact head: its first read comes from the
+  // prior as it is (alpha 1), and the bound and top-ups carry the guarantee. The prior rule
+  // always calibrates on at least one cluster.
+  const bool no_head = certified && opt.head_fraction <= 0;
   s.score.resize(c);
   s.order.resize(c);
   s.state.resize(c);
@@ -440,7 +444,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     // Which ranked clusters are read exactly: the head, then two sample segments.
     int64_t tokens = 0, i = 0;
     const double head_tokens = std::max(1.0, opt.head_fraction * nclu);
-    for (; i < c && (i == 0 || tokens < head_tokens); ++i) {
+    for (; !no_head && i < c && (i == 0 || tokens < head_tokens); ++i) {
       s.state[rank(i)] = kHead;
       tokens += csize(rank(i));
     }
@@ -504,7 +508,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     if (opt.estimator == Estimator::centroid_prior) {
       // Unread cluster mass ~ alpha * size * exp(q.centroid): the centroid score ranks well
       // but understates a cluster's mass (Jensen); alpha rescales it to the exact reads.
-      const double alpha = read_exact / read_prior;
+      const double alpha = no_head ? 1.0 : read_exact / read_prior;
       if (!(std::isfinite(alpha) && alpha > 0)) fallback = true;
       for (int64_t j = 0; j < c && !fallback; ++j)
         if (s.state[j] == kUnread) s.mass[j] = alpha * csize(j) * std::exp((double)s.score[j] - m);

@@ -97,7 +97,8 @@ struct SelectOptions {
   // of exp(q.k) over a cluster of that width, so a wide cluster's mass is not understated
   // (Jensen). 0 ranks by q.c alone (the paper). Measured: bench/NOTES.md, "spread".
   double spread = 0.75;
-  double head_fraction = 0.02;    // exact head: first ~2% of ranked clustered tokens
+  double head_fraction = 0.02;    // exact head: first ~2% of ranked clustered tokens (at least
+                                  // one cluster; with the certified rule 0 reads none, alpha 1)
   double sample_fraction = 0.01;  // size of each exact sample segment
   double sample_rank_1 = 0.10;    // where the two sample segments start (fraction of ranks)
   double sample_rank_2 = 0.60;
