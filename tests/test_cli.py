@@ -169,3 +169,16 @@ def test_bench_e2e_writes_to_the_results_dir_from_any_folder(tmp_path):
     assert len(files) == 1, res.stdout
     d = json.loads(files[0].read_text())
     assert d["git_commit"] == _runinfo.git_commit() and d["tactic"] == tactic.__version__
+
+
+def test_a_reader_leaving_early_is_no_traceback(tmp_path):
+    """`python -m tactic info | head -1`: the pipe closes after the first line; the command
+    stops quietly (no BrokenPipeError traceback on stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tactic", "info"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert first.strip(), "info printed nothing"
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -274,5 +274,20 @@ def main(argv=None) -> int:
     return demo(args)
 
 
+def _entry() -> int:
+    """main(), quiet when the reader of stdout leaves early (`python -m tactic info | head`)."""
+    try:
+        rc = main()
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # The interpreter flushes stdout once more at exit and would report the closed pipe
+        # again: point it at /dev/null first (the recipe of Python's signal module docs).
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_entry())
