@@ -182,3 +182,11 @@ def test_a_reader_leaving_early_is_no_traceback(tmp_path):
     proc.wait(timeout=120)
     assert first.strip(), "info printed nothing"
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_eval_without_passkey_trials_reports_no_passkey():
+    """`python -m tactic eval --passkey-trials 0` skips the passkey test: its pooled report is
+    empty instead of an IndexError after the text runs."""
+    from tactic.eval import report
+
+    assert report.pool_passkey({2048: ([], []), 4096: ([], [])}) == {}

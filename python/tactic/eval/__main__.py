@@ -147,7 +147,7 @@ def run(args, prog: str = "python -m tactic eval") -> int:
     pk_configs = [c for c in configurations(args.passkey_targets, args.policies) if c.policy != "oracle"]
     bar = tqdm(total=len(args.passkey_lengths) * args.passkey_trials * len(pk_configs), desc="passkey",
                unit="run", disable=args.quiet)
-    for length in args.passkey_lengths:
+    for length in args.passkey_lengths if args.passkey_trials > 0 else []:  # 0 trials: no passkey
         answers, keys = [], []
         for _ in range(args.passkey_trials):
             context, question, key = passkey.build(tok, length, rng)

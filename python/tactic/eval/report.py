@@ -29,6 +29,8 @@ def pool_passkey(trials: dict) -> dict:
     """trials: {length: [ {config: (answer, read), ...}, keys ]} -> accuracy and agreement."""
     out = {}
     for length, (answers, keys) in trials.items():
+        if not answers:
+            continue
         names = answers[0].keys()
         res = {}
         for name in names:
