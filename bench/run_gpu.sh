@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|fixture|profile|ncu|e2e|e2e-graphs|mma|gbench]...
+#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|ncu|e2e|e2e-graphs|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -60,6 +60,11 @@ for s in $steps; do
       fi ;;
     quick)    # ~2 min: 8K-128K, B=1, 32/8, fp16, P=0.9, workloads (b) and its sparse layer
       python3 -m tactic.bench --quick --out "$OUT" 2>&1 | tee "$OUT/quick.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    batch)    # issue 19's batch rows: B = 8 at 128K and B = 32 at 32K, both workloads, with the peers (~3 min)
+      python3 -m tactic.bench --workload sparse synthetic --n 128K --batch 8 --heads 32/8 --dtype float16 \
+        --target 0.9 --no-padded-gather --budget-s 120 --tag b8 --out "$OUT" 2>&1 | tail -6 || rc=1
+      python3 -m tactic.bench --workload sparse synthetic --n 32K --batch 32 --heads 32/8 --dtype float16 \
+        --target 0.9 --no-padded-gather --budget-s 120 --tag b32 --out "$OUT" 2>&1 | tail -6 || rc=1 ;;
     fixture)  # real SmolLM2 KV tiled (9/3 heads, D 64)
       python3 -m tactic.bench --workload fixture --n 32K 128K 512K --batch 1 8 --dtype float16 \
         --target 0.9 --budget-s 240 --out "$OUT" 2>&1 | tee "$OUT/fixture.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
