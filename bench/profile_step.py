@@ -18,7 +18,7 @@ def profile_one(n, a):
     hq, hkv, d = 32, 8, 128
     wl = make(a.workload, n, 1, hq, hkv, d, "float16", "cuda", seed=0)
     q = wl.queries
-    dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, device="cuda", target=a.target,
+    dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, device="cuda", target=a.target, stop_rule=a.stop_rule,
                                policy=a.policy, pdl=a.pdl, head_split=a.head_split)
     dec.prefill(0, wl.keys.transpose(1, 2), wl.values.transpose(1, 2))  # token-major views
     out = torch.empty_like(q)
@@ -49,6 +49,7 @@ def main():
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch")
     p.add_argument("--head-split", type=int, default=None)
+    p.add_argument("--stop-rule", default="certified", choices=["certified", "prior"])
     a = p.parse_args()
     for n in a.context:
         profile_one(n, a)

@@ -40,7 +40,7 @@ for s in $steps; do
       $NVCC tests/cuda/attention_check.cu cuda/attention*.cu cuda/capabilities.cu cuda/select*.cu cpp/src/*.cpp \
         -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
     pytest)
-      python3 -m pytest -q tests/test_cuda.py tests/test_cuda_hardening.py tests/test_build_info.py tests/test_layout.py 2>&1 | tail -30
+      python3 -m pytest -q tests/test_cuda.py tests/test_cuda_certified.py tests/test_cuda_hardening.py tests/test_build_info.py tests/test_layout.py 2>&1 | tail -30
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     integration)  # the transformers integration on the GPU (tiny random models; SmolLM2 if installed)
       python3 -m pytest -q -m gpu tests/test_transformers.py 2>&1 | tail -20
@@ -69,7 +69,11 @@ for s in $steps; do
       python3 -m tactic.bench --workload fixture --n 32K 128K 512K --batch 1 8 --dtype float16 \
         --target 0.9 --budget-s 240 --out "$OUT" 2>&1 | tee "$OUT/fixture.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     profile)  # per-kernel time of one step (torch profiler) at 32K / 128K / 512K
-      for w in sparse synthetic; do python3 bench/profile_step.py --workload $w --context 32768 131072 524288 2>&1 | grep -v "^ *0.0 us"; done ;;
+      for r in ${STOP_RULES:-certified prior}; do for w in sparse synthetic; do
+        python3 bench/profile_step.py --stop-rule $r --workload $w --context 32768 131072 524288 > "$OUT/profile-$r-$w.txt" 2>&1 || rc=1
+        echo "--- $r $w"; grep -E "^N=|total GPU|certify|select_|score|attention_chunks" "$OUT/profile-$r-$w.txt" \
+          | sed -E 's/ plan=.*//; s/void tactic::cuda::\(anonymous namespace\):://' | cut -c1-100
+      done; done ;;
     ncu)      # hardware counters of the selection and attention kernels at 128K (one launch each)
       ncu --clock-control none -k regex:"select_head|select_stop|select_exact|attention_chunks|score_|build_rows" \
         -s 40 -c 6 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \

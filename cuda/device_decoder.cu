@@ -12,6 +12,7 @@
 #include "plan.hpp"
 #include "select.hpp"
 #include "store.hpp"
+#include "tail_sample.hpp"
 #include "tactic/decoder.hpp"
 
 namespace tactic {
@@ -63,6 +64,7 @@ struct DeviceDecoder::Impl {
   DeviceBuffer k, v, pos, centroids, centroids_low, spreads, offsets, state;
   DeviceBuffer qf, scores, seg_max, ids, tasks, sel_scratch;
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
+  DeviceBuffer cert_mark;                     // [B * Hq, cmax] the certified rule's per-head marks
   DeviceBuffer lost;                          // [L * B] int32: tokens a replayed append found no room for
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
   // [L * B]: an append of this (layer, slot) was captured in a CUDA graph. Its replays advance
@@ -133,6 +135,7 @@ struct DeviceDecoder::Impl {
   }
   int64_t lsh(int64_t l, int64_t s, int64_t h) const { return ls(l, s) * H + h; }
   bool clusters() const { return cfg.select.policy == Policy::tactic; }
+  bool certified() const { return clusters() && cfg.select.stop_rule == StopRule::certified; }
   // Clusters of a clustered region of n tokens: ceil(n / cluster_size), at most n (the CPU
   // store's count).
   int64_t clusters_for(int64_t n) const {
@@ -232,8 +235,11 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
                            "' runs on the CPU backend only; on CUDA use 'tactic' or 'dense'");
   if (pol == Policy::tactic && cfg.select.estimator != Estimator::centroid_prior)
     throw UnsupportedError("the CUDA backend implements the 'centroid_prior' estimator only");
-  if (pol == Policy::tactic && cfg.select.stop_rule != StopRule::prior)
-    throw UnsupportedError("the CUDA backend implements stop_rule='prior' only (the certified rule is CPU-only for now)");
+  if (pol == Policy::tactic && cfg.select.stop_rule == StopRule::certified &&
+      cfg.select.tail_samples > certify_max_samples())
+    throw UnsupportedError("the CUDA backend draws at most " + std::to_string(certify_max_samples()) +
+                           " tail samples per query head (stop_rule='certified'), got tail_samples=" +
+                           std::to_string(cfg.select.tail_samples));
   if (pol == Policy::tactic && cfg.select.share_group)
     throw UnsupportedError("the CUDA backend selects each query head independently: set share_group=False");
   const int64_t d = cfg.head_dim;
@@ -291,6 +297,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     if (cfg.record_selection) need(m.head_mark, mul_sat(m.L, segs * cmax), "selection marks");
     need(m.rows, mul_sat(mul_sat(m.L, items), cap * 4), "row lists");  // per layer: attend() reuses them
     need(m.chunk_sums, items * row_chunks(m.cmax) * 4, "row list chunks");
+    if (m.certified()) need(m.cert_mark, segs * cmax, "selection marks");
   }
   need(m.counts, mul_sat(m.L, items * 4), "row counts");
   need(m.head_tokens, mul_sat(m.L, segs * 8), "statistics");
@@ -318,6 +325,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.p, 0x80, segs * 4));
     TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.as<int32_t>() + segs, 0x7f, segs * 4));
     TACTIC_CUDA_CHECK(cudaMemset(m.kv_mark.p, 0, m.kv_mark.n));
+    if (m.cert_mark.p) TACTIC_CUDA_CHECK(cudaMemset(m.cert_mark.p, 0, m.cert_mark.n));
   }
   TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
   m.host_state.assign(m.L * m.B, SlotState{});
@@ -460,6 +468,11 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.head_split = m.plan.head_split[slot_list.size() - 1];
   a.sm_count = m.plan.sm_count;
   a.score_tensor_cores = m.plan.score == AttentionKernel::tensor_cores;
+  a.certified = m.certified();
+  a.z_conf = a.certified ? normal_quantile(m.cfg.select.confidence) : 0.0;
+  a.tail_samples = (int)m.cfg.select.tail_samples;
+  a.max_rounds = m.cfg.select.max_rounds;
+  a.cert_mark = m.cert_mark.as<uint8_t>();
   select_step(geo, a);
   m.last_slots[layer] = slot_list;
   if (out) m.attention(layer, geo, *out, stream);

@@ -4,6 +4,8 @@
 // the head (~2% of clustered tokens) plus sinks and recent tokens exactly, calibrate
 // alpha = exact / prior on the head, estimate every other cluster as alpha * size *
 // exp(q.c - m), and take ranked clusters until the estimate reaches P_eff of the total.
+// With the certified stop rule that first read aims at P and select_certify then bounds the
+// unread rest from a seeded sample and tops up the heads that fall short.
 // Masses are summed in double like the CPU reference, so both pick the same clusters except
 // where two candidates are within rounding of the stop threshold.
 //
@@ -12,6 +14,7 @@
 //   select_estimate.cu  histogram, exact head and its prior (select_head)
 //   select_exact.cu     exact masses of sinks, recent and exact-head rows (select_exact)
 //   select_stop.cu      alpha, z, the stop point, marks (select_stop)
+//   select_certify.cu   certified rule only: exact union mass, tail sample, bound, top-ups
 //   select_union.cu     per-KV-head union as a row list (chunk_sums, build_rows)
 // with their shared device primitives in select_common.cuh. This file holds the orchestration:
 // the head split choice, the scratch layout and select_step.
@@ -75,6 +78,7 @@ size_t select_scratch_bytes(int64_t heads) {
 
 void select_step(const StepGeometry& s, const SelectArgs& args) {
   SelectArgs a = args;
+  if (a.certified) a.margin = 0.0;  // the certified rule's first read aims at P itself
   {  // carve the scratch: info, parts, histograms, candidates (each 16-byte aligned)
     const int64_t heads = s.batch * s.hkv * s.g;
     char* p = static_cast<char*>(a.scratch);
@@ -108,6 +112,7 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (2 * sms + heads - 1) / heads));
   launch_select_exact(s, a, splits);
   launch_select_stop(s, a, nsplit, splits);
+  if (a.certified) launch_certify(s, a);
   launch_build_rows(s, a);
 }
 

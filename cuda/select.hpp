@@ -79,6 +79,11 @@ struct SelectArgs {
   int head_split = 1;            // blocks per query head (StepPlan::head_split for this batch)
   int sm_count = 0;              // the device's multiprocessors (StepPlan::sm_count)
   bool score_tensor_cores = false;  // centroid scores on tensor cores (StepPlan::score)
+  // The certified stop rule (select_certify.cu) where `certified`; otherwise the prior rule.
+  bool certified = false;
+  double z_conf = 0.0;           // normal quantile of SelectOptions::confidence
+  int tail_samples = 64, max_rounds = 4;
+  uint8_t* cert_mark = nullptr;  // [batch * Hq, cmax] zero before a step; each step leaves it zero
 };
 
 // The tensor-core centroid scores (select_rank.cu): whether this build's kernels have them on
@@ -95,8 +100,12 @@ int auto_head_split(int64_t heads, int64_t cmax);
 inline int64_t head_tasks_stride(int64_t cmax, int64_t cap) { return cmax + (cap + 15) / 16 + 1; }  // per step, heads = batch * Hq (at most)
 int64_t row_chunks(int64_t cmax);  // size of SelectArgs::chunk_sums per (sequence, KV head)
 
+// The most tail samples the CUDA certified stop rule draws per query head.
+int certify_max_samples();
+
 // The whole selection of one step: scores, per-head exact head and stop point (no sort: a
-// score histogram plus exact ranking of the one crossing bucket), union rows.
+// score histogram plus exact ranking of the one crossing bucket), the certified rule's sample
+// and top-ups where a.certified, union rows.
 void select_step(const StepGeometry& s, const SelectArgs& a);
 
 }  // namespace cuda

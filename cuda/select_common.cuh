@@ -257,6 +257,40 @@ __device__ int cut_candidates(int from, int n, double start, double goal, SelSha
   return S.cut;
 }
 
+struct MaxSum {  // online softmax state: sum of exp(x - m)
+  double m, s;
+};
+// Adds exp(x - m) to an online (max, sum) pair: one exp per element.
+__device__ __forceinline__ MaxSum add(MaxSum a, double x) {
+  if (x > a.m) return {x, a.s * exp(a.m - x) + 1.0};
+  return {a.m, a.s + exp(x - a.m)};
+}
+
+// q . row for one thread: D known at compile time, so the row's 16-byte loads are issued in
+// batches of 8 without waiting for each other (a runtime loop left one load in flight).
+template <class T, int D>
+__device__ __forceinline__ float thread_dot(const T* row, const float* q) {
+  constexpr int kPer = 16 / sizeof(T), N = D / kPer, kBatch = 8;
+  const uint4* p = reinterpret_cast<const uint4*>(row);
+  float acc = 0.f;
+#pragma unroll
+  for (int c0 = 0; c0 < N; c0 += kBatch) {
+    uint4 r[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      if (c0 + j < N) r[j] = __ldg(p + c0 + j);
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      if (c0 + j < N) {
+        float e[kPer];
+        unpack16<T>(r[j], e);
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) acc = fmaf(q[(c0 + j) * kPer + k], e[k], acc);
+      }
+  }
+  return acc;
+}
+
 // Thread-block cluster operations for the split kernels (sm_90). The host launches those only
 // where the loaded binary is sm_90 or newer (head_split_available); elsewhere these trap.
 __device__ __forceinline__ void cluster_barrier() {

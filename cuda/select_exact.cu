@@ -8,40 +8,6 @@ namespace cuda {
 
 namespace {
 
-struct MaxSum {  // online softmax state: sum of exp(x - m)
-  double m, s;
-};
-// Adds exp(x - m) to an online (max, sum) pair: one exp per element.
-__device__ __forceinline__ MaxSum add(MaxSum a, double x) {
-  if (x > a.m) return {x, a.s * exp(a.m - x) + 1.0};
-  return {a.m, a.s + exp(x - a.m)};
-}
-
-// q . row for one thread: D known at compile time, so the row's 16-byte loads are issued in
-// batches of 8 without waiting for each other (a runtime loop left one load in flight).
-template <class T, int D>
-__device__ __forceinline__ float thread_dot(const T* row, const float* q) {
-  constexpr int kPer = 16 / sizeof(T), N = D / kPer, kBatch = 8;
-  const uint4* p = reinterpret_cast<const uint4*>(row);
-  float acc = 0.f;
-#pragma unroll
-  for (int c0 = 0; c0 < N; c0 += kBatch) {
-    uint4 r[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j)
-      if (c0 + j < N) r[j] = __ldg(p + c0 + j);
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j)
-      if (c0 + j < N) {
-        float e[kPer];
-        unpack16<T>(r[j], e);
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) acc = fmaf(q[(c0 + j) * kPer + k], e[k], acc);
-      }
-  }
-  return acc;
-}
-
 // Kernel 2 (query head x split): exact logits of sinks + recent rows and of the head clusters'
 // rows, one thread per row; slot u is head cluster u / 16, rows u % 16, u % 16 + 16, ... of it.
 // Spread over many blocks because this is the selection's largest read (~2% of the context

@@ -29,6 +29,11 @@ void launch_select_stop(const StepGeometry& s, const SelectArgs& a, int nsplit, 
 int select_stop_split_arch();
 int select_stop_split_clusters(int n);
 
+// select_certify.cu (stop_rule = certified): exact mass of the union per query head, the tail
+// sample, the bound and the top-up rounds; marks the top-ups for the union and rewrites the
+// heads' statistics.
+void launch_certify(const StepGeometry& s, const SelectArgs& a);
+
 // select_union.cu: each (sequence, KV head)'s row list from the union marks (which it clears),
 // or, for the dense policy, every row.
 void launch_build_rows(const StepGeometry& s, const SelectArgs& a);

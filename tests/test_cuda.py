@@ -1,7 +1,8 @@
 """The CUDA backend against the float64 reference and against the CPU backend.
 
-CUDA selects with the prior stop rule only (the certified rule is CPU-only for now), so every
-CPU twin below is built with stop_rule="prior".
+The CPU-vs-GPU selection comparisons use stop_rule="prior", whose choices are deterministic
+sums that both backends must reproduce cluster for cluster; the certified rule's CUDA port is
+judged on its guarantee in test_cuda_certified.py.
 
 Skipped, with the reason, where this build has no CUDA backend or no GPU is visible.
 """

@@ -7,6 +7,7 @@
 
 #include "parallel.hpp"
 #include "simd.hpp"
+#include "tail_sample.hpp"
 #include "tactic/convert.hpp"
 
 namespace tactic {
@@ -163,25 +164,6 @@ void select_quest(const KVStore& st, int64_t layer, int64_t slot, int64_t head, 
 
 enum : uint8_t { kUnread = 0, kHead = 1, kSample = 2, kChosen = 3, kShared = 4 };
 
-// Phi^-1(c) for the standard normal, by bisection on erfc (called once per selection).
-double normal_quantile(double c) {
-  double lo = -40, hi = 40;
-  for (int it = 0; it < 200; ++it) {
-    const double mid = 0.5 * (lo + hi);
-    (0.5 * std::erfc(-mid / std::sqrt(2.0)) < c ? lo : hi) = mid;
-  }
-  return 0.5 * (lo + hi);
-}
-
-// splitmix64: the sample's random numbers, a pure function of (layer, slot, KV head, query
-// head, context length, draw index), so a step's selection is reproducible.
-uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-double unit(uint64_t x) { return (double)(mix64(x) >> 11) * 0x1.0p-53; }  // [0, 1)
 
 struct CertifiedStop {
   double read;  // exact mass of the head's selection (exp(l - m) summed)
@@ -299,10 +281,9 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
       if (open(j)) acc += rest_ok ? 0.5 * (w(j) / Wr + csize(j) / Ur) : csize(j) / Ur;
       s.cdf[j] = acc;
     }
-    const uint64_t key = mix64(mix64(mix64(mix64(mix64((uint64_t)layer) ^ (uint64_t)slot) ^
-                                           (uint64_t)head) ^ (uint64_t)h) ^ (uint64_t)len);
+    const uint64_t key = draw_key(layer, slot, head, h, len);
     for (int64_t i = 0; i < n_left; ++i) {
-      const double u = unit(key + 2 * (uint64_t)i) * acc;
+      const double u = unit_draw(key + 2 * (uint64_t)i) * acc;
       int64_t j = std::upper_bound(s.cdf.begin(), s.cdf.end(), u) - s.cdf.begin();
       j = std::min(j, c - 1);
       while (j > 0 && !open(j)) --j;  // u landed on a flat step (rounding)
@@ -626,6 +607,16 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
 }
 
 }  // namespace
+
+// Phi^-1(c) for the standard normal, by bisection on erfc (tail_sample.hpp).
+double normal_quantile(double c) {
+  double lo = -40, hi = 40;
+  for (int it = 0; it < 200; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (0.5 * std::erfc(-mid / std::sqrt(2.0)) < c ? lo : hi) = mid;
+  }
+  return 0.5 * (lo + hi);
+}
 
 void select_kv_head(const KVStore& store, int64_t layer, int64_t slot, int64_t head,
                     const float* q, int64_t g, const SelectOptions& opt, int64_t budget,

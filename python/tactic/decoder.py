@@ -90,8 +90,7 @@ class SparseDecoder:
             'quest' (pages of `page_size` by min/max bound, at `budget` tokens per KV head),
             'topk' (the exact top-`budget` tokens per KV head: those with the largest
             probability under any query head of its group; every head attends them).
-        stop_rule: 'certified' (default on the CPU) or 'prior' (default on CUDA, the only
-            rule the GPU implements so far). certified: the mass of what a query head
+        stop_rule: 'certified' (the default, on the CPU and on CUDA) or 'prior'. certified: the mass of what a query head
             attends (its group's union) is computed exactly and only the unread rest is
             estimated, from `tail_samples` seeded draws of unread clusters scored whole;
             clusters are added (at most `max_rounds` rounds) until read >= P * (read +
@@ -134,7 +133,7 @@ class SparseDecoder:
 
     def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  max_batch: int = 1, max_tokens: int = 8192, device="cpu", dtype="float16",
-                 target: float = 0.9, policy: str = "tactic", *, stop_rule: Optional[str] = None,
+                 target: float = 0.9, policy: str = "tactic", *, stop_rule: str = "certified",
                  confidence: float = 0.95, tail_samples: int = 64, max_rounds: int = 4,
                  estimator: str = "centroid_prior",
                  margin: float = 0.35, spread: float = 0.75, cluster_size: int = 16, kmeans_iters: int = 10,
@@ -157,8 +156,6 @@ class SparseDecoder:
         c.target = _float("target", target)
         c.set_policy(_choice("policy", policy, POLICIES))
         c.set_estimator(_choice("estimator", estimator, ESTIMATORS))
-        if stop_rule is None:  # the CUDA backend implements the prior rule only (for now)
-            stop_rule = "certified" if _parse_device(device)[0] == "cpu" else "prior"
         c.set_stop_rule(_choice("stop_rule", stop_rule, STOP_RULES))
         c.confidence = _float("confidence", confidence)
         c.tail_samples = _int("tail_samples", tail_samples)
@@ -196,6 +193,7 @@ class SparseDecoder:
         self._core = _core.Decoder(c)
         self._on_cuda = _parse_device(device)[0] == "cuda"
         self.policy = policy
+        self.stop_rule = stop_rule
         self.device = device if isinstance(device, str) else str(device)
         self.dtype = _arrays.dtype_name(dtype)
         self.num_layers, self.num_q_heads = c.num_layers, c.num_q_heads

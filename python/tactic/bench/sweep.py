@@ -73,6 +73,7 @@ class Options:
     # The CUDA step's kernel variants (SparseDecoder's head_split / attention_kernel / pdl; an
     # A/B sets them here, and every row records the plan they resolved to).
     kernels: dict = field(default_factory=dict)
+    stop_rule: str = "certified"     # Tactic's stop rule (SparseDecoder's stop_rule)
     time_budget_s: float = 420.0
     max_prefill_s: float = 30.0
     memory_fraction: float = 0.85
@@ -327,7 +328,7 @@ class Sweep:
         common = dict(max_batch=c.batch, max_tokens=c.n, device=dev, dtype=c.dtype, scale=wls[0].scale)
 
         def build(policy: str, target: float) -> Tuple[SparseDecoder, float]:
-            dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy,
+            dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy, stop_rule=opt.stop_rule,
                                 record_selection=policy == "tactic", **common, **opt.kernels)
             _sync(dev)
             t = time.perf_counter()
@@ -481,6 +482,7 @@ class Sweep:
                       "copy_gbps": self.copy_gbps, "launch_us": traffic.LAUNCH_US},
             "checks": checks,
             "plan": tac.plan,
+            "stop_rule": tac.stop_rule,
         }
         row["sdpa_best"], row["speedup"] = speedups(methods)
         row["dense_best"], row["speedup_vs_dense_best"] = speedups(methods, DENSE_PEERS)

@@ -1,0 +1,137 @@
+"""The certified stop rule on CUDA (issue 20's port): P reached with probability >= `confidence`
+per query head on the seeded workload families of test_stop_rule.py (same default options on
+every family), judged against float64 NumPy truths; the attention reads exactly the selection
+the statistics report (top-ups included); the CPU and the GPU read about as many tokens.
+
+Skipped, with the reason, where this build has no CUDA backend or no GPU is visible.
+"""
+import numpy as np
+import pytest
+
+import tactic
+from conftest import ref_attention
+from test_stop_rule import FAMILIES, lower_limit, probs64, workload
+
+torch = pytest.importorskip("torch")
+if not tactic.with_cuda:
+    pytest.skip("this build of tactic has no CUDA backend (no nvcc at build time)", allow_module_level=True)
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU visible", allow_module_level=True)
+
+
+def decoder(fam_keys, hq, device, **opts):
+    n, hkv, d = fam_keys.shape
+    dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, dtype="float16", record_selection=True,
+                               device=device, share_group=False, **opts)
+    k = torch.from_numpy(fam_keys).half()
+    dec.prefill(0, k.to(device), k.to(device))
+    return dec
+
+
+def measure(fam, target, seeds=(0, 1), device="cuda", **opts):
+    """Per query head: mass over its own selection; per KV head: union ok; tokens per union."""
+    heads, unions, tokens = [], [], []
+    for seed in seeds:
+        k, qs = workload(seed, **fam)
+        hkv, hq = k.shape[1], qs.shape[1]
+        g = hq // hkv
+        dec = decoder(k, hq, device, target=target, **opts)
+        for q in qs:
+            st = dec.select(0, torch.from_numpy(q[None]).half().to(device))
+            p = probs64(q.astype(np.float16).astype(np.float64), k)
+            heads += [float(p[h, st["head_mask"][0, h]].sum()) for h in range(hq)]
+            for kv in range(hkv):
+                um = p[kv * g:(kv + 1) * g][:, st["kv_mask"][0, kv]].sum(1)
+                unions.append(bool((um >= target).all()))
+            tokens += list(st["kv_tokens"][0])
+            # the statistics count what the masks hold
+            np.testing.assert_array_equal(st["kv_tokens"][0], st["kv_mask"][0].sum(1))
+            np.testing.assert_array_equal(st["head_tokens"][0], st["head_mask"][0].sum(1))
+            assert ((st["est_mass"] > 0) & (st["est_mass"] <= 1)).all()
+    return np.array(heads), np.array(unions), np.array(tokens)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("target", [0.9, 0.95])
+def test_certified_reaches_p_at_the_confidence_on_cuda(family, target):
+    heads, unions, _ = measure(FAMILIES[family], target)
+    share = float((heads >= target).mean())
+    assert share >= lower_limit(0.95, len(heads)), (family, target, share, np.percentile(heads, [1, 5]))
+    assert unions.mean() >= lower_limit(0.95, len(unions)), (family, target, unions.mean())
+
+
+@pytest.mark.parametrize("family", ["d128 G4", "d64 G4 flat rms", "d128 G1 peaked"])
+def test_cuda_reads_about_what_the_cpu_reads(family):
+    """Same rule, same seeded draws: the GPU's heads certify in parallel over the group's first
+    reads (the CPU's one after another, over earlier heads' top-ups too), so it may read a little
+    more, never much more or less."""
+    fam = FAMILIES[family]
+    _, _, t_gpu = measure(fam, 0.9)
+    _, _, t_cpu = measure(fam, 0.9, device="cpu")
+    ratio = t_gpu.sum() / t_cpu.sum()
+    assert 0.9 <= ratio <= 1.15, (family, ratio)
+
+
+def test_top_ups_run_and_only_add_on_cuda():
+    """max_rounds=0 stops after the first read at P; the default rounds add clusters where the
+    bound is not met, never remove any, and bring more heads to P."""
+    k, qs = workload(2, d=128, g=4, sharp=(0.5, 2.0))
+    masks, heads = {}, {}
+    for rounds in (0, 4):
+        dec = decoder(k, 8, "cuda", target=0.95, max_rounds=rounds)
+        masks[rounds] = np.stack([dec.select(0, torch.from_numpy(q[None]).half().cuda())["head_mask"][0]
+                                  for q in qs])
+        heads[rounds] = np.concatenate([
+            [probs64(q.astype(np.float16).astype(np.float64), k)[h, masks[rounds][t, h]].sum() for h in range(8)]
+            for t, q in enumerate(qs)])
+    assert not (masks[0] & ~masks[4]).any()
+    assert masks[4].sum() > masks[0].sum(), "no head was topped up: the rounds did not run"
+    assert (heads[4] >= 0.95).mean() >= (heads[0] >= 0.95).mean()
+
+
+def test_certified_attention_reads_the_topped_up_union():
+    """decode's output equals float64 attention over exactly the tokens kv_mask reports (the
+    union of the first reads and every head's top-ups)."""
+    k, qs = workload(7, d=128, g=4, sharp=(0.5, 2.0), n=3000)
+    n, hkv, d = k.shape
+    v = np.random.default_rng(0).normal(size=k.shape).astype(np.float16).astype(np.float64)
+    dec = tactic.SparseDecoder(1, 4 * hkv, hkv, d, max_tokens=n + 8, dtype="float16", record_selection=True,
+                               device="cuda", share_group=False, target=0.95)
+    dec.prefill(0, torch.from_numpy(k).half().cuda(), torch.from_numpy(v).half().cuda())
+    for q in qs[:3]:
+        out = dec.decode(0, torch.from_numpy(q[None]).half().cuda(), None, None)
+        mask = dec.stats(0)["kv_mask"][0]
+        ref, _ = ref_attention(q.astype(np.float16).astype(np.float64), k.astype(np.float64), v, d ** -0.5,
+                               mask=mask)
+        np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=3e-3, rtol=3e-3)
+
+
+def test_certified_selection_is_reproducible_and_graph_capturable():
+    k, qs = workload(11, d=64, g=4)
+    hq = 8
+    runs = []
+    for _ in range(2):
+        dec = decoder(k, hq, "cuda")
+        runs.append([dec.select(0, torch.from_numpy(q[None]).half().cuda())["head_mask"].copy() for q in qs])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    # captured and replayed: the replay attends what an eager step attends
+    dec = decoder(k, hq, "cuda")
+    q = torch.from_numpy(qs[0][None]).half().cuda()
+    out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        dec.decode(0, q, None, None, out=out)  # warm-up: uploads the slot list
+        eager = out.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            dec.decode(0, q, None, None, out=out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+def test_too_many_tail_samples_are_refused_on_cuda():
+    with pytest.raises(RuntimeError, match="tail_samples"):
+        tactic.SparseDecoder(1, 4, 1, 64, max_tokens=64, device="cuda", dtype="float16", tail_samples=512)
