@@ -73,13 +73,13 @@ int auto_head_split(int64_t heads, int64_t cmax) {
 
 size_t select_scratch_bytes(int64_t heads) {
   return (size_t)heads * (sizeof(SelInfo) + kMaxExactSplits * sizeof(ExactPart) + kBuckets * sizeof(float) +
-                          kCand * sizeof(int32_t)) + 4 * 16;
+                          kCand * sizeof(int32_t) + kMaxCertSplits * sizeof(double)) + 5 * 16;
 }
 
 void select_step(const StepGeometry& s, const SelectArgs& args) {
   SelectArgs a = args;
   if (a.certified) a.margin = 0.0;  // the certified rule's first read aims at P itself
-  {  // carve the scratch: info, parts, histograms, candidates (each 16-byte aligned)
+  {  // carve the scratch: info, parts, histograms, candidates, certify partials (16-byte aligned)
     const int64_t heads = s.batch * s.hkv * s.g;
     char* p = static_cast<char*>(a.scratch);
     auto take = [&](size_t bytes) {
@@ -91,6 +91,7 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     a.parts = reinterpret_cast<ExactPart*>(take(heads * kMaxExactSplits * sizeof(ExactPart)));
     a.hist_pri = reinterpret_cast<float*>(take(heads * kBuckets * sizeof(float)));
     a.cand = reinterpret_cast<int32_t*>(take(heads * kCand * sizeof(int32_t)));
+    a.cert_r = reinterpret_cast<double*>(take(heads * kMaxCertSplits * sizeof(double)));
   }
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv, heads = items * s.g;

@@ -84,6 +84,7 @@ struct SelectArgs {
   double z_conf = 0.0;           // normal quantile of SelectOptions::confidence
   int tail_samples = 64, max_rounds = 4;
   uint8_t* cert_mark = nullptr;  // [batch * Hq, cmax] zero before a step; each step leaves it zero
+  double* cert_r = nullptr;      // (set by select_step from scratch) exact-mass partials
 };
 
 // The tensor-core centroid scores (select_rank.cu): whether this build's kernels have them on

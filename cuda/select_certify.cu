@@ -32,39 +32,20 @@ namespace {
 constexpr int kMassThreads = 256;
 constexpr int kMaxG = 16;  // the CUDA backend's largest group
 
-// q . row for the G query heads of a group, one thread per row (qs: [G, D] in shared memory).
-template <class T, int D>
-__device__ __forceinline__ void group_dot(const T* row, const float* qs, int G, float* l) {
-  constexpr int kPer = 16 / sizeof(T), N = D / kPer;
-  const uint4* p = reinterpret_cast<const uint4*>(row);
-#pragma unroll
-  for (int g = 0; g < kMaxG; ++g) l[g] = 0.f;
-#pragma unroll 2
-  for (int c = 0; c < N; ++c) {
-    float e[kPer];
-    unpack16<T>(__ldg(p + c), e);
-#pragma unroll
-    for (int g = 0; g < kMaxG; ++g)
-      if (g < G) {
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) l[g] = fmaf(qs[g * D + c * kPer + k], e[k], l[g]);
-      }
-  }
-}
-
 // Kernel A, grid (sequence x KV head, split): the exact mass sum exp(q.k - mx) of every query
 // head of the group over the sinks, the recent rows and the rows of the U1 clusters in this
 // block's share of the cluster indices, mx the head's best centroid score (SelInfo::mx; a
-// common reference, so the splits' sums simply add). One partial per (head, split) in
-// a.parts[].as.
-template <class T, int D>
+// common reference, so the splits' sums simply add). One thread per row, all G heads at once
+// (each row read once); KG >= G query heads per group, compiled for 4, 8 and 16. One partial
+// per (head, split) in a.cert_r.
+template <class T, int D, int KG>
 __global__ void __launch_bounds__(kMassThreads) certify_mass_kernel(StepGeometry s, SelectArgs a) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   typedef cub::BlockScan<int64_t, kMassThreads> ScanI;
   __shared__ typename ScanI::TempStorage tmp;
-  __shared__ float qs[kMaxG * D];
+  __shared__ __align__(16) float qs[KG * D];
   __shared__ int32_t s_ex[kMassThreads], s_start[kMassThreads];
-  __shared__ double red[kMassThreads / 32][kMaxG];
+  __shared__ float red[kMassThreads / 32][KG];
   const int64_t item = blockIdx.x, b = item / s.hkv, h = item % s.hkv, hq = s.hkv * s.g, q0 = b * hq + h * s.g;
   const int split = blockIdx.y, splits = gridDim.y, G = (int)s.g, tid = threadIdx.x;
   if (a.info[q0].all) return;  // a degenerate selection (every head of the group alike): no bound needed
@@ -75,20 +56,41 @@ __global__ void __launch_bounds__(kMassThreads) certify_mass_kernel(StepGeometry
   const int32_t* off = a.offsets + hi * (s.cmax + 1);
   const uint8_t* kmark = a.kv_mark + item * s.cmax;
   const T* K = static_cast<const T*>(a.k) + hi * s.cap * D;
-  for (int e = tid; e < G * D; e += kMassThreads) qs[e] = a.qf[q0 * D + e];
-  float mx[kMaxG];
+  for (int e = tid; e < KG * D; e += kMassThreads) qs[e] = e < G * D ? a.qf[q0 * D + e] : 0.f;
+  float mx[KG];
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) mx[g] = g < G ? a.info[q0 + g].mx : 0.f;
+  for (int g = 0; g < KG; ++g) mx[g] = g < G ? a.info[q0 + g].mx : 0.f;
   __syncthreads();
-  double acc[kMaxG];
+  // Per-thread sums in float (each thread adds a few hundred terms at most, relative to the
+  // head's best centroid score), combined in double.
+  float acc[KG];
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) acc[g] = 0.0;
+  for (int g = 0; g < KG; ++g) acc[g] = 0.f;
   auto add_row = [&](int64_t row) {
-    float l[kMaxG];
-    group_dot<T, D>(K + row * D, qs, G, l);
+    constexpr int kPer = 16 / sizeof(T), N = D / kPer, kBatch = 8;
+    const uint4* p = reinterpret_cast<const uint4*>(K + row * D);
+    float l[KG];
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g)
-      if (g < G) acc[g] += exp((double)l[g] - (double)mx[g]);
+    for (int g = 0; g < KG; ++g) l[g] = 0.f;
+#pragma unroll
+    for (int c0 = 0; c0 < N; c0 += kBatch) {
+      uint4 r[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j)
+        if (c0 + j < N) r[j] = __ldg(p + c0 + j);
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j)
+        if (c0 + j < N) {
+          float e[kPer];
+          unpack16<T>(r[j], e);
+#pragma unroll
+          for (int g = 0; g < KG; ++g)
+#pragma unroll
+            for (int k = 0; k < kPer; ++k) l[g] = fmaf(qs[g * D + (c0 + j) * kPer + k], e[k], l[g]);
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < KG; ++g) acc[g] += __expf(l[g] - mx[g]);
   };
   for (int64_t t = (int64_t)split * kMassThreads + tid; t < always; t += (int64_t)splits * kMassThreads)
     add_row(t < nsink ? t : nsink + nclu + (t - nsink));
@@ -117,36 +119,39 @@ __global__ void __launch_bounds__(kMassThreads) certify_mass_kernel(StepGeometry
   }
   const int lane = tid & 31, warp = tid >> 5;
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
-    double x = acc[g];
+  for (int g = 0; g < KG; ++g) {
+    float x = acc[g];
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     if (lane == 0) red[warp][g] = x;
   }
   __syncthreads();
   if (tid < G) {
     double r = 0.0;
-    for (int w = 0; w < kMassThreads / 32; ++w) r += red[w][tid];
-    a.parts[(q0 + tid) * kMaxExactSplits + split] = ExactPart{(double)mx[tid], r, 0.0, 0.0};
+    for (int w = 0; w < kMassThreads / 32; ++w) r += (double)red[w][tid];
+    a.cert_r[(q0 + tid) * kMaxCertSplits + split] = r;
   }
 }
 
 constexpr int kMaxDraws = 256;  // tail_samples on CUDA at most (the draws live in shared memory)
 
 struct CertShared {
-  double u[kMaxDraws];     // the uniforms (then each draw's Y = mass / pi)
-  double su[kMaxDraws];    // the uniforms sorted ascending, and their draw index
+  double su[kMaxDraws];    // the uniforms sorted ascending (then each draw's Y = mass / pi),
   int32_t sidx[kMaxDraws];
   int32_t dc[kMaxDraws];   // each draw's cluster (-1: a zero draw)
   double dpi[kMaxDraws];   // its probability
   double dm[kMaxDraws];    // its exact mass
-  int32_t cert[kMaxDraws]; // the certainty clusters and their exact masses
-  double cm[kMaxDraws];
+  int32_t cert[kMaxDraws]; // the certainty clusters
+  int32_t lid[kCand];      // the short list L (unread clusters of the best score buckets) by index
+  float lw[kCand];         // their prior weights (sizes in SelShared::cs during the certainty passes)
   typename cub::BlockScan<double, kSelThreads>::TempStorage dscan;
-  int n_cert, n_left, any;
+  int n_cert, n_left, any, n_out, out_x, out_s, fail;
   double dv[8];
 };
 
-// Kernel B (one block per query head): sample, bound, top-ups, marks, statistics.
+// Kernel B (one block per query head): sample, bound, top-ups, marks, statistics. The prior
+// weights w_j = |j| exp(score_j - mx) are computed in float (they shape the sampling
+// probabilities and the top-up order; the draws' Y use the same values, so the estimate stays
+// unbiased); masses and sums are double.
 template <class T, int D>
 __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, SelectArgs a, int splits) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
@@ -166,14 +171,23 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   int32_t* list = v.head_list;  // the exact head's list is spent: top-up lists go here
   const int32_t slot = s.slots[v.b];
   const T* K = static_cast<const T*>(a.k) + head_index(s, slot, v.h) * s.cap * D;
-  const double mx = info.mx, P = a.target;
+  const float mxf = info.mx, bpl = info.bpl;
+  const double mx = mxf, P = a.target;
   const int n = a.tail_samples;
   for (int e = tid; e < D; e += kSelThreads) qs[e] = a.qf[i * D + e];
+  for (int k = tid; k < kBuckets; k += kSelThreads) {
+    S.tok[k] = 0;
+    S.pri[k] = 0.f;
+  }
   if (tid == 0) {
     double r = 0.0;
-    for (int k = 0; k < splits; ++k) r += a.parts[i * kMaxExactSplits + k].as;
+    for (int k = 0; k < splits; ++k) r += a.cert_r[i * kMaxCertSplits + k];
     X.dv[0] = r;
     X.n_cert = 0;
+    X.n_out = 0;
+    X.out_x = order_float(-INFINITY);
+    X.out_s = 0;
+    S.n_cand = 0;
   }
   if (tid < kMaxDraws) {
     X.dc[tid] = -1;
@@ -181,7 +195,7 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   }
   __syncthreads();
   double R = X.dv[0];
-  auto wgt = [&](float x, int32_t sz) { return (double)sz * exp((double)x - mx); };
+  auto wgt = [&](float x, int32_t sz) { return (double)((float)sz * __expf(x - mxf)); };
   auto first = [&](int64_t j) { return kmark[j] == 1; };      // in U1 (another head's top-up is 2)
   auto open = [&](int64_t j) { return !first(j) && own[j] == 0; };  // unread and not a certainty cluster
   auto unread = [&](int64_t j) { return !first(j) && own[j] != 1; };
@@ -195,134 +209,268 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   };
   const bool read_all = !(R > 0) || !isfinite(R);  // overflow or nothing read: take everything
 
-  // 2. The tail sample. W, U: prior mass and tokens of the unread clusters.
+  // 2. The tail sample. W, U: prior mass and tokens of the unread clusters; their count and
+  // prior per score bucket (S.tok, S.pri) pick the short list below and rank the top-ups.
   double W = 0.0, U = 0.0;
   for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-    if (!first(j)) W += wgt(x, sz), U += sz;
+    if (first(j)) return;
+    const double w = wgt(x, sz);
+    W += w, U += sz;
+    const int bk = bucket_of(x, mxf, bpl);
+    atomicAdd(&S.tok[bk], 1);
+    atomicAdd(&S.pri[bk], (float)w);
   });
   W = block_sum(W, S);
   U = block_sum(U, S);
   const bool prior_ok = W > 0 && isfinite(W);
   double Wr = W, Ur = U;
   int n_left = read_all ? 0 : n;
-  // Certainty clusters: expected draw count n_left pi_j >= 1 (the CPU's loop: within a pass,
-  // clusters in index order, n_left shrinking as they are taken; pi from the pass's totals).
-  while (Ur > 0 && n_left > 2) {
-    if (tid == 0) S.n_cand = 0;
-    __syncthreads();
-    const double wp = Wr, up = Ur;
-    const int nl = n_left;
+  // Certainty clusters: expected draw count n_left pi_j >= 1, pi_j = (w_j / Wr + |j| / Ur) / 2,
+  // in passes (the CPU's loop: within a pass, clusters in index order, n_left shrinking as they
+  // are taken; then the totals recomputed). At most n - 2 clusters qualify, all among the best
+  // by prior, so the passes run over a short list L: the unread clusters of the best score
+  // buckets, at most kCand, in index order. Every pass checks that no cluster outside L could
+  // qualify (its largest score and size bound its pi); if one could, the passes go on over all
+  // clusters (the same loop, only slower).
+  bool full = true;
+  int nl = 0, bl = -1;  // members of L; the last score bucket L covers (-1: L is empty)
+  {
+    int cnt[kBuckets / kSelThreads], tot = 0;
+#pragma unroll
+    for (int k = 0; k < kBuckets / kSelThreads; ++k) tot += cnt[k] = S.tok[tid * (kBuckets / kSelThreads) + k];
+    int ex, agg;
+    HeadScan(S.scan).ExclusiveSum(tot, ex, agg);
+    int fit = 0;  // buckets of this thread whose running count stays within kCand
+#pragma unroll
+    for (int k = 0; k < kBuckets / kSelThreads; ++k) fit += (ex += cnt[k]) <= kCand;
+    bl = (int)block_sum((double)fit, S) - 1;
+  }
+  double wo = 0.0, uo = 0.0;  // prior and tokens outside L
+  if (bl >= 0) {
     for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-      if (!open(j)) return;
-      const double pi = prior_ok && wp > 0 ? 0.5 * (wgt(x, sz) / wp + sz / up) : sz / up;
-      if (nl * pi >= 1) {  // at most nl such clusters (the pi sum to 1)
-        const int at = atomicAdd(&S.n_cand, 1);
-        if (at < kCand) {
-          S.cid[at] = (int32_t)j;
-          S.cval[at] = pi;
-        }
+      if (first(j)) return;
+      if (bucket_of(x, mxf, bpl) <= bl) {
+        S.cid[atomicAdd(&S.n_cand, 1)] = (int32_t)j;
+      } else {
+        wo += wgt(x, sz), uo += sz;
+        atomicMax(&X.out_x, order_float(x));
+        atomicMax(&X.out_s, sz);
+        atomicAdd(&X.n_out, 1);
       }
     });
-    __syncthreads();
-    const int nc = min(S.n_cand, kCand);
-    for (int k = tid; k < nc; k += kSelThreads) {  // index order
+    wo = block_sum(wo, S);
+    uo = block_sum(uo, S);
+    nl = S.n_cand;  // <= kCand by the choice of bl
+    if (tid < nl) {  // index order
+      const int32_t id = S.cid[tid];
       int r = 0;
-      for (int m = 0; m < nc; ++m) r += S.cid[m] < S.cid[k];
-      S.sorted[r] = k;
+      for (int m = 0; m < nl; ++m) r += S.cid[m] < id;
+      X.lid[r] = id;
+      const int32_t sz = off[id + 1] - off[id];
+      X.lw[r] = (float)wgt(sc[id], sz);
+      S.cs[r] = (float)sz;
     }
     __syncthreads();
-    if (tid == 0) {
-      int any = 0, left = nl;
-      for (int r = 0; r < nc && left > 2; ++r) {
-        const int k = S.sorted[r];
-        if (left * S.cval[k] < 1) continue;
-        own[S.cid[k]] = 3;
-        X.cert[X.n_cert++] = S.cid[k];
-        --left;
-        any = 1;
+  }
+  if (bl >= 0 && n_left > 2 && Ur > 0) {
+    // One warp runs the passes over L (each pass: totals, then the candidates in index order),
+    // with no block-wide barrier per pass: a peaked head's chain of passes is long.
+    if (warp == 0) {
+      constexpr int kPer = kCand / 32;
+      uint32_t open_bits = 0;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) open_bits |= (uint32_t)(k * 32 + lane < nl) << k;
+      const bool any_out = X.n_out > 0;
+      const double w_out = wgt(unorder_float(X.out_x), X.out_s), s_out = X.out_s;
+      int left = n_left, n_cert = 0, fail = 0;
+      double wr = 0.0, ur = 0.0;
+      while (true) {
+        wr = 0.0, ur = 0.0;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k)
+          if (open_bits >> k & 1) wr += X.lw[k * 32 + lane], ur += S.cs[k * 32 + lane];
+        for (int o = 16; o > 0; o >>= 1) {
+          wr += __shfl_xor_sync(0xffffffffu, wr, o);
+          ur += __shfl_xor_sync(0xffffffffu, ur, o);
+        }
+        wr += wo, ur += uo;
+        if (!(ur > 0 && left > 2)) break;
+        auto pi_of = [&](double wj, double sj) { return prior_ok && wr > 0 ? 0.5 * (wj / wr + sj / ur) : sj / ur; };
+        if (any_out && left * pi_of(w_out, s_out) >= 1) {  // a cluster outside L might qualify
+          fail = 1;
+          break;
+        }
+        const int l0 = left;
+        bool any = false;
+        for (int k = 0; k < kPer && left > 2; ++k) {
+          const int m = k * 32 + lane;
+          const double pi = (open_bits >> k & 1) ? pi_of(X.lw[m], S.cs[m]) : 0.0;
+          unsigned c = __ballot_sync(0xffffffffu, (open_bits >> k & 1) && l0 * pi >= 1);
+          while (c && left > 2) {
+            const int src = __ffs(c) - 1;
+            c &= c - 1;
+            const double p = __shfl_sync(0xffffffffu, pi, src);
+            if (left * p < 1) continue;
+            if (lane == src) {
+              open_bits &= ~(1u << k);
+              own[X.lid[m]] = 3;
+              X.cert[n_cert] = X.lid[m];
+            }
+            ++n_cert;
+            --left;
+            any = true;
+          }
+        }
+        if (!any) break;
       }
-      X.n_left = left;
-      X.any = any;
+      if (lane == 0) {
+        X.n_left = left;
+        X.n_cert = n_cert;
+        X.fail = fail;
+        X.dv[5] = wr;
+        X.dv[6] = ur;
+      }
     }
     __syncthreads();
     n_left = X.n_left;
-    if (!X.any) break;
-    Wr = 0.0, Ur = 0.0;  // recomputed, not subtracted (cancellation)
-    for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-      if (open(j)) Wr += wgt(x, sz), Ur += sz;
-    });
-    Wr = block_sum(Wr, S);
-    Ur = block_sum(Ur, S);
+    full = X.fail != 0;
+    Wr = X.dv[5];
+    Ur = X.dv[6];
   }
-  // The draws: u_k = unit(key + 2k) * total over the cumulative sum of the mixture in cluster
-  // order; draw k lands on the cluster whose interval [before, after) holds u_k. Two scans
-  // in the same order: the first for the total, the second to place the sorted uniforms.
+  if (full && n_left > 2 && Ur > 0) {
+    {  // totals of what is still open
+      Wr = 0.0, Ur = 0.0;
+      for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
+        if (open(j)) Wr += wgt(x, sz), Ur += sz;
+      });
+      Wr = block_sum(Wr, S);
+      Ur = block_sum(Ur, S);
+    }
+    while (Ur > 0 && n_left > 2) {
+      if (tid == 0) S.n_cand = 0;
+      __syncthreads();
+      const double wp = Wr, up = Ur;
+      const int nl = n_left;
+      for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
+        if (!open(j)) return;
+        const double pi = prior_ok && wp > 0 ? 0.5 * (wgt(x, sz) / wp + sz / up) : sz / up;
+        if (nl * pi >= 1) {  // at most nl such clusters (the pi sum to 1)
+          const int at = atomicAdd(&S.n_cand, 1);
+          if (at < kCand) {
+            S.cid[at] = (int32_t)j;
+            S.cval[at] = pi;
+          }
+        }
+      });
+      __syncthreads();
+      const int nc = min(S.n_cand, kCand);
+      for (int k = tid; k < nc; k += kSelThreads) {  // index order
+        int r = 0;
+        for (int m = 0; m < nc; ++m) r += S.cid[m] < S.cid[k];
+        S.sorted[r] = k;
+      }
+      __syncthreads();
+      if (tid == 0) {
+        int any = 0, left = nl;
+        for (int r = 0; r < nc && left > 2; ++r) {
+          const int k = S.sorted[r];
+          if (left * S.cval[k] < 1) continue;
+          own[S.cid[k]] = 3;
+          X.cert[X.n_cert++] = S.cid[k];
+          --left;
+          any = 1;
+        }
+        X.n_left = left;
+        X.any = any;
+      }
+      __syncthreads();
+      n_left = X.n_left;
+      if (!X.any) break;
+      Wr = 0.0, Ur = 0.0;  // recomputed, not subtracted (cancellation)
+      for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
+        if (open(j)) Wr += wgt(x, sz), Ur += sz;
+      });
+      Wr = block_sum(Wr, S);
+      Ur = block_sum(Ur, S);
+    }
+  }
+  // The draws: u_k = unit(key + 2k) over the cumulative sum of the mixture in cluster order
+  // (its total is 1 by construction; the CPU scales by the computed sum, the same up to
+  // rounding); draw k lands on the cluster whose interval [before, after) holds u_k. One scan,
+  // kPerThread consecutive clusters a thread; a uniform past the rounded end is a zero draw.
   if (!(Ur > 0)) n_left = 0;  // every unread cluster is a certainty cluster: the tail is exact
   if (n_left > 0) {
+    constexpr int kPerThread = 8, kTile = kSelThreads * kPerThread;
     const bool rest_ok = prior_ok && Wr > 0;
     const uint64_t key = draw_key(s.layer, slot, v.h, (i % (s.hkv * s.g)) % s.g, v.total);
-    double total = 0.0;
-    for (int pass = 0; pass < 2; ++pass) {
-      double carry = 0.0;
-      for (int64_t base = 0; base < C; base += kSelThreads) {
-        const int64_t j = base + tid;
-        double x = 0.0;
+    double* uni = S.cval;  // the uniforms in draw order (S.cval is free until the top-ups)
+    if (tid < n_left) uni[tid] = unit_draw(key + 2 * (uint64_t)tid);
+    __syncthreads();
+    if (tid < n_left) {
+      const double x = uni[tid];
+      int r = 0;
+      for (int m = 0; m < n_left; ++m) r += uni[m] < x || (uni[m] == x && m < tid);
+      X.su[r] = x;
+      X.sidx[r] = tid;
+    }
+    __syncthreads();
+    double carry = 0.0;
+    for (int64_t base = 0; base < C; base += kTile) {
+      const int64_t j0 = base + (int64_t)tid * kPerThread;
+      double x[kPerThread], tsum = 0.0;
+#pragma unroll
+      for (int e = 0; e < kPerThread; ++e) {
+        const int64_t j = j0 + e;
+        x[e] = 0.0;
         if (j < C && open(j)) {
           const int32_t sz = off[j + 1] - off[j];
-          x = rest_ok ? 0.5 * (wgt(sc[j], sz) / Wr + sz / Ur) : sz / Ur;
+          x[e] = rest_ok ? 0.5 * (wgt(sc[j], sz) / Wr + sz / Ur) : sz / Ur;
         }
-        double incl, agg;
-        cub::BlockScan<double, kSelThreads>(X.dscan).InclusiveSum(x, incl, agg);
-        if (pass == 1 && x > 0) {
-          const double lo = carry + incl - x, hi = carry + incl;
+        tsum += x[e];
+      }
+      double ex, agg;
+      cub::BlockScan<double, kSelThreads>(X.dscan).ExclusiveSum(tsum, ex, agg);
+      double lo = carry + ex;
+#pragma unroll
+      for (int e = 0; e < kPerThread; ++e) {
+        if (x[e] > 0) {
+          const double hi = lo + x[e];
           int l = 0, u = n_left;  // first sorted uniform >= lo
           while (l < u) {
             const int mid = (l + u) >> 1;
             if (X.su[mid] < lo) l = mid + 1;
             else u = mid;
           }
-          for (int k = l; k < n_left && (X.su[k] < hi || (hi == total && X.su[k] >= total)); ++k) {
-            X.dc[X.sidx[k]] = (int32_t)j;
-            X.dpi[X.sidx[k]] = x / total;
+          for (int k = l; k < n_left && X.su[k] < hi; ++k) {
+            X.dc[X.sidx[k]] = (int32_t)(j0 + e);
+            X.dpi[X.sidx[k]] = x[e];
           }
+          lo = hi;
         }
-        carry += agg;
-        __syncthreads();  // dscan is reused
       }
-      if (pass == 0) {
-        total = carry;
-        if (tid < n_left) X.u[tid] = unit_draw(key + 2 * (uint64_t)tid) * total;
-        __syncthreads();
-        if (tid < n_left) {
-          const double x = X.u[tid];
-          int r = 0;
-          for (int m = 0; m < n_left; ++m) r += X.u[m] < x || (X.u[m] == x && m < tid);
-          X.su[r] = x;
-          X.sidx[r] = tid;
-        }
-        __syncthreads();
-      }
+      carry += agg;
+      __syncthreads();  // dscan is reused
     }
   }
-  // Exact masses of the certainty clusters and of every draw (a cluster drawn twice is scored
-  // twice here: the same value).
+  // Exact masses of the certainty clusters (summed: t_certain) and of every draw (a cluster
+  // drawn twice is scored twice here: the same value).
   const int n_cert = X.n_cert;
+  double tc = 0.0;
   for (int t = warp; t < n_cert + n_left; t += kSelWarps) {
     const int32_t j = t < n_cert ? X.cert[t] : X.dc[t - n_cert];
     const double e = j >= 0 ? cluster_mass(j) : 0.0;
     if (lane == 0) {
-      if (t < n_cert) X.cm[t] = e;
+      if (t < n_cert) tc += e;
       else X.dm[t - n_cert] = e;
     }
   }
-  __syncthreads();
+  tc = block_sum(tc, S);
   // 3. The bound: Z_up = R + T_up, T_up = t_certain + mean Y + z_c sd(Y) / sqrt(n_left).
   if (tid == 0) {
-    double tc = 0.0, sum = 0.0, sq = 0.0;
-    for (int t = 0; t < n_cert; ++t) tc += X.cm[t];
+    double sum = 0.0, sq = 0.0;
     for (int k = 0; k < n_left; ++k) {
       const double y = X.dc[k] >= 0 && X.dpi[k] > 0 ? X.dm[k] / X.dpi[k] : 0.0;
-      X.u[k] = y;
+      X.su[k] = y;
       sum += y;
       sq += y * y;
     }
@@ -334,13 +482,13 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   __syncthreads();
   const double t0 = X.dv[1], z_up = X.dv[2], r0 = R;
 
-  // 4. Top-up rounds while R < P Z_up (read_all: one round that takes everything).
+  // 4. Top-up rounds while R < P Z_up (read_all: one round that takes everything). The unread
+  // prior's total and histogram come from pass A less what the rounds read (w_taken); the
+  // round's clusters are looked for in L where the crossing bucket lies within it (no pass over
+  // every cluster), else over all clusters.
+  double w_taken = 0.0;
   for (int round = 0; read_all ? round < 1 : (round < a.max_rounds && R < P * z_up); ++round) {
-    double w_rest = 0.0;
-    for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-      if (unread(j)) w_rest += wgt(x, sz);
-    });
-    w_rest = block_sum(w_rest, S);
+    const double w_rest = fmax(W - w_taken, 0.0);
     const double scale = w_rest > 0 ? fmax(t0 - (R - r0), 0.0) / w_rest : 0.0;
     if (tid == 0) {  // the unread cluster holding the largest draw first
       int32_t hot = -1;
@@ -348,49 +496,53 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
       double best = 0.0;
       for (int k = 0; k < n_left; ++k) {
         const int32_t j = X.dc[k];
-        if (j >= 0 && unread(j) && X.u[k] > best) best = X.u[k], hot = j, hk = k;
+        if (j >= 0 && unread(j) && X.su[k] > best) best = X.su[k], hot = j, hk = k;
       }
-      double need = P * z_up - R;
+      double need = P * z_up - R, w = 0.0;
       if (hot >= 0) {
         own[hot] = 1;
         R += X.dm[hk];
-        need -= scale * wgt(sc[hot], off[hot + 1] - off[hot]);
+        w = wgt(sc[hot], off[hot + 1] - off[hot]);
+        need -= scale * w;
+        S.pri[bucket_of(sc[hot], mxf, bpl)] -= (float)w;  // read now: not in the ranking below
       }
       X.dv[3] = R;
       X.dv[4] = need;
+      X.dv[7] = w;
     }
     __syncthreads();
     R = X.dv[3];
     const double need = X.dv[4];
+    w_taken += X.dv[7];
     if (!read_all && !(need > 0)) continue;
     // Then unread clusters by rank while the rescaled prior taken so far is below `need`:
     // whole histogram buckets, then the crossing bucket's clusters ranked exactly (more than
     // kCand of them: the bucket whole).
     int bx = kBuckets;
-    bool whole = read_all;
+    bool whole = read_all, use_l = false;
     if (!read_all) {
-      for (int k = tid; k < kBuckets; k += kSelThreads) S.pri[k] = 0.f;
-      __syncthreads();
-      for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-        if (unread(j)) atomicAdd(&S.pri[bucket_of(x, info.mx, info.bpl)], (float)wgt(x, sz));
-      });
-      __syncthreads();
       double before = 0.0;
       bx = crossing_bucket(S.pri, scale, 0.0, need, S, &before);
       if (bx >= kBuckets) {
         whole = true;  // rounding left `need` uncovered: every unread cluster
       } else {
+        use_l = bx <= bl;  // every unread cluster of buckets <= bx is in L
         if (tid == 0) S.n_cand = 0;
         __syncthreads();
-        for_clusters(sc, off, C, [&](int64_t j, float x, int32_t) {
-          if (bucket_of(x, info.mx, info.bpl) == bx && unread(j)) {
+        auto consider = [&](int64_t j, float x) {
+          if (bucket_of(x, mxf, bpl) == bx && unread(j)) {
             const int at = atomicAdd(&S.n_cand, 1);
             if (at < kCand) {
               S.cs[at] = x;
               S.cid[at] = (int32_t)j;
             }
           }
-        });
+        };
+        if (use_l) {
+          if (tid < nl) consider(X.lid[tid], sc[X.lid[tid]]);
+        } else {
+          for_clusters(sc, off, C, [&](int64_t j, float x, int32_t) { consider(j, x); });
+        }
         __syncthreads();
         const int nc = S.n_cand;
         if (nc > kCand) {
@@ -410,24 +562,31 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
       __syncthreads();
     }
     // Mark the round's clusters (buckets before bx, or all where `whole`, and the ranked
-    // ones), list them in index order and add their exact mass.
+    // ones), list them in index order, take them out of the unread prior, add their exact mass.
     int n_new = 0;
-    for (int64_t base = 0; base < C; base += kSelThreads) {
-      const int64_t j = base + tid;
+    double w_new = 0.0;
+    auto mark_batch = [&](int64_t j, bool valid) {
       bool take = false;
-      if (j < C && !first(j)) {
+      if (valid && !first(j)) {
         const uint8_t o = own[j];
-        take = o == 4 || (o != 1 && (whole || bucket_of(sc[j], info.mx, info.bpl) < bx));
+        take = o == 4 || (o != 1 && (whole || bucket_of(sc[j], mxf, bpl) < bx));
       }
       int ex, agg;
       HeadScan(S.scan).ExclusiveSum((int)take, ex, agg);
       if (take) {
         own[j] = 1;
         list[n_new + ex] = (int32_t)j;
+        const double w = wgt(sc[j], off[j + 1] - off[j]);
+        w_new += w;
+        atomicAdd(&S.pri[bucket_of(sc[j], mxf, bpl)], -(float)w);
       }
       n_new += agg;
       __syncthreads();  // scan storage reuse
-    }
+    };
+    if (use_l) mark_batch(tid < nl ? X.lid[tid] : 0, tid < nl);
+    else
+      for (int64_t base = 0; base < C; base += kSelThreads) mark_batch(base + tid, base + tid < C);
+    w_taken += block_sum(w_new, S);
     double e = 0.0;
     for (int t = warp; t < n_new; t += kSelWarps) {
       const double m = cluster_mass(list[t]);
@@ -461,7 +620,10 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
 template <class T, int D>
 void launch_certify_d(const StepGeometry& s, const SelectArgs& a, int splits, cudaStream_t st) {
   const int64_t items = s.batch * s.hkv, heads = items * s.g;
-  launch<certify_mass_kernel<T, D>>(s.pdl, dim3((unsigned)items, (unsigned)splits), kMassThreads, 0, st, s, a);
+  const dim3 mg((unsigned)items, (unsigned)splits);
+  if (s.g <= 4) launch<certify_mass_kernel<T, D, 4>>(s.pdl, mg, kMassThreads, 0, st, s, a);
+  else if (s.g <= 8) launch<certify_mass_kernel<T, D, 8>>(s.pdl, mg, kMassThreads, 0, st, s, a);
+  else launch<certify_mass_kernel<T, D, 16>>(s.pdl, mg, kMassThreads, 0, st, s, a);
   TACTIC_CUDA_LAUNCH_CHECK("certify_mass");
   launch<certify_kernel<T, D>>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a, splits);
   TACTIC_CUDA_LAUNCH_CHECK("certify");
@@ -478,7 +640,8 @@ void launch_certify(const StepGeometry& s, const SelectArgs& a) {
   if (s.g > kMaxG) throw UnsupportedError("the CUDA certified stop rule supports up to 16 query heads per KV head");
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv, sms = a.sm_count > 0 ? a.sm_count : 132;
-  const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (2 * sms + items - 1) / items));
+  // About four blocks of certify_mass per SM (it is latency-bound: one thread per row).
+  const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxCertSplits, (4 * sms + items - 1) / items));
   dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     switch (s.d) {

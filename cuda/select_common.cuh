@@ -38,6 +38,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxExactSplits = 16;  // <= 32: select_stop combines them in one warp
+constexpr int kMaxCertSplits = 64;   // blocks per KV head of certify_mass (select_certify.cu)
 
 __device__ __forceinline__ int64_t head_index(const StepGeometry& s, int32_t slot, int64_t h) {
   return (s.layer * s.max_batch + slot) * s.hkv + h;

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 def decoder(fam_keys, hq, device, **opts):
     n, hkv, d = fam_keys.shape
     dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, dtype="float16", record_selection=True,
-                               device=device, share_group=False, **opts)
+                               device=device, share_group=False, stop_rule="certified", **opts)
     k = torch.from_numpy(fam_keys).half()
     dec.prefill(0, k.to(device), k.to(device))
     return dec
@@ -75,7 +75,7 @@ def test_cuda_reads_about_what_the_cpu_reads(family):
 def test_top_ups_run_and_only_add_on_cuda():
     """max_rounds=0 stops after the first read at P; the default rounds add clusters where the
     bound is not met, never remove any, and bring more heads to P."""
-    k, qs = workload(2, d=128, g=4, sharp=(0.5, 2.0))
+    k, qs = workload(2, d=128, g=4, sharp=(3.0, 6.0))  # peaked heads: the first read falls short here
     masks, heads = {}, {}
     for rounds in (0, 4):
         dec = decoder(k, 8, "cuda", target=0.95, max_rounds=rounds)
@@ -96,7 +96,7 @@ def test_certified_attention_reads_the_topped_up_union():
     n, hkv, d = k.shape
     v = np.random.default_rng(0).normal(size=k.shape).astype(np.float16).astype(np.float64)
     dec = tactic.SparseDecoder(1, 4 * hkv, hkv, d, max_tokens=n + 8, dtype="float16", record_selection=True,
-                               device="cuda", share_group=False, target=0.95)
+                               device="cuda", share_group=False, target=0.95, stop_rule="certified")
     dec.prefill(0, torch.from_numpy(k).half().cuda(), torch.from_numpy(v).half().cuda())
     for q in qs[:3]:
         out = dec.decode(0, torch.from_numpy(q[None]).half().cuda(), None, None)
