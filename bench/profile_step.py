@@ -49,7 +49,7 @@ def main():
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch")
     p.add_argument("--head-split", type=int, default=None)
-    p.add_argument("--stop-rule", default="certified", choices=["certified", "prior"])
+    p.add_argument("--stop-rule", default="prior", choices=["certified", "prior"])
     a = p.parse_args()
     for n in a.context:
         profile_one(n, a)

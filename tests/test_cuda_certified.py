@@ -135,3 +135,27 @@ def test_certified_selection_is_reproducible_and_graph_capturable():
 def test_too_many_tail_samples_are_refused_on_cuda():
     with pytest.raises(RuntimeError, match="tail_samples"):
         tactic.SparseDecoder(1, 4, 1, 64, max_tokens=64, device="cuda", dtype="float16", tail_samples=512)
+
+
+def test_real_fixture_certified_on_cuda(fixture_data):
+    """The SmolLM2 capture (30 layers, real text): the certified rule on CUDA brings KV-head
+    unions to P at the confidence and reads about what the CPU's certified rule reads."""
+    from tactic.evaluate import accuracy, fixture_layers, kv_union_success, reference, run_policy
+
+    fx = fixture_data
+    figures = {}
+    for device in ("cpu", "cuda"):
+        read, union = [], []
+        for cap in fixture_layers(fx):
+            ref = reference(cap, fx.n_prefill, fx.scale)
+            run = run_policy(cap, fx.n_prefill, fx.scale, "tactic", target=0.9, device=device, share_group=False,
+                             stop_rule="certified")
+            acc = accuracy(run, ref)
+            read.append(acc.read_fraction.ravel())
+            union.append(kv_union_success(acc, 0.9, 3).ravel())
+        figures[device] = (float(np.concatenate(read).mean()), float(np.concatenate(union).mean()),
+                           len(np.concatenate(union)))
+    print("certified on the fixture (read fraction, unions reaching P, unions):", figures)
+    (rc, uc, _), (rg, ug, nu) = figures["cpu"], figures["cuda"]
+    assert ug >= lower_limit(0.95, nu), figures
+    assert abs(rg - rc) <= 0.1 * rc, figures

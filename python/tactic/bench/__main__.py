@@ -81,8 +81,8 @@ def add_sweep_arguments(ap) -> None:
                     help="CUDA kernel variant: blocks per query head in the selection (default: the plan's choice)")
     ap.add_argument("--attention-kernel", choices=["auto", "cuda_cores", "tensor_cores"], default="auto",
                     help="CUDA kernel variant: the attention chunk kernel (default: auto)")
-    ap.add_argument("--stop-rule", choices=["certified", "prior"], default="certified",
-                    help="Tactic's stop rule (default: certified, SparseDecoder's default)")
+    ap.add_argument("--stop-rule", choices=["certified", "prior"], default=None,
+                    help="Tactic's stop rule (default: SparseDecoder's for the device: certified on the CPU, prior on CUDA)")
     ap.add_argument("--pdl", choices=["auto", "on", "off"], default="auto",
                     help="CUDA kernel variant: programmatic dependent launch (default: auto, on with sm_90 kernels)")
     ap.add_argument("--quick", action="store_true", help="~2 minutes: 8K-128K, B=1, 32/8, fp16, P=0.9")

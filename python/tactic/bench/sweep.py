@@ -73,7 +73,7 @@ class Options:
     # The CUDA step's kernel variants (SparseDecoder's head_split / attention_kernel / pdl; an
     # A/B sets them here, and every row records the plan they resolved to).
     kernels: dict = field(default_factory=dict)
-    stop_rule: str = "certified"     # Tactic's stop rule (SparseDecoder's stop_rule)
+    stop_rule: Optional[str] = None  # Tactic's stop rule (None: SparseDecoder's default for the device)
     time_budget_s: float = 420.0
     max_prefill_s: float = 30.0
     memory_fraction: float = 0.85
@@ -328,8 +328,9 @@ class Sweep:
         common = dict(max_batch=c.batch, max_tokens=c.n, device=dev, dtype=c.dtype, scale=wls[0].scale)
 
         def build(policy: str, target: float) -> Tuple[SparseDecoder, float]:
-            dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy, stop_rule=opt.stop_rule,
-                                record_selection=policy == "tactic", **common, **opt.kernels)
+            rule = {"stop_rule": opt.stop_rule} if opt.stop_rule else {}
+            dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy,
+                                record_selection=policy == "tactic", **common, **rule, **opt.kernels)
             _sync(dev)
             t = time.perf_counter()
             for l in range(layers):
