@@ -97,10 +97,11 @@ def plot(rows: List[dict], path, title: str, slice_: Optional[dict] = None) -> O
     for ax in (axes[0][0], axes[1][0]):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    rule = rows[0].get("stop_rule") if rows else None  # recorded since the CUDA certified rule
     fig.suptitle(f"{title}\n{', '.join(wls)} workload(s), Hq/Hkv {s['heads'][0]}/{s['heads'][1]}, {s['dtype']}, "
-                 f"P = {s['P']}; labels: tokens read by Tactic / N (read fraction of step, attention, "
-                 f"FlashInfer over the selection, gather; dense methods read all)", fontsize=10)
-    fig.tight_layout()
+                 f"P = {s['P']}{f', stop rule {rule}' if rule else ''}\nlabels: tokens read by Tactic / N (the read fraction of step, attention,\n"
+                 f"FlashInfer over the selection and gather; dense methods read all)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))  # room for the four title lines
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return s
