@@ -140,8 +140,8 @@ def test_estimators_and_metrics_run_on_real_attention(fixture_data):
 def test_ranking_adds_the_spread_term(spread):
     # Two groups of keys: a narrow one with the larger q.centroid and a wide one whose keys
     # reach far higher scores. With a one-cluster exact head (the prior rule's minimum) and a
-    # tiny target, the decoder attends exactly its top-ranked cluster: q.c ranks the narrow group first, the spread
-    # term (q.c + spread |q|^2 s_c / 2, computed here in float64 from the layout) the wide one.
+    # tiny target, the decoder attends exactly its top-ranked cluster: q.c ranks the narrow
+    # group first, the spread term (q.c + spread |q|^2 s_c / 2, computed here in float64 from the layout) the wide one.
     rng = np.random.default_rng(7)
     d, m = 4, 16
     narrow = np.array([1.0, 10.0, 0.0, 0.0]) + 0.01 * rng.standard_normal((m, d))

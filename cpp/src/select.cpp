@@ -164,7 +164,6 @@ void select_quest(const KVStore& st, int64_t layer, int64_t slot, int64_t head, 
 
 enum : uint8_t { kUnread = 0, kHead = 1, kSample = 2, kChosen = 3, kShared = 4 };
 
-
 struct CertifiedStop {
   double read;  // exact mass of the head's selection (exp(l - m) summed)
   double tail;  // estimated (unbiased) mass of the unread rest

@@ -328,9 +328,8 @@ class Sweep:
         common = dict(max_batch=c.batch, max_tokens=c.n, device=dev, dtype=c.dtype, scale=wls[0].scale)
 
         def build(policy: str, target: float) -> Tuple[SparseDecoder, float]:
-            rule = {"stop_rule": opt.stop_rule} if opt.stop_rule else {}
-            dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy,
-                                record_selection=policy == "tactic", **common, **rule, **opt.kernels)
+            dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy, stop_rule=opt.stop_rule,
+                                record_selection=policy == "tactic", **common, **opt.kernels)
             _sync(dev)
             t = time.perf_counter()
             for l in range(layers):
