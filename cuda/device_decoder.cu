@@ -59,6 +59,7 @@ struct DeviceDecoder::Impl {
   DecoderConfig cfg;
   int dev = 0;
   StepPlan plan;  // the step's kernel variants, resolved (make_step_plan)
+  double z_conf = 0.0;  // the certified rule's normal quantile of `confidence` (fixed at construction)
   int64_t L, B, H, Hq, G, D, cap, cmax;
   std::size_t es;
   DeviceBuffer k, v, pos, centroids, centroids_low, spreads, offsets, state;
@@ -266,6 +267,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
   if (mul_sat(m.B, m.Hq) >= ((uint64_t)1 << 31))  // the kernels' grids index (sequence, head) in int
     throw UnsupportedError("max_batch * num_q_heads must stay below 2^31 on CUDA");
   m.plan = make_step_plan(cfg, m.cmax);  // UnsupportedError for a kernel variant this GPU lacks
+  m.z_conf = m.certified() ? normal_quantile(cfg.select.confidence) : 0.0;
   // Every buffer's size first, in saturating arithmetic (an absurd configuration must not wrap
   // around to a small number), so that a capacity that cannot fit is refused with the total it
   // needs before anything is allocated.
@@ -469,7 +471,7 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.sm_count = m.plan.sm_count;
   a.score_tensor_cores = m.plan.score == AttentionKernel::tensor_cores;
   a.certified = m.certified();
-  a.z_conf = a.certified ? normal_quantile(m.cfg.select.confidence) : 0.0;
+  a.z_conf = m.z_conf;
   a.tail_samples = (int)m.cfg.select.tail_samples;
   a.max_rounds = m.cfg.select.max_rounds;
   a.cert_mark = m.cert_mark.as<uint8_t>();

@@ -78,7 +78,6 @@ size_t select_scratch_bytes(int64_t heads) {
 
 void select_step(const StepGeometry& s, const SelectArgs& args) {
   SelectArgs a = args;
-  if (a.certified) a.margin = 0.0;  // the certified rule's first read aims at P itself
   {  // carve the scratch: info, parts, histograms, candidates, certify partials (16-byte aligned)
     const int64_t heads = s.batch * s.hkv * s.g;
     char* p = static_cast<char*>(a.scratch);

@@ -73,7 +73,8 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   }
 
   // Stop point: ranked clusters after the head until the estimate reaches P_eff * z.
-  const double p_eff = fmin(1.0, a.target + a.margin * (1.0 - a.target));
+  // The certified rule's first read aims at P itself (select_certify bounds the rest), as on the CPU.
+  const double p_eff = a.certified ? a.target : fmin(1.0, a.target + a.margin * (1.0 - a.target));
   const double goal = p_eff * z;
   const double acc0 = a_mass + read_exact;
   int bs = bh_whole, cut_s = 0;  // selected: buckets < bs, plus sorted[0..cut_s) of bs
