@@ -67,28 +67,8 @@ __global__ void __launch_bounds__(kMassThreads) certify_mass_kernel(StepGeometry
 #pragma unroll
   for (int g = 0; g < KG; ++g) acc[g] = 0.f;
   auto add_row = [&](int64_t row) {
-    constexpr int kPer = 16 / sizeof(T), N = D / kPer, kBatch = 8;
-    const uint4* p = reinterpret_cast<const uint4*>(K + row * D);
     float l[KG];
-#pragma unroll
-    for (int g = 0; g < KG; ++g) l[g] = 0.f;
-#pragma unroll
-    for (int c0 = 0; c0 < N; c0 += kBatch) {
-      uint4 r[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j)
-        if (c0 + j < N) r[j] = __ldg(p + c0 + j);
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j)
-        if (c0 + j < N) {
-          float e[kPer];
-          unpack16<T>(r[j], e);
-#pragma unroll
-          for (int g = 0; g < KG; ++g)
-#pragma unroll
-            for (int k = 0; k < kPer; ++k) l[g] = fmaf(qs[g * D + (c0 + j) * kPer + k], e[k], l[g]);
-        }
-    }
+    thread_dots<T, D, KG>(K + row * D, qs, l);  // qs is zero past the G heads
 #pragma unroll
     for (int g = 0; g < KG; ++g) acc[g] += __expf(l[g] - mx[g]);
   };
@@ -338,15 +318,14 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     Ur = X.dv[6];
   }
   if (full && n_left > 2 && Ur > 0) {
-    {  // totals of what is still open
-      Wr = 0.0, Ur = 0.0;
+    while (true) {  // the CPU's loop over all clusters, the totals recomputed at each pass
+      Wr = 0.0, Ur = 0.0;  // recomputed, not subtracted (cancellation)
       for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
         if (open(j)) Wr += wgt(x, sz), Ur += sz;
       });
       Wr = block_sum(Wr, S);
       Ur = block_sum(Ur, S);
-    }
-    while (Ur > 0 && n_left > 2) {
+      if (!(Ur > 0 && n_left > 2)) break;
       if (tid == 0) S.n_cand = 0;
       __syncthreads();
       const double wp = Wr, up = Ur;
@@ -386,12 +365,6 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
       __syncthreads();
       n_left = X.n_left;
       if (!X.any) break;
-      Wr = 0.0, Ur = 0.0;  // recomputed, not subtracted (cancellation)
-      for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-        if (open(j)) Wr += wgt(x, sz), Ur += sz;
-      });
-      Wr = block_sum(Wr, S);
-      Ur = block_sum(Ur, S);
     }
   }
   // The draws: u_k = unit(key + 2k) over the cumulative sum of the mixture in cluster order

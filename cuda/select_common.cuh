@@ -267,13 +267,15 @@ __device__ __forceinline__ MaxSum add(MaxSum a, double x) {
   return {a.m, a.s + exp(x - a.m)};
 }
 
-// q . row for one thread: D known at compile time, so the row's 16-byte loads are issued in
-// batches of 8 without waiting for each other (a runtime loop left one load in flight).
-template <class T, int D>
-__device__ __forceinline__ float thread_dot(const T* row, const float* q) {
+// q_g . row for KG queries q_g = q + g * D, one thread: D known at compile time, so the row's
+// 16-byte loads are issued in batches of 8 without waiting for each other (a runtime loop left
+// one load in flight), and the row is read once for all KG queries.
+template <class T, int D, int KG>
+__device__ __forceinline__ void thread_dots(const T* row, const float* q, float* l) {
   constexpr int kPer = 16 / sizeof(T), N = D / kPer, kBatch = 8;
   const uint4* p = reinterpret_cast<const uint4*>(row);
-  float acc = 0.f;
+#pragma unroll
+  for (int g = 0; g < KG; ++g) l[g] = 0.f;
 #pragma unroll
   for (int c0 = 0; c0 < N; c0 += kBatch) {
     uint4 r[kBatch];
@@ -286,10 +288,17 @@ __device__ __forceinline__ float thread_dot(const T* row, const float* q) {
         float e[kPer];
         unpack16<T>(r[j], e);
 #pragma unroll
-        for (int k = 0; k < kPer; ++k) acc = fmaf(q[(c0 + j) * kPer + k], e[k], acc);
+        for (int g = 0; g < KG; ++g)
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) l[g] = fmaf(q[g * D + (c0 + j) * kPer + k], e[k], l[g]);
       }
   }
-  return acc;
+}
+template <class T, int D>
+__device__ __forceinline__ float thread_dot(const T* row, const float* q) {
+  float l[1];
+  thread_dots<T, D, 1>(row, q, l);
+  return l[0];
 }
 
 // Thread-block cluster operations for the split kernels (sm_90). The host launches those only
