@@ -19,7 +19,7 @@ def profile_one(n, a):
     wl = make(a.workload, n, 1, hq, hkv, d, "float16", "cuda", seed=0)
     q = wl.queries
     dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, device="cuda", target=a.target, stop_rule=a.stop_rule,
-                               policy=a.policy, pdl=a.pdl, head_split=a.head_split)
+                               policy=a.policy, pdl=a.pdl, head_split=a.head_split, **a.rule_options)
     dec.prefill(0, wl.keys.transpose(1, 2), wl.values.transpose(1, 2))  # token-major views
     out = torch.empty_like(q)
     for _ in range(5):
@@ -31,7 +31,7 @@ def profile_one(n, a):
             dec.decode(0, q, None, None, out=out)
         torch.cuda.synchronize()
     print(f"N={n} workload={a.workload} policy={a.policy} read={dec.stats(0)['read_fraction'].mean():.1%} "
-          f"plan={dec.plan}; per step:")
+          f"{a.rule_options or ''} plan={dec.plan}; per step:")
     rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     total = 0.0
     for e in rows:
@@ -50,7 +50,11 @@ def main():
     p.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch")
     p.add_argument("--head-split", type=int, default=None)
     p.add_argument("--stop-rule", default="prior", choices=["certified", "prior"])
+    # the certified rule's knobs, to time its phases apart by difference (fewer draws, no rounds)
+    p.add_argument("--tail-samples", type=int, default=None)
+    p.add_argument("--max-rounds", type=int, default=None)
     a = p.parse_args()
+    a.rule_options = {k: v for k, v in (("tail_samples", a.tail_samples), ("max_rounds", a.max_rounds)) if v is not None}
     for n in a.context:
         profile_one(n, a)
 
