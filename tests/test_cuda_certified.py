@@ -134,7 +134,8 @@ def test_certified_selection_is_reproducible_and_graph_capturable():
 
 def test_too_many_tail_samples_are_refused_on_cuda():
     with pytest.raises(RuntimeError, match="tail_samples"):
-        tactic.SparseDecoder(1, 4, 1, 64, max_tokens=64, device="cuda", dtype="float16", tail_samples=512)
+        tactic.SparseDecoder(1, 4, 1, 64, max_tokens=64, device="cuda", dtype="float16", stop_rule="certified",
+                             tail_samples=512)
 
 
 def test_real_fixture_certified_on_cuda(fixture_data):
