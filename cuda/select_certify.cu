@@ -112,6 +112,36 @@ __global__ void __launch_bounds__(kMassThreads) certify_mass_kernel(StepGeometry
   }
 }
 
+// for_clusters with each cluster's two marks (U1's kv_mark, the head's cert_mark) loaded along
+// with its score and size: read inside the body, each cluster waited on its own round trip.
+// Plain loads: the marks change during the kernel.
+template <class F>
+__device__ __forceinline__ void for_clusters_marked(const float* sc, const int32_t* off, const uint8_t* m1,
+                                                    const uint8_t* m2, int64_t C, F&& f) {
+  constexpr int U = 8;
+  for (int64_t base = threadIdx.x; base < C; base += (int64_t)U * kSelThreads) {
+    float v[U];
+    int32_t o0[U], o1[U];
+    uint8_t a[U], b[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + (int64_t)u * kSelThreads;
+      if (j < C) {
+        v[u] = __ldg(sc + j);
+        o0[u] = __ldg(off + j);
+        o1[u] = __ldg(off + j + 1);
+        a[u] = m1[j];
+        b[u] = m2[j];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + (int64_t)u * kSelThreads;
+      if (j < C) f(j, v[u], o1[u] - o0[u], a[u], b[u]);
+    }
+  }
+}
+
 constexpr int kMaxDraws = 256;  // tail_samples on CUDA at most (the draws live in shared memory)
 
 struct CertShared {
@@ -132,6 +162,12 @@ struct CertShared {
 // weights w_j = |j| exp(score_j - mx) are computed in float (they shape the sampling
 // probabilities and the top-up order; the draws' Y use the same values, so the estimate stays
 // unbiased); masses and sums are double.
+#ifdef TACTIC_CERTIFY_PHASES  // profiling builds only: per-phase SM cycles of one launch in 25, printed
+__device__ unsigned int g_cert_tickets = 0;
+#define CERT_STAMP(k) do { __syncthreads(); if (threadIdx.x == 0) ph[k] = clock64(); } while (0)
+#else
+#define CERT_STAMP(k) do {} while (0)
+#endif
 template <class T, int D>
 __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, SelectArgs a, int splits) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
@@ -144,6 +180,11 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   const HeadView v = head_view(s, a, i);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t C = v.C;
+#ifdef TACTIC_CERTIFY_PHASES
+  long long ph[10] = {};
+  int n_rounds = 0;
+#endif
+  CERT_STAMP(0);
   const int32_t* off = v.off;
   const float* sc = v.sc;
   uint8_t* kmark = v.kmark;
@@ -179,21 +220,55 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   auto first = [&](int64_t j) { return kmark[j] == 1; };      // in U1 (another head's top-up is 2)
   auto open = [&](int64_t j) { return !first(j) && own[j] == 0; };  // unread and not a certainty cluster
   auto unread = [&](int64_t j) { return !first(j) && own[j] != 1; };
-  // A cluster's exact mass, by one warp (lanes over rows; every lane gets the sum).
-  auto cluster_mass = [&](int64_t j) {
-    double e = 0.0;
-    for (int64_t r = v.nsink + off[j] + lane; r < v.nsink + off[j + 1]; r += 32)
-      e += exp((double)thread_dot<T, D>(K + r * D, qs) - mx);
-    for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
-    return e;
+  // The exact masses sum exp(q.k - mx) of clusters id_of(0..m) (an id < 0: none), each handed
+  // to out(t, mass) by thread t % kSelThreads. The rows of kSelThreads clusters at a time are
+  // spread over the whole block, a chunk of kSelThreads rows at a time, and each cluster sums
+  // its rows of the chunk in order (deterministic; a warp per cluster left lanes idle and
+  // chained the clusters). Uses S.sorted, S.cid, S.cval and S.scan.
+  auto masses = [&](int m, auto id_of, auto out) {
+    int32_t* item_row = S.sorted;  // a cluster's first row in K
+    int32_t* item_at = S.cid;      // its first position in this batch's row order
+    double* part = S.cval;         // one chunk's exp(q.k - mx)
+    for (int t0 = 0; t0 < m; t0 += kSelThreads) {
+      const int t = t0 + tid, nb = min(m - t0, kSelThreads);
+      int my_sz = 0, at, rows;
+      int32_t row0 = 0;
+      if (t < m) {
+        const int32_t j = id_of(t);
+        if (j >= 0) row0 = (int32_t)v.nsink + off[j], my_sz = off[j + 1] - off[j];
+      }
+      HeadScan(S.scan).ExclusiveSum(my_sz, at, rows);
+      if (tid < nb) item_row[tid] = row0, item_at[tid] = at;
+      __syncthreads();
+      double mine = 0.0;
+      for (int c0 = 0; c0 < rows; c0 += kSelThreads) {
+        const int r = c0 + tid;
+        double e = 0.0;
+        if (r < rows) {
+          int l = 0, u = nb;  // the last cluster starting at or before r (it holds r)
+          while (u - l > 1) {
+            const int mid = (l + u) >> 1;
+            if (item_at[mid] <= r) l = mid;
+            else u = mid;
+          }
+          const int64_t row = (int64_t)item_row[l] + (r - item_at[l]);
+          e = exp((double)thread_dot<T, D>(K + row * D, qs) - mx);
+        }
+        part[tid] = e;
+        __syncthreads();
+        for (int k = max(at, c0); k < min(at + my_sz, c0 + kSelThreads); ++k) mine += part[k - c0];
+        __syncthreads();
+      }
+      if (t < m) out(t, mine);
+    }
   };
   const bool read_all = !(R > 0) || !isfinite(R);  // overflow or nothing read: take everything
 
   // 2. The tail sample. W, U: prior mass and tokens of the unread clusters; their count and
   // prior per score bucket (S.tok, S.pri) pick the short list below and rank the top-ups.
   double W = 0.0, U = 0.0;
-  for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-    if (first(j)) return;
+  for_clusters_marked(sc, off, kmark, own, C, [&](int64_t j, float x, int32_t sz, uint8_t km, uint8_t) {
+    if (km == 1) return;  // in U1
     const double w = wgt(x, sz);
     W += w, U += sz;
     const int bk = bucket_of(x, mxf, bpl);
@@ -202,6 +277,7 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   });
   W = block_sum(W, S);
   U = block_sum(U, S);
+  CERT_STAMP(1);
   const bool prior_ok = W > 0 && isfinite(W);
   double Wr = W, Ur = U;
   int n_left = read_all ? 0 : n;
@@ -227,31 +303,52 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   }
   double wo = 0.0, uo = 0.0;  // prior and tokens outside L
   if (bl >= 0) {
-    for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-      if (first(j)) return;
+    int ox = order_float(-INFINITY), os = 0, no = 0;  // the outsiders' largest score and size, count
+    for_clusters_marked(sc, off, kmark, own, C, [&](int64_t j, float x, int32_t sz, uint8_t km, uint8_t) {
+      if (km == 1) return;
       if (bucket_of(x, mxf, bpl) <= bl) {
         S.cid[atomicAdd(&S.n_cand, 1)] = (int32_t)j;
       } else {
         wo += wgt(x, sz), uo += sz;
-        atomicMax(&X.out_x, order_float(x));
-        atomicMax(&X.out_s, sz);
-        atomicAdd(&X.n_out, 1);
+        ox = max(ox, order_float(x)), os = max(os, sz), ++no;
       }
     });
+    for (int o = 16; o > 0; o >>= 1) {  // one atomic per warp (per cluster, they serialised)
+      ox = max(ox, __shfl_xor_sync(0xffffffffu, ox, o));
+      os = max(os, __shfl_xor_sync(0xffffffffu, os, o));
+      no += __shfl_xor_sync(0xffffffffu, no, o);
+    }
+    if (lane == 0 && no > 0) {
+      atomicMax(&X.out_x, ox);
+      atomicMax(&X.out_s, os);
+      atomicAdd(&X.n_out, no);
+    }
     wo = block_sum(wo, S);
     uo = block_sum(uo, S);
     nl = S.n_cand;  // <= kCand by the choice of bl
-    if (tid < nl) {  // index order
+    // L in index order: a bitonic sort of the kCand slots (empty ones last).
+    static_assert(kCand == kSelThreads, "one slot of L per thread");
+    if (tid >= nl) S.cid[tid] = INT32_MAX;
+    for (int k = 2; k <= kCand; k <<= 1)
+      for (int h = k >> 1; h > 0; h >>= 1) {
+        __syncthreads();
+        const int o = tid ^ h;
+        if (o > tid) {
+          const int32_t x = S.cid[tid], y = S.cid[o];
+          if ((x > y) == ((tid & k) == 0)) S.cid[tid] = y, S.cid[o] = x;
+        }
+      }
+    __syncthreads();
+    if (tid < nl) {
       const int32_t id = S.cid[tid];
-      int r = 0;
-      for (int m = 0; m < nl; ++m) r += S.cid[m] < id;
-      X.lid[r] = id;
+      X.lid[tid] = id;
       const int32_t sz = off[id + 1] - off[id];
-      X.lw[r] = (float)wgt(sc[id], sz);
-      S.cs[r] = (float)sz;
+      X.lw[tid] = (float)wgt(sc[id], sz);
+      S.cs[tid] = (float)sz;
     }
     __syncthreads();
   }
+  CERT_STAMP(2);
   if (bl >= 0 && n_left > 2 && Ur > 0) {
     // One warp runs the passes over L (each pass: totals, then the candidates in index order),
     // with no block-wide barrier per pass: a peaked head's chain of passes is long.
@@ -262,27 +359,32 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
       for (int k = 0; k < kPer; ++k) open_bits |= (uint32_t)(k * 32 + lane < nl) << k;
       const bool any_out = X.n_out > 0;
       const double w_out = wgt(unorder_float(X.out_x), X.out_s), s_out = X.out_s;
+      const int kq = (nl + 31) / 32;  // L's chunks of 32
       int left = n_left, n_cert = 0, fail = 0;
       double wr = 0.0, ur = 0.0;
       while (true) {
         wr = 0.0, ur = 0.0;
 #pragma unroll
         for (int k = 0; k < kPer; ++k)
-          if (open_bits >> k & 1) wr += X.lw[k * 32 + lane], ur += S.cs[k * 32 + lane];
+          if (k < kq && (open_bits >> k & 1)) wr += X.lw[k * 32 + lane], ur += S.cs[k * 32 + lane];
         for (int o = 16; o > 0; o >>= 1) {
           wr += __shfl_xor_sync(0xffffffffu, wr, o);
           ur += __shfl_xor_sync(0xffffffffu, ur, o);
         }
         wr += wo, ur += uo;
         if (!(ur > 0 && left > 2)) break;
-        auto pi_of = [&](double wj, double sj) { return prior_ok && wr > 0 ? 0.5 * (wj / wr + sj / ur) : sj / ur; };
+        // pi_j = (w_j / wr + s_j / ur) / 2 by reciprocals (the divisions, per cluster and pass,
+        // were most of a pass)
+        const bool mix = prior_ok && wr > 0;
+        const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
+        auto pi_of = [&](double wj, double sj) { return wj * iw + sj * iu; };
         if (any_out && left * pi_of(w_out, s_out) >= 1) {  // a cluster outside L might qualify
           fail = 1;
           break;
         }
         const int l0 = left;
         bool any = false;
-        for (int k = 0; k < kPer && left > 2; ++k) {
+        for (int k = 0; k < kq && left > 2; ++k) {
           const int m = k * 32 + lane;
           const double pi = (open_bits >> k & 1) ? pi_of(X.lw[m], S.cs[m]) : 0.0;
           unsigned c = __ballot_sync(0xffffffffu, (open_bits >> k & 1) && l0 * pi >= 1);
@@ -317,6 +419,7 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     Wr = X.dv[5];
     Ur = X.dv[6];
   }
+  CERT_STAMP(3);
   if (full && n_left > 2 && Ur > 0) {
     while (true) {  // the CPU's loop over all clusters, the totals recomputed at each pass
       Wr = 0.0, Ur = 0.0;  // recomputed, not subtracted (cancellation)
@@ -371,6 +474,7 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   // (its total is 1 by construction; the CPU scales by the computed sum, the same up to
   // rounding); draw k lands on the cluster whose interval [before, after) holds u_k. One scan,
   // kPerThread consecutive clusters a thread; a uniform past the rounded end is a zero draw.
+  CERT_STAMP(4);
   if (!(Ur > 0)) n_left = 0;  // every unread cluster is a certainty cluster: the tail is exact
   if (n_left > 0) {
     constexpr int kPerThread = 8, kTile = kSelThreads * kPerThread;
@@ -387,38 +491,55 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
       X.sidx[r] = tid;
     }
     __syncthreads();
+    // pi_j by reciprocals; a thread's clusters' loads all issued before any is used
+    const double iw = rest_ok ? 0.5 / Wr : 0.0, iu = (rest_ok ? 0.5 : 1.0) / Ur;
     double carry = 0.0;
     for (int64_t base = 0; base < C; base += kTile) {
       const int64_t j0 = base + (int64_t)tid * kPerThread;
-      double x[kPerThread], tsum = 0.0;
+      float xs[kPerThread];
+      int32_t o0[kPerThread], o1[kPerThread];
+      uint8_t km[kPerThread], ow[kPerThread];
 #pragma unroll
       for (int e = 0; e < kPerThread; ++e) {
         const int64_t j = j0 + e;
+        if (j < C) {
+          xs[e] = __ldg(sc + j);
+          o0[e] = __ldg(off + j);
+          o1[e] = __ldg(off + j + 1);
+          km[e] = kmark[j];
+          ow[e] = own[j];
+        }
+      }
+      double x[kPerThread], tsum = 0.0;
+#pragma unroll
+      for (int e = 0; e < kPerThread; ++e) {
         x[e] = 0.0;
-        if (j < C && open(j)) {
-          const int32_t sz = off[j + 1] - off[j];
-          x[e] = rest_ok ? 0.5 * (wgt(sc[j], sz) / Wr + sz / Ur) : sz / Ur;
+        if (j0 + e < C && km[e] != 1 && ow[e] == 0) {  // open: unread, not a certainty cluster
+          const int32_t sz = o1[e] - o0[e];
+          x[e] = (rest_ok ? wgt(xs[e], sz) * iw : 0.0) + sz * iu;
         }
         tsum += x[e];
       }
       double ex, agg;
       cub::BlockScan<double, kSelThreads>(X.dscan).ExclusiveSum(tsum, ex, agg);
       double lo = carry + ex;
+      if (tsum > 0) {
+        int l = 0, u = n_left;  // the first sorted uniform >= lo, then a walk over this thread's intervals
+        while (l < u) {
+          const int mid = (l + u) >> 1;
+          if (X.su[mid] < lo) l = mid + 1;
+          else u = mid;
+        }
 #pragma unroll
-      for (int e = 0; e < kPerThread; ++e) {
-        if (x[e] > 0) {
-          const double hi = lo + x[e];
-          int l = 0, u = n_left;  // first sorted uniform >= lo
-          while (l < u) {
-            const int mid = (l + u) >> 1;
-            if (X.su[mid] < lo) l = mid + 1;
-            else u = mid;
+        for (int e = 0; e < kPerThread; ++e) {
+          if (x[e] > 0) {
+            const double hi = lo + x[e];
+            for (; l < n_left && X.su[l] < hi; ++l) {
+              X.dc[X.sidx[l]] = (int32_t)(j0 + e);
+              X.dpi[X.sidx[l]] = x[e];
+            }
+            lo = hi;
           }
-          for (int k = l; k < n_left && X.su[k] < hi; ++k) {
-            X.dc[X.sidx[k]] = (int32_t)(j0 + e);
-            X.dpi[X.sidx[k]] = x[e];
-          }
-          lo = hi;
         }
       }
       carry += agg;
@@ -426,34 +547,35 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     }
   }
   // Exact masses of the certainty clusters (summed: t_certain) and of every draw (a cluster
-  // drawn twice is scored twice here: the same value).
+  // drawn twice is scored twice: the same value).
+  CERT_STAMP(5);
+  // Exact masses: certainty cluster t, then draw t - n_cert (n_cert + n_left = n).
   const int n_cert = X.n_cert;
   double tc = 0.0;
-  for (int t = warp; t < n_cert + n_left; t += kSelWarps) {
-    const int32_t j = t < n_cert ? X.cert[t] : X.dc[t - n_cert];
-    const double e = j >= 0 ? cluster_mass(j) : 0.0;
-    if (lane == 0) {
-      if (t < n_cert) tc += e;
-      else X.dm[t - n_cert] = e;
-    }
-  }
+  masses(
+      n_cert + n_left, [&](int t) { return t < n_cert ? X.cert[t] : X.dc[t - n_cert]; },
+      [&](int t, double e) {
+        if (t < n_cert) tc += e;
+        else X.dm[t - n_cert] = e;
+      });
   tc = block_sum(tc, S);
+  CERT_STAMP(6);
   // 3. The bound: Z_up = R + T_up, T_up = t_certain + mean Y + z_c sd(Y) / sqrt(n_left).
-  if (tid == 0) {
-    double sum = 0.0, sq = 0.0;
-    for (int k = 0; k < n_left; ++k) {
-      const double y = X.dc[k] >= 0 && X.dpi[k] > 0 ? X.dm[k] / X.dpi[k] : 0.0;
-      X.su[k] = y;
-      sum += y;
-      sq += y * y;
+  double t0, z_up;
+  {
+    double y = 0.0;  // draw tid's Y = mass / pi
+    if (tid < n_left) {
+      y = X.dc[tid] >= 0 && X.dpi[tid] > 0 ? X.dm[tid] / X.dpi[tid] : 0.0;
+      X.su[tid] = y;  // the uniforms are spent
     }
+    const double sum = block_sum(y, S), sq = block_sum(y * y, S);
     const double mean = n_left ? sum / n_left : 0.0;
     const double var = n_left > 1 ? fmax(0.0, (sq - n_left * mean * mean) / (n_left - 1)) : 0.0;
-    X.dv[1] = tc + mean;
-    X.dv[2] = R + tc + mean + (n_left ? a.z_conf * sqrt(var / n_left) : 0.0);
+    t0 = tc + mean;
+    z_up = R + tc + mean + (n_left ? a.z_conf * sqrt(var / n_left) : 0.0);
   }
-  __syncthreads();
-  const double t0 = X.dv[1], z_up = X.dv[2], r0 = R;
+  const double r0 = R;
+  CERT_STAMP(7);
 
   // 4. Top-up rounds while R < P Z_up (read_all: one round that takes everything). The unread
   // prior's total and histogram come from pass A less what the rounds read (w_taken); the
@@ -461,6 +583,9 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   // every cluster), else over all clusters.
   double w_taken = 0.0;
   for (int round = 0; read_all ? round < 1 : (round < a.max_rounds && R < P * z_up); ++round) {
+#ifdef TACTIC_CERTIFY_PHASES
+    ++n_rounds;
+#endif
     const double w_rest = fmax(W - w_taken, 0.0);
     const double scale = w_rest > 0 ? fmax(t0 - (R - r0), 0.0) / w_rest : 0.0;
     if (tid == 0) {  // the unread cluster holding the largest draw first
@@ -556,30 +681,59 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
       n_new += agg;
       __syncthreads();  // scan storage reuse
     };
-    if (use_l) mark_batch(tid < nl ? X.lid[tid] : 0, tid < nl);
-    else
-      for (int64_t base = 0; base < C; base += kSelThreads) mark_batch(base + tid, base + tid < C);
+    if (use_l) {
+      mark_batch(tid < nl ? X.lid[tid] : 0, tid < nl);
+    } else {  // every cluster, kPer consecutive ones a thread, their marks loaded together
+      constexpr int kPer = 8;
+      for (int64_t base = 0; base < C; base += (int64_t)kPer * kSelThreads) {
+        const int64_t j0 = base + (int64_t)tid * kPer;
+        float xs[kPer];
+        uint8_t km[kPer], ow[kPer];
+#pragma unroll
+        for (int u = 0; u < kPer; ++u)
+          if (j0 + u < C) xs[u] = __ldg(sc + j0 + u), km[u] = kmark[j0 + u], ow[u] = own[j0 + u];
+        int cnt = 0;
+        bool take[kPer];
+#pragma unroll
+        for (int u = 0; u < kPer; ++u) {
+          take[u] = j0 + u < C && km[u] != 1 &&
+                    (ow[u] == 4 || (ow[u] != 1 && (whole || bucket_of(xs[u], mxf, bpl) < bx)));
+          cnt += take[u];
+        }
+        int ex, agg;
+        HeadScan(S.scan).ExclusiveSum(cnt, ex, agg);
+#pragma unroll
+        for (int u = 0; u < kPer; ++u)
+          if (take[u]) {
+            const int64_t j = j0 + u;
+            own[j] = 1;
+            list[n_new + ex++] = (int32_t)j;
+            const double w = wgt(xs[u], off[j + 1] - off[j]);
+            w_new += w;
+            atomicAdd(&S.pri[bucket_of(xs[u], mxf, bpl)], -(float)w);
+          }
+        n_new += agg;
+        __syncthreads();  // scan storage reuse
+      }
+    }
     w_taken += block_sum(w_new, S);
     double e = 0.0;
-    for (int t = warp; t < n_new; t += kSelWarps) {
-      const double m = cluster_mass(list[t]);
-      if (lane == 0) e += m;
-    }
+    masses(n_new, [&](int t) { return list[t]; }, [&](int, double m) { e += m; });
     R += block_sum(e, S);
     if (whole) break;  // everything is read
   }
 
   // 5. Marks and statistics: the head attends U1 and its top-ups; est_mass = R / (R + T_hat),
   // T_hat the sample's estimate less the exact mass read since.
+  CERT_STAMP(8);
   const double t_hat = fmax(t0 - (R - r0), 0.0);
   int64_t tokens = 0;
-  for_clusters(sc, off, C, [&](int64_t j, float, int32_t sz) {
-    const uint8_t o = own[j];
-    const bool in_u1 = first(j);
+  for_clusters_marked(sc, off, kmark, own, C, [&](int64_t j, float, int32_t sz, uint8_t km, uint8_t o) {
+    const bool in_u1 = km == 1;
     if (in_u1 || o == 1) {
       tokens += sz;
       if (v.hmark) v.hmark[j] = 1;
-      if (!in_u1 && kmark[j] == 0) kmark[j] = 2;
+      if (!in_u1 && km == 0) kmark[j] = 2;
     }
     if (o) own[j] = 0;
   });
@@ -588,6 +742,15 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     a.head_tokens[i] = v.always + tokens;
     a.est_mass[i] = read_all || !(R + t_hat > 0) ? 1.0 : fmin(1.0, R / (R + t_hat));
   }
+#ifdef TACTIC_CERTIFY_PHASES
+  CERT_STAMP(9);
+  if (tid == 0 && (atomicAdd(&g_cert_tickets, 1u) / gridDim.x) % 25 == 10)
+    printf("CERTPH C=%lld head=%lld full=%d nl=%d ncert=%d nleft=%d rounds=%d kcyc A=%.1f L=%.1f chain=%.1f "
+           "fallback=%.1f scan=%.1f mass=%.1f bound=%.1f rounds=%.1f final=%.1f\n",
+           (long long)C, (long long)i, (int)full, nl, n_cert, n_left, n_rounds, (ph[1] - ph[0]) * 1e-3,
+           (ph[2] - ph[1]) * 1e-3, (ph[3] - ph[2]) * 1e-3, (ph[4] - ph[3]) * 1e-3, (ph[5] - ph[4]) * 1e-3,
+           (ph[6] - ph[5]) * 1e-3, (ph[7] - ph[6]) * 1e-3, (ph[8] - ph[7]) * 1e-3, (ph[9] - ph[8]) * 1e-3);
+#endif
 }
 
 template <class T, int D>
