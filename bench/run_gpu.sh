@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|ncu|e2e|e2e-graphs|mma|gbench]...
+#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|phases|ncu|e2e|e2e-graphs|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -74,6 +74,16 @@ for s in $steps; do
         echo "--- $r $w"; grep -E "^N=|total GPU|certify|select_|score|attention_chunks" "$OUT/profile-$r-$w.txt" \
           | sed -E 's/ plan=.*//; s/void tactic::cuda::\(anonymous namespace\):://' | cut -c1-100
       done; done ;;
+    phases)   # the certified rule's per-head kernel timed by phase (a build with -DTACTIC_CERTIFY_PHASES
+              # replaces the installed one: run it last, or `build` again after it)
+      python3 -m pip install --no-build-isolation --no-deps . -Ccmake.define.TACTIC_CUDA=ON \
+        "-Ccmake.define.CMAKE_CUDA_FLAGS=-DTACTIC_CERTIFY_PHASES" > "$OUT/build-phases.log" 2>&1 \
+        || { grep -m5 error "$OUT/build-phases.log"; exit 1; }
+      for w in sparse synthetic; do
+        python3 bench/profile_step.py --stop-rule certified --workload $w --context 32768 131072 524288 \
+          > "$OUT/phases-$w.txt" 2>&1 || rc=1
+        echo "--- $w"; python3 bench/certify_phases.py "$OUT/phases-$w.txt" || rc=1
+      done ;;
     ncu)      # hardware counters of the selection and attention kernels at 128K (one launch each)
       ncu --clock-control none -k regex:"select_head|select_stop|select_exact|attention_chunks|score_|build_rows" \
         -s 40 -c 6 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
