@@ -92,7 +92,7 @@ class SparseDecoder:
             probability under any query head of its group; every head attends them).
         stop_rule: 'certified' (the default on the CPU) or 'prior' (the default on CUDA, where
             'certified' runs too but its sample and top-ups still cost more than the
-            attention they save: 2.4-2.7x the step on an H200 at 128K-512K). certified: the
+            attention they save: 2.3-2.7x the step on an H200 at 32K-512K). certified: the
             mass of what a query head attends (its group's union) is computed exactly and
             only the unread rest is estimated, from `tail_samples` seeded draws of unread
             clusters scored whole;
