@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|phases|ncu|e2e|e2e-graphs|mma|gbench]...
+#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|phases|ncu|ncu-certify|e2e|e2e-graphs|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -90,6 +90,14 @@ for s in $steps; do
         --section SchedulerStats --section MemoryWorkloadAnalysis \
         python3 bench/profile_step.py --context 131072 > "$OUT/ncu.txt" 2>&1 || rc=1
       grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots Busy|No Eligible" "$OUT/ncu.txt" | head -120 ;;
+    ncu-certify)  # the certified rule's two kernels at 128K and 512K, workload (b) (one launch each)
+      for n in 131072 524288; do
+        ncu --clock-control none -k regex:"certify" -s 10 -c 2 --section SpeedOfLight --section Occupancy \
+          --section WarpStateStats --section MemoryWorkloadAnalysis \
+          python3 bench/profile_step.py --stop-rule certified --workload synthetic --context $n > "$OUT/ncu-certify-$n.txt" 2>&1 || rc=1
+        echo "--- $n"; grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy|Stall" \
+          "$OUT/ncu-certify-$n.txt" | cut -c1-110 | head -40
+      done ;;
     e2e)      # Llama-3.1-8B-shaped decode loop at 32K and 128K, tokens/s
       python3 -m tactic.bench e2e --out "$OUT" 2>&1 | tee "$OUT/e2e.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     e2e-graphs)  # the same with piecewise CUDA graphs (everything but attention replayed as graphs)
