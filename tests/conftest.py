@@ -14,6 +14,18 @@ ATOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 RTOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
+def require_cuda():
+    """For a CUDA test module, at import: skip the whole module unless torch is installed, tactic
+    was built with its CUDA backend and a GPU is visible. Returns torch."""
+    torch = pytest.importorskip("torch")
+    import tactic
+    if not tactic.with_cuda:
+        pytest.skip("this build of tactic has no CUDA backend (no nvcc at build time)", allow_module_level=True)
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible", allow_module_level=True)
+    return torch
+
+
 def make(shape, dtype, rng, scale=1.0):
     """A random array of `dtype` (torch for bfloat16, numpy otherwise) and its exact float64
     values after rounding to that dtype."""

@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 
 import tactic
-from conftest import ATOL, RTOL, ref_attention
+from conftest import ATOL, RTOL, ref_attention, require_cuda
 
-torch = pytest.importorskip("torch")
-if not tactic.with_cuda:
-    pytest.skip("this build of tactic has no CUDA backend (no nvcc at build time)", allow_module_level=True)
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU visible", allow_module_level=True)
+torch = require_cuda()
 
 TORCH_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

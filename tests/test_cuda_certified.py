@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 
 import tactic
-from conftest import ref_attention
+from conftest import ref_attention, require_cuda
 from test_stop_rule import FAMILIES, lower_limit, probs64, workload
 
-torch = pytest.importorskip("torch")
-if not tactic.with_cuda:
-    pytest.skip("this build of tactic has no CUDA backend (no nvcc at build time)", allow_module_level=True)
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU visible", allow_module_level=True)
+torch = require_cuda()
 
 
 def decoder(fam_keys, hq, device, **opts):
