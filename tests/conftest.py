@@ -70,6 +70,27 @@ def fixture_data():
     return load_fixture()
 
 
+def fixture_accuracy(fx, stop_rule, devices=("cpu", "cuda"), target=0.9):
+    """The tactic policy over every layer of the SmolLM2 fixture `fx`, per device: (mean read
+    fraction, share of KV-head unions reaching `target`, number of unions), against float64
+    attention (tactic.evaluate; share_group=False, which CUDA requires)."""
+    from tactic.evaluate import accuracy, fixture_layers, kv_union_success, reference, run_policy
+
+    figures = {}
+    for device in devices:
+        read, union = [], []
+        for cap in fixture_layers(fx):
+            ref = reference(cap, fx.n_prefill, fx.scale)
+            run = run_policy(cap, fx.n_prefill, fx.scale, "tactic", target=target, device=device, share_group=False,
+                             stop_rule=stop_rule)
+            acc = accuracy(run, ref)
+            read.append(acc.read_fraction.ravel())
+            union.append(kv_union_success(acc, target, 3).ravel())  # the fixture's 9 / 3 heads
+        union = np.concatenate(union)
+        figures[device] = (float(np.concatenate(read).mean()), float(union.mean()), len(union))
+    return figures
+
+
 @pytest.fixture(scope="session")
 def cmake_cxx():
     """(cmake, C++ compiler) for the tests that build C++ with CMake; skips when either is

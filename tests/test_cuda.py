@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tactic
-from conftest import ATOL, RTOL, ref_attention, require_cuda
+from conftest import ATOL, RTOL, fixture_accuracy, ref_attention, require_cuda
 
 torch = require_cuda()
 
@@ -144,21 +144,8 @@ def test_selection_matches_cpu(g, target):
 
 def test_real_fixture_accuracy_matches_cpu(fixture_data):
     """Decode of the real SmolLM2 capture: the GPU reaches the CPU's accuracy figures."""
-    from tactic.evaluate import accuracy, fixture_layers, kv_union_success, reference, run_policy
-
-    fx = fixture_data
-    figures = {}
-    for device in ("cpu", "cuda"):
-        read, union = [], []
-        for cap in fixture_layers(fx):
-            ref = reference(cap, fx.n_prefill, fx.scale)
-            run = run_policy(cap, fx.n_prefill, fx.scale, "tactic", target=0.9, device=device, share_group=False,
-                             stop_rule="prior")
-            acc = accuracy(run, ref)
-            read.append(acc.read_fraction.ravel())
-            union.append(kv_union_success(acc, 0.9, 3).ravel())
-        figures[device] = (np.concatenate(read).mean(), np.concatenate(union).mean())
-    (rc, uc), (rg, ug) = figures["cpu"], figures["cuda"]
+    figures = fixture_accuracy(fixture_data, "prior")
+    (rc, uc, _), (rg, ug, _) = figures["cpu"], figures["cuda"]
     assert ug >= 0.9, figures
     assert abs(rg - rc) <= 0.01 and abs(ug - uc) <= 0.02, figures
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tactic
-from conftest import ref_attention, require_cuda
+from conftest import fixture_accuracy, ref_attention, require_cuda
 from test_stop_rule import FAMILIES, lower_limit, probs64, workload
 
 torch = require_cuda()
@@ -137,21 +137,7 @@ def test_too_many_tail_samples_are_refused_on_cuda():
 def test_real_fixture_certified_on_cuda(fixture_data):
     """The SmolLM2 capture (30 layers, real text): the certified rule on CUDA brings KV-head
     unions to P at the confidence and reads about what the CPU's certified rule reads."""
-    from tactic.evaluate import accuracy, fixture_layers, kv_union_success, reference, run_policy
-
-    fx = fixture_data
-    figures = {}
-    for device in ("cpu", "cuda"):
-        read, union = [], []
-        for cap in fixture_layers(fx):
-            ref = reference(cap, fx.n_prefill, fx.scale)
-            run = run_policy(cap, fx.n_prefill, fx.scale, "tactic", target=0.9, device=device, share_group=False,
-                             stop_rule="certified")
-            acc = accuracy(run, ref)
-            read.append(acc.read_fraction.ravel())
-            union.append(kv_union_success(acc, 0.9, 3).ravel())
-        figures[device] = (float(np.concatenate(read).mean()), float(np.concatenate(union).mean()),
-                           len(np.concatenate(union)))
+    figures = fixture_accuracy(fixture_data, "certified")
     print("certified on the fixture (read fraction, unions reaching P, unions):", figures)
     (rc, uc, _), (rg, ug, nu) = figures["cpu"], figures["cuda"]
     assert ug >= lower_limit(0.95, nu), figures
