@@ -16,7 +16,9 @@ ARCH=${TACTIC_CUDA_ARCH:-90}  # the standalone self-tests' architecture
 steps=${*:-build selftest pytest quick}
 NVCC="nvcc -std=c++17 -O2 -lineinfo -arch=sm_$ARCH -DTACTIC_VERSION=\"selftest\" -Icpp/include -Icpp/src -Icuda -Xcompiler -fopenmp"
 rc=0
+summary=()  # one line per step, printed last (a long run's first lines fall out of a log's tail)
 for s in $steps; do
+  rc_before=$rc; rc=0  # this step's status, then or-ed into the run's
   echo "=== $s ==="
   case $s in
     build)    # the README's install (default architectures: this machine's GPU), unless TACTIC_CUDA_ARCH is set
@@ -39,9 +41,11 @@ for s in $steps; do
       $NVCC tests/cuda/kmeans_check.cu cuda/kmeans.cu cpp/src/*.cpp -o /tmp/kmeans_check && /tmp/kmeans_check || rc=1
       $NVCC tests/cuda/attention_check.cu cuda/attention*.cu cuda/capabilities.cu cuda/select*.cu cpp/src/*.cpp \
         -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
-    pytest)
-      python3 -m pytest -q tests/test_cuda.py tests/test_cuda_certified.py tests/test_cuda_hardening.py tests/test_build_info.py tests/test_layout.py 2>&1 | tail -30
-      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    pytest)   # the whole log in $OUT/pytest.log; here the failures and the count only
+      python3 -m pytest -q -rf tests/test_cuda.py tests/test_cuda_certified.py tests/test_cuda_hardening.py tests/test_build_info.py \
+        tests/test_layout.py > "$OUT/pytest.log" 2>&1
+      st=$?; grep -E "^FAILED|^ERROR" "$OUT/pytest.log" | cut -c1-200 | head -20; tail -1 "$OUT/pytest.log"
+      [ "$st" = 0 ] || rc=1 ;;
     integration)  # the transformers integration on the GPU (tiny random models; SmolLM2 if installed)
       python3 -m pytest -q -m gpu tests/test_transformers.py 2>&1 | tail -20
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
@@ -125,6 +129,10 @@ for s in $steps; do
         st=${PIPESTATUS[0]}
         [ "$st" = 0 ] || { echo "gbench $name: exit $st (124: time limit)"; rc=1; }
       done ;;
+    *) echo "unknown step: $s"; rc=1 ;;
   esac
+  summary+=("$s: $([ "$rc" = 0 ] && echo ok || echo FAILED)$([ "$s" = pytest ] && echo " ($(tail -1 "$OUT/pytest.log"))")")
+  rc=$((rc | rc_before))
 done
+echo "=== summary"; printf '%s\n' "${summary[@]}"
 exit $rc
