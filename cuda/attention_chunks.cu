@@ -314,8 +314,11 @@ void launch_chunks(const ChunkParams& p, int64_t work, const LaunchPlan& lp) {
     TACTIC_CUDA_CHECK(cudaFuncSetAttribute(attention_chunks_kernel<T, D, GB>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
-  const int64_t grid = std::min<int64_t>(work * p.hsplit, resident_blocks<attention_chunks_kernel<T, D, GB>>(smem));
-  launch<attention_chunks_kernel<T, D, GB>>(lp.pdl, (unsigned)grid, kThreads, smem, lp.stream, p);
+  const int64_t resident = resident_blocks<attention_chunks_kernel<T, D, GB>>(smem);
+  ChunkParams q = p;
+  q.max_units = std::max<int64_t>(1, kUnitRounds * resident / p.hsplit);  // a unit takes hsplit blocks
+  const int64_t grid = std::min<int64_t>(work * p.hsplit, resident);
+  launch<attention_chunks_kernel<T, D, GB>>(lp.pdl, (unsigned)grid, kThreads, smem, lp.stream, q);
   TACTIC_CUDA_LAUNCH_CHECK("attention_chunks_kernel");
 }
 

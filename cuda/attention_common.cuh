@@ -41,6 +41,7 @@ struct ChunkParams {
   float* ws_acc;  // [units, g, D]
   int32_t* plan;  // [items + 1]: L, then the first unit of every item (written by block 0)
   int hsplit;     // blocks per unit, each for GB of the group's heads (1: one block, all heads)
+  int64_t max_units;  // all items' units at most (0: no cap); set by the launcher, see unit_len
 };
 
 struct MergeParams {
@@ -72,16 +73,23 @@ void launch_merge(const MergeParams& p, int64_t blocks, const LaunchPlan& lp, DT
 
 namespace {
 
-// Units of L = unit_len(total, items) rows (a multiple of 64, at least 64): about kSplits
-// units per item on average, enough to fill the GPU for a single sequence (8 KV heads x 64 =
-// 512 blocks), units long enough that a partial (g * (d + 2) floats) stays small next to the
-// unit's K/V. Sum over items of ceil(count_i / L) <= total / L + items <= (kSplits + 1) * items,
-// which bounds the workspace by the item count, not by capacity.
+// Units of L = unit_len(total, items, max_units) rows (a multiple of 64, at least 64): about
+// kSplits units per item on average, enough to fill the GPU for a single sequence (8 KV heads x
+// 64 = 512 blocks), units long enough that a partial (g * (d + 2) floats) stays small next to
+// the unit's K/V. Sum over items of ceil(count_i / L) <= total / L + items <= (kSplits + 1) *
+// items, which bounds the workspace by the item count, not by capacity.
+// At large batch kSplits units per item are far more than the GPU runs at once (B 32 x 8 KV
+// heads: 16K units of 64 rows, one 16-row tile per warp, so no tile pipelining and a round trip
+// per unit); max_units (the launcher's kUnitRounds x resident blocks) then lengthens the units.
+// It only ever lengthens them, so the workspace bound above holds.
 constexpr int kSplits = (int)kAttentionSplits;
 constexpr int kMinChunk = 64;
+constexpr int kUnitRounds = 8;  // units per resident block at most: the tail costs <= 1 / 8 of a round
 
-__host__ __device__ __forceinline__ int unit_len(int64_t total, int64_t items) {
-  const int64_t per = (total + kSplits * items - 1) / (kSplits * items);
+__host__ __device__ __forceinline__ int unit_len(int64_t total, int64_t items, int64_t max_units) {
+  int64_t units = kSplits * items;
+  if (max_units > 0 && max_units < units) units = max_units;
+  const int64_t per = (total + units - 1) / units;
   const int64_t len = (per + kMinChunk - 1) / kMinChunk * kMinChunk;
   return len < kMinChunk ? kMinChunk : (int)len;
 }
@@ -117,7 +125,7 @@ __device__ __forceinline__ int block_plan(const ChunkParams& p, int32_t* s_first
   tot = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) tot += s_red[w];
-  const int len = unit_len(tot, p.items);
+  const int len = unit_len(tot, p.items, p.max_units);
   int32_t run = 0;
   for (int64_t base = 0; base < p.items; base += kThreads) {
     const int64_t i = base + tid;

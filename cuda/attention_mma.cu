@@ -256,8 +256,11 @@ void launch_chunks_mma(const ChunkParams& p, int64_t work, const LaunchPlan& lp)
     const std::size_t smem = mma_plan_bytes(p.items) + MmaTile<D>::kBytes;  // ~70 KB at D 128: opt in
     TACTIC_CUDA_CHECK(cudaFuncSetAttribute(attention_chunks_mma_kernel<T, D>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    const int64_t grid = std::min<int64_t>(work, resident_blocks<attention_chunks_mma_kernel<T, D>>(smem, MmaTile<D>::kBytes));
-    launch<attention_chunks_mma_kernel<T, D>>(lp.pdl, (unsigned)grid, kThreads, smem, lp.stream, p);
+    const int64_t resident = resident_blocks<attention_chunks_mma_kernel<T, D>>(smem, MmaTile<D>::kBytes);
+    ChunkParams q = p;
+    q.max_units = kUnitRounds * resident;
+    const int64_t grid = std::min<int64_t>(work, resident);
+    launch<attention_chunks_mma_kernel<T, D>>(lp.pdl, (unsigned)grid, kThreads, smem, lp.stream, q);
     TACTIC_CUDA_LAUNCH_CHECK("attention_chunks_mma_kernel");
   }
 }
