@@ -3,7 +3,7 @@ step's time goes. Workloads: those of `python -m tactic.bench` (synthetic (b), i
 PDL is off by default here: with programmatic dependent launch a kernel's time includes its wait
 for the one before it, which hides where the time goes.
 
-    python bench/profile_step.py [--context 32768 131072] [--workload sparse] [--pdl]
+    python bench/profile_step.py [--context 32768 131072] [--workload sparse] [--batch 8] [--pdl]
 """
 import argparse
 
@@ -16,9 +16,9 @@ from tactic.bench.workloads import make
 
 def profile_one(n, a):
     hq, hkv, d = 32, 8, 128
-    wl = make(a.workload, n, 1, hq, hkv, d, "float16", "cuda", seed=0)
+    wl = make(a.workload, n, a.batch, hq, hkv, d, "float16", "cuda", seed=0)
     q = wl.queries
-    dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, device="cuda", target=a.target, stop_rule=a.stop_rule,
+    dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, max_batch=a.batch, device="cuda", target=a.target, stop_rule=a.stop_rule,
                                policy=a.policy, pdl=a.pdl, head_split=a.head_split, **a.rule_options)
     dec.prefill(0, wl.keys.transpose(1, 2), wl.values.transpose(1, 2))  # token-major views
     out = torch.empty_like(q)
@@ -30,7 +30,7 @@ def profile_one(n, a):
         for _ in range(steps):
             dec.decode(0, q, None, None, out=out)
         torch.cuda.synchronize()
-    print(f"N={n} workload={a.workload} policy={a.policy} read={dec.stats(0)['read_fraction'].mean():.1%} "
+    print(f"N={n} B={a.batch} workload={a.workload} policy={a.policy} read={dec.stats(0)['read_fraction'].mean():.1%} "
           f"{a.rule_options or ''} plan={dec.plan}; per step:")
     rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     total = 0.0
@@ -44,6 +44,7 @@ def profile_one(n, a):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--context", type=int, nargs="+", default=[32768])
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (all of length N)")
     p.add_argument("--workload", default="sparse", choices=["synthetic", "sparse"])
     p.add_argument("--policy", default="tactic")
     p.add_argument("--target", type=float, default=0.9)

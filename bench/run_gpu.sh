@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|phases|ncu|ncu-certify|e2e|e2e-graphs|mma|gbench]...
+#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|profile-batch|phases|ncu|ncu-certify|e2e|e2e-graphs|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -76,6 +76,12 @@ for s in $steps; do
       for r in ${STOP_RULES:-certified prior}; do for w in sparse synthetic; do
         python3 bench/profile_step.py --stop-rule $r --workload $w --context 32768 131072 524288 > "$OUT/profile-$r-$w.txt" 2>&1 || rc=1
         echo "--- $r $w"; grep -E "^N=|total GPU|certify|select_|score|attention_chunks" "$OUT/profile-$r-$w.txt" \
+          | sed -E 's/ plan=.*//; s/void tactic::cuda::\(anonymous namespace\):://' | cut -c1-100
+      done; done ;;
+    profile-batch)  # per-kernel time of one step at B 8 x 128K and B 32 x 32K (prior rule, both workloads)
+      for w in sparse synthetic; do for bn in "8 131072" "32 32768"; do set -- $bn
+        python3 bench/profile_step.py --workload $w --batch $1 --context $2 > "$OUT/profile-b$1-$w.txt" 2>&1 || rc=1
+        echo "--- B $1 $w"; grep -E "^N=|total GPU|select_|score|attention_chunks|chunk_sums|build_rows|merge|prepare" "$OUT/profile-b$1-$w.txt" \
           | sed -E 's/ plan=.*//; s/void tactic::cuda::\(anonymous namespace\):://' | cut -c1-100
       done; done ;;
     phases)   # the certified rule's per-head kernel timed by phase (a build with -DTACTIC_CERTIFY_PHASES
