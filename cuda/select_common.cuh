@@ -294,45 +294,6 @@ __device__ __forceinline__ void thread_dots(const T* row, const float* q, float*
       }
   }
 }
-// Half of q . row for one lane of a pair (h = lane & 1): chunks 2j + h of 16 bytes, so the
-// pair's loads of one instruction fill whole 32-byte sectors (a thread per row used half a
-// sector per load); the pair adds its halves with one shuffle (pair_dots).
-template <class T, int D>
-__device__ __forceinline__ float half_dot(const T* row, const float* q, int h) {
-  constexpr int kPer = 16 / sizeof(T), N = D / kPer, H = N / 2, kBatch = 8;
-  static_assert(N % 2 == 0, "a row is an even number of 16-byte chunks");
-  const uint4* p = reinterpret_cast<const uint4*>(row) + h;
-  const float* qh = q + h * kPer;
-  float l = 0.f;
-#pragma unroll
-  for (int c0 = 0; c0 < H; c0 += kBatch) {
-    uint4 r[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j)
-      if (c0 + j < H) r[j] = __ldg(p + 2 * (c0 + j));
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j)
-      if (c0 + j < H) {
-        float e[kPer];
-        unpack16<T>(r[j], e);
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) l = fmaf(qh[2 * (c0 + j) * kPer + k], e[k], l);
-      }
-  }
-  return l;
-}
-// A lane pair's two rows: both lanes read half of row a, then half of row b (nullptr: none);
-// lane h gets the whole logit of row a (h 0) or b (h 1). Both lanes of the pair must call it
-// (other pairs of the warp need not: the shuffles name the pair's two lanes only).
-template <class T, int D>
-__device__ __forceinline__ float pair_dots(const T* a, const T* b, const float* q, int h) {
-  const float la = a ? half_dot<T, D>(a, q, h) : 0.f;
-  const float lb = b ? half_dot<T, D>(b, q, h) : 0.f;
-  const unsigned pair = 3u << (threadIdx.x & 30);
-  const float ta = la + __shfl_xor_sync(pair, la, 1);
-  const float tb = lb + __shfl_xor_sync(pair, lb, 1);
-  return h ? tb : ta;
-}
 template <class T, int D>
 __device__ __forceinline__ float thread_dot(const T* row, const float* q) {
   float l[1];

@@ -9,8 +9,7 @@ namespace cuda {
 namespace {
 
 // Kernel 2 (query head x split): exact logits of sinks + recent rows and of the head clusters'
-// rows, a lane pair per two rows (slots); slot u is row u % 16 of task u / 16 (a piece of at
-// most 16 rows of a head cluster).
+// rows, one thread per row; slot u is head cluster u / 16, rows u % 16, u % 16 + 16, ... of it.
 // Spread over many blocks because this is the selection's largest read (~2% of the context
 // per query head) and one block per head left most SMs idle.
 constexpr int kExactThreads = 256;
@@ -33,27 +32,16 @@ __global__ void __launch_bounds__(kExactThreads) select_exact_kernel(StepGeometr
   __syncthreads();
   MaxSum ma{-INFINITY, 0.0}, mh{-INFINITY, 0.0};
   if (!info.all) {
-    // A lane pair takes slots 2p and 2p + 1 (p its pair index), reading each row's halves
-    // together (pair_dots); lane h keeps slot 2p + h's logit. The loop bounds are the pair's,
-    // so both lanes of a pair iterate alike (pair_dots shuffles within the pair).
-    const int h = tid & 1;
-    const int64_t stride = (int64_t)splits * kExactThreads, first = (int64_t)split * kExactThreads + (tid & ~1);
+    const int64_t stride = (int64_t)splits * kExactThreads, first = (int64_t)split * kExactThreads + tid;
     for (int64_t t = first; t < always; t += stride) {
-      auto at = [&](int64_t x) -> const T* {
-        return x < always ? K + (x < nsink ? x : nsink + nclu + (x - nsink)) * D : nullptr;
-      };
-      const T *r0 = at(t), *r1 = at(t + 1);
-      const float l = pair_dots<T, D>(r0, r1, qs, h);
-      if (h ? r1 : r0) ma = add(ma, l);
+      const int64_t row = t < nsink ? t : nsink + nclu + (t - nsink);
+      ma = add(ma, thread_dot<T, D>(K + row * D, qs));
     }
     const int2* tasks = reinterpret_cast<const int2*>(a.tasks) + i * a.tasks_stride;
     for (int64_t u = first; u < (int64_t)info.n_tasks * 16; u += stride) {
-      const int2 tk = tasks[u >> 4];  // slots u and u + 1 share a task (u is even)
-      const int64_t row = tk.x + (u & 15);  // and row + 1
-      const T* r0 = row < tk.y ? K + row * D : nullptr;
-      const T* r1 = row + 1 < tk.y ? K + (row + 1) * D : nullptr;
-      const float l = pair_dots<T, D>(r0, r1, qs, h);
-      if (h ? r1 : r0) mh = add(mh, l);
+      const int2 tk = tasks[u >> 4];
+      const int64_t row = tk.x + (u & 15);
+      if (row < tk.y) mh = add(mh, thread_dot<T, D>(K + row * D, qs));
     }
   }
   // Block totals without a chain of rescalings: the largest logit first (max is exact in any

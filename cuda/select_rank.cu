@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 2) score_kernel(StepGeometry s, Sele
 // lane (g, t) reads centroid g's dimensions [t D / 4, (t + 1) D / 4) as whole 16-byte loads, and
 // k-step kk takes dimensions t D / 4 + 4 kk + {0, 1} and {2, 3} of that run. Each warp walks
 // tiles of 8 centroids, kScoreTiles at a time so their loads are in flight together.
-constexpr int kScoreTiles = 4;
+constexpr int kScoreTiles = 2;
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) score_mma_kernel(StepGeometry s, SelectArgs a) {

@@ -174,7 +174,7 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   }
 }
 
-__global__ void __launch_bounds__(kSelThreads, 2) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
+__global__ void __launch_bounds__(kSelThreads) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
   stop_head(s, a, splits, blockIdx.x, 0, 1, S, nullptr, nullptr);
