@@ -66,14 +66,6 @@ __device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_floa
 // never fewer).
 constexpr int kSelThreads = 512;
 constexpr int kSelWarps = kSelThreads / 32;
-// Blocks per SM that the one-block-per-head kernels (select_head, select_stop) are compiled
-// for: where a step has more query heads than two such blocks per SM hold (batch), a variant
-// capped at 40 registers (three per SM, some spills to L1) runs them in fewer waves; below
-// that the variant of two per SM (64 registers) keeps the B = 1 latency.
-constexpr int kSelBatchBlocks = 3;
-inline bool sel_batch_variant(int64_t heads, int sm_count) {
-  return heads > 2 * (int64_t)(sm_count > 0 ? sm_count : 132);
-}
 constexpr int kBuckets = 2048;
 constexpr float kMinBucketsPerLogit = 64.f;  // a range over 32 logits: the rest in the last bucket
 constexpr float kMaxBucketsPerLogit = 1e6f;  // finer than float scores resolve: no use

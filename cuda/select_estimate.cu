@@ -111,8 +111,7 @@ __device__ __forceinline__ void histogram_add(const float* sc, const int32_t* of
 
 // Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
 // bucket), their prior. Leaves the histogram and the ranked candidates in global scratch.
-template <int MinBlocks>
-__global__ void __launch_bounds__(kSelThreads, MinBlocks) select_head_kernel(StepGeometry s, SelectArgs a) {
+__global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s, SelectArgs a) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
   const int64_t i = blockIdx.x;
@@ -269,9 +268,7 @@ void launch_select_head(const StepGeometry& s, const SelectArgs& a, int nsplit) 
   cudaStream_t st = as_stream(s.stream);
   const int64_t heads = s.batch * s.hkv * s.g;
   if (nsplit > 1) launch_split<select_head_split_kernel>(s.pdl, (unsigned)(heads * nsplit), nsplit, st, s, a);
-  else if (sel_batch_variant(heads, a.sm_count))
-    launch<select_head_kernel<kSelBatchBlocks>>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a);
-  else launch<select_head_kernel<2>>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a);
+  else launch<select_head_kernel>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a);
   TACTIC_CUDA_LAUNCH_CHECK("select_head");
 }
 

@@ -174,10 +174,10 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   }
 }
 
-// MinBlocks 2 (64 registers, 8 bytes of spills) at every batch: two blocks per SM; at 118
-// registers one fit, and B 32 x 32K ran 1024 heads in 8 waves (71 us; 43 at two per SM).
-template <int MinBlocks>
-__global__ void __launch_bounds__(kSelThreads, MinBlocks) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
+// Two blocks per SM (64 registers, 8 bytes of spills): at 118 registers one fit, and B 32 x 32K
+// ran its 1024 heads in 8 waves (71 us; 43 at two per SM, B 1 unchanged). Three per SM (40
+// registers) spilled ~200 bytes and was slower (44 us).
+__global__ void __launch_bounds__(kSelThreads, 2) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
   stop_head(s, a, splits, blockIdx.x, 0, 1, S, nullptr, nullptr);
@@ -199,9 +199,7 @@ void launch_select_stop(const StepGeometry& s, const SelectArgs& a, int nsplit, 
   cudaStream_t st = as_stream(s.stream);
   const int64_t heads = s.batch * s.hkv * s.g;
   if (nsplit > 1) launch_split<select_stop_split_kernel>(s.pdl, (unsigned)(heads * nsplit), nsplit, st, s, a, splits);
-  else if (sel_batch_variant(heads, a.sm_count))
-    launch<select_stop_kernel<kSelBatchBlocks>>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a, splits);
-  else launch<select_stop_kernel<2>>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a, splits);
+  else launch<select_stop_kernel>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a, splits);
   TACTIC_CUDA_LAUNCH_CHECK("select_stop");
 }
 

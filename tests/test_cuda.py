@@ -166,9 +166,9 @@ def test_selection_matches_cpu(g, target):
 
 
 def test_batch_selection_matches_cpu():
-    """5 sequences x 8 KV heads x 8 query heads: 320 query heads, more than two selection blocks
-    per SM hold on any GPU of up to 160 SMs, so select_head and select_stop run their batch
-    variant (select_common.cuh, sel_batch_variant); the GPU still picks the CPU's clusters."""
+    """5 sequences x 8 KV heads x 8 query heads: 320 query heads, more than the one-block
+    selection kernels hold at once on a GPU of up to 160 SMs (two per SM), so they run in
+    waves; every sequence's heads still pick the CPU's clusters."""
     gen = torch.Generator().manual_seed(515)
     b, hkv, g, d, n = 5, 8, 8, 128, 2500
     opts = dict(max_tokens=n + 1, max_batch=b, dtype="float16", target=0.9, share_group=False, stop_rule="prior")
