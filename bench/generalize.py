@@ -43,6 +43,13 @@ RULES = {  # name -> SparseDecoder options; every family gets the same ones
     # the sample's size: its exact masses are most of the certified rule's bytes on a GPU
     "certified-s32": {"stop_rule": "certified", "tail_samples": 32},
     "certified-s128": {"stop_rule": "certified", "tail_samples": 128},
+    # heads selecting independently (CUDA's only mode), and the same calibrated on the union
+    # of the group's exact heads (group_head: the GPU design that takes the exact masses from
+    # one attention pass over that union instead of a separate exact read)
+    "prior-indep": {"stop_rule": "prior", "share_group": False},
+    "prior-grouphead": {"stop_rule": "prior", "share_group": False, "group_head": True},
+    "certified-indep": {"stop_rule": "certified", "share_group": False},
+    "certified-grouphead": {"stop_rule": "certified", "share_group": False, "group_head": True},
 }
 
 

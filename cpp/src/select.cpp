@@ -414,6 +414,21 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   s.mass.resize(c);
   s.logit.resize(std::max<int64_t>(nclu, always));
   std::vector<uint8_t> own;
+  const double head_tokens = std::max(1.0, opt.head_fraction * nclu);
+  // group_head: the union of the G heads' exact heads, every head's first read.
+  std::vector<uint8_t> ghead;
+  if (opt.group_head && !no_head && g > 1) {
+    ghead.assign(c, 0);
+    for (int64_t h = 0; h < g; ++h) {
+      score_clusters(q + h * d, cent, spread, c, d, opt.spread, s.score.data());
+      LazyRank rank(s.order, s.score, c);
+      int64_t tokens = 0;
+      for (int64_t i = 0; i < c && (i == 0 || tokens < head_tokens); ++i) {
+        ghead[rank(i)] = 1;
+        tokens += csize(rank(i));
+      }
+    }
+  }
   for (int64_t h = 0; h < g; ++h) {
     const float* qh = q + h * d;
     score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
@@ -423,11 +438,12 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
 
     // Which ranked clusters are read exactly: the head, then two sample segments.
     int64_t tokens = 0, i = 0;
-    const double head_tokens = std::max(1.0, opt.head_fraction * nclu);
     for (; !no_head && i < c && (i == 0 || tokens < head_tokens); ++i) {
       s.state[rank(i)] = kHead;
       tokens += csize(rank(i));
     }
+    for (int64_t j = 0; j < (int64_t)ghead.size(); ++j)
+      if (ghead[j]) s.state[j] = kHead;
     // rank_start[i]: token rank (0-based) where ranked cluster i begins.
     struct Segment { int64_t first, last; double x, y; } seg[2] = {};
     int64_t cum = 0, pos = 0;

@@ -111,6 +111,9 @@ class SparseDecoder:
             GQA group chose (they are read for the union anyway) instead of estimating them.
             Default: True on the CPU (measured ~2 points fewer tokens read at equal success),
             False on CUDA (heads select in parallel; the only mode the GPU implements).
+            group_head: every query head of a GQA group reads the union of the group's
+            exact heads and calibrates on it (default False; CPU only, a candidate for the
+            GPU, where that union would be one attention pass).
         cluster_size: average tokens per k-means cluster; kmeans_iters; metric:
             'euclidean' or 'spherical'; seed: k-means initialisation seed.
         num_sink: first tokens always attended exactly and never clustered.
@@ -143,7 +146,7 @@ class SparseDecoder:
                  metric: str = "euclidean", num_sink: int = 4, recluster_interval: int = 2048,
                  budget: int = 0, page_size: int = 16, head_fraction: float = 0.02,
                  sample_fraction: float = 0.01, sample_segments: int = -1, min_clusters: int = 8,
-                 share_group: Optional[bool] = None, seed: int = 0,
+                 share_group: Optional[bool] = None, group_head: bool = False, seed: int = 0,
                  scale: Optional[float] = None, record_selection: bool = False,
                  num_threads: int = 0, head_split: Optional[int] = None,
                  attention_kernel: str = "auto", pdl: Optional[bool] = None):
@@ -183,6 +186,9 @@ class SparseDecoder:
         if not isinstance(share_group, bool):
             raise TypeError(f"`share_group` must be a bool, got {type(share_group).__name__}")
         c.share_group = share_group
+        if not isinstance(group_head, bool):
+            raise TypeError(f"`group_head` must be a bool, got {type(group_head).__name__}")
+        c.group_head = group_head
         c.seed = _int("seed", seed, 0, maximum=2**64 - 1)
         c.scale = 0.0 if scale is None else _float("scale", scale)
         if scale is not None and not c.scale > 0:

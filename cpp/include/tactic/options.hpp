@@ -111,6 +111,10 @@ struct SelectOptions {
   // GQA: a query head scores exactly the clusters earlier heads of its group already chose
   // (they are read for the union anyway). Sequential across the G heads.
   bool share_group = true;
+  // GQA: every query head of a group reads exactly the union of the group's exact heads (not
+  // its own head alone), calibrates alpha on it and attends it. On a GPU that union is one
+  // attention pass whose log-sum-exp gives the exact masses (no separate exact read).
+  bool group_head = false;
   int64_t min_clusters = 8;   // with fewer clusters than this, select all (fit degenerate)
   int64_t budget = 0;         // tokens per KV head for quest/topk (0: must be given per call)
   int64_t page_size = 16;     // quest page size
