@@ -254,7 +254,30 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   // budget, and leaves the sampled set (a choice made from the prior alone: no bias).
   double t_certain = 0, Wr = W, Ur = U;
   int64_t n_left = n;
-  while (Ur > 0 && n_left > 2) {
+  if (opt.certainty_walk) {
+    // One walk instead of index-order passes: the unread clusters sorted once by their share
+    // at the first totals, each taken while n_left pi_j >= 1 over the totals less those taken
+    // before it (on a GPU: a sort of a short list and a scan, not ~30 dependent passes).
+    std::vector<int32_t> by;
+    for (int64_t j = 0; j < c; ++j)
+      if (open(j)) by.push_back((int32_t)j);
+    auto share = [&](int64_t j) { return prior_ok ? 0.5 * (w(j) / W + csize(j) / U) : csize(j) / U; };
+    std::stable_sort(by.begin(), by.end(), [&](int32_t x, int32_t y) { return share(x) > share(y); });
+    for (int32_t j : by) {
+      if (!(Ur > 0 && n_left > 2)) break;
+      const double pi = prior_ok && Wr > 0 ? 0.5 * (w(j) / Wr + csize(j) / Ur) : csize(j) / Ur;
+      if (n_left * pi < 1) break;
+      s.certain[j] = 1;
+      t_certain += exact(j);
+      Wr -= w(j);
+      Ur -= csize(j);
+      --n_left;
+    }
+    Wr = Ur = 0;  // recomputed, not subtracted (cancellation)
+    for (int64_t j = 0; j < c; ++j)
+      if (open(j)) Wr += w(j), Ur += csize(j);
+  }
+  while (!opt.certainty_walk && Ur > 0 && n_left > 2) {
     bool any = false;
     const double w_pass = Wr, u_pass = Ur;
     for (int64_t j = 0; j < c && n_left > 2; ++j) {
