@@ -243,7 +243,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
                            std::to_string(cfg.select.tail_samples));
   if (pol == Policy::tactic && cfg.select.share_group)
     throw UnsupportedError("the CUDA backend selects each query head independently: set share_group=False");
-  if (pol == Policy::tactic && cfg.select.stop_rule == StopRule::certified && cfg.select.certainty_walk)
+  if (pol == Policy::tactic && cfg.select.certainty_walk)
     throw UnsupportedError("certainty_walk=True runs on the CPU backend only (bench/NOTES.md)");
   if (pol == Policy::tactic && cfg.select.group_head)
     throw UnsupportedError("group_head=True runs on the CPU backend only (a candidate design, bench/NOTES.md)");
