@@ -254,6 +254,17 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   // budget, and leaves the sampled set (a choice made from the prior alone: no bias).
   double t_certain = 0, Wr = W, Ur = U;
   int64_t n_left = n;
+  // pi_j over the totals (wt, ut) of the clusters still open; a certainty cluster leaves them.
+  auto pi_over = [&](int64_t j, double wt, double ut) {
+    return prior_ok && wt > 0 ? 0.5 * (w(j) / wt + csize(j) / ut) : csize(j) / ut;
+  };
+  auto make_certain = [&](int64_t j) {
+    s.certain[j] = 1;
+    t_certain += exact(j);
+    Wr -= w(j);
+    Ur -= csize(j);
+    --n_left;
+  };
   if (opt.certainty_walk) {
     // One walk instead of index-order passes: the unread clusters sorted once by their share
     // at the first totals, each taken while n_left pi_j >= 1 over the totals less those taken
@@ -264,14 +275,8 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     auto share = [&](int64_t j) { return prior_ok ? 0.5 * (w(j) / W + csize(j) / U) : csize(j) / U; };
     std::stable_sort(by.begin(), by.end(), [&](int32_t x, int32_t y) { return share(x) > share(y); });
     for (int32_t j : by) {
-      if (!(Ur > 0 && n_left > 2)) break;
-      const double pi = prior_ok && Wr > 0 ? 0.5 * (w(j) / Wr + csize(j) / Ur) : csize(j) / Ur;
-      if (n_left * pi < 1) break;
-      s.certain[j] = 1;
-      t_certain += exact(j);
-      Wr -= w(j);
-      Ur -= csize(j);
-      --n_left;
+      if (!(Ur > 0 && n_left > 2) || n_left * pi_over(j, Wr, Ur) < 1) break;
+      make_certain(j);
     }
     Wr = Ur = 0;  // recomputed, not subtracted (cancellation)
     for (int64_t j = 0; j < c; ++j)
@@ -281,14 +286,8 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     bool any = false;
     const double w_pass = Wr, u_pass = Ur;
     for (int64_t j = 0; j < c && n_left > 2; ++j) {
-      if (!open(j)) continue;
-      const double pi = prior_ok && w_pass > 0 ? 0.5 * (w(j) / w_pass + csize(j) / u_pass) : csize(j) / u_pass;
-      if (n_left * pi < 1) continue;
-      s.certain[j] = 1;
-      t_certain += exact(j);
-      Wr -= w(j);
-      Ur -= csize(j);
-      --n_left;
+      if (!open(j) || n_left * pi_over(j, w_pass, u_pass) < 1) continue;
+      make_certain(j);
       any = true;
     }
     if (!any) break;
