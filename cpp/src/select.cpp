@@ -265,6 +265,11 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     Ur -= csize(j);
     --n_left;
   };
+  auto recount = [&] {  // the open totals recomputed, not subtracted (cancellation)
+    Wr = Ur = 0;
+    for (int64_t j = 0; j < c; ++j)
+      if (open(j)) Wr += w(j), Ur += csize(j);
+  };
   if (opt.certainty_walk) {
     // One walk instead of index-order passes: the unread clusters sorted once by their share
     // at the first totals, each taken while n_left pi_j >= 1 over the totals less those taken
@@ -272,17 +277,14 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     std::vector<int32_t> by;
     for (int64_t j = 0; j < c; ++j)
       if (open(j)) by.push_back((int32_t)j);
-    auto share = [&](int64_t j) { return prior_ok ? 0.5 * (w(j) / W + csize(j) / U) : csize(j) / U; };
-    std::stable_sort(by.begin(), by.end(), [&](int32_t x, int32_t y) { return share(x) > share(y); });
+    std::stable_sort(by.begin(), by.end(),
+                     [&](int32_t x, int32_t y) { return pi_over(x, W, U) > pi_over(y, W, U); });
     for (int32_t j : by) {
       if (!(Ur > 0 && n_left > 2) || n_left * pi_over(j, Wr, Ur) < 1) break;
       make_certain(j);
     }
-    Wr = Ur = 0;  // recomputed, not subtracted (cancellation)
-    for (int64_t j = 0; j < c; ++j)
-      if (open(j)) Wr += w(j), Ur += csize(j);
-  }
-  while (!opt.certainty_walk && Ur > 0 && n_left > 2) {
+    recount();
+  } else while (Ur > 0 && n_left > 2) {
     bool any = false;
     const double w_pass = Wr, u_pass = Ur;
     for (int64_t j = 0; j < c && n_left > 2; ++j) {
@@ -291,9 +293,7 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
       any = true;
     }
     if (!any) break;
-    Wr = Ur = 0;  // recomputed, not subtracted (cancellation)
-    for (int64_t j = 0; j < c; ++j)
-      if (open(j)) Wr += w(j), Ur += csize(j);
+    recount();
   }
   if (Ur > 0) {
     double acc = 0;
@@ -436,19 +436,25 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   s.mass.resize(c);
   s.logit.resize(std::max<int64_t>(nclu, always));
   std::vector<uint8_t> own;
+  // The exact head: ranked clusters while fewer than ~head_fraction of the tokens precede
+  // them (at least one cluster); f(j) for each.
   const double head_tokens = std::max(1.0, opt.head_fraction * nclu);
-  // group_head: the union of the G heads' exact heads, every head's first read.
+  auto for_exact_head = [&](LazyRank& rank, auto&& f) {
+    int64_t tokens = 0;
+    for (int64_t i = 0; i < c && (i == 0 || tokens < head_tokens); ++i) {
+      f(rank(i));
+      tokens += csize(rank(i));
+    }
+  };
+  // group_head: the union of the G heads' exact heads, every head's first read (each head is
+  // scored again below; on the CPU that is c x d per head, small next to the exact reads).
   std::vector<uint8_t> ghead;
   if (opt.group_head && !no_head && g > 1) {
     ghead.assign(c, 0);
     for (int64_t h = 0; h < g; ++h) {
       score_clusters(q + h * d, cent, spread, c, d, opt.spread, s.score.data());
       LazyRank rank(s.order, s.score, c);
-      int64_t tokens = 0;
-      for (int64_t i = 0; i < c && (i == 0 || tokens < head_tokens); ++i) {
-        ghead[rank(i)] = 1;
-        tokens += csize(rank(i));
-      }
+      for_exact_head(rank, [&](int64_t j) { ghead[j] = 1; });
     }
   }
   for (int64_t h = 0; h < g; ++h) {
@@ -458,14 +464,14 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     if (opt.segments() > 0) rank(c - 1);  // the two-segment fit walks every rank
     std::fill(s.state.begin(), s.state.end(), kUnread);
 
-    // Which ranked clusters are read exactly: the head, then two sample segments.
-    int64_t tokens = 0, i = 0;
-    for (; !no_head && i < c && (i == 0 || tokens < head_tokens); ++i) {
-      s.state[rank(i)] = kHead;
-      tokens += csize(rank(i));
+    // Which ranked clusters are read exactly: the head (the group's with group_head, which
+    // holds this head's own), then two sample segments.
+    if (!ghead.empty()) {
+      for (int64_t j = 0; j < c; ++j)
+        if (ghead[j]) s.state[j] = kHead;
+    } else if (!no_head) {
+      for_exact_head(rank, [&](int64_t j) { s.state[j] = kHead; });
     }
-    for (int64_t j = 0; j < (int64_t)ghead.size(); ++j)
-      if (ghead[j]) s.state[j] = kHead;
     // rank_start[i]: token rank (0-based) where ranked cluster i begins.
     struct Segment { int64_t first, last; double x, y; } seg[2] = {};
     int64_t cum = 0, pos = 0;

@@ -41,6 +41,12 @@ def _float(name: str, value) -> float:
         raise ValueError(f"`{name}` must be a finite number, got {value}") from None
 
 
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
+    return value
+
+
 def _choice(name: str, value, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -172,9 +178,7 @@ class SparseDecoder:
         c.confidence = _float("confidence", confidence)
         c.tail_samples = _int("tail_samples", tail_samples)
         c.max_rounds = _int("max_rounds", max_rounds, maximum=_INT32_MAX)
-        if not isinstance(certainty_walk, bool):
-            raise TypeError(f"`certainty_walk` must be a bool, got {type(certainty_walk).__name__}")
-        c.certainty_walk = certainty_walk
+        c.certainty_walk = _bool("certainty_walk", certainty_walk)
         c.margin = _float("margin", margin)
         c.spread = _float("spread", spread)
         c.cluster_size = _int("cluster_size", cluster_size)
@@ -190,19 +194,13 @@ class SparseDecoder:
         c.min_clusters = _int("min_clusters", min_clusters)
         if share_group is None:  # the CUDA backend selects every query head independently
             share_group = _parse_device(device)[0] == "cpu"
-        if not isinstance(share_group, bool):
-            raise TypeError(f"`share_group` must be a bool, got {type(share_group).__name__}")
-        c.share_group = share_group
-        if not isinstance(group_head, bool):
-            raise TypeError(f"`group_head` must be a bool, got {type(group_head).__name__}")
-        c.group_head = group_head
+        c.share_group = _bool("share_group", share_group)
+        c.group_head = _bool("group_head", group_head)
         c.seed = _int("seed", seed, 0, maximum=2**64 - 1)
         c.scale = 0.0 if scale is None else _float("scale", scale)
         if scale is not None and not c.scale > 0:
             raise ValueError(f"`scale` must be > 0, got {scale}")
-        if not isinstance(record_selection, bool):
-            raise TypeError(f"`record_selection` must be a bool, got {type(record_selection).__name__}")
-        c.record_selection = record_selection
+        c.record_selection = _bool("record_selection", record_selection)
         c.num_threads = _int("num_threads", num_threads, 0, maximum=_INT32_MAX)
         c.head_split, kernel, c.pdl = _kernel_options(head_split, attention_kernel, pdl)
         c.set_attention_kernel(kernel)
@@ -354,8 +352,7 @@ class SparseDecoder:
         to time attention alone. ValueError when no such selection exists.
         """
         layer = self._layer(layer)
-        if not isinstance(reuse_selection, bool):
-            raise TypeError(f"`reuse_selection` must be a bool, got {type(reuse_selection).__name__}")
+        _bool("reuse_selection", reuse_selection)
         q = _arrays.prepare(q, "q")
         self._use_stream(q, stream)
         if reuse_selection:
