@@ -14,6 +14,7 @@ OUT=${OUT:-/tmp/tactic-gpu}
 mkdir -p "$OUT"
 ARCH=${TACTIC_CUDA_ARCH:-90}  # the standalone self-tests' architecture
 steps=${*:-build selftest pytest quick}
+FLAGS=${BENCH_FLAGS:-}  # extra options for the batch / profile / profile-batch runs, e.g. --group-head
 NVCC="nvcc -std=c++17 -O2 -lineinfo -arch=sm_$ARCH -DTACTIC_VERSION=\"selftest\" -Icpp/include -Icpp/src -Icuda -Xcompiler -fopenmp"
 rc=0
 summary=()  # one line per step, printed last (a long run's first lines fall out of a log's tail)
@@ -66,21 +67,21 @@ for s in $steps; do
       python3 -m tactic.bench --quick --out "$OUT" 2>&1 | tee "$OUT/quick.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     batch)    # issue 19's batch rows: B = 8 at 128K and B = 32 at 32K, both workloads, with the peers (~3 min)
       python3 -m tactic.bench --workload sparse synthetic --n 128K --batch 8 --heads 32/8 --dtype float16 \
-        --target 0.9 --no-padded-gather --budget-s 120 --tag b8 --out "$OUT" 2>&1 | tail -6 || rc=1
+        --target 0.9 --no-padded-gather --budget-s 120 --tag b8 --out "$OUT" $FLAGS 2>&1 | tail -6 || rc=1
       python3 -m tactic.bench --workload sparse synthetic --n 32K --batch 32 --heads 32/8 --dtype float16 \
-        --target 0.9 --no-padded-gather --budget-s 120 --tag b32 --out "$OUT" 2>&1 | tail -6 || rc=1 ;;
+        --target 0.9 --no-padded-gather --budget-s 120 --tag b32 --out "$OUT" $FLAGS 2>&1 | tail -6 || rc=1 ;;
     fixture)  # real SmolLM2 KV tiled (9/3 heads, D 64)
       python3 -m tactic.bench --workload fixture --n 32K 128K 512K --batch 1 8 --dtype float16 \
         --target 0.9 --budget-s 240 --out "$OUT" 2>&1 | tee "$OUT/fixture.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     profile)  # per-kernel time of one step (torch profiler) at 32K / 128K / 512K
       for r in ${STOP_RULES:-certified prior}; do for w in sparse synthetic; do
-        python3 bench/profile_step.py --stop-rule $r --workload $w --context 32768 131072 524288 > "$OUT/profile-$r-$w.txt" 2>&1 || rc=1
+        python3 bench/profile_step.py --stop-rule $r --workload $w --context 32768 131072 524288 $FLAGS > "$OUT/profile-$r-$w.txt" 2>&1 || rc=1
         echo "--- $r $w"; grep -E "^N=|total GPU|certify|select_|score|attention_chunks" "$OUT/profile-$r-$w.txt" \
           | sed -E 's/ plan=.*//; s/void tactic::cuda::\(anonymous namespace\):://' | cut -c1-100
       done; done ;;
     profile-batch)  # per-kernel time of one step at B 8 x 128K and B 32 x 32K (prior rule, both workloads)
       for w in sparse synthetic; do for bn in "8 131072" "32 32768"; do set -- $bn
-        python3 bench/profile_step.py --workload $w --batch $1 --context $2 > "$OUT/profile-b$1-$w.txt" 2>&1 || rc=1
+        python3 bench/profile_step.py --workload $w --batch $1 --context $2 $FLAGS > "$OUT/profile-b$1-$w.txt" 2>&1 || rc=1
         echo "--- B $1 $w"; grep -E "^N=|total GPU|select_|score|attention_chunks|chunk_sums|build_rows|merge|prepare" "$OUT/profile-b$1-$w.txt" \
           | sed -E 's/ plan=.*//; s/void tactic::cuda::\(anonymous namespace\):://' | cut -c1-100
       done; done ;;

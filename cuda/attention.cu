@@ -96,7 +96,9 @@ void decode_attention(const AttentionArgs& a) {
   require(a.rows == nullptr || a.rows_stride >= a.max_count,
           "rows_stride must be >= max_count, got rows_stride=" + std::to_string(a.rows_stride) +
               " max_count=" + std::to_string(a.max_count));
-  require(a.counts && a.head_index && a.out && a.workspace, "counts, head_index, out and workspace must be set");
+  require(a.counts && a.head_index && (a.out || a.carry_out) && a.workspace,
+          "counts, head_index, out (or carry_out) and workspace must be set");
+  require(!(a.carry_in && a.carry_out), "carry_in and carry_out are two passes: set one of them");
   require(a.max_count == 0 || (a.k && a.v && a.q), "k, v and q must be set");
   require(aligned16(a.k) && aligned16(a.v), "k and v must be 16-byte aligned");
   require(aligned16(a.workspace), "workspace must be 16-byte aligned");
@@ -117,6 +119,7 @@ void decode_attention(const AttentionArgs& a) {
   cp.q = a.q;
   cp.rows = a.rows;
   cp.rows_stride = a.rows_stride;
+  cp.row_start = a.row_start;
   cp.counts = a.counts;
   cp.max_count = (int32_t)a.max_count;
   cp.ws_ml = a.workspace;
@@ -135,6 +138,8 @@ void decode_attention(const AttentionArgs& a) {
   mp.out = a.out;
   mp.out_stride_b = a.out_stride_b;
   mp.out_stride_h = a.out_stride_h;
+  mp.carry_in = a.carry_in;
+  mp.carry_out = a.carry_out;
 
   const LaunchPlan lp{as_stream(a.stream), a.pdl,
                       resolve_attention_kernel(a.kernel, a.kv_dtype, a.d, a.g) == AttentionKernel::tensor_cores};

@@ -33,12 +33,20 @@ struct AttentionArgs {
   const int32_t* rows = nullptr;    // device [batch * hkv, rows_stride] row indices of item i;
                                     // nullptr = dense (rows 0 .. count-1)
   int64_t rows_stride = 0;
+  const int32_t* row_start = nullptr;  // device [batch * hkv] or nullptr: item i's list begins at
+                                    // rows[i * rows_stride + row_start[i]] (start + count <= rows_stride)
   const int32_t* counts = nullptr;  // device [batch * hkv]: rows of item i (0 writes zeros)
   int64_t max_count = 0;            // host bound of every count (clamped to it on the device)
   float* workspace = nullptr;       // device, attention_workspace_bytes(...) bytes, 16-byte aligned
   void* out = nullptr;              // device [batch, hkv * g, d], last dim contiguous
   DType out_dtype = DType::f32;     // f32, f16 or bf16
   int64_t out_stride_b = 0, out_stride_h = 0;  // elements
+  // Attention in two passes over disjoint row sets (group_head: the group's exact heads, then
+  // the rest). carry_out: write each query head's unnormalised partial record instead of out;
+  // carry_in: merge that record into this pass's result. Records: [batch * hkv * g,
+  // carry_record_floats(d)] (m in log2 units, l, two unused, acc[d] relative to 2^m).
+  float* carry_out = nullptr;
+  const float* carry_in = nullptr;
   void* stream = nullptr;           // cudaStream_t
   AttentionKernel kernel = AttentionKernel::automatic;  // StepPlan::attention (resolved) or automatic
   bool pdl = true;                  // programmatic dependent launch where the kernels have it
@@ -47,6 +55,8 @@ struct AttentionArgs {
 // Workspace bytes for the given geometry (at least 16, so an allocation is never empty).
 std::size_t attention_workspace_bytes(int64_t batch, int64_t hkv, int64_t g, int64_t d,
                                       int64_t max_count);
+
+constexpr int64_t carry_record_floats(int64_t d) { return d + 4; }  // floats per record
 
 // Enqueues the chunk kernel and the merge kernel on a.stream. Throws UnsupportedError for a
 // head dim other than 64/80/96/128/256, TypeError for a non-float dtype, ValueError for

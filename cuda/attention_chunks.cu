@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, chunk_min_blocks<T, D, GB>()) attent
       const int pn = min(kPiece, n - p0);
       __syncthreads();  // the previous piece's readers of s_rows are done
       if (p.rows) {
-        const int32_t* src = p.rows + i * p.rows_stride + start + p0;
+        const int32_t* src = p.rows + i * p.rows_stride + (p.row_start ? p.row_start[i] : 0) + start + p0;
         for (int r = tid; r < pn; r += kThreads) s_rows[r] = src[r];
       }
       __syncthreads();

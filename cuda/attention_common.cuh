@@ -35,6 +35,7 @@ struct ChunkParams {
   const float* q;
   const int32_t* rows;
   int64_t rows_stride;
+  const int32_t* row_start;  // [items] or null: item i's rows begin at rows[i * rows_stride + row_start[i]]
   const int32_t* counts;
   int32_t max_count;
   float* ws_ml;   // [units, g, 2]: m (log2 units), l
@@ -53,6 +54,8 @@ struct MergeParams {
   const float* ws_acc;
   void* out;
   int64_t out_stride_b, out_stride_h;
+  const float* carry_in;  // [items * g] records or null: one more partial per query head (AttentionArgs)
+  float* carry_out;       // [items * g] records or null: the unnormalised result instead of out
 };
 
 // The launch-time choices of one call: its stream and the plan's variants (resolved).

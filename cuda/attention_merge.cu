@@ -15,7 +15,9 @@ constexpr int kMergeThreads = 512;  // 16 warps: a long item's ~200 partials in 
 constexpr int kMergeWarps = kMergeThreads / 32;
 
 // One block per (item, query head of the group): warps take interleaved chunks, lanes hold
-// float4 pieces of d; the warps' sums meet in shared memory.
+// float4 pieces of d; the warps' sums meet in shared memory. With carry_out the block stores
+// its unnormalised (m, l, acc) record instead of the output; with carry_in that record of an
+// earlier pass joins as one more chunk.
 template <class TO, int D>
 __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const MergeParams p) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
@@ -28,13 +30,21 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t blk = blockIdx.x, i = blk / p.g, j = blk - i * p.g;
   const int64_t b = i / p.hkv, h = i - b * p.hkv;
-  TO* out = static_cast<TO*>(p.out) + b * p.out_stride_b + (h * p.g + j) * p.out_stride_h;
+  TO* out = p.out ? static_cast<TO*>(p.out) + b * p.out_stride_b + (h * p.g + j) * p.out_stride_h : nullptr;
+  const int64_t rec_len = carry_record_floats(D);
+  const float* cin = p.carry_in ? p.carry_in + blk * rec_len : nullptr;
+  float* cout = p.carry_out ? p.carry_out + blk * rec_len : nullptr;
   const int count = clamp_count(p.counts[i], p.max_count);
-  if (count == 0) {  // uniform over the block; the plan is not read (no chunk kernel ran then)
-    for (int dd = tid; dd < D; dd += kMergeThreads) out[dd] = from_float<TO>(0.f);
+  if (count == 0 && !cin) {  // uniform over the block; the plan is not read (no chunk kernel ran then)
+    if (cout) {
+      for (int dd = tid; dd < D; dd += kMergeThreads) cout[4 + dd] = 0.f;
+      if (tid == 0) cout[0] = -FLT_MAX, cout[1] = 0.f;
+    } else {
+      for (int dd = tid; dd < D; dd += kMergeThreads) out[dd] = from_float<TO>(0.f);
+    }
     return;
   }
-  const int len = p.plan[0];
+  const int len = count > 0 ? p.plan[0] : 1;
   const int nch = (int)(((int64_t)count + len - 1) / len);
   const int64_t rec0 = (int64_t)p.plan[1 + i] * p.g + j;  // unit c's record: rec0 + c * g
 
@@ -47,6 +57,7 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   mx = s_red[0];
 #pragma unroll
   for (int w = 1; w < kMergeWarps; ++w) mx = fmaxf(mx, s_red[w]);
+  if (cin) mx = fmaxf(mx, cin[0]);  // the carried partial counts as one more chunk
 
   float4 a[PER];
 #pragma unroll
@@ -82,15 +93,18 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   }
   if (lane == 0) s_l[warp] = lsum;
   __syncthreads();
-  float ltot = 0.f;
+  const float cw = cin ? fast_exp2(cin[0] - mx) : 0.f;
+  float ltot = cin ? cw * cin[1] : 0.f;
 #pragma unroll
   for (int w = 0; w < kMergeWarps; ++w) ltot += s_l[w];
+  if (cout && tid == 0) cout[0] = mx, cout[1] = ltot;
   const float inv = ltot > 0.f ? 1.f / ltot : 0.f;  // no mass (all scores -inf): zeros
   for (int dd = tid; dd < D; dd += kMergeThreads) {
-    float sum = 0.f;
+    float sum = cin ? cw * cin[4 + dd] : 0.f;
 #pragma unroll
     for (int w = 0; w < kMergeWarps; ++w) sum += s_acc[w][dd];
-    out[dd] = from_float<TO>(sum * inv);
+    if (cout) cout[4 + dd] = sum;
+    else out[dd] = from_float<TO>(sum * inv);
   }
 }
 

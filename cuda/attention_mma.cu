@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(kThreads, 3) attention_chunks_mma_kernel(const
     const T* vb = static_cast<const T*>(p.v) + hi * p.cap * D;
     const float* qi = p.q + un.item * p.g * D;
     const int64_t rec_base = (int64_t)work * p.g;
-    const int32_t* rsrc = p.rows ? p.rows + un.item * p.rows_stride + un.start : nullptr;
+    const int32_t* rsrc =
+        p.rows ? p.rows + un.item * p.rows_stride + (p.row_start ? p.row_start[un.item] : 0) + un.start : nullptr;
 
     // Q as the A operand of every k-step, in log2 units: row g8 = head g8, row g8 + 8 = its low half.
     uint32_t qa[KS][4];

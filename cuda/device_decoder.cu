@@ -66,6 +66,7 @@ struct DeviceDecoder::Impl {
   DeviceBuffer qf, scores, seg_max, ids, tasks, sel_scratch;
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
   DeviceBuffer cert_mark;                     // [B * Hq, cmax] the certified rule's per-head marks
+  DeviceBuffer carry, pass_counts;            // group_head: [B * Hq] union records; [2, B * Hkv] pass rows
   DeviceBuffer lost;                          // [L * B] int32: tokens a replayed append found no room for
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
   // [L * B]: an append of this (layer, slot) was captured in a CUDA graph. Its replays advance
@@ -137,13 +138,17 @@ struct DeviceDecoder::Impl {
   int64_t lsh(int64_t l, int64_t s, int64_t h) const { return ls(l, s) * H + h; }
   bool clusters() const { return cfg.select.policy == Policy::tactic; }
   bool certified() const { return clusters() && cfg.select.stop_rule == StopRule::certified; }
+  bool group_head() const { return clusters() && cfg.select.group_head && G > 1; }
   // Clusters of a clustered region of n tokens: ceil(n / cluster_size), at most n (the CPU
   // store's count).
   int64_t clusters_for(int64_t n) const {
     return n > 0 ? std::min<int64_t>((n + cfg.cluster_size - 1) / cfg.cluster_size, n) : 0;
   }
 
-  void attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream);
+  // The attention over the layer's row list; `rest`: only the rows after the union (group_head,
+  // right after a selection), merged with the union pass's records.
+  void attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream, bool rest = false);
+  void fill_attention(int64_t layer, const StepGeometry& geo, AttentionArgs& at) const;
 
   StepGeometry geometry(int64_t layer, int64_t batch, void* stream) {
     StepGeometry g;
@@ -245,8 +250,9 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     throw UnsupportedError("the CUDA backend selects each query head independently: set share_group=False");
   if (pol == Policy::tactic && cfg.select.certainty_walk)
     throw UnsupportedError("certainty_walk=True runs on the CPU backend only (bench/NOTES.md)");
-  if (pol == Policy::tactic && cfg.select.group_head)
-    throw UnsupportedError("group_head=True runs on the CPU backend only (a candidate design, bench/NOTES.md)");
+  if (pol == Policy::tactic && cfg.select.group_head && cfg.select.stop_rule == StopRule::certified)
+    throw UnsupportedError("group_head=True runs with stop_rule='prior' on the CUDA backend (the certified rule "
+                           "with group_head is CPU only)");
   const int64_t d = cfg.head_dim;
   if (!(d == 64 || d == 80 || d == 96 || d == 128 || d == 256))
     throw UnsupportedError("the CUDA backend supports head_dim 64, 80, 96, 128 or 256, got " + std::to_string(d));
@@ -297,13 +303,17 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     need(m.scores, segs * cmax * 4, "cluster scores");
     need(m.seg_max, segs * 8, "best and worst scores");
     need(m.ids, segs * cmax * 4, "exact-head lists");
-    need(m.tasks, mul_sat(segs * 8, head_tasks_stride(m.cmax, m.cap)), "exact-head tasks");
+    if (!m.group_head()) need(m.tasks, mul_sat(segs * 8, head_tasks_stride(m.cmax, m.cap)), "exact-head tasks");
     need(m.sel_scratch, select_scratch_bytes((int64_t)segs), "selection scratch");
     need(m.kv_mark, items * cmax, "selection marks");
     if (cfg.record_selection) need(m.head_mark, mul_sat(m.L, segs * cmax), "selection marks");
     need(m.rows, mul_sat(mul_sat(m.L, items), cap * 4), "row lists");  // per layer: attend() reuses them
     need(m.chunk_sums, items * row_chunks(m.cmax) * 4, "row list chunks");
     if (m.certified()) need(m.cert_mark, segs * cmax, "selection marks");
+    if (m.group_head()) {
+      need(m.carry, segs * carry_record_floats(m.D) * 4, "union attention records");
+      need(m.pass_counts, items * 2 * 4, "row counts");
+    }
   }
   need(m.counts, mul_sat(m.L, items * 4), "row counts");
   need(m.head_tokens, mul_sat(m.L, segs * 8), "statistics");
@@ -479,14 +489,38 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.tail_samples = (int)m.cfg.select.tail_samples;
   a.max_rounds = m.cfg.select.max_rounds;
   a.cert_mark = m.cert_mark.as<uint8_t>();
+  a.group_head = m.group_head();
+  if (a.group_head) {
+    a.carry = m.carry.as<float>();
+    a.union_counts = m.pass_counts.as<int32_t>();
+    a.rest_counts = a.union_counts + items;
+    m.fill_attention(layer, geo, a.union_attention);  // select_step sets the rows, counts and records
+  }
   select_step(geo, a);
   m.last_slots[layer] = slot_list;
-  if (out) m.attention(layer, geo, *out, stream);
+  if (out) m.attention(layer, geo, *out, stream, a.group_head);
 }
 
-void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream) {
+void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream,
+                                    bool rest) {
+  AttentionArgs at{};
+  fill_attention(layer, geo, at);
+  if (rest) {  // the union pass ran inside select_step; its records join here
+    at.row_start = pass_counts.as<int32_t>();
+    at.counts = at.row_start + (std::size_t)(B * H);
+    at.carry_in = carry.as<float>();
+  }
+  at.out = out.data;
+  at.out_dtype = out.dtype;
+  at.out_stride_b = out.strides[0];
+  at.out_stride_h = out.strides[1];
+  at.stream = stream;
+  decode_attention(at);
+}
+
+void DeviceDecoder::Impl::fill_attention(int64_t layer, const StepGeometry& geo, AttentionArgs& at) const {
   const std::size_t items = (std::size_t)(B * H);
-  AttentionArgs at{};  // head_index: written by this call's prepare_q (decode, attend)
+  at = AttentionArgs{};  // head_index: written by this call's prepare_q (decode, attend)
   at.k = k.p;
   at.v = v.p;
   at.kv_dtype = cfg.dtype;
@@ -502,14 +536,9 @@ void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, cons
   at.counts = counts.as<int32_t>() + (std::size_t)layer * items;
   at.max_count = cap;
   at.workspace = attn_ws.as<float>();
-  at.out = out.data;
-  at.out_dtype = out.dtype;
-  at.out_stride_b = out.strides[0];
-  at.out_stride_h = out.strides[1];
-  at.stream = stream;
+  at.stream = geo.stream;
   at.kernel = plan.attention;
   at.pdl = plan.pdl;
-  decode_attention(at);
 }
 
 void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView& out,

@@ -16,6 +16,10 @@
 //   select_stop.cu      alpha, z, the stop point, marks (select_stop)
 //   select_certify.cu   certified rule only: exact union mass, tail sample, bound, top-ups
 //   select_union.cu     per-KV-head union as a row list (chunk_sums, build_rows)
+// With group_head (prior rule) select_exact gives way to an attention pass over the union of
+// each group's exact heads (select_head marks it, build_rows lists it first): its log-sum-exp
+// is the exact mass select_stop calibrates on, and its partial outputs are kept for the
+// caller's attention over the rest (AttentionArgs::carry_in).
 // with their shared device primitives in select_common.cuh. This file holds the orchestration:
 // the head split choice, the scratch layout and select_step.
 #include <algorithm>
@@ -107,13 +111,33 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   if (!(nsplit == 1 || ((nsplit == 2 || nsplit == 4) && head_split_available())))
     throw UnsupportedError("select_step: head_split " + std::to_string(nsplit) + " is not available here");
   launch_select_head(s, a, nsplit);
+  if (a.group_head) {
+    // The exact read is the attention over the group's union (no select_exact): its records
+    // give select_stop the union's mass, and the caller's attention over the rest merges them.
+    if (a.certified) throw UnsupportedError("select_step: group_head runs with the prior stop rule only");
+    launch_build_rows(s, a, RowsPass::group_union);
+    AttentionArgs u = a.union_attention;
+    u.rows = a.rows;
+    u.rows_stride = s.cap;
+    u.row_start = nullptr;
+    u.counts = a.union_counts;
+    u.max_count = s.cap;
+    u.out = nullptr;
+    u.carry_in = nullptr;
+    u.carry_out = a.carry;
+    u.stream = s.stream;
+    decode_attention(u);
+    launch_select_stop(s, a, nsplit, 0);
+    launch_build_rows(s, a, RowsPass::group_rest);
+    return;
+  }
   // Enough blocks for about two per SM, at most kMaxExactSplits per head.
   const int64_t sms = a.sm_count > 0 ? a.sm_count : 132;
   const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (2 * sms + heads - 1) / heads));
   launch_select_exact(s, a, splits);
   launch_select_stop(s, a, nsplit, splits);
   if (a.certified) launch_certify(s, a);
-  launch_build_rows(s, a);
+  launch_build_rows(s, a, RowsPass::all);
 }
 
 }  // namespace cuda

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "attention.hpp"
 #include "tactic/tensor.hpp"
 
 namespace tactic {
@@ -85,6 +86,16 @@ struct SelectArgs {
   int tail_samples = 64, max_rounds = 4;
   uint8_t* cert_mark = nullptr;  // [batch * Hq, cmax] zero before a step; each step leaves it zero
   double* cert_r = nullptr;      // (set by select_step from scratch) exact-mass partials
+  // group_head (SelectOptions::group_head; prior rule): every query head's exact read is the
+  // union of its group's exact heads, and the attention over that union gives its exact mass.
+  // select_head marks the union 1, an attention pass over it leaves each query head's record
+  // in `carry`, select_stop marks the rest 2, and the caller's attention over the rest
+  // (rows from union_counts on, rest_counts of them) merges the carried records.
+  bool group_head = false;
+  float* carry = nullptr;            // [batch * Hq, carry_record_floats(d)]
+  int32_t* union_counts = nullptr;   // [batch * Hkv] rows of the union, first in each row list
+  int32_t* rest_counts = nullptr;    // [batch * Hkv] rows after them (sinks, the rest, recent)
+  AttentionArgs union_attention{};   // the first pass: K/V, q, head_index, workspace, kernel, pdl
 };
 
 // The tensor-core centroid scores (select_rank.cu): whether this build's kernels have them on

@@ -14,6 +14,7 @@
 
 #include <cfloat>
 #include <climits>
+#include <type_traits>
 
 #include "common.cuh"
 #include "select.hpp"
@@ -29,6 +30,7 @@ struct SelInfo {
   float mx;          // best centroid score
   float bpl;         // histogram buckets per unit of logit (bucket_of)
   double prior_head; // sum over head clusters of size * exp(score - mx)
+  double am, as;     // group_head: exact (max, sum) of the sinks and recent rows (select_head)
 };
 struct ExactPart {   // one block's online (max, sum) of sinks + recent (a) and head rows (h)
   double am, as, hm, hs;
@@ -152,12 +154,15 @@ __device__ int crossing_bucket(const V* vals, double scale, double start, double
 // Calls f(j, score_j, size_j) for each cluster j < C of this thread (j = tid, tid + kSelThreads,
 // ...), loading 8 clusters' score and offsets before using any: one block serves a whole head,
 // and with one load in flight per thread these passes were latency-bound (~1 us per step).
+// With marks (group_head), f(j, score_j, size_j, marks[j]), the mark loaded with the rest.
 template <class F>
-__device__ __forceinline__ void for_clusters_in(const float* sc, const int32_t* off, int64_t lo, int64_t C, F&& f) {
+__device__ __forceinline__ void for_clusters_in(const float* sc, const int32_t* off, int64_t lo, int64_t C, F&& f,
+                                                const uint8_t* marks = nullptr) {
   constexpr int U = 8;
   for (int64_t base = lo + threadIdx.x; base < C; base += (int64_t)U * kSelThreads) {
     float v[U];
     int32_t o0[U], o1[U];
+    uint8_t mk[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t j = base + (int64_t)u * kSelThreads;
@@ -165,12 +170,16 @@ __device__ __forceinline__ void for_clusters_in(const float* sc, const int32_t* 
         v[u] = __ldg(sc + j);
         o0[u] = __ldg(off + j);
         o1[u] = __ldg(off + j + 1);
+        mk[u] = marks ? marks[j] : 0;  // not __ldg: select_stop writes marks it may read again
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t j = base + (int64_t)u * kSelThreads;
-      if (j < C) f(j, v[u], o1[u] - o0[u]);
+      if (j < C) {
+        if constexpr (std::is_invocable_v<F, int64_t, float, int32_t, uint8_t>) f(j, v[u], o1[u] - o0[u], mk[u]);
+        else f(j, v[u], o1[u] - o0[u]);
+      }
     }
   }
 }
@@ -192,29 +201,28 @@ __device__ __forceinline__ void rank_candidates(const float* cs, const int32_t* 
   __syncthreads();
 }
 
-// Gathers the clusters of bucket `bk` (excluding those with head[j] set, when given) into
-// S.cs/S.cid, ranks them (score descending, id ascending) into S.sorted; returns their
-// number, or -1 if more than kCand.
 // The clusters of bucket bk among [lo, C) into S.cs / S.cid (S.n_cand counts them, even past
-// kCand; it must be zero before).
+// kCand; it must be zero before). With `skip` (group_head), not those whose skip mark is 1.
 __device__ __forceinline__ void gather_bucket(const float* sc, const int32_t* off, int64_t lo, int64_t C, float mx,
-                                              float bpl, int bk, SelShared& S) {
-  for_clusters_in(sc, off, lo, C, [&](int64_t j, float x, int32_t) {
-    if (bucket_of(x, mx, bpl) == bk) {
+                                              float bpl, int bk, SelShared& S, const uint8_t* skip = nullptr) {
+  for_clusters_in(sc, off, lo, C, [&](int64_t j, float x, int32_t, uint8_t m) {
+    if (bucket_of(x, mx, bpl) == bk && m != 1) {
       const int at = atomicAdd(&S.n_cand, 1);
       if (at < kCand) {
         S.cs[at] = x;
         S.cid[at] = (int32_t)j;
       }
     }
-  });
+  }, skip);
 }
 
+// Gathers the clusters of bucket `bk` (gather_bucket) and ranks them (score descending, id
+// ascending) into S.sorted; returns their number, or -1 if more than kCand.
 __device__ int rank_bucket(const float* sc, const int32_t* off, int64_t C, float mx, float bpl, int bk,
-                           SelShared& S) {
+                           SelShared& S, const uint8_t* skip = nullptr) {
   if (threadIdx.x == 0) S.n_cand = 0;
   __syncthreads();
-  gather_bucket(sc, off, 0, C, mx, bpl, bk, S);
+  gather_bucket(sc, off, 0, C, mx, bpl, bk, S, skip);
   __syncthreads();
   const int n = S.n_cand;
   if (n > kCand) return -1;

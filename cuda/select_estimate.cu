@@ -59,7 +59,8 @@ struct HeadDecision {  // what select_head decided, identically in every block s
 // sizes are) and writes the hand-over SelInfo. head_list is read back through L2: other blocks
 // of a cluster may have written it.
 __device__ void finish_head(const SelectArgs& a, int64_t i, int32_t* list, const float* sc, const int32_t* off,
-                            int64_t nsink, int n_whole, double prior, HeadDecision d, SelShared& S) {
+                            int64_t nsink, int n_whole, double prior, HeadDecision d, SelShared& S,
+                            uint8_t* kmark) {
   const int tid = threadIdx.x;
   const bool partial = d.nh_cand > 0 && d.bh_whole == d.bh;
   if (partial)
@@ -72,7 +73,11 @@ __device__ void finish_head(const SelectArgs& a, int64_t i, int32_t* list, const
   const int n_head = n_whole + (partial ? d.cut_h : 0);
   int2* tasks = reinterpret_cast<int2*>(a.tasks) + i * a.tasks_stride;
   int carry = 0;
-  for (int base = 0; base < n_head; base += kSelThreads) {
+  if (a.group_head) {  // no select_exact: the head joins its group's union (read by attention)
+    __syncthreads();  // the partial bucket's entries are in the list
+    for (int k = tid; k < n_head; k += kSelThreads) kmark[__ldcg(list + k)] = 1;
+  }
+  for (int base = 0; base < n_head && !a.group_head; base += kSelThreads) {
     const int k = base + tid;
     const int32_t j = k < n_head ? __ldcg(list + k) : 0;
     const int sz = k < n_head ? off[j + 1] - off[j] : 0;
@@ -107,6 +112,52 @@ __device__ __forceinline__ void histogram_add(const float* sc, const int32_t* of
     atomicAdd(&S.tok[bk], n);
     atomicAdd(&S.pri[bk], (float)n * __expf(x - mx));
   });
+}
+
+// group_head: the exact (max, sum) of the head's sinks and recent rows, a thread per row, into
+// info->am / as (select_exact's first part: alpha needs the union's mass alone, which the
+// attention pass gives, and z needs these rows' too).
+template <class T, int D>
+__device__ void always_mass_d(const StepGeometry& s, const SelectArgs& a, const HeadView& v, SelShared& S,
+                              SelInfo* info) {
+  __shared__ float qs[D];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const T* K = static_cast<const T*>(a.k) + head_index(s, s.slots[v.b], v.h) * s.cap * D;
+  for (int e = tid; e < D; e += kSelThreads) qs[e] = a.qf[v.i * D + e];
+  __syncthreads();
+  MaxSum ms{-INFINITY, 0.0};
+  for (int64_t t = tid; t < v.always; t += kSelThreads) {
+    const int64_t row = t < v.nsink ? t : v.nsink + v.nclu + (t - v.nsink);
+    ms = add(ms, thread_dot<T, D>(K + row * D, qs));
+  }
+  double m = ms.m;
+  for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) S.red_d[warp] = m;
+  __syncthreads();
+  m = -INFINITY;
+  for (int w = 0; w < kSelWarps; ++w) m = fmax(m, S.red_d[w]);
+  const double sum = block_sum(ms.m == -INFINITY ? 0.0 : ms.s * exp(ms.m - m), S);
+  if (tid == 0) {
+    info->am = m;
+    info->as = sum;
+  }
+}
+
+__device__ void always_mass(const StepGeometry& s, const SelectArgs& a, const HeadView& v, SelShared& S) {
+  SelInfo* info = a.info + v.i;
+  auto by_d = [&](auto tag) {
+    using T = decltype(tag);
+    switch (s.d) {
+      case 64: always_mass_d<T, 64>(s, a, v, S, info); break;
+      case 80: always_mass_d<T, 80>(s, a, v, S, info); break;
+      case 96: always_mass_d<T, 96>(s, a, v, S, info); break;
+      case 128: always_mass_d<T, 128>(s, a, v, S, info); break;
+      default: always_mass_d<T, 256>(s, a, v, S, info); break;
+    }
+  };
+  if (a.dtype == DType::f32) by_d(float{});
+  else if (a.dtype == DType::bf16) by_d(__nv_bfloat16{});
+  else by_d(__half{});
 }
 
 // Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
@@ -163,8 +214,9 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
     }
   });
   __syncthreads();
+  if (a.group_head) always_mass(s, a, v, S);
   finish_head(a, i, v.head_list, sc, off, v.nsink, S.n_head, prior_head,
-              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S);
+              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark);
 }
 
 // Kernel 1, split (sm_90): the same decisions with each query head served by a thread-block
@@ -258,8 +310,9 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepG
   const int n_whole = *counter;
   cluster_barrier();  // no block reads another's shared memory after this one
   if (rank != 0) return;
+  if (a.group_head) always_mass(s, a, v, S);
   finish_head(a, i, v.head_list, sc, off, v.nsink, n_whole, tid == 0 ? whole : 0.0,
-              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S);
+              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark);
 }
 
 }  // namespace

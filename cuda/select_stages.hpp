@@ -34,9 +34,14 @@ int select_stop_split_clusters(int n);
 // heads' statistics.
 void launch_certify(const StepGeometry& s, const SelectArgs& a);
 
-// select_union.cu: each (sequence, KV head)'s row list from the union marks (which it clears),
-// or, for the dense policy, every row.
-void launch_build_rows(const StepGeometry& s, const SelectArgs& a);
+// select_union.cu: each (sequence, KV head)'s row list from the union marks, or, for the dense
+// policy, every row. The passes: `all` lists sinks, every marked cluster and recent rows into
+// a.counts and clears the marks; with group_head, `group_union` lists the clusters marked 1
+// (the group's exact heads) into a.union_counts and keeps the marks, and `group_rest` lists
+// sinks, the clusters marked 2 and recent rows after them (a.rest_counts; a.counts the whole
+// list) and clears every mark.
+enum class RowsPass { all, group_union, group_rest };
+void launch_build_rows(const StepGeometry& s, const SelectArgs& a, RowsPass pass);
 void launch_dense_counts(const StepGeometry& s, const SelectArgs& a);
 
 }  // namespace cuda

@@ -3,6 +3,8 @@
 // reaches P_eff * z (whole histogram buckets, then the crossing bucket's clusters ranked
 // exactly); marks the chosen clusters for the union and writes the head's statistics. One
 // block per head, or a thread-block cluster per head (select_stop_split_kernel, sm_90).
+#include <algorithm>
+
 #include "select_common.cuh"
 
 namespace tactic {
@@ -15,6 +17,7 @@ namespace {
 // cluster of nsplit blocks (select_stop_split_kernel; mcs / mcid: room for the
 // merged candidates). Every block computes the same decisions from the same values; the passes
 // over the clusters (ranking a crossing bucket, marking) take the block's share [lo, hi) only.
+template <bool kGroup>
 __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits, int64_t i, int rank, int nsplit,
                           SelShared& S, float* mcs, int32_t* mcid) {
   const SelInfo info = a.info[i];
@@ -28,15 +31,72 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   const float* sc = v.sc;
   const int tid = threadIdx.x;
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+  constexpr bool group = kGroup;  // a template choice: the prior rule's kernel stays as it was
+  const uint8_t* skip = group ? kmark : nullptr;  // the union: read already, never taken again
   auto mark = [&](int64_t j) {
-    kmark[j] = 1;
+    if (!group) kmark[j] = 1;
+    else if (kmark[j] != 1) kmark[j] = 2;  // group_head: the rest's mark (the union's stays 1)
     if (hmark) hmark[j] = 1;
   };
   const float mx = info.mx, bpl = info.bpl;
-  const int bh = info.bh, bh_whole = info.bh_whole, nh_cand = info.nh_cand, cut_h = info.cut_h;
+  // group_head: the union replaces the head, so the walk starts at bucket 0 with nothing ranked.
+  const int bh = group ? 0 : info.bh, bh_whole = group ? 0 : info.bh_whole;
+  const int nh_cand = group ? 0 : info.nh_cand, cut_h = group ? 0 : info.cut_h;
   for (int k = tid; k < kBuckets; k += kSelThreads) S.pri[k] = a.hist_pri[i * kBuckets + k];
   for (int k = tid; k < max(nh_cand, 0); k += kSelThreads) S.sorted[k] = a.cand[i * kCand + k];
-  if (tid < 32) {  // the splits' parts, one per lane (splits <= kMaxExactSplits <= 32)
+  double prior_head = info.prior_head;
+  int64_t union_tokens = 0;
+  if constexpr (group) {
+    // The union's exact mass from the attention pass (log2 units there), the sinks' and recent
+    // rows' from select_head.
+    if (tid == 0) {
+      const float* rec = a.carry + i * carry_record_floats(s.d);
+      const double hm = rec[1] > 0.f ? (double)rec[0] * 0.6931471805599453 : -INFINITY;
+      const double m = fmax(info.am, hm);
+      S.dsh[0] = m;
+      S.dsh[1] = info.am == -INFINITY ? 0.0 : info.as * exp(info.am - m);
+      S.dsh[2] = hm == -INFINITY ? 0.0 : (double)rec[1] * exp(hm - m);
+    }
+    // The union's prior and tokens, and its share of each bucket taken out of the histogram
+    // (float sums like the histogram's own; clamped at zero).
+    float* upri = reinterpret_cast<float*>(S.tok);  // select_stop does not use the token histogram
+    for (int k = tid; k < kBuckets; k += kSelThreads) upri[k] = 0.f;
+    __syncthreads();
+    double pu = 0.0, tu = 0.0;
+    for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n, uint8_t mk) {
+      if (mk == 1) {
+        atomicAdd(&upri[bucket_of(x, mx, bpl)], (float)n * __expf(x - mx));
+        pu += (double)n * exp((double)x - (double)mx);
+        tu += n;
+        if (hmark) hmark[j] = 1;
+      }
+    }, kmark);
+    pu = block_sum(pu, S);
+    tu = block_sum(tu, S);
+    if (nsplit > 1) {  // every block needs the whole union's values, summed in rank order
+      if (tid == 0) {
+        S.cval[0] = pu;
+        S.cval[1] = tu;
+      }
+      cluster_barrier();
+      pu = tu = 0.0;
+      for (int q = 0; q < nsplit; ++q) {
+        const SelShared* R = cluster_peer(&S, q);
+        pu += R->cval[0];
+        tu += R->cval[1];
+      }
+      for (int k = tid; k < kBuckets; k += kSelThreads) {
+        float u = 0.f;
+        for (int q = 0; q < nsplit; ++q) u += reinterpret_cast<const float*>(cluster_peer(&S, q)->tok)[k];
+        S.pri[k] = fmaxf(0.f, S.pri[k] - u);
+      }
+      cluster_barrier();  // no block reads another's shared memory after this one
+    } else {
+      for (int k = tid; k < kBuckets; k += kSelThreads) S.pri[k] = fmaxf(0.f, S.pri[k] - upri[k]);
+    }
+    prior_head = pu;
+    union_tokens = (int64_t)tu;
+  } else if (tid < 32) {  // the splits' parts, one per lane (splits <= kMaxExactSplits <= 32)
     const ExactPart e = tid < splits ? a.parts[i * kMaxExactSplits + tid] : ExactPart{-INFINITY, 0.0, -INFINITY, 0.0};
     double m = fmax(e.am, e.hm);
     for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -58,9 +118,9 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   for (int k = tid; k < kBuckets; k += kSelThreads) prior_all += (double)S.pri[k];
   prior_all = block_sum(prior_all, S);
   // Priors are relative to the best centroid score mx; exact masses to their own max. alpha
-  // maps the first onto the second, so the estimate needs no common reference.
-  const double prior_head = info.prior_head;
-  const double prior_rest = fmax(0.0, prior_all - prior_head);
+  // maps the first onto the second, so the estimate needs no common reference. (group_head:
+  // the histogram holds the rest alone.)
+  const double prior_rest = group ? prior_all : fmax(0.0, prior_all - prior_head);
   const double alpha = read_exact / prior_head;
   const double z = a_mass + read_exact + alpha * prior_rest;
   if (!(isfinite(alpha) && alpha > 0) || !(z > 0) || !isfinite(z)) {  // read everything
@@ -118,11 +178,11 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
       } else {
         int n;
         if (nsplit == 1) {
-          n = rank_bucket(sc, off, C, mx, bpl, bx, S);
+          n = rank_bucket(sc, off, C, mx, bpl, bx, S, skip);
         } else {  // every block gathers its share; all rank the merged list alike
           if (tid == 0) S.n_cand = 0;
           __syncthreads();
-          gather_bucket(sc, off, lo, hi, mx, bpl, bx, S);
+          gather_bucket(sc, off, lo, hi, mx, bpl, bx, S, skip);
           n = merge_candidates(S, mcs, mcid, nsplit);
           if (n >= 0) rank_candidates(mcs, mcid, n, S.sorted);
         }
@@ -148,12 +208,12 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   // Marks and counts: buckets < bs whole (this block's share), plus the ranked prefix of bs
   // (rank 0).
   int64_t tokens = 0;
-  for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n) {
-    if (bucket_of(x, mx, bpl) < bs) {
+  for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n, uint8_t mk) {
+    if (bucket_of(x, mx, bpl) < bs && mk != 1) {
       mark(j);
       tokens += n;
     }
-  });
+  }, skip);
   if (bs_ranked && rank == 0)
     for (int k = tid; k < cut_s; k += kSelThreads) {
       mark(S.sorted[k]);
@@ -169,7 +229,7 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
     cluster_barrier();  // no block reads another's shared memory after this one
   }
   if (rank == 0 && tid == 0) {
-    a.head_tokens[i] = always + tokens;
+    a.head_tokens[i] = always + union_tokens + tokens;
     a.est_mass[i] = fmin(1.0, acc / z);
   }
 }
@@ -177,20 +237,22 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
 // Two blocks per SM (64 registers, 8 bytes of spills): at 118 registers one fit, and B 32 x 32K
 // ran its 1024 heads in 8 waves (71 us; 43 at two per SM, B 1 unchanged). Three per SM (40
 // registers) spilled ~200 bytes and was slower (44 us).
+template <bool kGroup>
 __global__ void __launch_bounds__(kSelThreads, 2) select_stop_kernel(StepGeometry s, SelectArgs a, int splits) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
-  stop_head(s, a, splits, blockIdx.x, 0, 1, S, nullptr, nullptr);
+  stop_head<kGroup>(s, a, splits, blockIdx.x, 0, 1, S, nullptr, nullptr);
 }
 
 // Kernel 3, split (sm_90): as select_head_split_kernel, nsplit blocks per query head.
+template <bool kGroup>
 __global__ void __launch_bounds__(kSelThreads, 1) select_stop_split_kernel(StepGeometry s, SelectArgs a, int splits) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
   __shared__ float mcs[kCand];
   __shared__ int32_t mcid[kCand];
   const int nsplit = cluster_blocks();
-  stop_head(s, a, splits, blockIdx.x / nsplit, cluster_rank(), nsplit, S, mcs, mcid);
+  stop_head<kGroup>(s, a, splits, blockIdx.x / nsplit, cluster_rank(), nsplit, S, mcs, mcid);
 }
 
 }  // namespace
@@ -198,13 +260,18 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_stop_split_kernel(StepG
 void launch_select_stop(const StepGeometry& s, const SelectArgs& a, int nsplit, int splits) {
   cudaStream_t st = as_stream(s.stream);
   const int64_t heads = s.batch * s.hkv * s.g;
-  if (nsplit > 1) launch_split<select_stop_split_kernel>(s.pdl, (unsigned)(heads * nsplit), nsplit, st, s, a, splits);
-  else launch<select_stop_kernel>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a, splits);
+  auto run = [&](auto group) {
+    constexpr bool G = decltype(group)::value;
+    if (nsplit > 1) launch_split<select_stop_split_kernel<G>>(s.pdl, (unsigned)(heads * nsplit), nsplit, st, s, a, splits);
+    else launch<select_stop_kernel<G>>(s.pdl, (unsigned)heads, kSelThreads, 0, st, s, a, splits);
+  };
+  if (a.group_head) run(std::true_type{});
+  else run(std::false_type{});
   TACTIC_CUDA_LAUNCH_CHECK("select_stop");
 }
 
-int select_stop_split_arch() { return compiled_arch<select_stop_split_kernel>(); }
-int select_stop_split_clusters(int n) { return active_clusters<select_stop_split_kernel>(n); }
+int select_stop_split_arch() { return compiled_arch<select_stop_split_kernel<false>>(); }
+int select_stop_split_clusters(int n) { return std::min(active_clusters<select_stop_split_kernel<false>>(n), active_clusters<select_stop_split_kernel<true>>(n)); }
 
 }  // namespace cuda
 }  // namespace tactic

@@ -16,7 +16,19 @@ namespace {
 // sizes of each chunk's marked clusters, then each chunk's rows at the sum of earlier chunks.
 constexpr int64_t kRowChunk = 256;  // one scan batch per block: more blocks, shorter serial work
 
-__global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, SelectArgs a) {
+// Which marked clusters a pass lists and where (see RowsPass in select_stages.hpp).
+struct PassArgs {
+  uint8_t want;           // 0: every nonzero mark; 1 / 2: that mark only
+  bool always;            // sinks and recent rows too
+  bool clear;             // clear every mark read (the step's last pass)
+  const int32_t* start;   // [items] or null: the list begins at this offset of the item's rows
+  int32_t* count;         // [items] rows listed
+  int32_t* total;         // [items] or null: start + count
+};
+
+__device__ __forceinline__ bool wanted(uint8_t mk, uint8_t want) { return want ? mk == want : mk != 0; }
+
+__global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, SelectArgs a, PassArgs pa) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   typedef cub::BlockReduce<int64_t, kThreads> ReduceI;
   __shared__ typename ReduceI::TempStorage tmp;
@@ -28,12 +40,12 @@ __global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, Se
   int64_t v = 0;
   for (int64_t j = chunk * kRowChunk + threadIdx.x; j < min((chunk + 1) * kRowChunk, (int64_t)st.n_clusters);
        j += kThreads)
-    if (kmark[j]) v += (int64_t)off[j + 1] - off[j];
+    if (wanted(kmark[j], pa.want)) v += (int64_t)off[j + 1] - off[j];
   v = ReduceI(tmp).Sum(v);
   if (threadIdx.x == 0) a.chunk_sums[item * gridDim.y + chunk] = (int32_t)v;
 }
 
-__global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, SelectArgs a) {
+__global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, SelectArgs a, PassArgs pa) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   typedef cub::BlockScan<int64_t, kThreads> ScanI;
   __shared__ typename ScanI::TempStorage tmp;
@@ -42,7 +54,8 @@ __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, Se
   const SlotCounts st = s.state[s.layer * s.max_batch + slot];
   const int32_t* off = a.offsets + head_index(s, slot, h) * (s.cmax + 1);
   uint8_t* kmark = a.kv_mark + item * s.cmax;
-  int32_t* out = a.rows + item * s.cap;
+  const int32_t first = pa.start ? pa.start[item] : 0;
+  int32_t* out = a.rows + item * s.cap + first;
   const int64_t nsink = st.n_sink, nclu = st.n_clustered, nrec = st.n_recent, C = st.n_clusters;
   const int32_t* sums = a.chunk_sums + item * gridDim.y;
   // Rows before this chunk and rows of all chunks, summed by the whole block (a serial loop
@@ -63,15 +76,22 @@ __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, Se
     s_red[1][threadIdx.x >> 5] = every;
   }
   __syncthreads();
-  int64_t carry = nsink, all = nsink;
+  const int64_t lead = pa.always ? nsink : 0;
+  int64_t carry = lead, all = lead;
   for (int w = 0; w < kThreads / 32; ++w) {
     carry += s_red[0][w];
     all += s_red[1][w];
   }
   if (chunk == 0) {
-    for (int64_t t = threadIdx.x; t < nsink; t += kThreads) out[t] = (int32_t)t;
-    for (int64_t t = threadIdx.x; t < nrec; t += kThreads) out[all + t] = (int32_t)(nsink + nclu + t);
-    if (threadIdx.x == 0) a.counts[item] = (int32_t)(all + nrec);
+    if (pa.always) {
+      for (int64_t t = threadIdx.x; t < nsink; t += kThreads) out[t] = (int32_t)t;
+      for (int64_t t = threadIdx.x; t < nrec; t += kThreads) out[all + t] = (int32_t)(nsink + nclu + t);
+    }
+    const int32_t n = (int32_t)(all + (pa.always ? nrec : 0));
+    if (threadIdx.x == 0) {
+      pa.count[item] = n;
+      if (pa.total) pa.total[item] = first + n;
+    }
   }
   // Each batch of kThreads clusters: a scan gives each marked cluster its offset, then the
   // threads write the batch's rows together (consecutive threads, consecutive rows: coalesced;
@@ -80,8 +100,9 @@ __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, Se
   const int64_t end = min((chunk + 1) * kRowChunk, C);
   for (int64_t base = chunk * kRowChunk; base < end; base += kThreads) {
     const int64_t j = base + threadIdx.x;
-    const bool marked = j < end && kmark[j];
-    if (marked) kmark[j] = 0;  // read for the last time: ready for the next step
+    const uint8_t mk = j < end ? kmark[j] : 0;
+    const bool marked = wanted(mk, pa.want);
+    if (pa.clear && mk) kmark[j] = 0;  // read for the last time: ready for the next step
     const int64_t v = marked ? (int64_t)off[j + 1] - off[j] : 0;
     int64_t ex, agg;
     ScanI(tmp).ExclusiveSum(v, ex, agg);
@@ -121,13 +142,16 @@ __global__ void dense_counts_kernel(StepGeometry s, SelectArgs a) {
 
 int64_t row_chunks(int64_t cmax) { return (cmax + kRowChunk - 1) / kRowChunk; }
 
-void launch_build_rows(const StepGeometry& s, const SelectArgs& a) {
+void launch_build_rows(const StepGeometry& s, const SelectArgs& a, RowsPass pass) {
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv;
   const dim3 rows_grid((unsigned)items, (unsigned)row_chunks(s.cmax));
-  launch<chunk_sums_kernel>(s.pdl, rows_grid, kThreads, 0, st, s, a);
+  PassArgs pa{0, true, true, nullptr, a.counts, nullptr};
+  if (pass == RowsPass::group_union) pa = PassArgs{1, false, false, nullptr, a.union_counts, nullptr};
+  if (pass == RowsPass::group_rest) pa = PassArgs{2, true, true, a.union_counts, a.rest_counts, a.counts};
+  launch<chunk_sums_kernel>(s.pdl, rows_grid, kThreads, 0, st, s, a, pa);
   TACTIC_CUDA_LAUNCH_CHECK("chunk_sums");
-  launch<build_rows_kernel>(s.pdl, rows_grid, kThreads, 0, st, s, a);
+  launch<build_rows_kernel>(s.pdl, rows_grid, kThreads, 0, st, s, a, pa);
   TACTIC_CUDA_LAUNCH_CHECK("build_rows");
 }
 

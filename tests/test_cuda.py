@@ -136,16 +136,20 @@ def test_target_one_matches_reference_across_reclustering(dtype, g, d):
     assert dec.length(0) == n + steps
 
 
+@pytest.mark.parametrize("group_head", [False, True])
 @pytest.mark.parametrize("g", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.97])
-def test_selection_matches_cpu(g, target):
-    """Same keys, same seed: the GPU picks the clusters the CPU picks (share_group off on both)."""
+def test_selection_matches_cpu(g, target, group_head):
+    """Same keys, same seed: the GPU picks the clusters the CPU picks (share_group off on both),
+    also with group_head (the GPU's exact masses then come from the attention pass over the
+    group's union, the CPU's from its own float64 sums)."""
     gen = torch.Generator().manual_seed(int(target * 100) + g)
     hkv, d, n, steps = 2, 128, 6000, 6
     k, _ = mixture_keys(n + steps, hkv, d, gen)
     k = k.half()
     v = torch.randn(n + steps, hkv, d, generator=gen).half()
-    opts = dict(max_tokens=n + steps, dtype="float16", target=target, share_group=False, stop_rule="prior")
+    opts = dict(max_tokens=n + steps, dtype="float16", target=target, share_group=False, stop_rule="prior",
+                group_head=group_head)
     cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
     gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
     cpu.prefill(0, k[:n], v[:n])
@@ -165,13 +169,15 @@ def test_selection_matches_cpu(g, target):
     assert same >= 0.95 * total, f"{same}/{total} heads selected the same token count"
 
 
-def test_batch_selection_matches_cpu():
+@pytest.mark.parametrize("group_head", [False, True])
+def test_batch_selection_matches_cpu(group_head):
     """5 sequences x 8 KV heads x 8 query heads: 320 query heads, more than the one-block
     selection kernels hold at once on a GPU of up to 160 SMs (two per SM), so they run in
     waves; every sequence's heads still pick the CPU's clusters."""
     gen = torch.Generator().manual_seed(515)
     b, hkv, g, d, n = 5, 8, 8, 128, 2500
-    opts = dict(max_tokens=n + 1, max_batch=b, dtype="float16", target=0.9, share_group=False, stop_rule="prior")
+    opts = dict(max_tokens=n + 1, max_batch=b, dtype="float16", target=0.9, share_group=False, stop_rule="prior",
+                group_head=group_head)
     cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
     gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
     qs = []
@@ -226,12 +232,14 @@ def test_cupy_and_torch_inputs_are_not_copied():
     np.testing.assert_allclose(tout[0].double().cpu().numpy(), ref, atol=2e-3, rtol=2e-3)
 
 
-def test_cuda_graph_replays_the_step():
+@pytest.mark.parametrize("group_head", [False, True])
+def test_cuda_graph_replays_the_step(group_head):
     gen = torch.Generator().manual_seed(5)
     hkv, g, d, n = 8, 4, 128, 20000
     k, _ = mixture_keys(n, hkv, d, gen)
     v = torch.randn(n, hkv, d, generator=gen)
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 8, device="cuda", dtype="float16", target=0.9)
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 8, device="cuda", dtype="float16", target=0.9,
+                               group_head=group_head)
     dec.prefill(0, k.half().cuda(), v.half().cuda())
     q = (torch.randn(1, hkv * g, d, generator=gen) * 2).half().cuda()
     out = torch.empty_like(q)
@@ -534,8 +542,8 @@ def _selection_kernels(fn):
     return {e.name for e in prof.events() if "select_head" in e.name or "select_stop" in e.name}
 
 
-@pytest.mark.parametrize("split", [None, 2])
-def test_pdl_launches_match_plain_launches(split):
+@pytest.mark.parametrize("split,group_head", [(None, False), (2, False), (None, True), (2, True)])
+def test_pdl_launches_match_plain_launches(split, group_head):
     """The step's kernels launched with programmatic dependent launch (the default on sm_90:
     each kernel waits for its predecessor in its first instruction) give bit for bit what plain
     launches give (pdl=False), on a batch of two contexts of different lengths, with and
@@ -543,7 +551,8 @@ def test_pdl_launches_match_plain_launches(split):
     asking for PDL or the split is refused and the automatic plan has neither."""
     gen = torch.Generator().manual_seed(61)
     hkv, g, d, lens = 2, 4, 128, (20000, 9000)
-    opts = dict(device="cuda", dtype="float16", max_batch=2, max_tokens=max(lens) + 8, target=0.9, share_group=False)
+    opts = dict(device="cuda", dtype="float16", max_batch=2, max_tokens=max(lens) + 8, target=0.9, share_group=False,
+                group_head=group_head)
     sm90 = tactic.build_info()["devices"][0]["kernel_arch"] >= 90
     if not sm90:
         with pytest.raises(RuntimeError, match="sm_90"):
@@ -616,6 +625,11 @@ def split_case():
     cpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=case["seq"], lengths=lens)  # token-major views
     case["cpu_out"] = cpu.decode(0, q, kn, vn, seq=case["seq"])
     case["cpu_stats"] = cpu.stats(0)
+    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=3, max_tokens=N + 4, dtype="float16", target=0.9,
+                               share_group=False, stop_rule="prior", group_head=True)
+    cpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=case["seq"], lengths=lens)
+    case["cpu_group_out"] = cpu.decode(0, q, kn, vn, seq=case["seq"])
+    case["cpu_group_stats"] = cpu.stats(0)
     case["ref"] = []
     for b, n in enumerate(lens):
         kk = torch.cat([k[b, :, :n].permute(1, 0, 2), kn[b][None]]).double().numpy()
@@ -624,8 +638,9 @@ def split_case():
     return case
 
 
+@pytest.mark.parametrize("group_head", [False, True])
 @pytest.mark.parametrize("split", [1, 2, 4, None])
-def test_split_selection_over_a_batch_matches_cpu(split, split_case):
+def test_split_selection_over_a_batch_matches_cpu(split, group_head, split_case):
     """Heads with thousands of clusters run select_head / select_stop as thread-block clusters
     of 2 or 4 blocks (sm_90, cmax >= 16384; head_split= forces the size, None lets the plan
     choose): a batch of different lengths, including one too short to select, picks what the
@@ -638,7 +653,7 @@ def test_split_selection_over_a_batch_matches_cpu(split, split_case):
     B = len(lens)
     for target in (0.9, 1.0):
         opts = dict(max_batch=3, max_tokens=N + 4, dtype="float16", target=target, share_group=False,
-                    stop_rule="prior")
+                    stop_rule="prior", group_head=group_head)
         gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
         if split is not None:
             assert gpu.plan["head_split"][B - 1] == split
@@ -657,7 +672,7 @@ def test_split_selection_over_a_batch_matches_cpu(split, split_case):
                 np.testing.assert_allclose(out[b], c["ref"][b], atol=2e-3, rtol=2e-3)
             assert (sg["head_tokens"] == sg["context"][:, None]).all()
             continue
-        oc, sc = c["cpu_out"], c["cpu_stats"]
+        oc, sc = (c["cpu_group_out"], c["cpu_group_stats"]) if group_head else (c["cpu_out"], c["cpu_stats"])
         long = sg["head_tokens"][:2]
         assert (long < sg["context"][:2, None]).any(), "the test must exercise a real selection"
         assert (sg["head_tokens"][2] == lens[2] + 1).all()  # too short to select: everything
@@ -668,16 +683,17 @@ def test_split_selection_over_a_batch_matches_cpu(split, split_case):
                 np.testing.assert_allclose(og[b].float().cpu().numpy(), oc[b].float().numpy(), atol=3e-3, rtol=3e-3)
 
 
-@pytest.mark.parametrize("g", [1, 4, 8])
-def test_reuse_selection_attends_over_the_last_selection(g):
-    """decode(reuse_selection=True) = float64 attention of a new query over the kept union."""
+@pytest.mark.parametrize("g,group_head", [(1, False), (4, False), (8, False), (4, True), (8, True)])
+def test_reuse_selection_attends_over_the_last_selection(g, group_head):
+    """decode(reuse_selection=True) = float64 attention of a new query over the kept union
+    (with group_head: the union pass's rows and the rest's, in one list)."""
     gen = torch.Generator().manual_seed(70 + g)
     hkv, d, n, dtype = 2, 128, 5000, "float16"
     k, _ = mixture_keys(n + 1, hkv, d, gen)
     k = k.half()
     v = torch.randn(n + 1, hkv, d, generator=gen).half()
     dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype=dtype,
-                               target=0.8, share_group=False, record_selection=True)
+                               target=0.8, share_group=False, record_selection=True, group_head=group_head)
     dec.prefill(0, k[:n].cuda(), v[:n].cuda())
     q1 = (k[n].repeat_interleave(g, 0)[None].float() * 3).half().cuda()
     out1 = dec.decode(0, q1, k[n][None].cuda(), v[n][None].cuda())
@@ -740,3 +756,71 @@ def test_ranking_spread_term_matches_cpu(spread):
         chosen[device] = np.flatnonzero(np.asarray(dec.select(0, qq)["head_mask"][0, 0])).tolist()
     want = list(range(m)) if spread == 0 else list(range(m, 2 * m))
     assert chosen["cpu"] == want and chosen["cuda"] == want, chosen
+
+
+def _step_kernels(fn):
+    """Launch counts of the step's kernels by name (torch profiler)."""
+    from collections import Counter
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
+
+
+@pytest.mark.parametrize("dtype,g,d", [("float16", 4, 128), ("bfloat16", 8, 64), ("float32", 2, 256),
+                                       ("float16", 3, 80), ("bfloat16", 16, 96)])
+def test_group_head_attends_exactly_the_tokens_it_reports(dtype, g, d):
+    """group_head on CUDA: the exact read is an attention pass over the union of each group's
+    exact heads and a second pass reads the rest (no select_exact kernel), and across appends
+    and a re-clustering the output equals float64 attention over exactly the tokens kv_mask
+    reports, each head's tokens include its group's union, and the token counts agree with
+    the CPU's group_head selection."""
+    gen = torch.Generator().manual_seed(g * 31 + d)
+    hkv, n, steps = 2, 5000, 24
+    k, _ = mixture_keys(n + steps, hkv, d, gen)
+    k = k.to(TORCH_DT[dtype])
+    v = torch.randn(n + steps, hkv, d, generator=gen).to(TORCH_DT[dtype])
+    opts = dict(max_tokens=n + steps, dtype=dtype, target=0.9, share_group=False, stop_rule="prior",
+                group_head=True, recluster_interval=16, record_selection=True)
+    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu.prefill(0, k[:n].cuda(), v[:n].cuda())
+    cpu.prefill(0, k[:n], v[:n])
+    k64, v64 = k.double().numpy(), v.double().numpy()
+    same = total = 0
+    for i in range(steps):
+        q = (k[n + i].repeat_interleave(g, 0)[None].float() * 3 + torch.randn(1, hkv * g, d, generator=gen))
+        q = q.to(TORCH_DT[dtype])
+        res = {}
+        names = _step_kernels(lambda: res.setdefault(
+            "o", gpu.decode(0, q.cuda(), k[n + i][None].cuda(), v[n + i][None].cuda())))
+        cpu.decode(0, q, k[n + i][None], v[n + i][None])
+        sg, sc = gpu.stats(0), cpu.stats(0)
+        same += int((sg["head_tokens"] == sc["head_tokens"]).sum())
+        total += sg["head_tokens"].size
+        assert not any("select_exact" in x for x in names), names
+        assert sum(c for x, c in names.items() if "attention_chunks" in x) == 2, names
+        assert sum(c for x, c in names.items() if "attention_merge" in x) == 2, names
+        if i % 6 and i != steps - 1:
+            continue
+        out = res["o"][0].double().cpu().numpy()
+        ctx = n + i + 1
+        assert (sg["head_tokens"][0] < ctx).any(), "the test must exercise a real selection"
+        np.testing.assert_array_equal(sg["kv_tokens"][0], sg["kv_mask"][0].sum(1))
+        q64 = q[0].double().numpy()
+        for h in range(hkv):
+            keep = sg["kv_mask"][0, h][:ctx]
+            heads = sg["head_mask"][0, h * g:(h + 1) * g][:, :ctx]
+            assert (heads <= keep).all() and (heads.any(0) == keep).all()
+            ref, _ = ref_attention(q64[h * g:(h + 1) * g], k64[:ctx][keep][:, h:h + 1], v64[:ctx][keep][:, h:h + 1],
+                                   d ** -0.5)
+            np.testing.assert_allclose(out[h * g:(h + 1) * g], ref, atol=ATOL[dtype], rtol=RTOL[dtype])
+    assert same >= 0.9 * total, f"{same}/{total} heads selected the CPU's token count"
+
+
+def test_group_head_refuses_the_certified_rule_on_cuda():
+    with pytest.raises(RuntimeError, match="group_head"):
+        tactic.SparseDecoder(1, 8, 2, 64, device="cuda", max_tokens=100, dtype="float16", share_group=False,
+                             stop_rule="certified", group_head=True)

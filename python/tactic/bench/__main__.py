@@ -83,6 +83,8 @@ def add_sweep_arguments(ap) -> None:
                     help="CUDA kernel variant: the attention chunk kernel (default: auto)")
     ap.add_argument("--stop-rule", choices=["certified", "prior"], default=None,
                     help="Tactic's stop rule (default: SparseDecoder's for the device: certified on the CPU, prior on CUDA)")
+    ap.add_argument("--group-head", action="store_true",
+                    help="Tactic with group_head=True (each group's exact heads read by the attention; default: off)")
     ap.add_argument("--pdl", choices=["auto", "on", "off"], default="auto",
                     help="CUDA kernel variant: programmatic dependent launch (default: auto, on with sm_90 kernels)")
     ap.add_argument("--quick", action="store_true", help="~2 minutes: 8K-128K, B=1, 32/8, fp16, P=0.9")
@@ -128,7 +130,7 @@ def run_sweep(a, ap) -> int:
     if cuda and a.plan is None and not tactic.with_cuda:
         ap.error("this build of tactic has no CUDA backend (rebuild with -Ccmake.define.TACTIC_CUDA=ON)")
     opt = Options(device=a.device, workloads=tuple(a.workload), seed=a.seed, graphs=not a.no_graphs,
-                  flashinfer=not a.no_flashinfer, stop_rule=a.stop_rule,
+                  flashinfer=not a.no_flashinfer, stop_rule=a.stop_rule, group_head=a.group_head,
                   kernels=dict(head_split=a.head_split, attention_kernel=a.attention_kernel,
                                pdl=None if a.pdl == "auto" else a.pdl == "on"),
                   padded_gather=not a.no_padded_gather, max_prefill_s=a.max_prefill_s,

@@ -74,6 +74,7 @@ class Options:
     # A/B sets them here, and every row records the plan they resolved to).
     kernels: dict = field(default_factory=dict)
     stop_rule: Optional[str] = None  # Tactic's stop rule (None: SparseDecoder's default for the device)
+    group_head: bool = False  # SparseDecoder's group_head for Tactic (the exact read from the attention)
     time_budget_s: float = 420.0
     max_prefill_s: float = 30.0
     memory_fraction: float = 0.85
@@ -328,8 +329,9 @@ class Sweep:
         common = dict(max_batch=c.batch, max_tokens=c.n, device=dev, dtype=c.dtype, scale=wls[0].scale)
 
         def build(policy: str, target: float) -> Tuple[SparseDecoder, float]:
+            rule = dict(group_head=True) if opt.group_head and policy == "tactic" else {}
             dec = SparseDecoder(layers, c.hq, c.hkv, c.d, target=target, policy=policy, stop_rule=opt.stop_rule,
-                                record_selection=policy == "tactic", **common, **opt.kernels)
+                                record_selection=policy == "tactic", **common, **opt.kernels, **rule)
             _sync(dev)
             t = time.perf_counter()
             for l in range(layers):
@@ -483,6 +485,7 @@ class Sweep:
             "checks": checks,
             "plan": tac.plan,
             "stop_rule": tac.stop_rule,
+            "group_head": bool(opt.group_head),
         }
         row["sdpa_best"], row["speedup"] = speedups(methods)
         row["dense_best"], row["speedup_vs_dense_best"] = speedups(methods, DENSE_PEERS)
