@@ -16,10 +16,11 @@
 //   select_stop.cu      alpha, z, the stop point, marks (select_stop)
 //   select_certify.cu   certified rule only: exact union mass, tail sample, bound, top-ups
 //   select_union.cu     per-KV-head union as a row list (chunk_sums, build_rows)
-// With group_head (prior rule) select_exact gives way to an attention pass over the union of
-// each group's exact heads (select_head marks it, build_rows lists it first): its log-sum-exp
-// is the exact mass select_stop calibrates on, and its partial outputs are kept for the
-// caller's attention over the rest (AttentionArgs::carry_in).
+// With group_head (prior rule) select_exact reads the sinks and recent rows only, and the
+// exact-head rows are read by an attention pass over the union of each group's exact heads
+// (select_head marks it, build_rows lists it first, its chunk_sums takes it out of each head's
+// histogram): its log-sum-exp is the exact mass select_stop calibrates on, and its partial
+// outputs are kept for the caller's attention over the rest (AttentionArgs::carry_in).
 // with their shared device primitives in select_common.cuh. This file holds the orchestration:
 // the head split choice, the scratch layout and select_step.
 #include <algorithm>
@@ -112,9 +113,10 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     throw UnsupportedError("select_step: head_split " + std::to_string(nsplit) + " is not available here");
   launch_select_head(s, a, nsplit);
   if (a.group_head) {
-    // The exact read is the attention over the group's union (no select_exact): its records
-    // give select_stop the union's mass, and the caller's attention over the rest merges them.
+    // The exact read is the attention over the group's union: its records give select_stop
+    // the union's mass, and the caller's attention over the rest merges them.
     if (a.certified) throw UnsupportedError("select_step: group_head runs with the prior stop rule only");
+    launch_select_exact(s, a, 1);  // the sinks and recent rows alone (no exact-head rows listed)
     launch_build_rows(s, a, RowsPass::group_union);
     AttentionArgs u = a.union_attention;
     u.rows = a.rows;
@@ -127,7 +129,7 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     u.carry_out = a.carry;
     u.stream = s.stream;
     decode_attention(u);
-    launch_select_stop(s, a, nsplit, 0);
+    launch_select_stop(s, a, nsplit, 1);
     launch_build_rows(s, a, RowsPass::group_rest);
     return;
   }

@@ -30,7 +30,7 @@ struct SelInfo {
   float mx;          // best centroid score
   float bpl;         // histogram buckets per unit of logit (bucket_of)
   double prior_head; // sum over head clusters of size * exp(score - mx)
-  double am, as;     // group_head: exact (max, sum) of the sinks and recent rows (select_head)
+  double prior_union;  // group_head: the prior over the group's union (chunk_sums, union pass)
 };
 struct ExactPart {   // one block's online (max, sum) of sinks + recent (a) and head rows (h)
   double am, as, hm, hs;

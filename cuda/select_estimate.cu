@@ -73,9 +73,10 @@ __device__ void finish_head(const SelectArgs& a, int64_t i, int32_t* list, const
   const int n_head = n_whole + (partial ? d.cut_h : 0);
   int2* tasks = reinterpret_cast<int2*>(a.tasks) + i * a.tasks_stride;
   int carry = 0;
-  if (a.group_head) {  // no select_exact: the head joins its group's union (read by attention)
+  if (a.group_head) {  // no exact-head rows for select_exact: the head joins its group's union
     __syncthreads();  // the partial bucket's entries are in the list
     for (int k = tid; k < n_head; k += kSelThreads) kmark[__ldcg(list + k)] = 1;
+    if (tid == 0) a.info[i].prior_union = 0.0;  // summed by the union's chunk_sums pass
   }
   for (int base = 0; base < n_head && !a.group_head; base += kSelThreads) {
     const int k = base + tid;
@@ -114,55 +115,11 @@ __device__ __forceinline__ void histogram_add(const float* sc, const int32_t* of
   });
 }
 
-// group_head: the exact (max, sum) of the head's sinks and recent rows, a thread per row, into
-// info->am / as (select_exact's first part: alpha needs the union's mass alone, which the
-// attention pass gives, and z needs these rows' too).
-template <class T, int D>
-__device__ void always_mass_d(const StepGeometry& s, const SelectArgs& a, const HeadView& v, SelShared& S,
-                              SelInfo* info) {
-  __shared__ float qs[D];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const T* K = static_cast<const T*>(a.k) + head_index(s, s.slots[v.b], v.h) * s.cap * D;
-  for (int e = tid; e < D; e += kSelThreads) qs[e] = a.qf[v.i * D + e];
-  __syncthreads();
-  MaxSum ms{-INFINITY, 0.0};
-  for (int64_t t = tid; t < v.always; t += kSelThreads) {
-    const int64_t row = t < v.nsink ? t : v.nsink + v.nclu + (t - v.nsink);
-    ms = add(ms, thread_dot<T, D>(K + row * D, qs));
-  }
-  double m = ms.m;
-  for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (lane == 0) S.red_d[warp] = m;
-  __syncthreads();
-  m = -INFINITY;
-  for (int w = 0; w < kSelWarps; ++w) m = fmax(m, S.red_d[w]);
-  const double sum = block_sum(ms.m == -INFINITY ? 0.0 : ms.s * exp(ms.m - m), S);
-  if (tid == 0) {
-    info->am = m;
-    info->as = sum;
-  }
-}
-
-__device__ void always_mass(const StepGeometry& s, const SelectArgs& a, const HeadView& v, SelShared& S) {
-  SelInfo* info = a.info + v.i;
-  auto by_d = [&](auto tag) {
-    using T = decltype(tag);
-    switch (s.d) {
-      case 64: always_mass_d<T, 64>(s, a, v, S, info); break;
-      case 80: always_mass_d<T, 80>(s, a, v, S, info); break;
-      case 96: always_mass_d<T, 96>(s, a, v, S, info); break;
-      case 128: always_mass_d<T, 128>(s, a, v, S, info); break;
-      default: always_mass_d<T, 256>(s, a, v, S, info); break;
-    }
-  };
-  if (a.dtype == DType::f32) by_d(float{});
-  else if (a.dtype == DType::bf16) by_d(__nv_bfloat16{});
-  else by_d(__half{});
-}
-
 // Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
 // bucket), their prior. Leaves the histogram and the ranked candidates in global scratch.
-__global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s, SelectArgs a) {
+// Two blocks per SM (64 registers, a few bytes of spills), as select_stop: the group_head marks
+// took it to 79 and one block per SM (B 32 x 32K: 45 -> 90 us).
+__global__ void __launch_bounds__(kSelThreads, 2) select_head_kernel(StepGeometry s, SelectArgs a) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)
   __shared__ SelShared S;
   const int64_t i = blockIdx.x;
@@ -214,7 +171,6 @@ __global__ void __launch_bounds__(kSelThreads) select_head_kernel(StepGeometry s
     }
   });
   __syncthreads();
-  if (a.group_head) always_mass(s, a, v, S);
   finish_head(a, i, v.head_list, sc, off, v.nsink, S.n_head, prior_head,
               HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark);
 }
@@ -310,7 +266,6 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepG
   const int n_whole = *counter;
   cluster_barrier();  // no block reads another's shared memory after this one
   if (rank != 0) return;
-  if (a.group_head) always_mass(s, a, v, S);
   finish_head(a, i, v.head_list, sc, off, v.nsink, n_whole, tid == 0 ? whole : 0.0,
               HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark);
 }

@@ -42,62 +42,22 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   // group_head: the union replaces the head, so the walk starts at bucket 0 with nothing ranked.
   const int bh = group ? 0 : info.bh, bh_whole = group ? 0 : info.bh_whole;
   const int nh_cand = group ? 0 : info.nh_cand, cut_h = group ? 0 : info.cut_h;
-  for (int k = tid; k < kBuckets; k += kSelThreads) S.pri[k] = a.hist_pri[i * kBuckets + k];
+  // group_head: the union pass's chunk_sums took the union's share out of the histogram (float
+  // atomics: clamped at zero) and summed its prior.
+  for (int k = tid; k < kBuckets; k += kSelThreads)
+    S.pri[k] = group ? fmaxf(0.f, a.hist_pri[i * kBuckets + k]) : a.hist_pri[i * kBuckets + k];
   for (int k = tid; k < max(nh_cand, 0); k += kSelThreads) S.sorted[k] = a.cand[i * kCand + k];
-  double prior_head = info.prior_head;
-  int64_t union_tokens = 0;
-  if constexpr (group) {
-    // The union's exact mass from the attention pass (log2 units there), the sinks' and recent
-    // rows' from select_head.
-    if (tid == 0) {
+  const double prior_head = group ? info.prior_union : info.prior_head;
+  const int64_t union_tokens = group ? a.union_counts[v.b * s.hkv + v.h] : 0;
+  if (tid < 32) {  // the splits' parts, one per lane (splits <= kMaxExactSplits <= 32)
+    // (group_head: one part, the sinks' and recent rows' alone; the union's mass comes from
+    // the attention pass's record, in log2 units there.)
+    ExactPart e = tid < splits ? a.parts[i * kMaxExactSplits + tid] : ExactPart{-INFINITY, 0.0, -INFINITY, 0.0};
+    if (group && tid == 0) {
       const float* rec = a.carry + i * carry_record_floats(s.d);
-      const double hm = rec[1] > 0.f ? (double)rec[0] * 0.6931471805599453 : -INFINITY;
-      const double m = fmax(info.am, hm);
-      S.dsh[0] = m;
-      S.dsh[1] = info.am == -INFINITY ? 0.0 : info.as * exp(info.am - m);
-      S.dsh[2] = hm == -INFINITY ? 0.0 : (double)rec[1] * exp(hm - m);
+      e.hm = rec[1] > 0.f ? (double)rec[0] * 0.6931471805599453 : -INFINITY;
+      e.hs = rec[1];
     }
-    // The union's prior and tokens, and its share of each bucket taken out of the histogram
-    // (float sums like the histogram's own; clamped at zero).
-    float* upri = reinterpret_cast<float*>(S.tok);  // select_stop does not use the token histogram
-    for (int k = tid; k < kBuckets; k += kSelThreads) upri[k] = 0.f;
-    __syncthreads();
-    double pu = 0.0, tu = 0.0;
-    for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n, uint8_t mk) {
-      if (mk == 1) {
-        atomicAdd(&upri[bucket_of(x, mx, bpl)], (float)n * __expf(x - mx));
-        pu += (double)n * exp((double)x - (double)mx);
-        tu += n;
-        if (hmark) hmark[j] = 1;
-      }
-    }, kmark);
-    pu = block_sum(pu, S);
-    tu = block_sum(tu, S);
-    if (nsplit > 1) {  // every block needs the whole union's values, summed in rank order
-      if (tid == 0) {
-        S.cval[0] = pu;
-        S.cval[1] = tu;
-      }
-      cluster_barrier();
-      pu = tu = 0.0;
-      for (int q = 0; q < nsplit; ++q) {
-        const SelShared* R = cluster_peer(&S, q);
-        pu += R->cval[0];
-        tu += R->cval[1];
-      }
-      for (int k = tid; k < kBuckets; k += kSelThreads) {
-        float u = 0.f;
-        for (int q = 0; q < nsplit; ++q) u += reinterpret_cast<const float*>(cluster_peer(&S, q)->tok)[k];
-        S.pri[k] = fmaxf(0.f, S.pri[k] - u);
-      }
-      cluster_barrier();  // no block reads another's shared memory after this one
-    } else {
-      for (int k = tid; k < kBuckets; k += kSelThreads) S.pri[k] = fmaxf(0.f, S.pri[k] - upri[k]);
-    }
-    prior_head = pu;
-    union_tokens = (int64_t)tu;
-  } else if (tid < 32) {  // the splits' parts, one per lane (splits <= kMaxExactSplits <= 32)
-    const ExactPart e = tid < splits ? a.parts[i * kMaxExactSplits + tid] : ExactPart{-INFINITY, 0.0, -INFINITY, 0.0};
     double m = fmax(e.am, e.hm);
     for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
     double sa = e.am == -INFINITY ? 0.0 : e.as * exp(e.am - m);

@@ -24,6 +24,7 @@ struct PassArgs {
   const int32_t* start;   // [items] or null: the list begins at this offset of the item's rows
   int32_t* count;         // [items] rows listed
   int32_t* total;         // [items] or null: start + count
+  bool unite;             // group_head's union pass: each head's prior over the union (below)
 };
 
 __device__ __forceinline__ bool wanted(uint8_t mk, uint8_t want) { return want ? mk == want : mk != 0; }
@@ -38,11 +39,35 @@ __global__ void __launch_bounds__(kThreads) chunk_sums_kernel(StepGeometry s, Se
   const int32_t* off = a.offsets + head_index(s, slot, h) * (s.cmax + 1);
   const uint8_t* kmark = a.kv_mark + item * s.cmax;
   int64_t v = 0;
-  for (int64_t j = chunk * kRowChunk + threadIdx.x; j < min((chunk + 1) * kRowChunk, (int64_t)st.n_clusters);
-       j += kThreads)
-    if (wanted(kmark[j], pa.want)) v += (int64_t)off[j + 1] - off[j];
-  v = ReduceI(tmp).Sum(v);
+  static_assert(kRowChunk == kThreads, "a thread per cluster of the chunk");
+  const int64_t j = chunk * kRowChunk + threadIdx.x;
+  const bool marked = j < st.n_clusters && wanted(kmark[j], pa.want);
+  const int32_t n = marked ? off[j + 1] - off[j] : 0;
+  v = ReduceI(tmp).Sum((int64_t)n);
   if (threadIdx.x == 0) a.chunk_sums[item * gridDim.y + chunk] = (int32_t)v;
+  if (!pa.unite) return;
+  // group_head: the union's clusters, for each query head of the group, leave that head's
+  // score histogram (float atomics; select_stop clamps at zero) and add to its prior over the
+  // union (block sums, then one double atomic per head and block), so select_stop walks the rest
+  // without another pass over the clusters.
+  __shared__ double s_pu[16];
+  if (threadIdx.x < 16) s_pu[threadIdx.x] = 0.0;
+  __syncthreads();
+  for (int64_t g = 0; g < s.g; ++g) {
+    const int64_t i = item * s.g + g;
+    const SelInfo& in = a.info[i];
+    double pu = 0.0;
+    if (marked && !in.all) {
+      const float x = a.scores[i * s.cmax + j], mx = in.mx;
+      atomicAdd(&a.hist_pri[i * kBuckets + bucket_of(x, mx, in.bpl)], -(float)n * __expf(x - mx));
+      pu = (double)n * exp((double)x - (double)mx);
+      if (a.head_mark) a.head_mark[i * s.cmax + j] = 1;
+    }
+    for (int o = 16; o > 0; o >>= 1) pu += __shfl_xor_sync(0xffffffffu, pu, o);
+    if ((threadIdx.x & 31) == 0 && pu != 0.0) atomicAdd(&s_pu[g], pu);
+  }
+  __syncthreads();
+  if (threadIdx.x < s.g && s_pu[threadIdx.x] != 0.0) atomicAdd(&a.info[item * s.g + threadIdx.x].prior_union, s_pu[threadIdx.x]);
 }
 
 __global__ void __launch_bounds__(kThreads) build_rows_kernel(StepGeometry s, SelectArgs a, PassArgs pa) {
@@ -146,9 +171,9 @@ void launch_build_rows(const StepGeometry& s, const SelectArgs& a, RowsPass pass
   cudaStream_t st = as_stream(s.stream);
   const int64_t items = s.batch * s.hkv;
   const dim3 rows_grid((unsigned)items, (unsigned)row_chunks(s.cmax));
-  PassArgs pa{0, true, true, nullptr, a.counts, nullptr};
-  if (pass == RowsPass::group_union) pa = PassArgs{1, false, false, nullptr, a.union_counts, nullptr};
-  if (pass == RowsPass::group_rest) pa = PassArgs{2, true, true, a.union_counts, a.rest_counts, a.counts};
+  PassArgs pa{0, true, true, nullptr, a.counts, nullptr, false};
+  if (pass == RowsPass::group_union) pa = PassArgs{1, false, false, nullptr, a.union_counts, nullptr, true};
+  if (pass == RowsPass::group_rest) pa = PassArgs{2, true, true, a.union_counts, a.rest_counts, a.counts, false};
   launch<chunk_sums_kernel>(s.pdl, rows_grid, kThreads, 0, st, s, a, pa);
   TACTIC_CUDA_LAUNCH_CHECK("chunk_sums");
   launch<build_rows_kernel>(s.pdl, rows_grid, kThreads, 0, st, s, a, pa);
