@@ -197,3 +197,16 @@ def test_cli_on_cpu_writes_the_json(tmp_path, capsys, monkeypatch):
         # the gather peer attends over the step's own selection: same output up to fp16 rounding
         assert r["checks"]["step_vs_gather_sdpa_max_abs"] < 2e-2
     assert d["rows"][0]["selected_fraction"] <= d["rows"][1]["selected_fraction"]
+    assert not any(r["group_head"] for r in d["rows"])
+
+
+def test_cli_group_head_reaches_the_decoder(tmp_path, capsys):
+    """--group-head builds Tactic with group_head=True (the rows say so) and its output still
+    matches the gather peer over the same tokens."""
+    rc = main(["--device", "cpu", "--n", "1K", "--batch", "1", "--heads", "8/2", "--head-dim", "64",
+               "--target", "0.9", "--workload", "sparse", "--series-s", "0.01", "--min-runs", "3",
+               "--max-runs", "4", "--stop-rule", "prior", "--group-head", "--no-plot", "--out", str(tmp_path)])
+    assert rc == 0
+    d = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["group_head"] for r in d["rows"]] == [True]
+    assert d["rows"][0]["checks"]["step_vs_gather_sdpa_max_abs"] < 2e-2

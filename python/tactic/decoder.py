@@ -121,8 +121,9 @@ class SparseDecoder:
             Default: True on the CPU (measured ~2 points fewer tokens read at equal success),
             False on CUDA (heads select in parallel; the only mode the GPU implements).
             group_head: every query head of a GQA group reads the union of the group's
-            exact heads and calibrates on it (default False; CPU only, a candidate for the
-            GPU, where that union would be one attention pass).
+            exact heads and calibrates on it (default False). On CUDA (stop_rule 'prior'
+            only) that union is read by a first attention pass whose log-sum-exp gives the
+            exact masses; the pass over the rest merges its partials.
         cluster_size: average tokens per k-means cluster; kmeans_iters; metric:
             'euclidean' or 'spherical'; seed: k-means initialisation seed.
         num_sink: first tokens always attended exactly and never clustered.
@@ -210,6 +211,7 @@ class SparseDecoder:
         self._on_cuda = _parse_device(device)[0] == "cuda"
         self.policy = policy
         self.stop_rule = stop_rule
+        self.group_head = bool(c.group_head)
         self.device = device if isinstance(device, str) else str(device)
         self.dtype = _arrays.dtype_name(dtype)
         self.num_layers, self.num_q_heads = c.num_layers, c.num_q_heads

@@ -485,7 +485,7 @@ class Sweep:
             "checks": checks,
             "plan": tac.plan,
             "stop_rule": tac.stop_rule,
-            "group_head": bool(opt.group_head),
+            "group_head": tac.group_head,
         }
         row["sdpa_best"], row["speedup"] = speedups(methods)
         row["dense_best"], row["speedup_vs_dense_best"] = speedups(methods, DENSE_PEERS)
