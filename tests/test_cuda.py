@@ -698,7 +698,10 @@ def test_reuse_selection_attends_over_the_last_selection(g, group_head):
     q1 = (k[n].repeat_interleave(g, 0)[None].float() * 3).half().cuda()
     out1 = dec.decode(0, q1, k[n][None].cuda(), v[n][None].cuda())
     again = dec.decode(0, q1, None, None, reuse_selection=True)
-    assert torch.equal(again, out1)
+    if group_head:  # one pass over the whole list against the step's two merged passes
+        torch.testing.assert_close(again, out1, atol=2e-3, rtol=2e-3)
+    else:
+        assert torch.equal(again, out1)
     st = dec.stats(0)
     assert st["read_fraction"].max() < 0.9, st["read_fraction"]
     q2, q2_64 = rand((1, hkv * g, d), dtype, gen)
