@@ -56,7 +56,10 @@ struct AttentionArgs {
 std::size_t attention_workspace_bytes(int64_t batch, int64_t hkv, int64_t g, int64_t d,
                                       int64_t max_count);
 
-constexpr int64_t carry_record_floats(int64_t d) { return d + 4; }  // floats per record
+// A record: m (log2 units) at 0, l at 1, two unused floats (acc stays 16-byte aligned), acc[d]
+// from kCarryAcc.
+constexpr int64_t kCarryAcc = 4;
+constexpr int64_t carry_record_floats(int64_t d) { return kCarryAcc + d; }  // floats per record
 
 // Enqueues the chunk kernel and the merge kernel on a.stream. Throws UnsupportedError for a
 // head dim other than 64/80/96/128/256, TypeError for a non-float dtype, ValueError for

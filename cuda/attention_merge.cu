@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   const int count = clamp_count(p.counts[i], p.max_count);
   if (count == 0 && !cin) {  // uniform over the block; the plan is not read (no chunk kernel ran then)
     if (cout) {
-      for (int dd = tid; dd < D; dd += kMergeThreads) cout[4 + dd] = 0.f;
+      for (int dd = tid; dd < D; dd += kMergeThreads) cout[kCarryAcc + dd] = 0.f;
       if (tid == 0) cout[0] = -FLT_MAX, cout[1] = 0.f;
     } else {
       for (int dd = tid; dd < D; dd += kMergeThreads) out[dd] = from_float<TO>(0.f);
@@ -46,7 +46,8 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   }
   const int len = count > 0 ? p.plan[0] : 1;
   const int nch = (int)(((int64_t)count + len - 1) / len);
-  const int64_t rec0 = (int64_t)p.plan[1 + i] * p.g + j;  // unit c's record: rec0 + c * g
+  // unit c's record: rec0 + c * g (no unit, no plan read: a carried record alone)
+  const int64_t rec0 = nch > 0 ? (int64_t)p.plan[1 + i] * p.g + j : 0;
 
   float mx = -FLT_MAX;
   for (int c = tid; c < nch; c += kMergeThreads) mx = fmaxf(mx, p.ws_ml[(rec0 + c * p.g) * 2]);
@@ -100,10 +101,10 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   if (cout && tid == 0) cout[0] = mx, cout[1] = ltot;
   const float inv = ltot > 0.f ? 1.f / ltot : 0.f;  // no mass (all scores -inf): zeros
   for (int dd = tid; dd < D; dd += kMergeThreads) {
-    float sum = cin ? cw * cin[4 + dd] : 0.f;
+    float sum = cin ? cw * cin[kCarryAcc + dd] : 0.f;
 #pragma unroll
     for (int w = 0; w < kMergeWarps; ++w) sum += s_acc[w][dd];
-    if (cout) cout[4 + dd] = sum;
+    if (cout) cout[kCarryAcc + dd] = sum;
     else out[dd] = from_float<TO>(sum * inv);
   }
 }

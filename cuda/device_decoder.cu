@@ -147,7 +147,10 @@ struct DeviceDecoder::Impl {
 
   // The attention over the layer's row list; `rest`: only the rows after the union (group_head,
   // right after a selection), merged with the union pass's records.
-  void attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream, bool rest = false);
+  void attention(int64_t layer, const StepGeometry& geo, const TensorView& out, bool rest = false);
+  // group_head's row counts per pass: [union | rest], B * Hkv each (pass_counts).
+  int32_t* union_counts() const { return pass_counts.as<int32_t>(); }
+  int32_t* rest_counts() const { return pass_counts.as<int32_t>() + (std::size_t)(B * H); }
   void fill_attention(int64_t layer, const StepGeometry& geo, AttentionArgs& at) const;
 
   StepGeometry geometry(int64_t layer, int64_t batch, void* stream) {
@@ -492,29 +495,27 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.group_head = m.group_head();
   if (a.group_head) {
     a.carry = m.carry.as<float>();
-    a.union_counts = m.pass_counts.as<int32_t>();
-    a.rest_counts = a.union_counts + items;
+    a.union_counts = m.union_counts();
+    a.rest_counts = m.rest_counts();
     m.fill_attention(layer, geo, a.union_attention);  // select_step sets the rows, counts and records
   }
   select_step(geo, a);
   m.last_slots[layer] = slot_list;
-  if (out) m.attention(layer, geo, *out, stream, a.group_head);
+  if (out) m.attention(layer, geo, *out, a.group_head);
 }
 
-void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, const TensorView& out, void* stream,
-                                    bool rest) {
+void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, const TensorView& out, bool rest) {
   AttentionArgs at{};
   fill_attention(layer, geo, at);
   if (rest) {  // the union pass ran inside select_step; its records join here
-    at.row_start = pass_counts.as<int32_t>();
-    at.counts = at.row_start + (std::size_t)(B * H);
+    at.row_start = union_counts();
+    at.counts = rest_counts();
     at.carry_in = carry.as<float>();
   }
   at.out = out.data;
   at.out_dtype = out.dtype;
   at.out_stride_b = out.strides[0];
   at.out_stride_h = out.strides[1];
-  at.stream = stream;
   decode_attention(at);
 }
 
@@ -548,7 +549,7 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
   StepGeometry geo = m.begin_step(layer, slot_list, stream);
   prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>(),
             m.head_index.as<int32_t>());
-  m.attention(layer, geo, out, stream);
+  m.attention(layer, geo, out);
 }
 
 const std::vector<int64_t>& DeviceDecoder::last_slots(int64_t layer) const { return p_->last_slots[layer]; }

@@ -118,16 +118,9 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     if (a.certified) throw UnsupportedError("select_step: group_head runs with the prior stop rule only");
     launch_select_exact(s, a, 1);  // the sinks and recent rows alone (no exact-head rows listed)
     launch_build_rows(s, a, RowsPass::group_union);
-    AttentionArgs u = a.union_attention;
-    u.rows = a.rows;
-    u.rows_stride = s.cap;
-    u.row_start = nullptr;
+    AttentionArgs u = a.union_attention;  // the caller's pass over this layer's row lists
     u.counts = a.union_counts;
-    u.max_count = s.cap;
-    u.out = nullptr;
-    u.carry_in = nullptr;
     u.carry_out = a.carry;
-    u.stream = s.stream;
     decode_attention(u);
     launch_select_stop(s, a, nsplit, 1);
     launch_build_rows(s, a, RowsPass::group_rest);

@@ -95,7 +95,9 @@ struct SelectArgs {
   float* carry = nullptr;            // [batch * Hq, carry_record_floats(d)]
   int32_t* union_counts = nullptr;   // [batch * Hkv] rows of the union, first in each row list
   int32_t* rest_counts = nullptr;    // [batch * Hkv] rows after them (sinks, the rest, recent)
-  AttentionArgs union_attention{};   // the first pass: K/V, q, head_index, workspace, kernel, pdl
+  AttentionArgs union_attention{};   // the first pass as the caller's (K/V, q, head_index, rows,
+                                     // workspace, stream, kernel, pdl): select_step sets its
+                                     // counts and carry_out
 };
 
 // The tensor-core centroid scores (select_rank.cu): whether this build's kernels have them on

@@ -29,6 +29,7 @@ struct SelInfo {
   int32_t bh, bh_whole, nh_cand, cut_h, n_head, n_tasks;
   float mx;          // best centroid score
   float bpl;         // histogram buckets per unit of logit (bucket_of)
+  int32_t unused;    // fills the hole before the doubles, so a whole-struct copy reads no padding
   double prior_head; // sum over head clusters of size * exp(score - mx)
   double prior_union;  // group_head: the prior over the group's union (chunk_sums, union pass)
 };

@@ -76,32 +76,33 @@ __device__ void finish_head(const SelectArgs& a, int64_t i, int32_t* list, const
   if (a.group_head) {  // no exact-head rows for select_exact: the head joins its group's union
     __syncthreads();  // the partial bucket's entries are in the list
     for (int k = tid; k < n_head; k += kSelThreads) kmark[__ldcg(list + k)] = 1;
-    if (tid == 0) a.info[i].prior_union = 0.0;  // summed by the union's chunk_sums pass
+  } else {
+    for (int base = 0; base < n_head; base += kSelThreads) {
+      const int k = base + tid;
+      const int32_t j = k < n_head ? __ldcg(list + k) : 0;
+      const int sz = k < n_head ? off[j + 1] - off[j] : 0;
+      const int nt = (sz + 15) / 16;
+      int ex, agg;
+      HeadScan(S.scan).ExclusiveSum(nt, ex, agg);
+      const int start = (int)nsink + off[j];
+      for (int t = 0; t < nt; ++t) tasks[carry + ex + t] = make_int2(start + 16 * t, start + min(sz, 16 * t + 16));
+      carry += agg;
+      __syncthreads();
+    }
   }
-  for (int base = 0; base < n_head && !a.group_head; base += kSelThreads) {
-    const int k = base + tid;
-    const int32_t j = k < n_head ? __ldcg(list + k) : 0;
-    const int sz = k < n_head ? off[j + 1] - off[j] : 0;
-    const int nt = (sz + 15) / 16;
-    int ex, agg;
-    HeadScan(S.scan).ExclusiveSum(nt, ex, agg);
-    const int start = (int)nsink + off[j];
-    for (int t = 0; t < nt; ++t) tasks[carry + ex + t] = make_int2(start + 16 * t, start + min(sz, 16 * t + 16));
-    carry += agg;
-    __syncthreads();
-  }
-  if (tid == 0) {
-    SelInfo* info = a.info + i;
-    info->n_tasks = carry;
-    info->all = 0;
-    info->bh = d.bh;
-    info->bh_whole = d.bh_whole;
-    info->nh_cand = d.nh_cand;
-    info->cut_h = d.cut_h;
-    info->n_head = n_head;
-    info->mx = d.mx;
-    info->bpl = d.bpl;
-    info->prior_head = prior;
+  if (tid == 0) {  // the whole struct at once: later stages copy it whole (initcheck)
+    SelInfo info{};
+    info.n_tasks = carry;
+    info.bh = d.bh;
+    info.bh_whole = d.bh_whole;
+    info.nh_cand = d.nh_cand;
+    info.cut_h = d.cut_h;
+    info.n_head = n_head;
+    info.mx = d.mx;
+    info.bpl = d.bpl;
+    info.prior_head = prior;
+    info.prior_union = 0.0;  // group_head: summed by the union's chunk_sums pass
+    a.info[i] = info;
   }
 }
 

@@ -52,12 +52,20 @@ def test_dense_matches_reference(dtype, g, d, n):
     np.testing.assert_allclose(out[0].double().cpu().numpy(), ref, atol=ATOL[dtype], rtol=RTOL[dtype])
 
 
-def _attention_kernels(fn):
+def _step_kernels(fn):
+    """Launch counts of the kernels fn() runs, by name (torch profiler)."""
+    from collections import Counter
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return {e.name for e in prof.events() if "attention_chunks" in e.name}
+    return Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def _attention_kernels(fn):
+    """Names of the attention chunk kernels that fn() launches."""
+    return {n for n in _step_kernels(fn) if "attention_chunks" in n}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -533,13 +541,8 @@ def test_selection_matches_cpu_long_context(n):
 
 
 def _selection_kernels(fn):
-    """Names of the select_head / select_stop kernels that fn() launches (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.name for e in prof.events() if "select_head" in e.name or "select_stop" in e.name}
+    """Names of the select_head / select_stop kernels that fn() launches."""
+    return {n for n in _step_kernels(fn) if "select_head" in n or "select_stop" in n}
 
 
 @pytest.mark.parametrize("split,group_head", [(None, False), (2, False), (None, True), (2, True)])
@@ -759,17 +762,6 @@ def test_ranking_spread_term_matches_cpu(spread):
         chosen[device] = np.flatnonzero(np.asarray(dec.select(0, qq)["head_mask"][0, 0])).tolist()
     want = list(range(m)) if spread == 0 else list(range(m, 2 * m))
     assert chosen["cpu"] == want and chosen["cuda"] == want, chosen
-
-
-def _step_kernels(fn):
-    """Launch counts of the step's kernels by name (torch profiler)."""
-    from collections import Counter
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
 
 
 @pytest.mark.parametrize("dtype,g,d", [("float16", 4, 128), ("bfloat16", 8, 64), ("float32", 2, 256),
