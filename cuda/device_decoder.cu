@@ -251,8 +251,6 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
                            std::to_string(cfg.select.tail_samples));
   if (pol == Policy::tactic && cfg.select.share_group)
     throw UnsupportedError("the CUDA backend selects each query head independently: set share_group=False");
-  if (pol == Policy::tactic && cfg.select.certainty_walk)
-    throw UnsupportedError("certainty_walk=True runs on the CPU backend only (bench/NOTES.md)");
   if (pol == Policy::tactic && cfg.select.group_head && cfg.select.stop_rule == StopRule::certified)
     throw UnsupportedError("group_head=True runs with stop_rule='prior' on the CUDA backend (the certified rule "
                            "with group_head is CPU only)");
@@ -491,6 +489,7 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.z_conf = m.z_conf;
   a.tail_samples = (int)m.cfg.select.tail_samples;
   a.max_rounds = m.cfg.select.max_rounds;
+  a.certainty_walk = m.cfg.select.certainty_walk;
   a.cert_mark = m.cert_mark.as<uint8_t>();
   a.group_head = m.group_head();
   if (a.group_head) {

@@ -349,7 +349,89 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     __syncthreads();
   }
   CERT_STAMP(2);
-  if (bl >= 0 && n_left > 2 && Ur > 0) {
+  // certainty_walk: the unread clusters in the order of their share at the first totals (W, U),
+  // index order on ties, each taken while n_left pi_j >= 1 over the totals less those taken
+  // before it; the first that fails ends the walk (the CPU's definition). Over L by one warp:
+  // each step takes L's next open member by an argmax (no sort); an outsider of L can come
+  // first only where a member's share is at most the outsiders' bound b0, and there the walk
+  // is decided only if that member and every outsider would fail (else the full walk below).
+  const bool mix0 = prior_ok && W > 0;
+  const double iw0 = mix0 ? 0.5 / W : 0.0, iu0 = (mix0 ? 0.5 : 1.0) / U;  // shares at (W, U)
+  if (a.certainty_walk && bl >= 0 && n_left > 2 && Ur > 0) {
+    if (warp == 0) {
+      constexpr int kPer = kCand / 32;
+      uint32_t open_bits = 0;
+      double key[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int m = k * 32 + lane;
+        open_bits |= (uint32_t)(m < nl) << k;
+        key[k] = m < nl ? X.lw[m] * iw0 + S.cs[m] * iu0 : -1.0;
+      }
+      const bool any_out = X.n_out > 0;
+      const double w_out = wgt(unorder_float(X.out_x), X.out_s), s_out = X.out_s;
+      const double b0 = any_out ? w_out * iw0 + s_out * iu0 : -1.0;
+      int left = n_left, n_cert = 0, fail = 0;
+      double wr = W, ur = U;  // less the clusters taken (the CPU subtracts during the walk)
+      while (ur > 0 && left > 2) {
+        double best = -1.0;
+        int bm = INT_MAX;  // the next member: largest share, lowest index (L is in index order)
+#pragma unroll
+        for (int k = 0; k < kPer; ++k)
+          if ((open_bits >> k & 1) && key[k] > best) best = key[k], bm = k * 32 + lane;
+        for (int o = 16; o > 0; o >>= 1) {
+          const double ob = __shfl_xor_sync(0xffffffffu, best, o);
+          const int om = __shfl_xor_sync(0xffffffffu, bm, o);
+          if (ob > best || (ob == best && om < bm)) best = ob, bm = om;
+        }
+        const bool mix = prior_ok && wr > 0;
+        const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
+        const bool outs_fail = !any_out || left * (w_out * iw + s_out * iu) < 1;
+        if (bm == INT_MAX) {  // L is spent: an outsider is next
+          fail = !outs_fail;
+          break;
+        }
+        const bool take = left * (X.lw[bm] * iw + S.cs[bm] * iu) >= 1;
+        if (any_out && best <= b0) {  // an outsider may come first
+          fail = take || !outs_fail;
+          break;
+        }
+        if (!take) break;
+        if (lane == (bm & 31)) {
+          open_bits &= ~(1u << (bm >> 5));
+          own[X.lid[bm]] = 3;
+          X.cert[n_cert] = X.lid[bm];
+        }
+        ++n_cert;
+        --left;
+        wr -= X.lw[bm];
+        ur -= S.cs[bm];
+      }
+      if (!fail) {  // the totals recounted over what is open, not subtracted (the CPU's recount)
+        wr = 0.0, ur = 0.0;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k)
+          if (open_bits >> k & 1) wr += X.lw[k * 32 + lane], ur += S.cs[k * 32 + lane];
+        for (int o = 16; o > 0; o >>= 1) {
+          wr += __shfl_xor_sync(0xffffffffu, wr, o);
+          ur += __shfl_xor_sync(0xffffffffu, ur, o);
+        }
+        wr += wo, ur += uo;
+      }
+      if (lane == 0) {
+        X.n_left = left;
+        X.n_cert = n_cert;
+        X.fail = fail;
+        X.dv[5] = wr;
+        X.dv[6] = ur;
+      }
+    }
+    __syncthreads();
+    n_left = X.n_left;
+    full = X.fail != 0;
+    Wr = X.dv[5];
+    Ur = X.dv[6];
+  } else if (!a.certainty_walk && bl >= 0 && n_left > 2 && Ur > 0) {
     // One warp runs the passes over L (each pass: totals, then the candidates in index order),
     // with no block-wide barrier per pass: a peaked head's chain of passes is long.
     if (warp == 0) {
@@ -420,7 +502,53 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     Ur = X.dv[6];
   }
   CERT_STAMP(3);
-  if (full && n_left > 2 && Ur > 0) {
+  if (a.certainty_walk && full && n_left > 2 && Ur > 0) {
+    // The walk over every cluster, from where the one over L stopped (Wr, Ur: the totals less
+    // the clusters taken): each step a block-wide argmax of the open clusters' shares at
+    // (W, U), index order on ties. Slow (a pass per step), and rare: L holds the best buckets.
+    while (Ur > 0 && n_left > 2) {
+      double best = -1.0;
+      int64_t bj = INT64_MAX;
+      for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
+        if (!open(j)) return;
+        const double k = wgt(x, sz) * iw0 + sz * iu0;
+        if (k > best || (k == best && j < bj)) best = k, bj = j;
+      });
+      for (int o = 16; o > 0; o >>= 1) {
+        const double ob = __shfl_xor_sync(0xffffffffu, best, o);
+        const int64_t oj = __shfl_xor_sync(0xffffffffu, bj, o);
+        if (ob > best || (ob == best && oj < bj)) best = ob, bj = oj;
+      }
+      __syncthreads();
+      if (lane == 0) S.red_d[warp] = best, S.red_i[warp] = bj;
+      __syncthreads();
+      best = S.red_d[0], bj = S.red_i[0];
+      for (int w = 1; w < kSelWarps; ++w)
+        if (S.red_d[w] > best || (S.red_d[w] == best && S.red_i[w] < bj)) best = S.red_d[w], bj = S.red_i[w];
+      if (bj == INT64_MAX) break;  // nothing open
+      const bool mix = prior_ok && Wr > 0;
+      const int32_t sz = off[bj + 1] - off[bj];
+      const double wj = wgt(sc[bj], sz);
+      const double pj = mix ? 0.5 * (wj / Wr + sz / Ur) : sz / Ur;
+      if (n_left * pj < 1) break;
+      __syncthreads();  // every thread has read the marks of this step
+      if (tid == 0) {
+        own[bj] = 3;
+        X.cert[X.n_cert] = (int32_t)bj;
+        ++X.n_cert;
+      }
+      --n_left;
+      Wr -= wj;
+      Ur -= sz;
+      __syncthreads();
+    }
+    Wr = 0.0, Ur = 0.0;  // recounted over what is open
+    for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
+      if (open(j)) Wr += wgt(x, sz), Ur += sz;
+    });
+    Wr = block_sum(Wr, S);
+    Ur = block_sum(Ur, S);
+  } else if (full && n_left > 2 && Ur > 0) {
     while (true) {  // the CPU's loop over all clusters, the totals recomputed at each pass
       Wr = 0.0, Ur = 0.0;  // recomputed, not subtracted (cancellation)
       for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {

@@ -68,6 +68,47 @@ def test_cuda_reads_about_what_the_cpu_reads(family):
     assert 0.9 <= ratio <= 1.15, (family, ratio)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_certainty_walk_reaches_p_at_the_confidence_on_cuda(family):
+    """certainty_walk=True on CUDA (the certainty clusters by one walk in share order: a warp
+    over the short list L, the block over every cluster where L cannot decide) keeps the
+    guarantee on every family."""
+    heads, unions, _ = measure(FAMILIES[family], 0.9, certainty_walk=True)
+    assert (heads >= 0.9).mean() >= lower_limit(0.95, len(heads)), (family, np.percentile(heads, [1, 5]))
+    assert unions.mean() >= lower_limit(0.95, len(unions)), (family, unions.mean())
+
+
+@pytest.mark.parametrize("family", ["d128 G4", "d64 G4 flat rms", "d128 G1 peaked"])
+def test_certainty_walk_reads_about_what_the_cpu_walk_reads(family):
+    """The same definition on both backends: the GPU's walk reads about what the CPU's walk
+    reads (as test_cuda_reads_about_what_the_cpu_reads for the passes)."""
+    fam = FAMILIES[family]
+    _, _, t_gpu = measure(fam, 0.9, certainty_walk=True)
+    _, _, t_cpu = measure(fam, 0.9, device="cpu", certainty_walk=True)
+    assert 0.9 <= t_gpu.sum() / t_cpu.sum() <= 1.15, (family, t_gpu.sum() / t_cpu.sum())
+
+
+def test_certainty_walk_over_every_cluster_on_cuda():
+    """Where the best score bucket alone holds more unread clusters than the short list (a zero
+    query: every score equal; ~750 unread clusters at P 0.5), the walk runs over every cluster; a
+    run of identical keys makes one big cluster. GPU and CPU, one head (no group order), read
+    about the same, and the head reaches P."""
+    rng = np.random.default_rng(5)
+    n, d = 24000, 64
+    k = rng.normal(size=(n, 1, d))
+    k[4000:4600, 0] = k[4000, 0]
+    q = np.zeros((1, 1, d))
+    toks = {}
+    for device in ("cuda", "cpu"):
+        dec = decoder(k, 1, device, target=0.5, certainty_walk=True)
+        qt = torch.from_numpy(q).half()
+        st = dec.select(0, qt.to(device) if device == "cuda" else qt)
+        p = probs64(q[0], k)
+        assert p[0, st["head_mask"][0, 0]].sum() >= 0.5
+        toks[device] = int(st["kv_tokens"][0, 0])
+    assert 0.95 <= toks["cuda"] / toks["cpu"] <= 1.05, toks
+
+
 def test_top_ups_run_and_only_add_on_cuda():
     """max_rounds=0 stops after the first read at P; the default rounds add clusters where the
     bound is not met, never remove any, and bring more heads to P."""

@@ -106,8 +106,8 @@ class SparseDecoder:
             upper bound of the rest), the bound holding with probability `confidence` under
             a normal approximation (docs/CONTRACT.md: what is guaranteed, what is not).
             certainty_walk: the sample's certainty clusters by one walk in prior-share
-            order instead of repeated passes (default False; CPU only, the form a GPU runs
-            cheaply; measured the same shares and tokens, bench/NOTES.md).
+            order instead of repeated passes (default False; both backends, the form a GPU
+            runs cheaply; measured the same shares and tokens, bench/NOTES.md).
             prior: stop where the estimator's guess reaches P + margin * (1 - P).
         estimator: 'centroid_prior' (default, measured best) or 'two_segment' (the paper's
             a/x + b fit): the tail guess (prior rule) and the first read (certified).
