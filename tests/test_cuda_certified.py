@@ -89,21 +89,22 @@ def test_certainty_walk_reads_about_what_the_cpu_walk_reads(family):
 
 
 def test_certainty_walk_over_every_cluster_on_cuda():
-    """Where the best score bucket alone holds more unread clusters than the short list (a zero
-    query: every score equal; ~750 unread clusters at P 0.5), the walk runs over every cluster; a
-    run of identical keys makes one big cluster. GPU and CPU, one head (no group order), read
-    about the same, and the head reaches P."""
+    """Where a cluster outside the short list L (the unread clusters of the best score buckets,
+    at most 512) could come first in the walk, the walk runs over every cluster: here 1200
+    equal keys at a low score make one big certainty cluster among ~940 unread clusters (P 0.5).
+    GPU and CPU, one head (no group order), read about the same, and the head reaches P."""
     rng = np.random.default_rng(5)
     n, d = 24000, 64
     k = rng.normal(size=(n, 1, d))
-    k[4000:4600, 0] = k[4000, 0]
-    q = np.zeros((1, 1, d))
+    q = rng.normal(size=(1, 1, d))
+    q *= 2.0 / np.linalg.norm(q) * d ** 0.25
+    k[5000:6200, 0] = -q[0, 0] / np.linalg.norm(q) * 3.0
     toks = {}
     for device in ("cuda", "cpu"):
         dec = decoder(k, 1, device, target=0.5, certainty_walk=True)
         qt = torch.from_numpy(q).half()
         st = dec.select(0, qt.to(device) if device == "cuda" else qt)
-        p = probs64(q[0], k)
+        p = probs64(q[0].astype(np.float16).astype(np.float64), k)
         assert p[0, st["head_mask"][0, 0]].sum() >= 0.5
         toks[device] = int(st["kv_tokens"][0, 0])
     assert 0.95 <= toks["cuda"] / toks["cpu"] <= 1.05, toks
