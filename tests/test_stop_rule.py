@@ -240,13 +240,15 @@ def test_certainty_walk_keeps_the_guarantee(family):
 def test_certainty_walk_is_an_option():
     k, qs = workload(31, d=64, g=4)
     sel = {}
-    for walk in (False, True):
+    for walk in (False, True, None):  # None: the default, the walk
+        opt = {} if walk is None else {"certainty_walk": walk}
         dec = tactic.SparseDecoder(1, qs.shape[1], 2, 64, max_tokens=k.shape[0], dtype="float16",
-                                   certainty_walk=walk, record_selection=True, num_threads=1)
+                                   record_selection=True, num_threads=1, **opt)
         dec.prefill(0, k, k)
         sel[walk] = np.stack([dec.select(0, q[None])["head_mask"][0] for q in qs])
     # the walk finds the passes' certainty set up to order on nearly every head (bench/NOTES.md)
     same = (sel[False] == sel[True]).all(axis=-1).mean()
     assert same >= 0.8, same
+    np.testing.assert_array_equal(sel[None], sel[True])
     with pytest.raises(TypeError, match="certainty_walk"):
         tactic.SparseDecoder(1, 4, 1, 64, certainty_walk=1)
