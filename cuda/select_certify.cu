@@ -357,57 +357,20 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   // is decided only if that member and every outsider would fail (else the full walk below).
   const bool mix0 = prior_ok && W > 0;
   const double iw0 = mix0 ? 0.5 / W : 0.0, iu0 = (mix0 ? 0.5 : 1.0) / U;  // shares at (W, U)
-  if (a.certainty_walk && bl >= 0 && n_left > 2 && Ur > 0) {
+  if (bl >= 0 && n_left > 2 && Ur > 0) {
+    // One warp runs the walk (certainty_walk) or the passes over L (each pass: totals, then the
+    // candidates in index order), with no block-wide barrier per step: a peaked head's chain is
+    // long.
     if (warp == 0) {
       constexpr int kPer = kCand / 32;
       uint32_t open_bits = 0;
-      double key[kPer];
 #pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const int m = k * 32 + lane;
-        open_bits |= (uint32_t)(m < nl) << k;
-        key[k] = m < nl ? X.lw[m] * iw0 + S.cs[m] * iu0 : -1.0;
-      }
+      for (int k = 0; k < kPer; ++k) open_bits |= (uint32_t)(k * 32 + lane < nl) << k;
       const bool any_out = X.n_out > 0;
       const double w_out = wgt(unorder_float(X.out_x), X.out_s), s_out = X.out_s;
-      const double b0 = any_out ? w_out * iw0 + s_out * iu0 : -1.0;
       int left = n_left, n_cert = 0, fail = 0;
-      double wr = W, ur = U;  // less the clusters taken (the CPU subtracts during the walk)
-      while (ur > 0 && left > 2) {
-        double best = -1.0;
-        int bm = INT_MAX;  // the next member: largest share, lowest index (L is in index order)
-#pragma unroll
-        for (int k = 0; k < kPer; ++k)
-          if ((open_bits >> k & 1) && key[k] > best) best = key[k], bm = k * 32 + lane;
-        for (int o = 16; o > 0; o >>= 1) {
-          const double ob = __shfl_xor_sync(0xffffffffu, best, o);
-          const int om = __shfl_xor_sync(0xffffffffu, bm, o);
-          if (ob > best || (ob == best && om < bm)) best = ob, bm = om;
-        }
-        const bool mix = prior_ok && wr > 0;
-        const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
-        const bool outs_fail = !any_out || left * (w_out * iw + s_out * iu) < 1;
-        if (bm == INT_MAX) {  // L is spent: an outsider is next
-          fail = !outs_fail;
-          break;
-        }
-        const bool take = left * (X.lw[bm] * iw + S.cs[bm] * iu) >= 1;
-        if (any_out && best <= b0) {  // an outsider may come first
-          fail = take || !outs_fail;
-          break;
-        }
-        if (!take) break;
-        if (lane == (bm & 31)) {
-          open_bits &= ~(1u << (bm >> 5));
-          own[X.lid[bm]] = 3;
-          X.cert[n_cert] = X.lid[bm];
-        }
-        ++n_cert;
-        --left;
-        wr -= X.lw[bm];
-        ur -= S.cs[bm];
-      }
-      if (!fail) {  // the totals recounted over what is open, not subtracted (the CPU's recount)
+      double wr = W, ur = U;  // the walk: less the clusters taken (the CPU subtracts as it walks)
+      auto open_totals = [&] {  // wr, ur over L's open members and everything outside L
         wr = 0.0, ur = 0.0;
 #pragma unroll
         for (int k = 0; k < kPer; ++k)
@@ -417,75 +380,87 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
           ur += __shfl_xor_sync(0xffffffffu, ur, o);
         }
         wr += wo, ur += uo;
-      }
-      if (lane == 0) {
-        X.n_left = left;
-        X.n_cert = n_cert;
-        X.fail = fail;
-        X.dv[5] = wr;
-        X.dv[6] = ur;
-      }
-    }
-    __syncthreads();
-    n_left = X.n_left;
-    full = X.fail != 0;
-    Wr = X.dv[5];
-    Ur = X.dv[6];
-  } else if (!a.certainty_walk && bl >= 0 && n_left > 2 && Ur > 0) {
-    // One warp runs the passes over L (each pass: totals, then the candidates in index order),
-    // with no block-wide barrier per pass: a peaked head's chain of passes is long.
-    if (warp == 0) {
-      constexpr int kPer = kCand / 32;
-      uint32_t open_bits = 0;
+      };
+      if (a.certainty_walk) {
+        double key[kPer];
 #pragma unroll
-      for (int k = 0; k < kPer; ++k) open_bits |= (uint32_t)(k * 32 + lane < nl) << k;
-      const bool any_out = X.n_out > 0;
-      const double w_out = wgt(unorder_float(X.out_x), X.out_s), s_out = X.out_s;
-      const int kq = (nl + 31) / 32;  // L's chunks of 32
-      int left = n_left, n_cert = 0, fail = 0;
-      double wr = 0.0, ur = 0.0;
-      while (true) {
-        wr = 0.0, ur = 0.0;
-#pragma unroll
-        for (int k = 0; k < kPer; ++k)
-          if (k < kq && (open_bits >> k & 1)) wr += X.lw[k * 32 + lane], ur += S.cs[k * 32 + lane];
-        for (int o = 16; o > 0; o >>= 1) {
-          wr += __shfl_xor_sync(0xffffffffu, wr, o);
-          ur += __shfl_xor_sync(0xffffffffu, ur, o);
-        }
-        wr += wo, ur += uo;
-        if (!(ur > 0 && left > 2)) break;
-        // pi_j = (w_j / wr + s_j / ur) / 2 by reciprocals (the divisions, per cluster and pass,
-        // were most of a pass)
-        const bool mix = prior_ok && wr > 0;
-        const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
-        auto pi_of = [&](double wj, double sj) { return wj * iw + sj * iu; };
-        if (any_out && left * pi_of(w_out, s_out) >= 1) {  // a cluster outside L might qualify
-          fail = 1;
-          break;
-        }
-        const int l0 = left;
-        bool any = false;
-        for (int k = 0; k < kq && left > 2; ++k) {
+        for (int k = 0; k < kPer; ++k) {
           const int m = k * 32 + lane;
-          const double pi = (open_bits >> k & 1) ? pi_of(X.lw[m], S.cs[m]) : 0.0;
-          unsigned c = __ballot_sync(0xffffffffu, (open_bits >> k & 1) && l0 * pi >= 1);
-          while (c && left > 2) {
-            const int src = __ffs(c) - 1;
-            c &= c - 1;
-            const double p = __shfl_sync(0xffffffffu, pi, src);
-            if (left * p < 1) continue;
-            if (lane == src) {
-              open_bits &= ~(1u << k);
-              own[X.lid[m]] = 3;
-              X.cert[n_cert] = X.lid[m];
-            }
-            ++n_cert;
-            --left;
-            any = true;
-          }
+          key[k] = m < nl ? X.lw[m] * iw0 + S.cs[m] * iu0 : -1.0;
         }
-        if (!any) break;
+        const double b0 = any_out ? w_out * iw0 + s_out * iu0 : -1.0;
+        while (ur > 0 && left > 2) {
+          double best = -1.0;
+          int bm = INT_MAX;  // the next member: largest share, lowest index (L is in index order)
+#pragma unroll
+          for (int k = 0; k < kPer; ++k)
+            if ((open_bits >> k & 1) && key[k] > best) best = key[k], bm = k * 32 + lane;
+          for (int o = 16; o > 0; o >>= 1) {
+            const double ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const int om = __shfl_xor_sync(0xffffffffu, bm, o);
+            if (ob > best || (ob == best && om < bm)) best = ob, bm = om;
+          }
+          const bool mix = prior_ok && wr > 0;
+          const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
+          const bool outs_fail = !any_out || left * (w_out * iw + s_out * iu) < 1;
+          if (bm == INT_MAX) {  // L is spent: an outsider is next
+            fail = !outs_fail;
+            break;
+          }
+          const bool take = left * (X.lw[bm] * iw + S.cs[bm] * iu) >= 1;
+          if (any_out && best <= b0) {  // an outsider may come first
+            fail = take || !outs_fail;
+            break;
+          }
+          if (!take) break;
+          if (lane == (bm & 31)) {
+            open_bits &= ~(1u << (bm >> 5));
+            own[X.lid[bm]] = 3;
+            X.cert[n_cert] = X.lid[bm];
+          }
+          ++n_cert;
+          --left;
+          wr -= X.lw[bm];
+          ur -= S.cs[bm];
+        }
+        if (!fail) open_totals();  // recounted, not subtracted (the CPU's recount)
+      } else {
+        const int kq = (nl + 31) / 32;  // L's chunks of 32
+        while (true) {
+          open_totals();
+          if (!(ur > 0 && left > 2)) break;
+          // pi_j = (w_j / wr + s_j / ur) / 2 by reciprocals (the divisions, per cluster and pass,
+          // were most of a pass)
+          const bool mix = prior_ok && wr > 0;
+          const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
+          auto pi_of = [&](double wj, double sj) { return wj * iw + sj * iu; };
+          if (any_out && left * pi_of(w_out, s_out) >= 1) {  // a cluster outside L might qualify
+            fail = 1;
+            break;
+          }
+          const int l0 = left;
+          bool any = false;
+          for (int k = 0; k < kq && left > 2; ++k) {
+            const int m = k * 32 + lane;
+            const double pi = (open_bits >> k & 1) ? pi_of(X.lw[m], S.cs[m]) : 0.0;
+            unsigned c = __ballot_sync(0xffffffffu, (open_bits >> k & 1) && l0 * pi >= 1);
+            while (c && left > 2) {
+              const int src = __ffs(c) - 1;
+              c &= c - 1;
+              const double p = __shfl_sync(0xffffffffu, pi, src);
+              if (left * p < 1) continue;
+              if (lane == src) {
+                open_bits &= ~(1u << k);
+                own[X.lid[m]] = 3;
+                X.cert[n_cert] = X.lid[m];
+              }
+              ++n_cert;
+              --left;
+              any = true;
+            }
+          }
+          if (!any) break;
+        }
       }
       if (lane == 0) {
         X.n_left = left;
