@@ -229,10 +229,11 @@ def test_group_head_reads_each_heads_own_selection_and_more():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_certainty_walk_keeps_the_guarantee(family):
-    """certainty_walk=True (certainty clusters by one walk in prior-share order, the form a GPU
-    runs as a sort and a scan) keeps the certified guarantee against float64 truths."""
-    heads, unions = measure(FAMILIES[family], 0.9, certainty_walk=True)
+def test_certainty_passes_keep_the_guarantee(family):
+    """certainty_walk=False (the earlier repeated index-order passes; the default walk is
+    test_certified_reaches_p_at_the_confidence's) keeps the certified guarantee against float64
+    truths."""
+    heads, unions = measure(FAMILIES[family], 0.9, certainty_walk=False)
     assert (heads >= 0.9).mean() >= lower_limit(0.95, len(heads)), (family, np.percentile(heads, [1, 5]))
     assert unions.mean() >= lower_limit(0.95, len(unions)), (family, unions.mean())
 
