@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 ARCH=${TACTIC_CUDA_ARCH:-90}  # the standalone self-tests' architecture
 steps=${*:-build selftest pytest quick}
 FLAGS=${BENCH_FLAGS:-}  # extra options for the batch / profile / profile-batch runs, e.g. --group-head
-NVCC="nvcc -std=c++17 -O2 -lineinfo -arch=sm_$ARCH -DTACTIC_VERSION=\"selftest\" -Icpp/include -Icpp/src -Icuda -Xcompiler -fopenmp"
+NVCC="nvcc -std=c++17 -O2 --expt-relaxed-constexpr -lineinfo -arch=sm_$ARCH -DTACTIC_VERSION=\"selftest\" -Icpp/include -Icpp/src -Icuda -Xcompiler -fopenmp"
 rc=0
 summary=()  # one line per step, printed last (a long run's first lines fall out of a log's tail)
 for s in $steps; do
@@ -38,10 +38,18 @@ for s in $steps; do
         "tests/test_cuda.py::test_selection_matches_cpu_long_context" "tests/test_cuda.py::test_pdl_launches_match_plain_launches" \
         "tests/test_cuda.py::test_dense_matches_reference" 2>&1 | tail -8
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
-    selftest) # the attention (cuda/attention*.cu) calls kernel_arch (capabilities.cu), which needs the selection
-      $NVCC tests/cuda/kmeans_check.cu cuda/kmeans.cu cpp/src/*.cpp -o /tmp/kmeans_check && /tmp/kmeans_check || rc=1
-      $NVCC tests/cuda/attention_check.cu cuda/attention*.cu cuda/capabilities.cu cuda/select*.cu cpp/src/*.cpp \
-        -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
+    selftest) # the attention (cuda/attention*.cu) calls kernel_arch (capabilities.cu), which needs the selection;
+              # one object per source, compiled in parallel (one nvcc over them all ran past 5 minutes)
+      st=/tmp/tactic-selftest; mkdir -p $st
+      srcs=$(ls tests/cuda/kmeans_check.cu tests/cuda/attention_check.cu cuda/kmeans.cu cuda/attention*.cu \
+        cuda/capabilities.cu cuda/select*.cu cpp/src/*.cpp)
+      export NVCC st  # expanded unparsed inside sh -c, so TACTIC_VERSION keeps its quotes
+      printf '%s\n' $srcs | xargs -P "$(nproc)" -n 1 sh -c '$NVCC -c "$1" -o "$st/$(echo "$1" | tr / _).o"' _ || rc=1
+      cpp_objs=$(ls $st/cpp_src_*.o)
+      nvcc -arch=sm_$ARCH -Xcompiler -fopenmp $st/tests_cuda_kmeans_check.cu.o $st/cuda_kmeans.cu.o $cpp_objs \
+        -o /tmp/kmeans_check && /tmp/kmeans_check || rc=1
+      nvcc -arch=sm_$ARCH -Xcompiler -fopenmp $st/tests_cuda_attention_check.cu.o $st/cuda_attention*.o \
+        $st/cuda_capabilities.cu.o $st/cuda_select*.o $cpp_objs -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
     pytest)   # the whole log in $OUT/pytest.log; here the failures and the count only
       python3 -m pytest -q -rf tests/test_cuda.py tests/test_cuda_certified.py tests/test_cuda_hardening.py tests/test_build_info.py \
         tests/test_layout.py > "$OUT/pytest.log" 2>&1
