@@ -50,9 +50,6 @@ RULES = {  # name -> SparseDecoder options; every family gets the same ones
     "prior-grouphead": {"stop_rule": "prior", "share_group": False, "group_head": True},
     "certified-indep": {"stop_rule": "certified", "share_group": False},
     "certified-grouphead": {"stop_rule": "certified", "share_group": False, "group_head": True},
-    # the certainty clusters by one walk in prior-share order (the GPU's cheap form)
-    "certified-walk": {"stop_rule": "certified", "certainty_walk": True},
-    "certified-passes": {"stop_rule": "certified", "certainty_walk": False},
 }
 
 

@@ -55,13 +55,10 @@ def main():
     p.add_argument("--tail-samples", type=int, default=None)
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--group-head", action="store_true", help="group_head=True (the exact read from the attention)")
-    p.add_argument("--passes", action="store_true", help="certainty_walk=False: the certified rule's earlier passes")
     a = p.parse_args()
     a.rule_options = {k: v for k, v in (("tail_samples", a.tail_samples), ("max_rounds", a.max_rounds)) if v is not None}
     if a.group_head:
         a.rule_options["group_head"] = True
-    if a.passes:
-        a.rule_options["certainty_walk"] = False
     for n in a.context:
         profile_one(n, a)
 

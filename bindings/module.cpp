@@ -211,7 +211,6 @@ NB_MODULE(_core, m) {
       .def_prop_ro("stop_rule", [](DecoderConfig& c) { return std::string(stop_rule_name(c.select.stop_rule)); })
       .def_prop_rw("confidence", [](DecoderConfig& c) { return c.select.confidence; }, [](DecoderConfig& c, double v) { c.select.confidence = v; })
       .def_prop_rw("tail_samples", [](DecoderConfig& c) { return c.select.tail_samples; }, [](DecoderConfig& c, int64_t v) { c.select.tail_samples = v; })
-      .def_prop_rw("certainty_walk", [](DecoderConfig& c) { return c.select.certainty_walk; }, [](DecoderConfig& c, bool v) { c.select.certainty_walk = v; })
       .def_prop_rw("group_head", [](DecoderConfig& c) { return c.select.group_head; }, [](DecoderConfig& c, bool v) { c.select.group_head = v; })
       .def_prop_rw("max_rounds", [](DecoderConfig& c) { return c.select.max_rounds; }, [](DecoderConfig& c, int v) { c.select.max_rounds = v; })
       .def("set_device", [](DecoderConfig& c, const std::string& kind, int index) {

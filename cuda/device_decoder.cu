@@ -489,7 +489,6 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.z_conf = m.z_conf;
   a.tail_samples = (int)m.cfg.select.tail_samples;
   a.max_rounds = m.cfg.select.max_rounds;
-  a.certainty_walk = m.cfg.select.certainty_walk;
   a.cert_mark = m.cert_mark.as<uint8_t>();
   a.group_head = m.group_head();
   if (a.group_head) {

@@ -84,7 +84,6 @@ struct SelectArgs {
   bool certified = false;
   double z_conf = 0.0;           // normal quantile of SelectOptions::confidence
   int tail_samples = 64, max_rounds = 4;
-  bool certainty_walk = false;   // the certainty clusters by one walk (SelectOptions::certainty_walk)
   uint8_t* cert_mark = nullptr;  // [batch * Hq, cmax] zero before a step; each step leaves it zero
   double* cert_r = nullptr;      // (set by select_step from scratch) exact-mass partials
   // group_head (SelectOptions::group_head; prior rule): every query head's exact read is the

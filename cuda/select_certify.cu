@@ -152,9 +152,9 @@ struct CertShared {
   double dm[kMaxDraws];    // its exact mass
   int32_t cert[kMaxDraws]; // the certainty clusters
   int32_t lid[kCand];      // the short list L (unread clusters of the best score buckets) by index
-  float lw[kCand];         // their prior weights (sizes in SelShared::cs during the certainty passes)
+  float lw[kCand];         // their prior weights (sizes in SelShared::cs during the walk)
   typename cub::BlockScan<double, kSelThreads>::TempStorage dscan;
-  int n_cert, n_left, any, n_out, out_x, out_s, fail;
+  int n_cert, n_left, n_out, out_x, out_s, fail;
   double dv[8];
 };
 
@@ -282,12 +282,10 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   double Wr = W, Ur = U;
   int n_left = read_all ? 0 : n;
   // Certainty clusters: expected draw count n_left pi_j >= 1, pi_j = (w_j / Wr + |j| / Ur) / 2,
-  // in passes (the CPU's loop: within a pass, clusters in index order, n_left shrinking as they
-  // are taken; then the totals recomputed). At most n - 2 clusters qualify, all among the best
-  // by prior, so the passes run over a short list L: the unread clusters of the best score
-  // buckets, at most kCand, in index order. Every pass checks that no cluster outside L could
-  // qualify (its largest score and size bound its pi); if one could, the passes go on over all
-  // clusters (the same loop, only slower).
+  // taken by one walk in share order (below). At most n - 2 clusters qualify, all among the
+  // best by prior, so the walk runs over a short list L: the unread clusters of the best score
+  // buckets, at most kCand, in index order; where a cluster outside L could come first (its
+  // largest score and size bound its share), the walk goes on over every cluster.
   bool full = true;
   int nl = 0, bl = -1;  // members of L; the last score bucket L covers (-1: L is empty)
   {
@@ -349,7 +347,7 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     __syncthreads();
   }
   CERT_STAMP(2);
-  // certainty_walk: the unread clusters in the order of their share at the first totals (W, U),
+  // The walk: the unread clusters in the order of their share at the first totals (W, U),
   // index order on ties, each taken while n_left pi_j >= 1 over the totals less those taken
   // before it; the first that fails ends the walk (the CPU's definition). Over L by one warp:
   // each step takes L's next open member by an argmax (no sort); an outsider of L can come
@@ -358,9 +356,7 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
   const bool mix0 = prior_ok && W > 0;
   const double iw0 = mix0 ? 0.5 / W : 0.0, iu0 = (mix0 ? 0.5 : 1.0) / U;  // shares at (W, U)
   if (bl >= 0 && n_left > 2 && Ur > 0) {
-    // One warp runs the walk (certainty_walk) or the passes over L (each pass: totals, then the
-    // candidates in index order), with no block-wide barrier per step: a peaked head's chain is
-    // long.
+    // One warp walks L, with no block-wide barrier per step: a peaked head's chain is long.
     if (warp == 0) {
       constexpr int kPer = kCand / 32;
       uint32_t open_bits = 0;
@@ -370,7 +366,49 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
       const double w_out = wgt(unorder_float(X.out_x), X.out_s), s_out = X.out_s;
       int left = n_left, n_cert = 0, fail = 0;
       double wr = W, ur = U;  // the walk: less the clusters taken (the CPU subtracts as it walks)
-      auto open_totals = [&] {  // wr, ur over L's open members and everything outside L
+      double key[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int m = k * 32 + lane;
+        key[k] = m < nl ? X.lw[m] * iw0 + S.cs[m] * iu0 : -1.0;
+      }
+      const double b0 = any_out ? w_out * iw0 + s_out * iu0 : -1.0;
+      while (ur > 0 && left > 2) {
+        double best = -1.0;
+        int bm = INT_MAX;  // the next member: largest share, lowest index (L is in index order)
+#pragma unroll
+        for (int k = 0; k < kPer; ++k)
+          if ((open_bits >> k & 1) && key[k] > best) best = key[k], bm = k * 32 + lane;
+        for (int o = 16; o > 0; o >>= 1) {
+          const double ob = __shfl_xor_sync(0xffffffffu, best, o);
+          const int om = __shfl_xor_sync(0xffffffffu, bm, o);
+          if (ob > best || (ob == best && om < bm)) best = ob, bm = om;
+        }
+        const bool mix = prior_ok && wr > 0;
+        const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
+        const bool outs_fail = !any_out || left * (w_out * iw + s_out * iu) < 1;
+        if (bm == INT_MAX) {  // L is spent: an outsider is next
+          fail = !outs_fail;
+          break;
+        }
+        const bool take = left * (X.lw[bm] * iw + S.cs[bm] * iu) >= 1;
+        if (any_out && best <= b0) {  // an outsider may come first
+          fail = take || !outs_fail;
+          break;
+        }
+        if (!take) break;
+        if (lane == (bm & 31)) {
+          open_bits &= ~(1u << (bm >> 5));
+          own[X.lid[bm]] = 3;
+          X.cert[n_cert] = X.lid[bm];
+        }
+        ++n_cert;
+        --left;
+        wr -= X.lw[bm];
+        ur -= S.cs[bm];
+      }
+      if (!fail) {  // wr, ur recounted over L's open members and everything outside L, not
+                    // subtracted (the CPU's recount)
         wr = 0.0, ur = 0.0;
 #pragma unroll
         for (int k = 0; k < kPer; ++k)
@@ -380,87 +418,6 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
           ur += __shfl_xor_sync(0xffffffffu, ur, o);
         }
         wr += wo, ur += uo;
-      };
-      if (a.certainty_walk) {
-        double key[kPer];
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) {
-          const int m = k * 32 + lane;
-          key[k] = m < nl ? X.lw[m] * iw0 + S.cs[m] * iu0 : -1.0;
-        }
-        const double b0 = any_out ? w_out * iw0 + s_out * iu0 : -1.0;
-        while (ur > 0 && left > 2) {
-          double best = -1.0;
-          int bm = INT_MAX;  // the next member: largest share, lowest index (L is in index order)
-#pragma unroll
-          for (int k = 0; k < kPer; ++k)
-            if ((open_bits >> k & 1) && key[k] > best) best = key[k], bm = k * 32 + lane;
-          for (int o = 16; o > 0; o >>= 1) {
-            const double ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int om = __shfl_xor_sync(0xffffffffu, bm, o);
-            if (ob > best || (ob == best && om < bm)) best = ob, bm = om;
-          }
-          const bool mix = prior_ok && wr > 0;
-          const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
-          const bool outs_fail = !any_out || left * (w_out * iw + s_out * iu) < 1;
-          if (bm == INT_MAX) {  // L is spent: an outsider is next
-            fail = !outs_fail;
-            break;
-          }
-          const bool take = left * (X.lw[bm] * iw + S.cs[bm] * iu) >= 1;
-          if (any_out && best <= b0) {  // an outsider may come first
-            fail = take || !outs_fail;
-            break;
-          }
-          if (!take) break;
-          if (lane == (bm & 31)) {
-            open_bits &= ~(1u << (bm >> 5));
-            own[X.lid[bm]] = 3;
-            X.cert[n_cert] = X.lid[bm];
-          }
-          ++n_cert;
-          --left;
-          wr -= X.lw[bm];
-          ur -= S.cs[bm];
-        }
-        if (!fail) open_totals();  // recounted, not subtracted (the CPU's recount)
-      } else {
-        const int kq = (nl + 31) / 32;  // L's chunks of 32
-        while (true) {
-          open_totals();
-          if (!(ur > 0 && left > 2)) break;
-          // pi_j = (w_j / wr + s_j / ur) / 2 by reciprocals (the divisions, per cluster and pass,
-          // were most of a pass)
-          const bool mix = prior_ok && wr > 0;
-          const double iw = mix ? 0.5 / wr : 0.0, iu = (mix ? 0.5 : 1.0) / ur;
-          auto pi_of = [&](double wj, double sj) { return wj * iw + sj * iu; };
-          if (any_out && left * pi_of(w_out, s_out) >= 1) {  // a cluster outside L might qualify
-            fail = 1;
-            break;
-          }
-          const int l0 = left;
-          bool any = false;
-          for (int k = 0; k < kq && left > 2; ++k) {
-            const int m = k * 32 + lane;
-            const double pi = (open_bits >> k & 1) ? pi_of(X.lw[m], S.cs[m]) : 0.0;
-            unsigned c = __ballot_sync(0xffffffffu, (open_bits >> k & 1) && l0 * pi >= 1);
-            while (c && left > 2) {
-              const int src = __ffs(c) - 1;
-              c &= c - 1;
-              const double p = __shfl_sync(0xffffffffu, pi, src);
-              if (left * p < 1) continue;
-              if (lane == src) {
-                open_bits &= ~(1u << k);
-                own[X.lid[m]] = 3;
-                X.cert[n_cert] = X.lid[m];
-              }
-              ++n_cert;
-              --left;
-              any = true;
-            }
-          }
-          if (!any) break;
-        }
       }
       if (lane == 0) {
         X.n_left = left;
@@ -477,7 +434,7 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     Ur = X.dv[6];
   }
   CERT_STAMP(3);
-  if (a.certainty_walk && full && n_left > 2 && Ur > 0) {
+  if (full && n_left > 2 && Ur > 0) {
     // The walk over every cluster, from where the one over L stopped (Wr, Ur: the totals less
     // the clusters taken): each step a block-wide argmax of the open clusters' shares at
     // (W, U), index order on ties. Slow (a pass per step), and rare: L holds the best buckets.
@@ -523,55 +480,6 @@ __global__ void __launch_bounds__(kSelThreads) certify_kernel(StepGeometry s, Se
     });
     Wr = block_sum(Wr, S);
     Ur = block_sum(Ur, S);
-  } else if (full && n_left > 2 && Ur > 0) {
-    while (true) {  // the CPU's loop over all clusters, the totals recomputed at each pass
-      Wr = 0.0, Ur = 0.0;  // recomputed, not subtracted (cancellation)
-      for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-        if (open(j)) Wr += wgt(x, sz), Ur += sz;
-      });
-      Wr = block_sum(Wr, S);
-      Ur = block_sum(Ur, S);
-      if (!(Ur > 0 && n_left > 2)) break;
-      if (tid == 0) S.n_cand = 0;
-      __syncthreads();
-      const double wp = Wr, up = Ur;
-      const int nl = n_left;
-      for_clusters(sc, off, C, [&](int64_t j, float x, int32_t sz) {
-        if (!open(j)) return;
-        const double pi = prior_ok && wp > 0 ? 0.5 * (wgt(x, sz) / wp + sz / up) : sz / up;
-        if (nl * pi >= 1) {  // at most nl such clusters (the pi sum to 1)
-          const int at = atomicAdd(&S.n_cand, 1);
-          if (at < kCand) {
-            S.cid[at] = (int32_t)j;
-            S.cval[at] = pi;
-          }
-        }
-      });
-      __syncthreads();
-      const int nc = min(S.n_cand, kCand);
-      for (int k = tid; k < nc; k += kSelThreads) {  // index order
-        int r = 0;
-        for (int m = 0; m < nc; ++m) r += S.cid[m] < S.cid[k];
-        S.sorted[r] = k;
-      }
-      __syncthreads();
-      if (tid == 0) {
-        int any = 0, left = nl;
-        for (int r = 0; r < nc && left > 2; ++r) {
-          const int k = S.sorted[r];
-          if (left * S.cval[k] < 1) continue;
-          own[S.cid[k]] = 3;
-          X.cert[X.n_cert++] = S.cid[k];
-          --left;
-          any = 1;
-        }
-        X.n_left = left;
-        X.any = any;
-      }
-      __syncthreads();
-      n_left = X.n_left;
-      if (!X.any) break;
-    }
   }
   // The draws: u_k = unit(key + 2k) over the cumulative sum of the mixture in cluster order
   // (its total is 1 by construction; the CPU scales by the computed sum, the same up to

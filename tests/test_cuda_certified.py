@@ -68,26 +68,6 @@ def test_cuda_reads_about_what_the_cpu_reads(family):
     assert 0.9 <= ratio <= 1.15, (family, ratio)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_certainty_passes_reach_p_at_the_confidence_on_cuda(family):
-    """certainty_walk=False on CUDA (the earlier passes over L; the default walk, a warp over L
-    and the block over every cluster where L cannot decide, is
-    test_certified_reaches_p_at_the_confidence_on_cuda's) keeps the guarantee on every family."""
-    heads, unions, _ = measure(FAMILIES[family], 0.9, certainty_walk=False)
-    assert (heads >= 0.9).mean() >= lower_limit(0.95, len(heads)), (family, np.percentile(heads, [1, 5]))
-    assert unions.mean() >= lower_limit(0.95, len(unions)), (family, unions.mean())
-
-
-@pytest.mark.parametrize("family", ["d128 G4", "d64 G4 flat rms", "d128 G1 peaked"])
-def test_certainty_passes_read_about_what_the_cpu_passes_read(family):
-    """certainty_walk=False on both backends: the GPU's passes read about what the CPU's passes
-    read (test_cuda_reads_about_what_the_cpu_reads does it for the default walk)."""
-    fam = FAMILIES[family]
-    _, _, t_gpu = measure(fam, 0.9, certainty_walk=False)
-    _, _, t_cpu = measure(fam, 0.9, device="cpu", certainty_walk=False)
-    assert 0.9 <= t_gpu.sum() / t_cpu.sum() <= 1.15, (family, t_gpu.sum() / t_cpu.sum())
-
-
 def test_certainty_walk_over_every_cluster_on_cuda():
     """Where a cluster outside the short list L (the unread clusters of the best score buckets,
     at most 512) could come first in the walk, the walk runs over every cluster: here 1200
@@ -101,7 +81,7 @@ def test_certainty_walk_over_every_cluster_on_cuda():
     k[5000:6200, 0] = -q[0, 0] / np.linalg.norm(q) * 3.0
     toks = {}
     for device in ("cuda", "cpu"):
-        dec = decoder(k, 1, device, target=0.5, certainty_walk=True)
+        dec = decoder(k, 1, device, target=0.5)
         qt = torch.from_numpy(q).half()
         st = dec.select(0, qt.to(device) if device == "cuda" else qt)
         p = probs64(q[0].astype(np.float16).astype(np.float64), k)

@@ -226,30 +226,3 @@ def test_group_head_reads_each_heads_own_selection_and_more():
     np.testing.assert_array_equal(sel[0], sel[1])
     with pytest.raises(TypeError, match="group_head"):
         tactic.SparseDecoder(1, 4, 1, 64, group_head=1)
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_certainty_passes_keep_the_guarantee(family):
-    """certainty_walk=False (the earlier repeated index-order passes; the default walk is
-    test_certified_reaches_p_at_the_confidence's) keeps the certified guarantee against float64
-    truths."""
-    heads, unions = measure(FAMILIES[family], 0.9, certainty_walk=False)
-    assert (heads >= 0.9).mean() >= lower_limit(0.95, len(heads)), (family, np.percentile(heads, [1, 5]))
-    assert unions.mean() >= lower_limit(0.95, len(unions)), (family, unions.mean())
-
-
-def test_certainty_walk_is_an_option():
-    k, qs = workload(31, d=64, g=4)
-    sel = {}
-    for walk in (False, True, None):  # None: the default, the walk
-        opt = {} if walk is None else {"certainty_walk": walk}
-        dec = tactic.SparseDecoder(1, qs.shape[1], 2, 64, max_tokens=k.shape[0], dtype="float16",
-                                   record_selection=True, num_threads=1, **opt)
-        dec.prefill(0, k, k)
-        sel[walk] = np.stack([dec.select(0, q[None])["head_mask"][0] for q in qs])
-    # the walk finds the passes' certainty set up to order on nearly every head (bench/NOTES.md)
-    same = (sel[False] == sel[True]).all(axis=-1).mean()
-    assert same >= 0.8, same
-    np.testing.assert_array_equal(sel[None], sel[True])
-    with pytest.raises(TypeError, match="certainty_walk"):
-        tactic.SparseDecoder(1, 4, 1, 64, certainty_walk=1)

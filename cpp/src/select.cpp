@@ -265,36 +265,21 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     Ur -= csize(j);
     --n_left;
   };
-  auto recount = [&] {  // the open totals recomputed, not subtracted (cancellation)
-    Wr = Ur = 0;
-    for (int64_t j = 0; j < c; ++j)
-      if (open(j)) Wr += w(j), Ur += csize(j);
-  };
-  if (opt.certainty_walk) {
-    // One walk instead of index-order passes: the unread clusters sorted once by their share
-    // at the first totals, each taken while n_left pi_j >= 1 over the totals less those taken
-    // before it (on a GPU: a sort of a short list and a scan, not ~30 dependent passes).
-    std::vector<int32_t> by;
-    for (int64_t j = 0; j < c; ++j)
-      if (open(j)) by.push_back((int32_t)j);
-    std::stable_sort(by.begin(), by.end(),
-                     [&](int32_t x, int32_t y) { return pi_over(x, W, U) > pi_over(y, W, U); });
-    for (int32_t j : by) {
-      if (!(Ur > 0 && n_left > 2) || n_left * pi_over(j, Wr, Ur) < 1) break;
-      make_certain(j);
-    }
-    recount();
-  } else while (Ur > 0 && n_left > 2) {
-    bool any = false;
-    const double w_pass = Wr, u_pass = Ur;
-    for (int64_t j = 0; j < c && n_left > 2; ++j) {
-      if (!open(j) || n_left * pi_over(j, w_pass, u_pass) < 1) continue;
-      make_certain(j);
-      any = true;
-    }
-    if (!any) break;
-    recount();
+  // One walk: the unread clusters sorted once by their share at the first totals, each taken
+  // while n_left pi_j >= 1 over the totals less those taken before it (on a GPU: an argmax over
+  // a short list per step, not ~30 dependent passes over every cluster).
+  std::vector<int32_t> by;
+  for (int64_t j = 0; j < c; ++j)
+    if (open(j)) by.push_back((int32_t)j);
+  std::stable_sort(by.begin(), by.end(),
+                   [&](int32_t x, int32_t y) { return pi_over(x, W, U) > pi_over(y, W, U); });
+  for (int32_t j : by) {
+    if (!(Ur > 0 && n_left > 2) || n_left * pi_over(j, Wr, Ur) < 1) break;
+    make_certain(j);
   }
+  Wr = Ur = 0;  // the open totals recomputed, not subtracted (cancellation)
+  for (int64_t j = 0; j < c; ++j)
+    if (open(j)) Wr += w(j), Ur += csize(j);
   if (Ur > 0) {
     double acc = 0;
     const bool rest_ok = prior_ok && Wr > 0;

@@ -105,10 +105,6 @@ class SparseDecoder:
             clusters are added (at most `max_rounds` rounds) until read >= P * (read +
             upper bound of the rest), the bound holding with probability `confidence` under
             a normal approximation (docs/CONTRACT.md: what is guaranteed, what is not).
-            certainty_walk: the sample's certainty clusters by one walk in prior-share
-            order (default True, both backends; the form a GPU runs cheaply); False: the
-            earlier repeated index-order passes, measured the same shares and tokens
-            (bench/NOTES.md).
             prior: stop where the estimator's guess reaches P + margin * (1 - P).
         estimator: 'centroid_prior' (default, measured best) or 'two_segment' (the paper's
             a/x + b fit): the tail guess (prior rule) and the first read (certified).
@@ -152,7 +148,6 @@ class SparseDecoder:
                  max_batch: int = 1, max_tokens: int = 8192, device="cpu", dtype="float16",
                  target: float = 0.9, policy: str = "tactic", *, stop_rule: Optional[str] = None,
                  confidence: float = 0.95, tail_samples: int = 64, max_rounds: int = 4,
-                 certainty_walk: bool = True,
                  estimator: str = "centroid_prior",
                  margin: float = 0.35, spread: float = 0.75, cluster_size: int = 16, kmeans_iters: int = 10,
                  metric: str = "euclidean", num_sink: int = 4, recluster_interval: int = 2048,
@@ -180,7 +175,6 @@ class SparseDecoder:
         c.confidence = _float("confidence", confidence)
         c.tail_samples = _int("tail_samples", tail_samples)
         c.max_rounds = _int("max_rounds", max_rounds, maximum=_INT32_MAX)
-        c.certainty_walk = _bool("certainty_walk", certainty_walk)
         c.margin = _float("margin", margin)
         c.spread = _float("spread", spread)
         c.cluster_size = _int("cluster_size", cluster_size)

@@ -89,10 +89,6 @@ struct SelectOptions {
   double confidence = 0.95;
   int64_t tail_samples = 64;  // certified: unread clusters drawn (with replacement; scored whole) per query head
   int max_rounds = 4;         // certified: top-up rounds at most after the first read
-  // certified: certainty clusters by one walk over the unread clusters in prior-share order
-  // (the GPU-friendly form; both backends); false: repeated index-order passes (the earlier
-  // definition, kept for comparison; the same shares and tokens on bench/generalize.py).
-  bool certainty_walk = true;
   Estimator estimator = Estimator::centroid_prior;
   // The prior stop rule aims at P_eff = P + margin * (1 - P), against estimation error.
   double margin = 0.35;
