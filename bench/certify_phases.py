@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-phase time of the CUDA certified stop rule's per-head kernel (cuda/select_certify.cu).
+"""Per-phase time of the CUDA certified stop rule's per-head kernel (cuda/select_certify.cuh).
 
 A build with -DTACTIC_CERTIFY_PHASES makes certify_kernel stamp each phase with clock64() and
 print one line per query head (`CERTPH ...`) for one launch in 25. This reads such output

@@ -1,0 +1,12 @@
+// certify_mass_kernel and certify_kernel for __half K/V, every head dim (select_certify.cuh).
+#include "select_certify.cuh"
+
+namespace tactic {
+namespace cuda {
+
+void launch_certify_typed(__half, const StepGeometry& s, const SelectArgs& a, int splits, cudaStream_t st) {
+  certify_by_dim<__half>(s, a, splits, st);
+}
+
+}  // namespace cuda
+}  // namespace tactic
