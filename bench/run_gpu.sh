@@ -4,7 +4,7 @@
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
 #   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|profile-batch|phases|ncu|ncu-certify|e2e|e2e-graphs|mma|gbench]...
-# Default: build selftest pytest quick. `sanitize` (three tools, up to 9 min), `bench` (the full
+# Default: build selftest pytest quick. `sanitize` (three tools, ~6 min: racecheck 5.5), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
 # carried along) builds its own binary and needs no `build` step: ~1-2 min build + <4 min runs.
@@ -58,7 +58,7 @@ for s in $steps; do
     integration)  # the transformers integration on the GPU (tiny random models; SmolLM2 if installed)
       python3 -m pytest -q -m gpu tests/test_transformers.py 2>&1 | tail -20
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
-    sanitize) # memcheck, racecheck, initcheck over a subset of the CUDA tests (~10 min in all)
+    sanitize) # memcheck, racecheck, initcheck over a subset of the CUDA tests (~6 min in all)
       SKIP_BUILD=1 OUT="$OUT" .ci/compute-sanitizer || rc=1 ;;
     bench)    # full default sweep: N 8K-512K, B 1/8/32, 32/8 and 32/4 heads, fp16/bf16, P .8/.9/.95
       python3 -m tactic.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
