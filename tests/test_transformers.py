@@ -48,6 +48,18 @@ def greedy(model, ids, n=16, **kw):
         return model.generate(ids, do_sample=False, **kw)
 
 
+def assert_greedy_under_reference(model, seq, start, tol=1e-4):
+    """Every token of seq from `start` on is a greedy choice of the stock model (no cache, one
+    forward over seq) up to `tol` in logit: a long greedy run of a random model meets ties
+    within float32 rounding (one at step 760 of 1030 split two logits by 2.4e-7), where token
+    equality with stock generate tests the rounding, not the decoder."""
+    with torch.inference_mode():
+        logits = model(seq).logits[0, start - 1:-1].double()
+    chosen = logits.gather(1, seq[0, start:, None]).squeeze(1)
+    gap = logits.max(1).values - chosen
+    assert (gap <= tol).all(), (int(gap.argmax()) + start, float(gap.max()))
+
+
 @pytest.fixture(scope="module")
 def llama():
     return tiny("llama")
@@ -294,15 +306,15 @@ def test_demo_model_smollm2(capsys):
 def test_capacity_follows_max_new_tokens(llama):
     """The old default (prompt + 1024) would have been outrun; the store is sized for the call."""
     ids = prompt(20, seed=11)
-    ref = greedy(llama, ids, n=1030)
     cache = enable(llama, policy="dense")
     out = greedy(llama, ids, n=1030)                  # no cache argument: enable's cache
     assert cache.decoder.max_tokens == 20 + 1030 and cache.growths == 0
     assert cache.held_tokens() == 20 + 1030 - 1       # the last token is never fed back
     out_len = greedy(llama, ids, n=None, max_length=60)
     disable(llama)
-    assert torch.equal(out, ref)
-    assert out_len.shape[1] == 60 and torch.equal(out_len, ref[:, :60])
+    assert out.shape[1] == 20 + 1030 and torch.equal(out[:, :20], ids)
+    assert_greedy_under_reference(llama, out, 20)
+    assert out_len.shape[1] == 60 and torch.equal(out_len, out[:, :60])
     assert cache.decoder.max_tokens >= 60
 
 
