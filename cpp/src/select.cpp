@@ -49,6 +49,21 @@ void row_logits(const KVStore& st, int64_t layer, int64_t slot, int64_t head, in
   }
 }
 
+// row_logits for the G query heads q [G, d] at once: each row is converted once, then scored
+// G times from cache. out[h * ld + r - r0] for head h.
+void row_logits_group(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t r0,
+                      int64_t r1, const float* q, int64_t g, float* out, int64_t ld,
+                      std::vector<float>& buf) {
+  constexpr int64_t kRows = 64;
+  const int64_t d = st.config().head_dim;
+  buf.resize(kRows * d);
+  for (int64_t b = r0; b < r1; b += kRows) {
+    const int64_t nb = std::min(kRows, r1 - b);
+    load_floats(st.k_row(layer, slot, head, b), st.config().dtype, nb * d, buf.data());
+    for (int64_t h = 0; h < g; ++h) dot_many(q + h * d, buf.data(), nb, d, out + h * ld + (b - r0));
+  }
+}
+
 // Policies that score every row exactly (oracle, topk): references, not fast paths.
 // oracle: each query head's own minimal top-P set; the KV head reads their union.
 // topk: `budget` rows per KV head (the same unit as quest's and Tactic's union), the rows
@@ -210,11 +225,18 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   const int64_t c = st.num_clusters(layer, slot, head), base = ss.n_sink;
   const int32_t* off = st.offsets(layer, slot, head);
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+  // The union's logits were scored for the whole group (select_tactic: s.group_logit, where
+  // s.group_scored); clusters added since are scored here.
+  const float* pre = s.group_logit.data() + h * ss.n_clustered;
   auto read = [&](int64_t j) {  // exact mass of cluster j
-    row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
-               s.logit.data() + off[j], s.row);
+    const float* l = pre;
+    if (!s.group_scored[j]) {
+      row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
+                 s.logit.data() + off[j], s.row);
+      l = s.logit.data();
+    }
     double e = 0;
-    for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+    for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)l[r] - m);
     return s.mass[j] = e;
   };
   // 1. Exact read mass (the prior's prefix was only estimated so far).
@@ -223,14 +245,15 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   for (int64_t j = 0; j < c; ++j)
     if (s.state[j] != kUnread) R += s.mass[j];
 
-  // 2. The tail sample. s.score holds the ranking score; w_j its prior mass.
+  // 2. The tail sample. s.score holds the ranking score; w_j = s.prior[j] its prior mass (one
+  // exp per cluster: the walk's sort, the proposal and the rounds read it many times).
   const int64_t n = opt.tail_samples, len = ss.total();
+  s.prior.resize(c);
   double W = 0, U = 0;
-  for (int64_t j = 0; j < c; ++j)
-    if (s.state[j] == kUnread) {
-      W += csize(j) * std::exp((double)s.score[j] - m);
-      U += csize(j);
-    }
+  for (int64_t j = 0; j < c; ++j) {
+    s.prior[j] = csize(j) * std::exp((double)s.score[j] - m);
+    if (s.state[j] == kUnread) W += s.prior[j], U += csize(j);
+  }
   s.cdf.assign(c, 0.0);
   s.drawn.assign(c, -1.0);
   s.certain.assign(c, 0);
@@ -246,7 +269,7 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     }
     return e;
   };
-  auto w = [&](int64_t j) { return csize(j) * std::exp((double)s.score[j] - m); };
+  auto w = [&](int64_t j) { return s.prior[j]; };
   auto open = [&](int64_t j) { return s.state[j] == kUnread && !s.certain[j]; };
   const bool prior_ok = W > 0 && std::isfinite(W);
   // Certainty clusters: one whose expected draw count n_left pi_j reaches 1 would be drawn
@@ -265,15 +288,20 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     Ur -= csize(j);
     --n_left;
   };
-  // One walk: the unread clusters sorted once by their share at the first totals, each taken
-  // while n_left pi_j >= 1 over the totals less those taken before it (on a GPU: an argmax over
-  // a short list per step, not ~30 dependent passes over every cluster).
-  std::vector<int32_t> by;
+  // One walk: the unread clusters in the order of their share at the first totals (index order
+  // on ties), each taken while n_left pi_j >= 1 over the totals less those taken before it (on a
+  // GPU: an argmax over a short list per step, not ~30 dependent passes over every cluster). At
+  // most n - 2 are taken, so only the first n of that order are sorted.
+  std::vector<int32_t>& by = s.walk;
+  std::vector<double>& share = s.cdf;  // the proposal's CDF below overwrites every entry
+  by.clear();
   for (int64_t j = 0; j < c; ++j)
-    if (open(j)) by.push_back((int32_t)j);
-  std::stable_sort(by.begin(), by.end(),
-                   [&](int32_t x, int32_t y) { return pi_over(x, W, U) > pi_over(y, W, U); });
-  for (int32_t j : by) {
+    if (open(j)) by.push_back((int32_t)j), share[j] = pi_over(j, W, U);
+  const auto first = by.begin() + std::min<int64_t>((int64_t)by.size(), n);
+  std::partial_sort(by.begin(), first, by.end(),
+                    [&](int32_t x, int32_t y) { return share[x] != share[y] ? share[x] > share[y] : x < y; });
+  for (auto it = by.begin(); it != first; ++it) {
+    const int32_t j = *it;
     if (!(Ur > 0 && n_left > 2) || n_left * pi_over(j, Wr, Ur) < 1) break;
     make_certain(j);
   }
@@ -318,13 +346,13 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     // The rest's prior, rescaled to the sample's estimate of what is still unread.
     double w_rest = 0;
     for (int64_t j = 0; j < c; ++j)
-      if (s.state[j] == kUnread) w_rest += csize(j) * std::exp((double)s.score[j] - m);
+      if (s.state[j] == kUnread) w_rest += w(j);
     const double scale = w_rest > 0 ? std::max(t0 - (R - r0), 0.0) / w_rest : 0.0;
     double need = P * z_up - R;
     auto add = [&](int64_t j) {
       s.state[j] = kChosen;
       R += read(j);
-      need -= scale * csize(j) * std::exp((double)s.score[j] - m);
+      need -= scale * w(j);
     };
     int64_t hot = -1;  // the unread cluster of the largest draw
     double best = 0;
@@ -594,6 +622,15 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   // first reads, so each certifies (and tops up) its mass over that union.
   if (certified) {
     std::vector<float> fixed(always);
+    // The union's K rows scored once for the G heads (each head used to convert every row).
+    s.group_logit.resize(g * nclu);
+    s.group_scored.assign(c, 0);
+    for (int64_t j = 0; j < c; ++j)
+      if (s.mark[j]) {
+        row_logits_group(st, layer, slot, head, base + off[j], base + off[j + 1], q, g,
+                         s.group_logit.data() + off[j], nclu, s.row);
+        s.group_scored[j] = 1;
+      }
     for (int64_t h = 0; h < g; ++h) {
       const float* qh = q + h * d;
       score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());

@@ -31,6 +31,10 @@ struct SelectScratch {
   std::vector<int32_t> fresh, draw_cluster;  // certified stop: prefix to score; sample clusters
   std::vector<double> cdf, draw_y, drawn;    // certified stop: proposal CDF; draw values; drawn clusters' mass
   std::vector<uint8_t> certain;              // certified stop: clusters scored with certainty
+  std::vector<double> prior;                 // certified stop: each cluster's prior mass w_j
+  std::vector<int32_t> walk;                 // certified stop: the certainty walk's order
+  std::vector<float> group_logit;            // certified stop: [G, clustered rows] union logits
+  std::vector<uint8_t> group_scored;         // certified stop: clusters in group_logit
 };
 
 // Select for KV head `head` of (layer, slot) and its G query heads; results replace `out`.
