@@ -217,24 +217,18 @@ struct CertifiedStop {
 //      union, so later heads of the group certify over them too.
 // Cost per query head: the union's K rows scored once more, at most tail_samples distinct
 // clusters scored (K rows only; a cluster drawn twice is scored once), and the top-ups.
-template <class Rank>
+// logits_of(j, h): cluster j's exact logits for query head h, indexed by the cluster's offsets
+// (select_tactic scores a cluster once for the whole group).
+template <class Rank, class Logits>
 CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t h,
                       const float* qh, const SelectOptions& opt, double z_conf, double m,
-                      double a_mass, Rank& rank, int64_t take, SelectScratch& s) {
+                      double a_mass, Rank& rank, int64_t take, Logits&& logits_of, SelectScratch& s) {
   const SlotState& ss = st.state(layer, slot);
   const int64_t c = st.num_clusters(layer, slot, head), base = ss.n_sink;
   const int32_t* off = st.offsets(layer, slot, head);
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
-  // The union's logits were scored for the whole group (select_tactic: s.group_logit, where
-  // s.group_scored); clusters added since are scored here.
-  const float* pre = s.group_logit.data() + h * ss.n_clustered;
-  auto read = [&](int64_t j) {  // exact mass of cluster j
-    const float* l = pre;
-    if (!s.group_scored[j]) {
-      row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
-                 s.logit.data() + off[j], s.row);
-      l = s.logit.data();
-    }
+  auto read = [&](int64_t j) {  // exact mass of cluster j (a read joins the group's union)
+    const float* l = logits_of(j, h);
     double e = 0;
     for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)l[r] - m);
     return s.mass[j] = e;
@@ -470,6 +464,23 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
       for_exact_head(rank, [&](int64_t j) { ghead[j] = 1; });
     }
   }
+  // Cluster j's exact logits for head h, [G, clustered rows] in s.group_logit: a cluster read
+  // by one head is read by others of the group (share_group's later heads, the certified rule's
+  // every head over the union), so its K rows are converted once and scored for the heads
+  // [h0, h1) that may read it (certified: all; prior: the asking head, and the later ones with
+  // share_group), then reused.
+  s.group_logit.resize(g * nclu);
+  s.group_heads.assign(2 * c, 0);  // [h0, h1) of the logits held for cluster j
+  auto logits_of = [&](int64_t j, int64_t h) {
+    int32_t* held = &s.group_heads[2 * j];
+    if (!(held[0] <= h && h < held[1])) {
+      const int64_t h0 = certified ? 0 : h, h1 = certified || opt.share_group ? g : h + 1;
+      row_logits_group(st, layer, slot, head, base + off[j], base + off[j + 1], q + h0 * d, h1 - h0,
+                       s.group_logit.data() + h0 * nclu + off[j], nclu, s.row);
+      held[0] = (int32_t)h0, held[1] = (int32_t)h1;
+    }
+    return (const float*)(s.group_logit.data() + h * nclu);
+  };
   for (int64_t h = 0; h < g; ++h) {
     const float* qh = q + h * d;
     score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
@@ -522,11 +533,12 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     row_logits(st, layer, slot, head, base + nclu, n, qh, recent.data(), rec);
     m = lsink_max;
     for (float v : recent) m = std::max(m, (double)v);
-    // Per read cluster: exact logits into s.logit at the cluster's own offsets.
+    // Per read cluster: exact logits (the group's, at the cluster's own offsets).
+    const float* lh = s.group_logit.data() + h * nclu;
     for (int64_t j = 0; j < c; ++j) {
       if (s.state[j] == kUnread) continue;
-      row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh, s.logit.data() + off[j], rec);
-      for (int64_t r = off[j]; r < off[j + 1]; ++r) m = std::max(m, (double)s.logit[r]);
+      logits_of(j, h);
+      for (int64_t r = off[j]; r < off[j + 1]; ++r) m = std::max(m, (double)lh[r]);
     }
     double a_mass = 0;
     for (float v : sink) a_mass += std::exp(v - m);
@@ -535,7 +547,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     for (int64_t j = 0; j < c; ++j) {
       if (s.state[j] == kUnread) continue;
       double e = 0;
-      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)lh[r] - m);
       s.mass[j] = e;
       read_exact += e;
       read_prior += csize(j) * std::exp((double)s.score[j] - m);
@@ -622,15 +634,6 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   // first reads, so each certifies (and tops up) its mass over that union.
   if (certified) {
     std::vector<float> fixed(always);
-    // The union's K rows scored once for the G heads (each head used to convert every row).
-    s.group_logit.resize(g * nclu);
-    s.group_scored.assign(c, 0);
-    for (int64_t j = 0; j < c; ++j)
-      if (s.mark[j]) {
-        row_logits_group(st, layer, slot, head, base + off[j], base + off[j + 1], q, g,
-                         s.group_logit.data() + off[j], nclu, s.row);
-        s.group_scored[j] = 1;
-      }
     for (int64_t h = 0; h < g; ++h) {
       const float* qh = q + h * d;
       score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
@@ -648,7 +651,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
         s.state[j] = s.mark[j] ? kChosen : kUnread;
         if (s.mark[j]) s.fresh.push_back((int32_t)j);
       }
-      const CertifiedStop r = certify(st, layer, slot, head, h, qh, opt, z_conf, m, a_mass, rank, 0, s);
+      const CertifiedStop r = certify(st, layer, slot, head, h, qh, opt, z_conf, m, a_mass, rank, 0, logits_of, s);
       int64_t sel_tokens = always;
       for (int64_t j = 0; j < c; ++j)
         if (s.state[j] != kUnread) sel_tokens += csize(j), s.mark[j] = 1;

@@ -33,8 +33,8 @@ struct SelectScratch {
   std::vector<uint8_t> certain;              // certified stop: clusters scored with certainty
   std::vector<double> prior;                 // certified stop: each cluster's prior mass w_j
   std::vector<int32_t> walk;                 // certified stop: the certainty walk's order
-  std::vector<float> group_logit;            // certified stop: [G, clustered rows] union logits
-  std::vector<uint8_t> group_scored;         // certified stop: clusters in group_logit
+  std::vector<float> group_logit;            // tactic: [G, clustered rows] exact logits of read clusters
+  std::vector<int32_t> group_heads;          // tactic: per cluster, the heads [h0, h1) held in group_logit
 };
 
 // Select for KV head `head` of (layer, slot) and its G query heads; results replace `out`.
