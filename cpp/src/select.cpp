@@ -388,6 +388,10 @@ struct LazyRank {
   LazyRank(std::vector<int32_t>& o, const std::vector<float>& sc, int64_t n) : order(o), score(sc), c(n) {
     std::iota(order.begin(), order.begin() + c, 0);
   }
+  // Resumed from an earlier LazyRank's order and sorted count over the same scores: the ranks
+  // are the same (the order is total: ties by index), without sorting the prefix again.
+  LazyRank(std::vector<int32_t>& o, const std::vector<float>& sc, int64_t n, int64_t done)
+      : order(o), score(sc), c(n), sorted(done) {}
   int64_t operator()(int64_t k) {
     if (k >= sorted) {
       auto by_score = [&](int32_t a, int32_t b) { return score[a] != score[b] ? score[a] > score[b] : a < b; };
@@ -470,7 +474,12 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   // [h0, h1) that may read it (certified: all; prior: the asking head, and the later ones with
   // share_group), then reused.
   s.group_logit.resize(g * nclu);
-  s.group_heads.assign(2 * c, 0);  // [h0, h1) of the logits held for cluster j
+  s.group_heads.assign(2 * c, 0);
+  if (certified) {
+    s.head_score.resize(g * c);
+    s.head_order.resize(g * c);
+    s.head_sorted.resize(g);
+  }  // [h0, h1) of the logits held for cluster j
   auto logits_of = [&](int64_t j, int64_t h) {
     int32_t* held = &s.group_heads[2 * j];
     if (!(held[0] <= h && h < held[1])) {
@@ -629,6 +638,11 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
         if (own[j]) push_range(hr, base + off[j], base + off[j + 1]);
       push_range(hr, base + nclu, n);
     }
+    if (certified) {  // the second pass resumes this head's scores and ranking
+      std::copy(s.score.begin(), s.score.begin() + c, s.head_score.begin() + h * c);
+      std::copy(s.order.begin(), s.order.begin() + c, s.head_order.begin() + h * c);
+      s.head_sorted[h] = rank.sorted;
+    }
   }
   // The certified rule's second pass: every head of the group attends the union of the
   // first reads, so each certifies (and tops up) its mass over that union.
@@ -636,8 +650,9 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     std::vector<float> fixed(always);
     for (int64_t h = 0; h < g; ++h) {
       const float* qh = q + h * d;
-      score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
-      LazyRank rank(s.order, s.score, c);
+      std::copy(s.head_score.begin() + h * c, s.head_score.begin() + (h + 1) * c, s.score.begin());
+      std::copy(s.head_order.begin() + h * c, s.head_order.begin() + (h + 1) * c, s.order.begin());
+      LazyRank rank(s.order, s.score, c, s.head_sorted[h]);
       // Exp-scores relative to m, the largest of the always-read logits and cluster scores
       // (a reference point only: sums are in double).
       row_logits(st, layer, slot, head, 0, ss.n_sink, qh, fixed.data(), s.row);

@@ -35,6 +35,9 @@ struct SelectScratch {
   std::vector<int32_t> walk;                 // certified stop: the certainty walk's order
   std::vector<float> group_logit;            // tactic: [G, clustered rows] exact logits of read clusters
   std::vector<int32_t> group_heads;          // tactic: per cluster, the heads [h0, h1) held in group_logit
+  std::vector<float> head_score;             // certified stop: [G, clusters] first-pass scores
+  std::vector<int32_t> head_order;           // certified stop: [G, clusters] their lazy ranking
+  std::vector<int64_t> head_sorted;          // certified stop: its sorted prefix per head
 };
 
 // Select for KV head `head` of (layer, slot) and its G query heads; results replace `out`.
