@@ -217,8 +217,8 @@ struct CertifiedStop {
 //      union, so later heads of the group certify over them too.
 // Cost per query head: the union's K rows scored once more, at most tail_samples distinct
 // clusters scored (K rows only; a cluster drawn twice is scored once), and the top-ups.
-// logits_of(j, h): cluster j's exact logits for query head h, indexed by the cluster's offsets
-// (select_tactic scores a cluster once for the whole group).
+// logits_of(j, h): cluster j's exact logits for query head h, from its first row (select_tactic
+// scores a cluster once for the whole group).
 template <class Rank, class Logits>
 CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t h,
                       const float* qh, const SelectOptions& opt, double z_conf, double m,
@@ -230,7 +230,7 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   auto read = [&](int64_t j) {  // exact mass of cluster j (a read joins the group's union)
     const float* l = logits_of(j, h);
     double e = 0;
-    for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)l[r] - m);
+    for (int64_t k = 0; k < csize(j); ++k) e += std::exp((double)l[k] - m);
     return s.mass[j] = e;
   };
   // 1. Exact read mass (the prior's prefix was only estimated so far).
@@ -468,28 +468,35 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
       for_exact_head(rank, [&](int64_t j) { ghead[j] = 1; });
     }
   }
-  // Cluster j's exact logits for head h, [G, clustered rows] in s.group_logit: a cluster read
-  // by one head is read by others of the group (share_group's later heads, the certified rule's
-  // every head over the union), so its K rows are converted once and scored for the heads
-  // [h0, h1) that may read it (certified: all; prior: the asking head, and the later ones with
-  // share_group), then reused.
-  s.group_logit.resize(g * nclu);
-  s.group_heads.assign(2 * c, 0);
+  // Cluster j's exact logits for head h, computed once for the group: a cluster read by one
+  // head is read by others of the group (share_group's later heads, the certified rule's every
+  // head over the union), so its K rows are converted once and scored for the heads [h0, h1)
+  // that may read it (certified: all; prior: the asking head, and the later ones with
+  // share_group). Kept compactly, a block of (h1 - h0) x |j| logits at s.group_at[j], so the
+  // scratch grows with the rows read, not with G x the context. The pointer is valid until
+  // the next scoring.
+  s.group_logit.clear();
+  s.group_at.assign(c, -1);
+  s.group_heads.assign(2 * c, 0);  // [h0, h1) of the logits held for cluster j
+  auto logits_of = [&](int64_t j, int64_t h) {  // head h's logit of the cluster's first row
+    int32_t* held = &s.group_heads[2 * j];
+    const int64_t sz = csize(j);
+    if (!(held[0] <= h && h < held[1])) {
+      const int64_t h0 = certified ? 0 : h, h1 = certified || opt.share_group ? g : h + 1;
+      const int64_t at = (int64_t)s.group_logit.size();
+      s.group_logit.resize(at + (h1 - h0) * sz);
+      row_logits_group(st, layer, slot, head, base + off[j], base + off[j + 1], q + h0 * d, h1 - h0,
+                       s.group_logit.data() + at, sz, s.row);
+      held[0] = (int32_t)h0, held[1] = (int32_t)h1;
+      s.group_at[j] = at;
+    }
+    return (const float*)(s.group_logit.data() + s.group_at[j] + (h - held[0]) * sz);
+  };
   if (certified) {
     s.head_score.resize(g * c);
     s.head_order.resize(g * c);
     s.head_sorted.resize(g);
-  }  // [h0, h1) of the logits held for cluster j
-  auto logits_of = [&](int64_t j, int64_t h) {
-    int32_t* held = &s.group_heads[2 * j];
-    if (!(held[0] <= h && h < held[1])) {
-      const int64_t h0 = certified ? 0 : h, h1 = certified || opt.share_group ? g : h + 1;
-      row_logits_group(st, layer, slot, head, base + off[j], base + off[j + 1], q + h0 * d, h1 - h0,
-                       s.group_logit.data() + h0 * nclu + off[j], nclu, s.row);
-      held[0] = (int32_t)h0, held[1] = (int32_t)h1;
-    }
-    return (const float*)(s.group_logit.data() + h * nclu);
-  };
+  }
   for (int64_t h = 0; h < g; ++h) {
     const float* qh = q + h * d;
     score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
@@ -542,12 +549,11 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     row_logits(st, layer, slot, head, base + nclu, n, qh, recent.data(), rec);
     m = lsink_max;
     for (float v : recent) m = std::max(m, (double)v);
-    // Per read cluster: exact logits (the group's, at the cluster's own offsets).
-    const float* lh = s.group_logit.data() + h * nclu;
+    // Per read cluster: exact logits (the group's).
     for (int64_t j = 0; j < c; ++j) {
       if (s.state[j] == kUnread) continue;
-      logits_of(j, h);
-      for (int64_t r = off[j]; r < off[j + 1]; ++r) m = std::max(m, (double)lh[r]);
+      const float* l = logits_of(j, h);
+      for (int64_t k = 0; k < csize(j); ++k) m = std::max(m, (double)l[k]);
     }
     double a_mass = 0;
     for (float v : sink) a_mass += std::exp(v - m);
@@ -555,8 +561,9 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     double read_exact = 0, read_prior = 0;
     for (int64_t j = 0; j < c; ++j) {
       if (s.state[j] == kUnread) continue;
+      const float* l = logits_of(j, h);
       double e = 0;
-      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)lh[r] - m);
+      for (int64_t k = 0; k < csize(j); ++k) e += std::exp((double)l[k] - m);
       s.mass[j] = e;
       read_exact += e;
       read_prior += csize(j) * std::exp((double)s.score[j] - m);

@@ -33,7 +33,8 @@ struct SelectScratch {
   std::vector<uint8_t> certain;              // certified stop: clusters scored with certainty
   std::vector<double> prior;                 // certified stop: each cluster's prior mass w_j
   std::vector<int32_t> walk;                 // certified stop: the certainty walk's order
-  std::vector<float> group_logit;            // tactic: [G, clustered rows] exact logits of read clusters
+  std::vector<float> group_logit;            // tactic: exact logits of read clusters, a block per scoring
+  std::vector<int64_t> group_at;             // tactic: each cluster's block in group_logit (-1: none)
   std::vector<int32_t> group_heads;          // tactic: per cluster, the heads [h0, h1) held in group_logit
   std::vector<float> head_score;             // certified stop: [G, clusters] first-pass scores
   std::vector<int32_t> head_order;           // certified stop: [G, clusters] their lazy ranking
