@@ -35,22 +35,9 @@ void dot_many(const float* q, const float* rows, int64_t n, int64_t d, float* ou
   dot_rows_any(q, rows, n, d, out);
 }
 
-// Exact scaled logits q.k_r for rows [r0, r1) of one head (rows of a head are contiguous),
-// converted to float 64 rows at a time.
-void row_logits(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t r0,
-                int64_t r1, const float* q, float* out, std::vector<float>& buf) {
-  constexpr int64_t kRows = 64;
-  const int64_t d = st.config().head_dim;
-  buf.resize(kRows * d);
-  for (int64_t b = r0; b < r1; b += kRows) {
-    const int64_t nb = std::min(kRows, r1 - b);
-    load_floats(st.k_row(layer, slot, head, b), st.config().dtype, nb * d, buf.data());
-    dot_many(q, buf.data(), nb, d, out + (b - r0));
-  }
-}
-
-// row_logits for the G query heads q [G, d] at once: each row is converted once, then scored
-// G times from cache. out[h * ld + r - r0] for head h.
+// Exact scaled logits q.k_r for rows [r0, r1) of one KV head (rows of a head are contiguous)
+// for the G query heads q [G, d] at once, converted to float 64 rows at a time: each row is
+// converted once, then scored G times from cache. out[h * ld + r - r0] for head h.
 void row_logits_group(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t r0,
                       int64_t r1, const float* q, int64_t g, float* out, int64_t ld,
                       std::vector<float>& buf) {
@@ -62,6 +49,19 @@ void row_logits_group(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     load_floats(st.k_row(layer, slot, head, b), st.config().dtype, nb * d, buf.data());
     for (int64_t h = 0; h < g; ++h) dot_many(q + h * d, buf.data(), nb, d, out + h * ld + (b - r0));
   }
+}
+
+// The same for one query head q [d].
+void row_logits(const KVStore& st, int64_t layer, int64_t slot, int64_t head, int64_t r0,
+                int64_t r1, const float* q, float* out, std::vector<float>& buf) {
+  row_logits_group(st, layer, slot, head, r0, r1, q, 1, out, 0, buf);
+}
+
+// sum_k exp(l[k] - m) in double, in order: a cluster's (or a row range's) exact mass.
+double exp_sum(const float* l, int64_t n, double m) {
+  double e = 0;
+  for (int64_t k = 0; k < n; ++k) e += std::exp((double)l[k] - m);
+  return e;
 }
 
 // Policies that score every row exactly (oracle, topk): references, not fast paths.
@@ -89,8 +89,7 @@ void select_exact(const KVStore& st, int64_t layer, int64_t slot, int64_t head, 
     row_logits(st, layer, slot, head, 0, n, q + h * d, s.logit.data(), s.row);
     double m = -std::numeric_limits<double>::infinity();
     for (int64_t r = 0; r < n; ++r) m = std::max(m, (double)s.logit[r]);
-    double z = 0;
-    for (int64_t r = 0; r < n; ++r) z += std::exp((double)s.logit[r] - m);
+    const double z = exp_sum(s.logit.data(), n, m);
     if (!oracle) {
       for (int64_t r = 0; r < n; ++r) {
         const double p = std::exp((double)s.logit[r] - m) / z;
@@ -215,8 +214,9 @@ struct CertifiedStop {
 //   5. After the last round the selection stands; est_mass reports R / (R + T_hat), T_hat
 //      the sample's estimate less the exact mass read since. The head's top-ups join the
 //      union, so later heads of the group certify over them too.
-// Cost per query head: the union's K rows scored once more, at most tail_samples distinct
-// clusters scored (K rows only; a cluster drawn twice is scored once), and the top-ups.
+// Cost per query head: at most tail_samples distinct clusters scored (K rows only; a cluster
+// drawn twice is scored once) and the top-ups; the union's K rows are converted once for the
+// group (logits_of), each head's dots taken from them.
 // logits_of(j, h): cluster j's exact logits for query head h, from its first row (select_tactic
 // scores a cluster once for the whole group).
 template <class Rank, class Logits>
@@ -228,10 +228,7 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   const int32_t* off = st.offsets(layer, slot, head);
   auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
   auto read = [&](int64_t j) {  // exact mass of cluster j (a read joins the group's union)
-    const float* l = logits_of(j, h);
-    double e = 0;
-    for (int64_t k = 0; k < csize(j); ++k) e += std::exp((double)l[k] - m);
-    return s.mass[j] = e;
+    return s.mass[j] = exp_sum(logits_of(j, h), csize(j), m);
   };
   // 1. Exact read mass (the prior's prefix was only estimated so far).
   for (int32_t j : s.fresh) read(j);
@@ -258,8 +255,7 @@ CertifiedStop certify(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     if (e < 0) {
       row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh,
                  s.logit.data() + off[j], s.row);
-      e = 0;
-      for (int64_t r = off[j]; r < off[j + 1]; ++r) e += std::exp((double)s.logit[r] - m);
+      e = exp_sum(s.logit.data() + off[j], csize(j), m);
     }
     return e;
   };
@@ -561,9 +557,7 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
     double read_exact = 0, read_prior = 0;
     for (int64_t j = 0; j < c; ++j) {
       if (s.state[j] == kUnread) continue;
-      const float* l = logits_of(j, h);
-      double e = 0;
-      for (int64_t k = 0; k < csize(j); ++k) e += std::exp((double)l[k] - m);
+      const double e = exp_sum(logits_of(j, h), csize(j), m);
       s.mass[j] = e;
       read_exact += e;
       read_prior += csize(j) * std::exp((double)s.score[j] - m);
