@@ -202,34 +202,6 @@ __device__ __forceinline__ void rank_candidates(const float* cs, const int32_t* 
   __syncthreads();
 }
 
-// The clusters of bucket bk among [lo, C) into S.cs / S.cid (S.n_cand counts them, even past
-// kCand; it must be zero before). With `skip` (group_head), not those whose skip mark is 1.
-__device__ __forceinline__ void gather_bucket(const float* sc, const int32_t* off, int64_t lo, int64_t C, float mx,
-                                              float bpl, int bk, SelShared& S, const uint8_t* skip = nullptr) {
-  for_clusters_in(sc, off, lo, C, [&](int64_t j, float x, int32_t, uint8_t m) {
-    if (bucket_of(x, mx, bpl) == bk && m != 1) {
-      const int at = atomicAdd(&S.n_cand, 1);
-      if (at < kCand) {
-        S.cs[at] = x;
-        S.cid[at] = (int32_t)j;
-      }
-    }
-  }, skip);
-}
-
-// Gathers the clusters of bucket `bk` (gather_bucket) and ranks them (score descending, id
-// ascending) into S.sorted; returns their number, or -1 if more than kCand.
-__device__ int rank_bucket(const float* sc, const int32_t* off, int64_t C, float mx, float bpl, int bk,
-                           SelShared& S, const uint8_t* skip = nullptr) {
-  if (threadIdx.x == 0) S.n_cand = 0;
-  __syncthreads();
-  gather_bucket(sc, off, 0, C, mx, bpl, bk, S, skip);
-  __syncthreads();
-  const int n = S.n_cand;
-  if (n > kCand) return -1;
-  rank_candidates(S.cs, S.cid, n, S.sorted);
-  return n;
-}
 
 // Over ranked candidates S.cval[from..n): the first k with start + sum(cval[from..k)) >= goal
 // (n if none), computed by warp 0 with a running scan; the sum through the last taken
@@ -363,6 +335,32 @@ __device__ int merge_candidates(SelShared& S, float* cs, int32_t* cid, int nspli
     }
   }
   __syncthreads();
+  return n;
+}
+
+// Cluster j (score x) as a candidate of the crossing bucket being gathered into S.cs / S.cid
+// (S.n_cand counts them, even past kCand; it must be zero before the pass).
+__device__ __forceinline__ void add_candidate(SelShared& S, int64_t j, float x) {
+  const int at = atomicAdd(&S.n_cand, 1);
+  if (at < kCand) {
+    S.cs[at] = x;
+    S.cid[at] = (int32_t)j;
+  }
+}
+
+// After a pass that gathered one bucket's candidates (add_candidate) over the block's share:
+// ranks them (score descending, id ascending) into S.sorted, all of the cluster's blocks' where
+// nsplit > 1 (merged into mcs / mcid); returns their number, or -1 if more than kCand.
+__device__ int rank_gathered(SelShared& S, int nsplit, float* mcs, int32_t* mcid) {
+  if (nsplit > 1) {
+    const int n = merge_candidates(S, mcs, mcid, nsplit);
+    if (n >= 0) rank_candidates(mcs, mcid, n, S.sorted);
+    return n;
+  }
+  __syncthreads();
+  const int n = S.n_cand;
+  if (n > kCand) return -1;
+  rank_candidates(S.cs, S.cid, n, S.sorted);
   return n;
 }
 

@@ -116,6 +116,30 @@ __device__ __forceinline__ void histogram_add(const float* sc, const int32_t* of
   });
 }
 
+// The exact head's clusters of [lo, hi), in one pass: buckets before bh into the head list (at
+// places from `counter`, rank 0's in a split) with their prior added to `prior`, bucket bh's
+// gathered and ranked (rank_gathered). Where bh overflowed the candidates (-1, returned), a
+// second pass takes it whole. Returns the ranked candidates' number (0 without a crossing bucket).
+__device__ int head_pass(const HeadView& v, int64_t lo, int64_t hi, float mx, float bpl, int bh, int& counter,
+                         double& prior, SelShared& S, int nsplit, float* mcs, int32_t* mcid) {
+  auto take = [&](int64_t j, float x, int32_t n) {
+    v.head_list[atomicAdd(&counter, 1)] = (int32_t)j;
+    prior += (double)n * exp((double)x - (double)mx);
+  };
+  for_clusters_in(v.sc, v.off, lo, hi, [&](int64_t j, float x, int32_t n) {
+    const int bk = bucket_of(x, mx, bpl);
+    if (bk < bh) take(j, x, n);
+    else if (bk == bh) add_candidate(S, j, x);
+  });
+  if (bh >= kBuckets) return 0;
+  const int n = rank_gathered(S, nsplit, mcs, mcid);
+  if (n < 0)
+    for_clusters_in(v.sc, v.off, lo, hi, [&](int64_t j, float x, int32_t n) {
+      if (bucket_of(x, mx, bpl) == bh) take(j, x, n);
+    });
+  return n;
+}
+
 // Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
 // bucket), their prior. Leaves the histogram and the ranked candidates in global scratch.
 // Two blocks per SM (64 registers, a few bytes of spills), as select_stop: the group_head marks
@@ -155,22 +179,15 @@ __global__ void __launch_bounds__(kSelThreads, 2) select_head_kernel(StepGeometr
   const double thr = fmax(1.0, a.head_fraction * (double)v.nclu);
   double before = 0.0;
   const int bh = crossing_bucket(S.tok, 1.0, 0.0, thr, S, &before);
-  int nh_cand = 0, cut_h = 0;
-  if (bh < kBuckets) {
-    nh_cand = rank_bucket(sc, off, C, mx, bpl, bh, S);
-    if (nh_cand >= 0) cut_h = head_cut(a, i, off, nh_cand, before, thr, true, S);
+  if (tid == 0) {
+    S.n_head = 0;
+    S.n_cand = 0;
   }
-  // Head = buckets < bh, plus sorted[0..cut_h) of bh (all of bh when it overflowed).
-  const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
-  if (tid == 0) S.n_head = 0;
   __syncthreads();
   double prior_head = 0.0;
-  for_clusters(sc, off, C, [&](int64_t j, float x, int32_t n) {
-    if (bucket_of(x, mx, bpl) < bh_whole) {
-      v.head_list[atomicAdd(&S.n_head, 1)] = (int32_t)j;
-      prior_head += (double)n * exp((double)x - (double)mx);
-    }
-  });
+  const int nh_cand = head_pass(v, 0, C, mx, bpl, bh, S.n_head, prior_head, S, 1, nullptr, nullptr);
+  const int cut_h = nh_cand > 0 ? head_cut(a, i, off, nh_cand, before, thr, true, S) : 0;
+  const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
   __syncthreads();
   finish_head(a, i, v.head_list, sc, off, v.nsink, S.n_head, prior_head,
               HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark);
@@ -240,25 +257,13 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepG
   const double thr = fmax(1.0, a.head_fraction * (double)v.nclu);
   double before = 0.0;
   const int bh = crossing_bucket(W.tok, 1.0, 0.0, thr, S, &before);
-  int nh_cand = 0, cut_h = 0;
-  if (bh < kBuckets) {  // the same in every block
-    gather_bucket(sc, off, lo, hi, mx, bpl, bh, S);
-    nh_cand = merge_candidates(S, W.cs, W.cid, nsplit);
-    if (nh_cand >= 0) {
-      rank_candidates(W.cs, W.cid, nh_cand, S.sorted);
-      cut_h = head_cut(a, i, off, nh_cand, before, thr, rank == 0, S);  // the same cut in every block
-    }
-  }
-  const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
-  // This block's whole-bucket head clusters, at places taken from rank 0's counter.
+  // This block's whole-bucket head clusters, at places taken from rank 0's counter; bh's
+  // candidates merged and ranked alike in every block, so every block makes the same cut.
   int* counter = cluster_peer(&S.n_head, 0);
   double prior = 0.0;
-  for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n) {
-    if (bucket_of(x, mx, bpl) < bh_whole) {
-      v.head_list[atomicAdd(counter, 1)] = (int32_t)j;
-      prior += (double)n * exp((double)x - (double)mx);
-    }
-  });
+  const int nh_cand = head_pass(v, lo, hi, mx, bpl, bh, *counter, prior, S, nsplit, W.cs, W.cid);
+  const int cut_h = nh_cand > 0 ? head_cut(a, i, off, nh_cand, before, thr, rank == 0, S) : 0;
+  const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
   prior = block_sum(prior, S);
   if (tid == 0) S.dsh[0] = prior;
   cluster_barrier();  // head-list entries, the counter and every block's prior are final

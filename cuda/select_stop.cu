@@ -99,6 +99,8 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
   const double acc0 = a_mass + read_exact;
   int bs = bh_whole, cut_s = 0;  // selected: buckets < bs, plus sorted[0..cut_s) of bs
   bool bs_ranked = false;
+  int marked = 0;       // buckets < marked: marked (this block's share), their tokens counted
+  int64_t tokens = 0;
   double acc = acc0;
   if (nh_cand > 0 && bh_whole == bh) {  // the head's crossing bucket is partly taken
     bs = bh;
@@ -136,16 +138,22 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
         bs_ranked = false;
         acc = z;
       } else {
-        int n;
-        if (nsplit == 1) {
-          n = rank_bucket(sc, off, C, mx, bpl, bx, S, skip);
-        } else {  // every block gathers its share; all rank the merged list alike
-          if (tid == 0) S.n_cand = 0;
-          __syncthreads();
-          gather_bucket(sc, off, lo, hi, mx, bpl, bx, S, skip);
-          n = merge_candidates(S, mcs, mcid, nsplit);
-          if (n >= 0) rank_candidates(mcs, mcid, n, S.sorted);
-        }
+        // One pass marks the buckets before bx (taken whatever bx's outcome) and gathers bx's
+        // clusters; every block of a split ranks the merged list alike.
+        if (tid == 0) S.n_cand = 0;
+        __syncthreads();
+        for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n, uint8_t mk) {
+          if (mk == 1) return;
+          const int bk = bucket_of(x, mx, bpl);
+          if (bk < bx) {
+            mark(j);
+            tokens += n;
+          } else if (bk == bx) {
+            add_candidate(S, j, x);
+          }
+        }, skip);
+        marked = bx;
+        const int n = rank_gathered(S, nsplit, mcs, mcid);
         if (n < 0) {
           bs = bx + 1;
           cut_s = 0;
@@ -165,15 +173,16 @@ __device__ void stop_head(const StepGeometry& s, const SelectArgs& a, int splits
     }
   }
 
-  // Marks and counts: buckets < bs whole (this block's share), plus the ranked prefix of bs
-  // (rank 0).
-  int64_t tokens = 0;
-  for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n, uint8_t mk) {
-    if (bucket_of(x, mx, bpl) < bs && mk != 1) {
-      mark(j);
-      tokens += n;
-    }
-  }, skip);
+  // Marks and counts: buckets < bs whole (this block's share; those before `marked` are
+  // marked already), plus the ranked prefix of bs (rank 0).
+  if (marked < bs)
+    for_clusters_in(sc, off, lo, hi, [&](int64_t j, float x, int32_t n, uint8_t mk) {
+      const int bk = bucket_of(x, mx, bpl);
+      if (bk >= marked && bk < bs && mk != 1) {
+        mark(j);
+        tokens += n;
+      }
+    }, skip);
   if (bs_ranked && rank == 0)
     for (int k = tid; k < cut_s; k += kSelThreads) {
       mark(S.sorted[k]);

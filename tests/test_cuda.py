@@ -686,6 +686,46 @@ def test_split_selection_over_a_batch_matches_cpu(split, group_head, split_case)
                 np.testing.assert_allclose(og[b].float().cpu().numpy(), oc[b].float().numpy(), atol=3e-3, rtol=3e-3)
 
 
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("case", ["head", "stop"])
+def test_an_overflowing_crossing_bucket_is_taken_whole(case, split):
+    """Over kCand (512) clusters share one score (their keys are 0 along the only direction the
+    query has), so they fall in one histogram bucket. Where the exact head's ("head") or the
+    stop point's ("stop") crossing bucket is that one, the GPU takes it whole: every token,
+    never fewer than the CPU's exact ranking takes (a strict prefix of the bucket there), and the
+    output is float64 attention over the whole context."""
+    if split == 2 and not tactic.build_info()["devices"][0]["thread_block_clusters"]:
+        pytest.skip("thread-block clusters need sm_90 kernels")
+    gen = torch.Generator().manual_seed(41)
+    hkv, g, d, n = 1, 2, 64, 16000
+    # "head": 1% of the tokens hold ~97% of the mass, so the head (2% of tokens) crosses into the
+    # flat bucket. "stop": 5% hold ~28%, so the head stays among them and the stop crosses there.
+    share, logit = (0.01, 8.0) if case == "head" else (0.05, 2.0)
+    c = 4.0
+    k = torch.randn(n, hkv, d, generator=gen)
+    k[:, :, 0] = 0.0
+    k[torch.rand(n, generator=gen) < share, :, 0] = c
+    k = k.half()
+    v = torch.randn(n, hkv, d, generator=gen).half()
+    q = torch.zeros(1, hkv * g, d)
+    q[:, :, 0] = logit * d ** 0.5 / c
+    q = q.half()
+    opts = dict(max_tokens=n, dtype="float16", target=0.9, share_group=False, stop_rule="prior",
+                record_selection=True)
+    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
+    cpu.prefill(0, k, v)
+    gpu.prefill(0, k.cuda(), v.cuda())
+    cpu.decode(0, q, None, None)
+    og = gpu.decode(0, q.cuda(), None, None)
+    sc, sg = cpu.stats(0), gpu.stats(0)
+    assert (sc["head_tokens"] < n).all(), "the CPU must stop inside the flat bucket"
+    assert (sg["head_mask"][0] >= sc["head_mask"][0]).all()
+    assert (sg["head_tokens"] == n).all(), sg["head_tokens"]
+    ref, _ = ref_attention(q[0].double().numpy(), k.double().numpy(), v.double().numpy(), d ** -0.5)
+    np.testing.assert_allclose(og[0].double().cpu().numpy(), ref, atol=ATOL["float16"], rtol=RTOL["float16"])
+
+
 @pytest.mark.parametrize("g,group_head", [(1, False), (4, False), (8, False), (4, True), (8, True)])
 def test_reuse_selection_attends_over_the_last_selection(g, group_head):
     """decode(reuse_selection=True) = float64 attention of a new query over the kept union
