@@ -690,7 +690,8 @@ def test_split_selection_over_a_batch_matches_cpu(split, group_head, split_case)
 @pytest.mark.parametrize("case", ["head", "stop"])
 def test_an_overflowing_crossing_bucket_is_taken_whole(case, split):
     """Over kCand (512) clusters share one score (their keys are 0 along the only direction the
-    query has), so they fall in one histogram bucket. Where the exact head's ("head") or the
+    query has, and spread 0 leaves the ranking those dot products), so they fall in one
+    histogram bucket. Where the exact head's ("head") or the
     stop point's ("stop") crossing bucket is that one, the GPU takes it whole: every token,
     never fewer than the CPU's exact ranking takes (a strict prefix of the bucket there), and the
     output is float64 attention over the whole context."""
@@ -701,7 +702,7 @@ def test_an_overflowing_crossing_bucket_is_taken_whole(case, split):
     # "head": 1% of the tokens hold ~97% of the mass, so the head (2% of tokens) crosses into the
     # flat bucket. "stop": 5% hold ~28%, so the head stays among them and the stop crosses there.
     share, logit = (0.01, 8.0) if case == "head" else (0.05, 2.0)
-    c = 4.0
+    c = 32.0  # far from the flat keys: k-means keeps the two kinds in clusters of their own
     k = torch.randn(n, hkv, d, generator=gen)
     k[:, :, 0] = 0.0
     k[torch.rand(n, generator=gen) < share, :, 0] = c
@@ -711,7 +712,7 @@ def test_an_overflowing_crossing_bucket_is_taken_whole(case, split):
     q[:, :, 0] = logit * d ** 0.5 / c
     q = q.half()
     opts = dict(max_tokens=n, dtype="float16", target=0.9, share_group=False, stop_rule="prior",
-                record_selection=True)
+                record_selection=True, spread=0.0)
     cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
     gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
     cpu.prefill(0, k, v)
