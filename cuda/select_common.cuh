@@ -202,7 +202,6 @@ __device__ __forceinline__ void rank_candidates(const float* cs, const int32_t* 
   __syncthreads();
 }
 
-
 // Over ranked candidates S.cval[from..n): the first k with start + sum(cval[from..k)) >= goal
 // (n if none), computed by warp 0 with a running scan; the sum through the last taken
 // candidate goes to *taken_sum.
@@ -315,7 +314,7 @@ __device__ __forceinline__ T* cluster_peer(T* p, int rank) {  // block `rank`'s 
 #endif
 }
 
-// After each of the cluster's blocks gathered its share of a bucket (gather_bucket): a cluster
+// After each of the cluster's blocks gathered its share of a bucket (add_candidate): a cluster
 // barrier, then every block copies all blocks' candidates, block 0's first, into cs / cid.
 // Returns their number, or -1 if more than kCand.
 __device__ int merge_candidates(SelShared& S, float* cs, int32_t* cid, int nsplit) {

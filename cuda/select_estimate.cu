@@ -132,12 +132,12 @@ __device__ int head_pass(const HeadView& v, int64_t lo, int64_t hi, float mx, fl
     else if (bk == bh) add_candidate(S, j, x);
   });
   if (bh >= kBuckets) return 0;
-  const int n = rank_gathered(S, nsplit, mcs, mcid);
-  if (n < 0)
+  const int ranked = rank_gathered(S, nsplit, mcs, mcid);
+  if (ranked < 0)
     for_clusters_in(v.sc, v.off, lo, hi, [&](int64_t j, float x, int32_t n) {
       if (bucket_of(x, mx, bpl) == bh) take(j, x, n);
     });
-  return n;
+  return ranked;
 }
 
 // Kernel 1 (one block per query head): histogram, exact-head clusters (list + ranked crossing
