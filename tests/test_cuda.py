@@ -100,40 +100,6 @@ def test_tensor_core_attention_where_it_applies(dtype, kernel, g, d, mma):
         np.testing.assert_allclose(out["o"][b].double().cpu().numpy(), ref, atol=ATOL[dtype], rtol=RTOL[dtype])
 
 
-@pytest.mark.parametrize("dtype,g,d,group_head,group", [("float16", 4, 128, False, True), ("bfloat16", 8, 64, False, True),
-                                                     ("float16", 16, 128, False, False), ("float32", 4, 128, False, False),
-                                                     ("float16", 4, 80, False, False), ("float16", 4, 128, True, False)])
-def test_exact_head_read_once_per_group_where_it_applies(dtype, g, d, group_head, group):
-    """The plan reads the exact head with the group kernel (select_exact_group, one read of
-    the group's union on tensor cores) for 16-bit K/V, D 64 / 128 and g <= 8 without
-    group_head, and with the thread-per-row kernel otherwise; the step launches the kernel the
-    plan names and its output matches float64 attention over the tokens it reports reading."""
-    gen = torch.Generator().manual_seed(g * 31 + d)
-    hkv, n = 2, 6000
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype=dtype, max_tokens=n + 1, target=0.9,
-                               share_group=False, group_head=group_head, record_selection=True)
-    if dec.plan["score_kernel"] != "tensor_cores":
-        group = False  # an sm_75 build: no tensor-core selection kernels
-    assert dec.plan["exact_kernel"] == ("tensor_cores" if group else "cuda_cores")
-    k, _ = mixture_keys(n + 1, hkv, d, gen)
-    tdt = getattr(torch, dtype)
-    k = k.to(tdt)
-    v = torch.randn(n + 1, hkv, d, generator=gen).to(tdt)
-    dec.prefill(0, k[:n].cuda(), v[:n].cuda())
-    q = (k[n].repeat_interleave(g, 0)[None].float() * 3).to(tdt)
-    out = {}
-    names = _step_kernels(lambda: out.setdefault("o", dec.decode(0, q.cuda(), k[n][None].cuda(), v[n][None].cuda())))
-    assert any("select_exact_group" in x for x in names) == group, sorted(names)
-    st = dec.stats(0)
-    o = out["o"].double().cpu().numpy()
-    k64, v64, q64 = k.double().numpy(), v.double().numpy(), q.double().numpy()
-    for h in range(hkv):
-        keep = np.asarray(st["kv_mask"][0, h])[:n + 1]
-        assert 0 < keep.sum() < n + 1
-        ref, _ = ref_attention(q64[0, h * g:(h + 1) * g], k64[keep][:, h:h + 1], v64[keep][:, h:h + 1], d ** -0.5)
-        np.testing.assert_allclose(o[0, h * g:(h + 1) * g], ref, atol=ATOL[dtype], rtol=RTOL[dtype])
-
-
 @pytest.mark.parametrize("kernel", ["cuda_cores", "tensor_cores"])
 def test_large_batch_attention_matches_reference(kernel):
     """8 sequences x 8 KV heads of 3000-5100 rows: kSplits units per item would be far more than
