@@ -332,7 +332,6 @@ NB_MODULE(_core, m) {
              r["head_split"] = p.head_split;
              r["attention_kernel"] = attention_kernel_name(p.attention);
              r["score_kernel"] = attention_kernel_name(p.score);
-             r["exact_kernel"] = attention_kernel_name(p.exact);
              r["pdl"] = p.pdl;
              return r;
            })

@@ -485,7 +485,6 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
   a.head_split = m.plan.head_split[slot_list.size() - 1];
   a.sm_count = m.plan.sm_count;
   a.score_tensor_cores = m.plan.score == AttentionKernel::tensor_cores;
-  a.exact_group = m.plan.exact == AttentionKernel::tensor_cores;
   a.certified = m.certified();
   a.z_conf = m.z_conf;
   a.tail_samples = (int)m.cfg.select.tail_samples;

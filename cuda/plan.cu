@@ -29,10 +29,6 @@ StepPlan make_step_plan(const DecoderConfig& cfg, int64_t cmax) {
   p.score = score_tensor_cores_available() && score_tensor_cores_fit(cfg.dtype, cfg.head_dim, g)
                 ? AttentionKernel::tensor_cores
                 : AttentionKernel::cuda_cores;
-  p.exact = exact_group_available() && exact_group_fits(cfg.dtype, cfg.head_dim, g) &&
-                    !(cfg.select.group_head && g > 1)
-                ? AttentionKernel::tensor_cores
-                : AttentionKernel::cuda_cores;
   p.head_split.resize((std::size_t)cfg.max_batch);
   for (int64_t b = 1; b <= cfg.max_batch; ++b)
     p.head_split[(std::size_t)b - 1] = k.head_split ? k.head_split : auto_head_split(b * cfg.num_q_heads, cmax);

@@ -106,8 +106,6 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
   if (s.d > 256) throw UnsupportedError("CUDA selection supports head_dim <= 256");
   // kv_mark is all zero here: build_rows clears each mark after its last read.
   if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
-  // group_head's union marks are kv_mark's 1s, not exact-head bits: the thread-per-row kernel.
-  if (a.group_head) a.exact_group = false;
   launch_score(s, a);
   // Thread-block clusters of nsplit blocks per query head where a head has many clusters.
   const int nsplit = a.head_split;
@@ -128,14 +126,10 @@ void select_step(const StepGeometry& s, const SelectArgs& args) {
     launch_build_rows(s, a, RowsPass::group_rest);
     return;
   }
-  // Enough blocks for about two per SM: per KV head (at most kMaxExactSplits) for the group
-  // form, per query head (at most kExactSplitsPerHead) for the thread-per-row kernel.
+  // Enough blocks for about two per SM, at most kMaxExactSplits per head.
   const int64_t sms = a.sm_count > 0 ? a.sm_count : 132;
-  const int64_t users = a.exact_group ? items : heads;
-  const int splits = (int)std::max<int64_t>(
-      1, std::min<int64_t>(a.exact_group ? kMaxExactSplits : kExactSplitsPerHead, (2 * sms + users - 1) / users));
-  if (a.exact_group) launch_select_exact_group(s, a, splits);
-  else launch_select_exact(s, a, splits);
+  const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxExactSplits, (2 * sms + heads - 1) / heads));
+  launch_select_exact(s, a, splits);
   launch_select_stop(s, a, nsplit, splits);
   if (a.certified) launch_certify(s, a);
   launch_build_rows(s, a, RowsPass::all);

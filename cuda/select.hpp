@@ -80,9 +80,6 @@ struct SelectArgs {
   int head_split = 1;            // blocks per query head (StepPlan::head_split for this batch)
   int sm_count = 0;              // the device's multiprocessors (StepPlan::sm_count)
   bool score_tensor_cores = false;  // centroid scores on tensor cores (StepPlan::score)
-  // The exact head read once per KV group on tensor cores (StepPlan::exact): select_head marks
-  // bit (head in group) of kv_mark instead of writing row tasks. Not with group_head.
-  bool exact_group = false;
   // The certified stop rule (select_certify.cu) where `certified`; otherwise the prior rule.
   bool certified = false;
   double z_conf = 0.0;           // normal quantile of SelectOptions::confidence
@@ -107,8 +104,6 @@ struct SelectArgs {
 // the current device, and whether a decoder's shape fits them.
 bool score_tensor_cores_available();
 bool score_tensor_cores_fit(DType dtype, int64_t head_dim, int64_t g);
-bool exact_group_available();  // the group exact kernel was compiled for sm_80+ here
-bool exact_group_fits(DType dtype, int64_t head_dim, int64_t g);
 
 size_t select_scratch_bytes(int64_t heads);
 // Blocks per query head in select_head / select_stop for a step over `heads` query heads with

@@ -40,8 +40,7 @@ struct ExactPart {   // one block's online (max, sum) of sinks + recent (a) and 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxExactSplits = 32;  // <= 32: select_stop combines them in one warp
-constexpr int kExactSplitsPerHead = 16;  // the thread-per-row kernel's own cap (measured there)
+constexpr int kMaxExactSplits = 16;  // <= 32: select_stop combines them in one warp
 constexpr int kMaxCertSplits = 64;   // blocks per KV head of certify_mass (select_certify.cu)
 
 __device__ __forceinline__ int64_t head_index(const StepGeometry& s, int32_t slot, int64_t h) {
@@ -54,13 +53,6 @@ __device__ __forceinline__ int32_t order_float(float f) {
   return i >= 0 ? i : i ^ 0x7fffffff;
 }
 __device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_float(i >= 0 ? i : i ^ 0x7fffffff); }
-
-// Sets bit `bit` of byte j of a mark array whose other bytes other threads may set at once
-// (a 32-bit atomicOr on the aligned word holding it).
-__device__ __forceinline__ void mark_exact_bit(uint8_t* marks, int64_t j, unsigned bit) {
-  const uintptr_t p = reinterpret_cast<uintptr_t>(marks + j);
-  atomicOr(reinterpret_cast<unsigned*>(p & ~uintptr_t(3)), bit << (8 * (unsigned)(p & 3)));
-}
 
 // The selection without a sort. Both decisions of the CPU reference walk the clusters in rank
 // order and take every cluster whose running sum *before* it is below a goal: the exact head

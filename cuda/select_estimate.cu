@@ -60,7 +60,7 @@ struct HeadDecision {  // what select_head decided, identically in every block s
 // of a cluster may have written it.
 __device__ void finish_head(const SelectArgs& a, int64_t i, int32_t* list, const float* sc, const int32_t* off,
                             int64_t nsink, int n_whole, double prior, HeadDecision d, SelShared& S,
-                            uint8_t* kmark, int gi) {
+                            uint8_t* kmark) {
   const int tid = threadIdx.x;
   const bool partial = d.nh_cand > 0 && d.bh_whole == d.bh;
   if (partial)
@@ -76,9 +76,6 @@ __device__ void finish_head(const SelectArgs& a, int64_t i, int32_t* list, const
   if (a.group_head) {  // no exact-head rows for select_exact: the head joins its group's union
     __syncthreads();  // the partial bucket's entries are in the list
     for (int k = tid; k < n_head; k += kSelThreads) kmark[__ldcg(list + k)] = 1;
-  } else if (a.exact_group) {  // select_exact_group reads the marked clusters (and clears them)
-    __syncthreads();
-    for (int k = tid; k < n_head; k += kSelThreads) mark_exact_bit(kmark, __ldcg(list + k), 1u << gi);
   } else {
     for (int base = 0; base < n_head; base += kSelThreads) {
       const int k = base + tid;
@@ -193,7 +190,7 @@ __global__ void __launch_bounds__(kSelThreads, 2) select_head_kernel(StepGeometr
   const int bh_whole = (bh < kBuckets && nh_cand < 0) ? bh + 1 : bh;
   __syncthreads();
   finish_head(a, i, v.head_list, sc, off, v.nsink, S.n_head, prior_head,
-              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark, (int)(i % s.g));
+              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark);
 }
 
 // Kernel 1, split (sm_90): the same decisions with each query head served by a thread-block
@@ -276,7 +273,7 @@ __global__ void __launch_bounds__(kSelThreads, 1) select_head_split_kernel(StepG
   cluster_barrier();  // no block reads another's shared memory after this one
   if (rank != 0) return;
   finish_head(a, i, v.head_list, sc, off, v.nsink, n_whole, tid == 0 ? whole : 0.0,
-              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark, (int)(i % s.g));
+              HeadDecision{bh, bh_whole, nh_cand, cut_h, mx, bpl}, S, v.kmark);
 }
 
 }  // namespace

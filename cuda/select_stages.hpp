@@ -22,9 +22,6 @@ int select_head_split_clusters(int n);  // clusters of n blocks resident at once
 // select_exact.cu: exact (max, sum) partials of sinks, recent and exact-head rows, `splits`
 // blocks per query head (at most kMaxExactSplits).
 void launch_select_exact(const StepGeometry& s, const SelectArgs& a, int splits);
-// The group form (a.exact_group): `splits` blocks per KV head read the union of the group's
-// exact heads (marked in kv_mark by select_head) once, on tensor cores, and clear the marks.
-void launch_select_exact_group(const StepGeometry& s, const SelectArgs& a, int splits);
 
 // select_stop.cu: stop point, marks and statistics per query head (nsplit as select_head;
 // `splits`: the exact partials per head to combine).

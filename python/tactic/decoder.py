@@ -323,9 +323,7 @@ class SparseDecoder:
         architecture the kernels run as), head_split (blocks per query head in the selection,
         by the step's sequence count: head_split[b - 1]), attention_kernel ('cuda_cores' or
         'tensor_cores'), score_kernel (the centroid scores: 'tensor_cores' where the build and
-        shape allow, else 'cuda_cores'; chosen automatically), exact_kernel (the exact head's
-        read: 'tensor_cores' reads each row once per KV group, under score_kernel's conditions and
-        without group_head; chosen automatically) and pdl. device -1 on the CPU, where nothing is planned."""
+        shape allow, else 'cuda_cores'; chosen automatically) and pdl. device -1 on the CPU, where nothing is planned."""
         return self._core.plan()
 
     def set_kernels(self, head_split: Optional[int] = None, attention_kernel: str = "auto",

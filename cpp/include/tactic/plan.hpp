@@ -21,11 +21,6 @@ struct StepPlan {
   // fits (16-bit K/V, head_dim 64 or 128, at most 8 query heads per KV head); no option, as
   // both give the same scores to about fp32 rounding.
   AttentionKernel score = AttentionKernel::cuda_cores;
-  // The exact head's read (select_exact): tensor_cores reads each row of a KV group's exact
-  // heads once for the whole group (select_exact_group_kernel), under the same conditions as
-  // `score` and without group_head (whose exact read is an attention pass); cuda_cores, one
-  // thread per row and query head. No option: both give the same masses to about fp32 rounding.
-  AttentionKernel exact = AttentionKernel::cuda_cores;
   bool pdl = false;      // kernels launched with programmatic dependent launch
 };
 
