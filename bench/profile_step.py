@@ -19,7 +19,8 @@ def profile_one(n, a):
     wl = make(a.workload, n, a.batch, hq, hkv, d, "float16", "cuda", seed=0)
     q = wl.queries
     dec = tactic.SparseDecoder(1, hq, hkv, d, max_tokens=n + 8, max_batch=a.batch, device="cuda", target=a.target, stop_rule=a.stop_rule,
-                               policy=a.policy, pdl=a.pdl, head_split=a.head_split, **a.rule_options)
+                               policy=a.policy, pdl=a.pdl, head_split=a.head_split,
+                               selection_kernel=a.selection_kernel, **a.rule_options)
     dec.prefill(0, wl.keys.transpose(1, 2), wl.values.transpose(1, 2))  # token-major views
     out = torch.empty_like(q)
     for _ in range(5):
@@ -50,6 +51,7 @@ def main():
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch")
     p.add_argument("--head-split", type=int, default=None)
+    p.add_argument("--selection-kernel", default="auto", choices=["auto", "ranked", "threshold"])
     p.add_argument("--stop-rule", default="prior", choices=["certified", "prior"])
     # the certified rule's knobs, to time its phases apart by difference (fewer draws, no rounds)
     p.add_argument("--tail-samples", type=int, default=None)

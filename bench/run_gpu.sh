@@ -51,7 +51,7 @@ for s in $steps; do
       nvcc -arch=sm_$ARCH -Xcompiler -fopenmp $st/tests_cuda_attention_check.cu.o $st/cuda_attention*.o \
         $st/cuda_capabilities.cu.o $st/cuda_select*.o $cpp_objs -o /tmp/attention_check && /tmp/attention_check || rc=1 ;;
     pytest)   # the whole log in $OUT/pytest.log; here the failures and the count only
-      python3 -m pytest -q -rf tests/test_cuda.py tests/test_cuda_certified.py tests/test_cuda_hardening.py tests/test_build_info.py \
+      python3 -m pytest -q -rf tests/test_cuda.py tests/test_cuda_threshold.py tests/test_cuda_certified.py tests/test_cuda_hardening.py tests/test_build_info.py \
         tests/test_layout.py > "$OUT/pytest.log" 2>&1
       st=$?; grep -E "^FAILED|^ERROR" "$OUT/pytest.log" | cut -c1-200 | head -20; tail -1 "$OUT/pytest.log"
       [ "$st" = 0 ] || rc=1 ;;

@@ -231,6 +231,7 @@ NB_MODULE(_core, m) {
       .def_prop_rw("head_split", [](DecoderConfig& c) { return c.kernels.head_split; }, [](DecoderConfig& c, int v) { c.kernels.head_split = v; })
       .def_prop_rw("pdl", [](DecoderConfig& c) { return (int)c.kernels.pdl; }, [](DecoderConfig& c, int v) { c.kernels.pdl = (Switch)v; })
       .def("set_attention_kernel", [](DecoderConfig& c, const std::string& s) { c.kernels.attention = parse_attention_kernel(s); })
+      .def("set_selection_kernel", [](DecoderConfig& c, const std::string& s) { c.kernels.selection = parse_selection_kernel(s); })
       .def("validate", &DecoderConfig::validate);
 
   // Every method releases the GIL for its C++ work (other Python threads run meanwhile) and
@@ -333,17 +334,19 @@ NB_MODULE(_core, m) {
              r["attention_kernel"] = attention_kernel_name(p.attention);
              r["score_kernel"] = attention_kernel_name(p.score);
              r["pdl"] = p.pdl;
+             r["selection_kernel"] = selection_kernel_name(p.selection);
              return r;
            })
       .def("set_kernels",
-           [](PyDecoder& d, int head_split, const std::string& attention, int pdl) {
+           [](PyDecoder& d, int head_split, const std::string& attention, int pdl, const std::string& selection) {
              KernelOptions k;
              k.head_split = head_split;
              k.attention = parse_attention_kernel(attention);
              k.pdl = (Switch)pdl;
+             k.selection = parse_selection_kernel(selection);
              locked(d, [&](Decoder& dec) { dec.set_kernels(k); });
            },
-           nb::arg("head_split"), nb::arg("attention_kernel"), nb::arg("pdl"))
+           nb::arg("head_split"), nb::arg("attention_kernel"), nb::arg("pdl"), nb::arg("selection_kernel"))
       .def("stats",
            [](PyDecoder& d, int64_t layer) {
              // A copy taken under the lock: the next decode of the layer replaces the original.

@@ -44,33 +44,6 @@ struct MmaTile {
 // The plan prefix, then the warps' tiles (reused for the warps' partials at the unit's end).
 __host__ __device__ inline std::size_t mma_plan_bytes(int64_t items) { return ((std::size_t)(items + 1) * 4 + 15) / 16 * 16; }
 
-// cp.async (sm_80+): 16 bytes global -> shared without registers; this form copies `bytes`
-// (16 or 0) and fills the rest of the 16 with zeros.
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, int bytes) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-template <bool kTrans, int N>
-__device__ __forceinline__ void ldsm(uint32_t (&r)[N], const void* smem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-  if constexpr (N == 4 && kTrans)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-  else if constexpr (N == 4)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
-#endif
-}
-
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, 3) attention_chunks_mma_kernel(const ChunkParams p) {
   pdl_begin();  // first: wait for the previous kernel (programmatic dependent launch)

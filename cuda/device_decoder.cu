@@ -11,6 +11,7 @@
 #include "kmeans.hpp"
 #include "plan.hpp"
 #include "select.hpp"
+#include "select_threshold.hpp"
 #include "store.hpp"
 #include "tail_sample.hpp"
 #include "tactic/decoder.hpp"
@@ -67,6 +68,7 @@ struct DeviceDecoder::Impl {
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
   DeviceBuffer cert_mark;                     // [B * Hq, cmax] the certified rule's per-head marks
   DeviceBuffer carry, pass_counts;            // group_head: [B * Hq] union records; [2, B * Hkv] pass rows
+  DeviceBuffer thr_state, layer_mark;         // the threshold selection's state; [L, B * Hkv, cmax] marks
   DeviceBuffer lost;                          // [L * B] int32: tokens a replayed append found no room for
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
   // [L * B]: an append of this (layer, slot) was captured in a CUDA graph. Its replays advance
@@ -139,6 +141,10 @@ struct DeviceDecoder::Impl {
   bool clusters() const { return cfg.select.policy == Policy::tactic; }
   bool certified() const { return clusters() && cfg.select.stop_rule == StopRule::certified; }
   bool group_head() const { return clusters() && cfg.select.group_head && G > 1; }
+  bool threshold() const { return clusters() && plan.selection == SelectionKernel::threshold; }
+  // The threshold selection's step (select_threshold.hpp); `reuse`: attention over the layer's
+  // last selection only.
+  void threshold(int64_t layer, const StepGeometry& geo, const SelectArgs& a, const TensorView* out, bool reuse);
   // Clusters of a clustered region of n tokens: ceil(n / cluster_size), at most n (the CPU
   // store's count).
   int64_t clusters_for(int64_t n) const {
@@ -311,6 +317,10 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     need(m.rows, mul_sat(mul_sat(m.L, items), cap * 4), "row lists");  // per layer: attend() reuses them
     need(m.chunk_sums, items * row_chunks(m.cmax) * 4, "row list chunks");
     if (m.certified()) need(m.cert_mark, segs * cmax, "selection marks");
+    if (!m.certified() && !m.group_head()) {  // the plan may turn to the threshold selection (set_kernels)
+      need(m.thr_state, threshold_state_bytes((int64_t)segs, (int64_t)items), "threshold selection state");
+      need(m.layer_mark, mul_sat(m.L, items * cmax), "selection marks");
+    }
     if (m.group_head()) {
       need(m.carry, segs * carry_record_floats(m.D) * 4, "union attention records");
       need(m.pass_counts, items * 2 * 4, "row counts");
@@ -343,6 +353,8 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.as<int32_t>() + segs, 0x7f, segs * 4));
     TACTIC_CUDA_CHECK(cudaMemset(m.kv_mark.p, 0, m.kv_mark.n));
     if (m.cert_mark.p) TACTIC_CUDA_CHECK(cudaMemset(m.cert_mark.p, 0, m.cert_mark.n));
+    if (m.thr_state.p) TACTIC_CUDA_CHECK(cudaMemset(m.thr_state.p, 0, m.thr_state.n));
+    if (m.layer_mark.p) TACTIC_CUDA_CHECK(cudaMemset(m.layer_mark.p, 0, m.layer_mark.n));
   }
   TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
   m.host_state.assign(m.L * m.B, SlotState{});
@@ -497,9 +509,30 @@ void DeviceDecoder::decode(int64_t layer, const TensorView& q, const TensorView*
     a.rest_counts = m.rest_counts();
     m.fill_attention(layer, geo, a.union_attention);  // select_step sets the rows, counts and records
   }
+  if (m.threshold()) {  // selection and attention in one sequence of kernels
+    m.threshold(layer, geo, a, out, false);
+    m.last_slots[layer] = slot_list;
+    return;
+  }
   select_step(geo, a);
   m.last_slots[layer] = slot_list;
   if (out) m.attention(layer, geo, *out, a.group_head);
+}
+
+void DeviceDecoder::Impl::threshold(int64_t layer, const StepGeometry& geo, const SelectArgs& a, const TensorView* out,
+                                    bool reuse) {
+  ThresholdArgs t;
+  t.state = thr_state.p;
+  t.layer_mark = layer_mark.as<uint8_t>() + (std::size_t)layer * (std::size_t)(B * H) * (std::size_t)cmax;
+  t.reuse = reuse;
+  fill_attention(layer, geo, t.attention);
+  if (out) {
+    t.attention.out = out->data;
+    t.attention.out_dtype = out->dtype;
+    t.attention.out_stride_b = out->strides[0];
+    t.attention.out_stride_h = out->strides[1];
+  }
+  threshold_step(geo, a, t);
 }
 
 void DeviceDecoder::Impl::attention(int64_t layer, const StepGeometry& geo, const TensorView& out, bool rest) {
@@ -547,6 +580,13 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
   StepGeometry geo = m.begin_step(layer, slot_list, stream);
   prepare_q(geo, q.data, q.dtype, q.strides[0], q.strides[1], (float)m.cfg.softmax_scale(), m.qf.as<float>(),
             m.head_index.as<int32_t>());
+  if (m.threshold()) {  // the marks of the layer's last selection
+    SelectArgs a{};
+    a.dtype = m.cfg.dtype;
+    a.offsets = m.offsets.as<int32_t>();
+    m.threshold(layer, geo, a, &out, true);
+    return;
+  }
   m.attention(layer, geo, out);
 }
 
@@ -568,7 +608,10 @@ void DeviceDecoder::set_kernels(const KernelOptions& kernels) {
   DeviceGuard guard(m.dev);
   DecoderConfig c = m.cfg;
   c.kernels = kernels;
-  m.plan = make_step_plan(c, m.cmax);  // throws before anything changes
+  StepPlan plan = make_step_plan(c, m.cmax);  // throws before anything changes
+  if (plan.selection != m.plan.selection)  // the two keep their selections differently
+    for (auto& ls : m.last_slots) ls.clear();
+  m.plan = plan;
   m.cfg = c;
 }
 

@@ -6,6 +6,7 @@
 #include "capabilities.hpp"
 #include "common.cuh"
 #include "select.hpp"
+#include "select_threshold.hpp"
 
 namespace tactic {
 namespace cuda {
@@ -29,6 +30,14 @@ StepPlan make_step_plan(const DecoderConfig& cfg, int64_t cmax) {
   p.score = score_tensor_cores_available() && score_tensor_cores_fit(cfg.dtype, cfg.head_dim, g)
                 ? AttentionKernel::tensor_cores
                 : AttentionKernel::cuda_cores;
+  p.selection = SelectionKernel::ranked;
+  if (k.selection == SelectionKernel::threshold && cfg.select.policy == Policy::tactic) {  // (dense: no selection)
+    std::string why = threshold_selection_fit(cfg.dtype, cfg.head_dim, g);
+    if (why.empty() && cfg.select.stop_rule != StopRule::prior) why = "needs stop_rule='prior'";
+    if (why.empty() && cfg.select.group_head) why = "does not run with group_head";
+    if (!why.empty()) throw UnsupportedError("selection_kernel='threshold' " + why + here);
+    p.selection = SelectionKernel::threshold;
+  }
   p.head_split.resize((std::size_t)cfg.max_batch);
   for (int64_t b = 1; b <= cfg.max_batch; ++b)
     p.head_split[(std::size_t)b - 1] = k.head_split ? k.head_split : auto_head_split(b * cfg.num_q_heads, cmax);

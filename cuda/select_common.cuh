@@ -18,6 +18,7 @@
 
 #include "common.cuh"
 #include "select.hpp"
+#include "select_buckets.cuh"
 #include "select_stages.hpp"
 
 namespace tactic {
@@ -47,12 +48,6 @@ __device__ __forceinline__ int64_t head_index(const StepGeometry& s, int32_t slo
   return (s.layer * s.max_batch + slot) * s.hkv + h;
 }
 
-// Scores as ordered ints, so one atomicMax keeps a float maximum (larger float, larger int).
-__device__ __forceinline__ int32_t order_float(float f) {
-  const int32_t i = __float_as_int(f);
-  return i >= 0 ? i : i ^ 0x7fffffff;
-}
-__device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_float(i >= 0 ? i : i ^ 0x7fffffff); }
 
 // The selection without a sort. Both decisions of the CPU reference walk the clusters in rank
 // order and take every cluster whose running sum *before* it is below a goal: the exact head
@@ -69,22 +64,8 @@ __device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_floa
 // never fewer).
 constexpr int kSelThreads = 512;
 constexpr int kSelWarps = kSelThreads / 32;
-constexpr int kBuckets = 2048;
-constexpr float kMinBucketsPerLogit = 64.f;  // a range over 32 logits: the rest in the last bucket
-constexpr float kMaxBucketsPerLogit = 1e6f;  // finer than float scores resolve: no use
 constexpr int kCand = 512;
 
-// Buckets per logit for a head whose scores span [mn, mx]: the range over kBuckets - 1 buckets.
-__device__ __forceinline__ float bucket_width(float mx, float mn) {
-  const float r = mx - mn;
-  if (!(r > 0.f) || !isfinite(r)) return kMinBucketsPerLogit;  // one score, or -inf / NaN ones
-  return fminf(kMaxBucketsPerLogit, fmaxf(kMinBucketsPerLogit, (float)(kBuckets - 1) / r));
-}
-
-__device__ __forceinline__ int bucket_of(float sc, float mx, float bpl) {
-  const float x = (mx - sc) * bpl;
-  return x < (float)(kBuckets - 1) ? max(0, (int)x) : kBuckets - 1;  // NaN: last bucket
-}
 
 typedef cub::BlockScan<int, kSelThreads> HeadScan;
 

@@ -34,6 +34,20 @@ AttentionKernel parse_attention_kernel(const std::string& s) {
     if (s == attention_kernel_name(k)) return k;
   throw ValueError("`attention_kernel` must be 'auto', 'cuda_cores' or 'tensor_cores', got '" + s + "'");
 }
+const char* selection_kernel_name(SelectionKernel k) {
+  switch (k) {
+    case SelectionKernel::automatic: return "auto";
+    case SelectionKernel::ranked: return "ranked";
+    case SelectionKernel::threshold: return "threshold";
+  }
+  return "?";
+}
+
+SelectionKernel parse_selection_kernel(const std::string& s) {
+  for (SelectionKernel k : {SelectionKernel::automatic, SelectionKernel::ranked, SelectionKernel::threshold})
+    if (s == selection_kernel_name(k)) return k;
+  throw ValueError("`selection_kernel` must be 'auto', 'ranked' or 'threshold', got '" + s + "'");
+}
 const char* stop_rule_name(StopRule r) { return r == StopRule::certified ? "certified" : "prior"; }
 
 Policy parse_policy(const std::string& s) {
@@ -138,6 +152,8 @@ void validate(const KernelOptions& o) {
   const int a = (int)o.attention, p = (int)o.pdl;
   require(a >= 0 && a <= 2, "attention_kernel", "'auto', 'cuda_cores' or 'tensor_cores'", a);
   require(p >= -1 && p <= 1, "pdl", "automatic (-1), off (0) or on (1)", p);
+  const int sk = (int)o.selection;
+  require(sk >= 0 && sk <= 2, "selection_kernel", "'auto', 'ranked' or 'threshold'", sk);
 }
 
 double DecoderConfig::softmax_scale() const {

@@ -64,8 +64,9 @@ def _parse_device(device):
     raise ValueError(f"`device` must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def _kernel_options(head_split, attention_kernel, pdl):
-    """(head_split, attention_kernel, pdl) as the core takes them: 0 / -1 for automatic."""
+def _kernel_options(head_split, attention_kernel, pdl, selection_kernel="auto"):
+    """(head_split, attention_kernel, pdl, selection_kernel) as the core takes them: 0 / -1
+    for automatic."""
     if head_split is None:
         head_split = 0
     elif isinstance(head_split, bool) or not isinstance(head_split, (int, np.integer)) or head_split not in (1, 2, 4):
@@ -74,7 +75,9 @@ def _kernel_options(head_split, attention_kernel, pdl):
         raise TypeError(f"`attention_kernel` must be a str, got {type(attention_kernel).__name__}")
     if pdl is not None and not isinstance(pdl, bool):
         raise TypeError(f"`pdl` must be None (automatic) or a bool, got {type(pdl).__name__}")
-    return int(head_split), attention_kernel, -1 if pdl is None else int(pdl)
+    if not isinstance(selection_kernel, str):
+        raise TypeError(f"`selection_kernel` must be a str, got {type(selection_kernel).__name__}")
+    return int(head_split), attention_kernel, -1 if pdl is None else int(pdl), selection_kernel
 
 
 class SparseDecoder:
@@ -134,6 +137,10 @@ class SparseDecoder:
             ('auto', 'cuda_cores', 'tensor_cores') and programmatic dependent launch (None:
             where the kernels have it; True / False). A variant this build or GPU lacks raises
             UnsupportedError (RuntimeError) at construction. Ignored on the CPU.
+        selection_kernel: how the CUDA step selects with the prior stop rule: 'auto' (today
+            'ranked'), 'ranked' (histogram, crossing buckets ranked exactly, a row list) or
+            'threshold' (crossing buckets taken whole, attention straight from the clusters in
+            two passes; 16-bit K/V, head_dim 64/80/96/128, at most 8 query heads per KV head).
 
     Layouts: keys/values are token-major in every call, [N, Hkv, D] for one sequence and
     [B, N, Hkv, D] for a batch (FlashInfer's NHD; pass torch SDPA / Hugging Face K/V
@@ -156,7 +163,8 @@ class SparseDecoder:
                  share_group: Optional[bool] = None, group_head: bool = False, seed: int = 0,
                  scale: Optional[float] = None, record_selection: bool = False,
                  num_threads: int = 0, head_split: Optional[int] = None,
-                 attention_kernel: str = "auto", pdl: Optional[bool] = None):
+                 attention_kernel: str = "auto", pdl: Optional[bool] = None,
+                 selection_kernel: str = "auto"):
         c = _core.DecoderConfig()
         c.num_layers = _int("num_layers", num_layers)
         c.num_q_heads = _int("num_q_heads", num_q_heads)
@@ -198,8 +206,9 @@ class SparseDecoder:
             raise ValueError(f"`scale` must be > 0, got {scale}")
         c.record_selection = _bool("record_selection", record_selection)
         c.num_threads = _int("num_threads", num_threads, 0, maximum=_INT32_MAX)
-        c.head_split, kernel, c.pdl = _kernel_options(head_split, attention_kernel, pdl)
+        c.head_split, kernel, c.pdl, selection = _kernel_options(head_split, attention_kernel, pdl, selection_kernel)
         c.set_attention_kernel(kernel)
+        c.set_selection_kernel(selection)
         c.validate()
         self._cfg = c
         self._core = _core.Decoder(c)
@@ -323,14 +332,16 @@ class SparseDecoder:
         architecture the kernels run as), head_split (blocks per query head in the selection,
         by the step's sequence count: head_split[b - 1]), attention_kernel ('cuda_cores' or
         'tensor_cores'), score_kernel (the centroid scores: 'tensor_cores' where the build and
-        shape allow, else 'cuda_cores'; chosen automatically) and pdl. device -1 on the CPU, where nothing is planned."""
+        shape allow, else 'cuda_cores'; chosen automatically), pdl and selection_kernel
+        ('ranked' or 'threshold'). device -1 on the CPU, where nothing is planned."""
         return self._core.plan()
 
     def set_kernels(self, head_split: Optional[int] = None, attention_kernel: str = "auto",
-                    pdl: Optional[bool] = None) -> None:
+                    pdl: Optional[bool] = None, selection_kernel: str = "auto") -> None:
         """Re-plans the CUDA step with other kernel variants (see the constructor); on error
-        the plan stays as it was."""
-        self._core.set_kernels(*_kernel_options(head_split, attention_kernel, pdl))
+        the plan stays as it was. A change of selection_kernel forgets the layers' last
+        selections (reuse_selection then needs a new decode)."""
+        self._core.set_kernels(*_kernel_options(head_split, attention_kernel, pdl, selection_kernel))
 
     def decode(self, layer: int, q, k_new, v_new, seq=None, out=None, budget=None, stream=None,
                reuse_selection: bool = False):

@@ -33,6 +33,15 @@ enum class AttentionKernel : int {
   tensor_cores = 2,  // mma.sync (sm_80 kernels): 16-bit K/V, D <= 128, groups up to 8
 };
 
+// How the CUDA step selects (the prior stop rule; select_threshold.hpp, bench/NOTES.md).
+enum class SelectionKernel : int {
+  automatic = 0,  // ranked (the threshold selection is a measured opt-in; see the plan)
+  ranked = 1,     // score histogram + the crossing buckets ranked exactly, a row list, attention
+  threshold = 2,  // whole crossing buckets, the attention reads the chosen clusters in two
+                  // passes (exact head, rest) with no row list: 16-bit K/V, D 64/80/96/128,
+                  // g <= 8, sm_80 kernels, stop_rule 'prior', not with group_head
+};
+
 // An on/off switch whose default the plan resolves from the device and the build.
 enum class Switch : int { automatic = -1, off = 0, on = 1 };
 
@@ -44,6 +53,7 @@ struct KernelOptions {
                        // need the sm_90 thread-block-cluster kernels)
   AttentionKernel attention = AttentionKernel::automatic;
   Switch pdl = Switch::automatic;  // programmatic dependent launch (sm_90 kernels): automatic is on there
+  SelectionKernel selection = SelectionKernel::automatic;
 };
 
 // When the tactic policy stops adding clusters (bench/NOTES.md, "A stop rule with its own
@@ -64,6 +74,8 @@ const char* estimator_name(Estimator e);
 const char* metric_name(Metric m);
 const char* attention_kernel_name(AttentionKernel k);  // "auto", "cuda_cores", "tensor_cores"
 AttentionKernel parse_attention_kernel(const std::string& s);  // throws ValueError naming `attention_kernel`
+const char* selection_kernel_name(SelectionKernel k);  // "auto", "ranked", "threshold"
+SelectionKernel parse_selection_kernel(const std::string& s);  // throws ValueError naming `selection_kernel`
 const char* stop_rule_name(StopRule r);
 Policy parse_policy(const std::string& s);        // throws ValueError naming `policy`
 Estimator parse_estimator(const std::string& s);  // throws ValueError naming `estimator`

@@ -22,6 +22,7 @@ struct StepPlan {
   // both give the same scores to about fp32 rounding.
   AttentionKernel score = AttentionKernel::cuda_cores;
   bool pdl = false;      // kernels launched with programmatic dependent launch
+  SelectionKernel selection = SelectionKernel::ranked;  // resolved: never automatic
 };
 
 }  // namespace tactic

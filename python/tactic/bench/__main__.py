@@ -81,6 +81,8 @@ def add_sweep_arguments(ap) -> None:
                     help="CUDA kernel variant: blocks per query head in the selection (default: the plan's choice)")
     ap.add_argument("--attention-kernel", choices=["auto", "cuda_cores", "tensor_cores"], default="auto",
                     help="CUDA kernel variant: the attention chunk kernel (default: auto)")
+    ap.add_argument("--selection-kernel", choices=["auto", "ranked", "threshold"], default="auto",
+                    help="CUDA kernel variant: how the prior rule's selection runs (default: auto)")
     ap.add_argument("--stop-rule", choices=["certified", "prior"], default=None,
                     help="Tactic's stop rule (default: SparseDecoder's for the device: certified on the CPU, prior on CUDA)")
     ap.add_argument("--group-head", action="store_true",
@@ -132,7 +134,8 @@ def run_sweep(a, ap) -> int:
     opt = Options(device=a.device, workloads=tuple(a.workload), seed=a.seed, graphs=not a.no_graphs,
                   flashinfer=not a.no_flashinfer, stop_rule=a.stop_rule, group_head=a.group_head,
                   kernels=dict(head_split=a.head_split, attention_kernel=a.attention_kernel,
-                               pdl=None if a.pdl == "auto" else a.pdl == "on"),
+                               pdl=None if a.pdl == "auto" else a.pdl == "on",
+                               selection_kernel=a.selection_kernel),
                   padded_gather=not a.no_padded_gather, max_prefill_s=a.max_prefill_s,
                   runs=RunPolicy(warmup=5, min_runs=a.min_runs, max_runs=a.max_runs, budget_s=a.series_s))
     if not cuda:  # development defaults: a few seconds on a laptop core

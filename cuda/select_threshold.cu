@@ -1,0 +1,732 @@
+// The threshold selection and its attention (select_threshold.hpp has the stages). Written from
+// the selection's byte floor: the centroid scores are the one read every head needs; after
+// them each head's decision is a few thousand histogram buckets, so it is taken by the last
+// block to finish a head's (or KV head's) share of the work (an atomic count per head, as in
+// CUB's single-pass reductions) rather than by a kernel of one block per head, and the
+// attention reads the chosen clusters straight from the cluster-contiguous store by testing
+// each cluster's score against its heads' buckets, with no sorted list or row list between.
+#include <cub/block/block_scan.cuh>
+
+#include <cfloat>
+#include <climits>
+#include <string>
+
+#include "attention_common.cuh"
+#include "capabilities.hpp"
+#include "mma.cuh"
+#include "select_buckets.cuh"
+#include "select_stages.hpp"
+#include "select_threshold.hpp"
+
+namespace tactic {
+namespace cuda {
+
+namespace {
+
+struct ThreshInfo {  // per query head, from the hist kernel (bx: from the head pass)
+  int32_t all;       // every cluster selected (too few clusters, P = 1, or a degenerate estimate)
+  int32_t bh;        // exact head: buckets <= bh
+  int32_t bx;        // selection: buckets <= bx
+  float mx, bpl;     // bucket_of's reference and resolution
+  int32_t unused;
+  double prior_head, prior_all;  // sum of size * exp(score - mx) over the head / every cluster
+};
+
+constexpr int kU = kThreshUnits;
+constexpr int kHistThreads = 256;
+
+// The state buffer's sections (threshold_state_bytes), all from one zeroed allocation.
+struct ThreshState {
+  int32_t* tok;    // [heads, kBuckets] tokens per bucket
+  float* pri;      // [heads, kBuckets] centroid prior per bucket
+  ThreshInfo* info;  // [heads]
+  int32_t* head_done;  // [heads] hist blocks finished
+  int32_t* item_done;  // [items] head-pass blocks finished
+  float* hs;       // [items, kU, g] each head's own exact-head mass per head-pass block (rel. to its m)
+  int32_t* urows;  // [items, kU] rows read per head-pass block
+  int32_t* mplan;  // [items + 1] the merge's plan: 1, then kU * 2 * item
+  int32_t* mcounts;  // [items] records per item (2 * kU)
+};
+
+__host__ __device__ inline std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
+
+__host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t items) {
+  ThreshState t;
+  char* p = static_cast<char*>(base);
+  auto take = [&](std::size_t bytes) {
+    char* r = p;
+    p += align16(bytes);
+    return r;
+  };
+  t.tok = reinterpret_cast<int32_t*>(take((std::size_t)heads * kBuckets * 4));
+  t.pri = reinterpret_cast<float*>(take((std::size_t)heads * kBuckets * 4));
+  t.info = reinterpret_cast<ThreshInfo*>(take((std::size_t)heads * sizeof(ThreshInfo)));
+  t.head_done = reinterpret_cast<int32_t*>(take((std::size_t)heads * 4));
+  t.item_done = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
+  t.hs = reinterpret_cast<float*>(take((std::size_t)heads * kU * 4));
+  t.urows = reinterpret_cast<int32_t*>(take((std::size_t)items * kU * 4));
+  t.mplan = reinterpret_cast<int32_t*>(take((std::size_t)(items + 1) * 4));
+  t.mcounts = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
+  return t;
+}
+
+struct HeadSlice {  // a (sequence, KV head)'s counts and store head
+  int64_t b, h, hi, C, nsink, nclu, nrec;
+};
+__device__ __forceinline__ HeadSlice slice(const StepGeometry& s, int64_t item) {
+  HeadSlice v;
+  v.b = item / s.hkv;
+  v.h = item - v.b * s.hkv;
+  const int32_t slot = s.slots[v.b];
+  const SlotCounts st = s.state[s.layer * s.max_batch + slot];
+  v.hi = (s.layer * s.max_batch + slot) * s.hkv + v.h;
+  v.C = st.n_clusters;
+  v.nsink = st.n_sink;
+  v.nclu = st.n_clustered;
+  v.nrec = st.n_recent;
+  return v;
+}
+
+// ---- hist: (query head, part) blocks; the last block of a head takes its exact head ----
+__global__ void __launch_bounds__(kHistThreads) thresh_hist_kernel(StepGeometry s, SelectArgs a, ThreshState t,
+                                                                   int parts) {
+  pdl_begin();
+  __shared__ int32_t s_tok[kBuckets];
+  __shared__ float s_pri[kBuckets];
+  __shared__ double s_red[kHistThreads / 32];
+  __shared__ int s_last, s_bh;
+  typedef cub::BlockScan<double, kHistThreads> Scan;
+  __shared__ typename Scan::TempStorage s_scan;
+  const int tid = threadIdx.x;
+  const int64_t i = blockIdx.x / parts, part = blockIdx.x - i * parts;
+  const int64_t hq = s.hkv * s.g, item = (i / hq) * s.hkv + (i % hq) / s.g;
+  const HeadSlice v = slice(s, item);
+  const int32_t* off = a.offsets + v.hi * (s.cmax + 1);
+  const float* sc = a.scores + i * s.cmax;
+  const float mx = unorder_float(a.seg_max[i]);
+  const float bpl = bucket_width(mx, unorder_float(a.seg_min[i]));
+  const bool all = v.C == 0 || v.C < a.min_clusters || a.target >= 1.0;
+  if (!all) {
+    for (int k = tid; k < kBuckets; k += kHistThreads) {
+      s_tok[k] = 0;
+      s_pri[k] = 0.f;
+    }
+    __syncthreads();
+    const int64_t lo = v.C * part / parts, hi = v.C * (part + 1) / parts;
+    for (int64_t j = lo + tid; j < hi; j += kHistThreads) {
+      const float x = __ldg(sc + j);
+      const int n = __ldg(off + j + 1) - __ldg(off + j);
+      const int bk = bucket_of(x, mx, bpl);
+      atomicAdd(&s_tok[bk], n);
+      atomicAdd(&s_pri[bk], (float)n * __expf(x - mx));
+    }
+    __syncthreads();
+    for (int k = tid; k < kBuckets; k += kHistThreads)
+      if (s_tok[k]) {
+        atomicAdd(t.tok + i * kBuckets + k, s_tok[k]);
+        atomicAdd(t.pri + i * kBuckets + k, s_pri[k]);
+      }
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(t.head_done + i, 1) == parts - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (tid == 0) {  // ready for the next step
+    t.head_done[i] = 0;
+    a.seg_max[i] = INT_MIN;
+    a.seg_min[i] = INT_MAX;
+  }
+  ThreshInfo info{};
+  info.mx = mx;
+  info.bpl = bpl;
+  info.all = all;
+  info.bh = info.bx = kBuckets - 1;
+  if (!all) {
+    // Buckets per thread, consecutive: the exclusive token prefix finds the crossing bucket bh
+    // (tokens before it < thr <= tokens through it), taken whole.
+    constexpr int PER = kBuckets / kHistThreads;
+    const int32_t* gt = t.tok + i * kBuckets;
+    const float* gp = t.pri + i * kBuckets;
+    double tk[PER], pr[PER], tsum = 0.0;
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      tk[k] = (double)__ldcg(gt + tid * PER + k);
+      pr[k] = (double)__ldcg(gp + tid * PER + k);
+      tsum += tk[k];
+    }
+    if (tid == 0) s_bh = kBuckets - 1;
+    double before;
+    Scan(s_scan).ExclusiveSum(tsum, before);
+    __syncthreads();
+    const double thr = fmax(1.0, a.head_fraction * (double)v.nclu);
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      if (before < thr && before + tk[k] >= thr) s_bh = tid * PER + k;
+      before += tk[k];
+    }
+    __syncthreads();
+    const int bh = s_bh;
+    double ph = 0.0, pa = 0.0;
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      pa += pr[k];
+      if (tid * PER + k <= bh) ph += pr[k];
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      ph += __shfl_xor_sync(0xffffffffu, ph, o);
+      pa += __shfl_xor_sync(0xffffffffu, pa, o);
+    }
+    if ((tid & 31) == 0) s_red[tid >> 5] = ph;
+    __syncthreads();
+    double tph = 0.0;
+    for (int w = 0; w < kHistThreads / 32; ++w) tph += s_red[w];
+    __syncthreads();
+    if ((tid & 31) == 0) s_red[tid >> 5] = pa;
+    __syncthreads();
+    double tpa = 0.0;
+    for (int w = 0; w < kHistThreads / 32; ++w) tpa += s_red[w];
+    info.bh = bh;
+    info.bx = bh;
+    info.prior_head = tph;
+    info.prior_all = tpa;
+  }
+  if (tid == 0) t.info[i] = info;
+}
+
+// ---- the attention passes ----
+constexpr int kRound = 512;                // clusters listed per round of a block (3 blocks per SM)
+constexpr int kPerThread = kRound / kThreads;  // consecutive clusters per thread in a round
+constexpr int kTileRows = 16;
+constexpr int kStages = 2;
+
+template <int D>
+struct PassTile {
+  static constexpr int kStride = D + 8;  // elements per shared row (ldmatrix without conflicts)
+  static constexpr int kTile = kTileRows * kStride;
+  static constexpr int kWarp = kStages * 2 * kTile;
+  static constexpr std::size_t kTileBytes = (std::size_t)kWarps * kWarp * 2;
+  static constexpr std::size_t kMergeBytes = (std::size_t)kWarps * 8 * (D + 3) * 4;
+  static constexpr std::size_t kBytes = kTileBytes > kMergeBytes ? kTileBytes : kMergeBytes;
+};
+
+struct PassParams {
+  StepGeometry s;
+  ThreshState t;
+  const void* k;
+  const void* v;
+  const int32_t* offsets;
+  const float* scores;
+  const float* q;            // [batch, Hq, D] scaled
+  uint8_t* layer_mark;       // [items, cmax]
+  uint8_t* head_mark;        // [heads, cmax] or null
+  int64_t* head_tokens;
+  double* est_mass;
+  int32_t* counts;           // [items] union rows read
+  float* ws_ml;              // [items * 2 * kU, g, 2]
+  float* ws_acc;             // [items * 2 * kU, g, D]
+  double target, margin;
+  bool reuse;
+};
+
+// After every head-pass block of `item` has written its records: per query head of the group,
+// alpha = exact head mass / its prior, z, and the stop bucket bx where the estimate reaches
+// P_eff * z (whole buckets); the head's statistics; the histogram zeroed for the next step.
+// One warp per query head.
+__device__ void finish_item(const PassParams& p, int64_t item, const HeadSlice& v) {
+  const StepGeometry& s = p.s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t always = v.nsink + v.nrec;
+  for (int j = warp; j < s.g; j += kWarps) {
+    const int64_t i = v.b * s.hkv * s.g + v.h * s.g + j;
+    const ThreshInfo info = p.t.info[i];
+    // Exact masses from the records, relative to their common max M (log2 units).
+    const int64_t rec = (item * 2 * kU + lane) * s.g + j;  // lane = block of the head pass
+    const float m = __ldcg(p.ws_ml + rec * 2), l = __ldcg(p.ws_ml + rec * 2 + 1);
+    const float hsum = lane < kU - 1 ? __ldcg(p.t.hs + (item * kU + lane) * s.g + j) : 0.f;
+    float M = m;
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
+    const double w = l > 0.f || hsum > 0.f ? exp2((double)m - (double)M) : 0.0;
+    double am = lane == kU - 1 ? (double)l * w : 0.0;  // the last block read sinks and recent rows
+    double ex = (double)hsum * w;
+    for (int o = 16; o > 0; o >>= 1) {
+      am += __shfl_xor_sync(kFull, am, o);
+      ex += __shfl_xor_sync(kFull, ex, o);
+    }
+    int bx = kBuckets - 1;
+    double est = 1.0;
+    int64_t tokens = v.nclu;
+    const int32_t* gt = p.t.tok + i * kBuckets;
+    float* gp = p.t.pri + i * kBuckets;
+    constexpr int PER = kBuckets / 32;
+    const int k0 = lane * PER;
+    if (!info.all) {
+      const double alpha = ex / info.prior_head;
+      const double z = am + ex + alpha * fmax(0.0, info.prior_all - info.prior_head);
+      if (isfinite(alpha) && alpha > 0 && z > 0 && isfinite(z)) {
+        const double p_eff = fmin(1.0, p.target + p.margin * (1.0 - p.target));
+        const double goal = p_eff * z, acc0 = am + ex;
+        double local = 0.0;
+        for (int k = 0; k < PER; ++k)
+          if (k0 + k > info.bh) local += alpha * (double)__ldcg(gp + k0 + k);
+        double incl = local;
+        for (int o = 1; o < 32; o <<= 1) {
+          const double y = __shfl_up_sync(kFull, incl, o);
+          if (lane >= o) incl += y;
+        }
+        double run = acc0 + incl - local, through = 0.0;
+        int mine = kBuckets;
+        if (acc0 >= goal) {
+          mine = info.bh;
+          through = acc0;
+        } else {
+          for (int k = 0; k < PER; ++k) {
+            if (k0 + k <= info.bh) continue;
+            const double nxt = run + alpha * (double)__ldcg(gp + k0 + k);
+            if (mine == kBuckets && run < goal && nxt >= goal) {
+              mine = k0 + k;
+              through = nxt;
+            }
+            run = nxt;
+          }
+        }
+        int best = mine;
+        for (int o = 16; o > 0; o >>= 1) best = min(best, __shfl_xor_sync(kFull, best, o));
+        const unsigned who = __ballot_sync(kFull, mine == best);
+        through = __shfl_sync(kFull, through, __ffs(who) - 1);
+        if (best < kBuckets) {  // else rounding left the goal unreached: everything
+          bx = best;
+          est = fmin(1.0, through / z);
+          int64_t tk = 0;
+          for (int k = 0; k < PER; ++k)
+            if (k0 + k <= bx) tk += __ldcg(gt + k0 + k);
+          for (int o = 16; o > 0; o >>= 1) tk += __shfl_xor_sync(kFull, tk, o);
+          tokens = tk;
+        }
+      }
+      for (int k = lane; k < kBuckets; k += 32) {  // zero for the next step
+        const_cast<int32_t*>(gt)[k] = 0;
+        gp[k] = 0.f;
+      }
+    }
+    if (lane == 0) {
+      p.t.info[i].bx = bx;
+      p.head_tokens[i] = always + tokens;
+      p.est_mass[i] = est;
+    }
+  }
+  // The union's rows of the head pass; the rest pass adds its own.
+  int r = lane < kU ? __ldcg(p.t.urows + item * kU + lane) : 0;
+  for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(kFull, r, o);
+  if (threadIdx.x == 0) {
+    p.counts[item] = r;
+    p.t.item_done[item] = 0;
+  }
+}
+
+// Pass kPass (1: the group's exact heads, plus sinks and recent rows in the last block; 2: the
+// rest of the selection) for block (item, u): lists its chunk's chosen clusters a round at a
+// time, reads their rows in 16-row tiles (cp.async, two stages per warp) and forms S = Q K^T and
+// O += P V on tensor cores for the whole group, as attention_chunks_mma_kernel does over a row
+// list. Pass 1 also sums each head's exact mass over its own exact-head rows.
+template <class T, int D, int kPass>
+__global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassParams p) {
+  pdl_begin();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static_assert(sizeof(T) == 2 && D % 16 == 0 && D <= 128, "16-bit K/V, D a multiple of 16 up to 128");
+  using Tile = PassTile<D>;
+  constexpr int ST = Tile::kStride, KS = D / 16, NT = D / 8;
+  extern __shared__ __align__(16) unsigned char s_work[];
+  __shared__ int32_t s_start[kRound];      // chosen clusters of the round: first store row
+  __shared__ int32_t s_pre[kRound + 1];    // and exclusive prefix of their rows
+  __shared__ uint8_t s_own[kRound];        // pass 1: bit j = head j's own exact head
+  __shared__ float s_mx[8], s_bpl[8];
+  __shared__ int s_bh[8], s_bx[8], s_all[8];
+  __shared__ int s_n, s_rows, s_last;
+  typedef cub::BlockScan<long long, kThreads> Scan;
+  __shared__ typename Scan::TempStorage s_scan;
+  const StepGeometry& s = p.s;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g8 = lane >> 2, t4 = lane & 3;
+  const int64_t item = blockIdx.x / kU;
+  const int u = (int)(blockIdx.x - item * kU);
+  const HeadSlice v = slice(s, item);
+  const int64_t hq = s.hkv * s.g, head0 = v.b * hq + v.h * s.g;
+  const bool always_unit = kPass == 1 && u == kU - 1;
+  const int chunks = kPass == 1 ? kU - 1 : kU;
+  const T* kb = static_cast<const T*>(p.k) + v.hi * s.cap * D;
+  const T* vb = static_cast<const T*>(p.v) + v.hi * s.cap * D;
+  const int32_t* off = p.offsets + v.hi * (s.cmax + 1);
+  uint8_t* lmark = p.layer_mark + item * s.cmax;
+  if (tid < s.g && !p.reuse) {
+    const ThreshInfo in = p.t.info[head0 + tid];
+    s_mx[tid] = in.mx;
+    s_bpl[tid] = in.bpl;
+    s_bh[tid] = in.bh;
+    s_bx[tid] = in.bx;
+    s_all[tid] = in.all;
+  }
+  if (kPass == 1 && blockIdx.x == 0 && tid == 0) p.t.mplan[0] = 1;
+  if (u == 0 && tid == 0) {  // the merge's plan: 2 kU records per item
+    p.t.mplan[1 + item] = (int32_t)(item * 2 * kU);
+    p.t.mcounts[item] = 2 * kU;
+  }
+
+  // Q as the A operand (rows g8: head g8 in log2 units; g8 + 8: its low half), as the chunk kernel.
+  uint32_t qa[KS][4];
+  const bool head = g8 < s.g;
+  const float* qi = p.q + head0 * D;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    const float* qr = qi + (int64_t)g8 * D + kk * 16 + 2 * t4;
+    split_pack<T>(head ? qr[0] * kLog2e : 0.f, head ? qr[1] * kLog2e : 0.f, qa[kk][0], qa[kk][1]);
+    split_pack<T>(head ? qr[8] * kLog2e : 0.f, head ? qr[9] * kLog2e : 0.f, qa[kk][2], qa[kk][3]);
+  }
+  float o[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+  float m = -FLT_MAX, lsum = 0.f, hsum = 0.f;
+  T* wt = reinterpret_cast<T*>(s_work) + warp * Tile::kWarp;
+  __syncthreads();
+
+  const int64_t c_lo = v.C * u / chunks, c_hi = always_unit ? c_lo : v.C * (u + 1) / chunks;
+  int64_t rows_read = 0;
+  // Rounds: the chosen clusters of [r0, r0 + kRound) listed, then read. The always unit has
+  // one round of sinks and recent rows.
+  for (int64_t r0 = c_lo; always_unit ? r0 == c_lo : r0 < c_hi; r0 += kRound) {
+    int R = 0;
+    if (always_unit) {
+      R = (int)(v.nsink + v.nrec);
+    } else {
+      int n_sel = 0, rows = 0;
+      int32_t st_[kPerThread], nn[kPerThread];
+      uint8_t own[kPerThread];
+      bool sel[kPerThread];
+#pragma unroll
+      for (int e = 0; e < kPerThread; ++e) {
+        const int64_t c = r0 + tid * kPerThread + e;
+        sel[e] = false;
+        own[e] = 0;
+        nn[e] = 0;
+        st_[e] = 0;
+        if (c < c_hi) {
+          const int32_t o0 = __ldg(off + c), o1 = __ldg(off + c + 1);
+          st_[e] = (int32_t)v.nsink + o0;
+          nn[e] = o1 - o0;
+          if (p.reuse) {
+            sel[e] = lmark[c] == kPass;
+          } else {
+            bool in1 = false, in2 = false;
+            uint8_t mine = 0;
+            for (int j = 0; j < s.g; ++j) {
+              const int bk = s_all[j] ? 0 : bucket_of(__ldg(p.scores + (head0 + j) * s.cmax + c), s_mx[j], s_bpl[j]);
+              const bool h1 = s_all[j] || bk <= s_bh[j];
+              const bool h2 = s_all[j] || bk <= s_bx[j];
+              in1 |= h1;
+              in2 |= h2;
+              if (kPass == 1 ? h1 : h2) mine |= (uint8_t)(1u << j);
+            }
+            sel[e] = kPass == 1 ? in1 : (in2 && !in1);
+            own[e] = mine;
+            if (kPass == 2) {
+              lmark[c] = in1 ? 1 : (in2 ? 2 : 0);
+              if (p.head_mark)
+                for (int j = 0; j < s.g; ++j) p.head_mark[(head0 + j) * s.cmax + c] = (mine >> j) & 1;
+            }
+          }
+        }
+        if (sel[e]) {
+          ++n_sel;
+          rows += nn[e];
+        }
+      }
+      long long ex, tot;
+      Scan(s_scan).ExclusiveSum(((long long)n_sel << 32) | (long long)rows, ex, tot);
+      int at = (int)(ex >> 32), pre = (int)(ex & 0xffffffffLL);
+#pragma unroll
+      for (int e = 0; e < kPerThread; ++e)
+        if (sel[e]) {
+          s_start[at] = st_[e];
+          s_pre[at] = pre;
+          s_own[at] = own[e];
+          ++at;
+          pre += nn[e];
+        }
+      if (tid == 0) {
+        s_n = (int)(tot >> 32);
+        s_rows = (int)(tot & 0xffffffffLL);
+        s_pre[s_n] = s_rows;
+      }
+      __syncthreads();
+      R = s_rows;
+    }
+    rows_read += R;
+    const int n_sel = always_unit ? 0 : s_n;
+
+    // Row `pos` of the round: its store row and its heads' own bits.
+    auto row_of = [&](int pos, uint32_t& bits) -> int64_t {
+      if (always_unit) {
+        bits = 0xffu;
+        return pos < v.nsink ? pos : v.nsink + v.nclu + (pos - v.nsink);
+      }
+      int lo = 0, hi = n_sel - 1;  // the last listed cluster with s_pre <= pos
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (s_pre[mid] <= pos) lo = mid; else hi = mid - 1;
+      }
+      bits = s_own[lo];
+      return (int64_t)s_start[lo] + (pos - s_pre[lo]);
+    };
+    const int ntiles = (R + kTileRows - 1) / kTileRows;
+    uint32_t bits_st[kStages] = {0u, 0u};  // lane r < 16: row r's own bits, per stage
+    auto issue = [&](int tile, int stage) {
+      const int pos = tile * kTileRows + (lane & 15);
+      const int ok = pos < R;
+      uint32_t bits = 0;
+      const int64_t my = ok ? row_of(pos, bits) : 0;
+      if (stage == 0) bits_st[0] = bits; else bits_st[1] = bits;
+      T* ks = wt + stage * 2 * Tile::kTile;
+      T* vs = ks + Tile::kTile;
+#pragma unroll
+      for (int c = lane; c < kTileRows * NT; c += 32) {
+        const int rr = c / NT, cc = c - rr * NT;
+        const int64_t row = __shfl_sync(kFull, my, rr);
+        const int bytes = __shfl_sync(kFull, ok, rr) ? 16 : 0;
+        cp_async16_zfill(ks + rr * ST + cc * 8, kb + row * D + cc * 8, bytes);
+        cp_async16_zfill(vs + rr * ST + cc * 8, vb + row * D + cc * 8, bytes);
+      }
+    };
+    if (warp < ntiles) issue(warp, 0);
+    cp_async_commit();
+    int it = 0;
+    for (int tile = warp; tile < ntiles; tile += kWarps, ++it) {
+      if (tile + kWarps < ntiles) issue(tile + kWarps, (it + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncwarp();
+      const T* ks = wt + (it & 1) * 2 * Tile::kTile;
+      const T* vs = ks + Tile::kTile;
+      const uint32_t tb = (it & 1) ? bits_st[1] : bits_st[0];
+      float sacc[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.f;
+        const T* kr = ks + (8 * j + (lane & 7)) * ST;
+#pragma unroll
+        for (int kk = 0; kk + 1 < KS; kk += 2) {
+          uint32_t b[4];
+          ldsm<false, 4>(b, kr + kk * 16 + 8 * (lane >> 3));
+          mma16816<T>(sacc[j], qa[kk], b[0], b[1]);
+          mma16816<T>(sacc[j], qa[kk + 1], b[2], b[3]);
+        }
+        if constexpr (KS % 2 == 1) {
+          uint32_t b[2];
+          ldsm<false, 2>(b, kr + (KS - 1) * 16 + 8 * ((lane >> 3) & 1));
+          mma16816<T>(sacc[j], qa[KS - 1], b[0], b[1]);
+        }
+      }
+      const int base = tile * kTileRows + 2 * t4;
+      float sc[4] = {sacc[0][0] + sacc[0][2], sacc[0][1] + sacc[0][3], sacc[1][0] + sacc[1][2],
+                     sacc[1][1] + sacc[1][3]};
+      const int rix[4] = {2 * t4, 2 * t4 + 1, 8 + 2 * t4, 9 + 2 * t4};
+      bool mine[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t rb = __shfl_sync(kFull, tb, rix[e]);
+        mine[e] = (rb >> (g8 & 7)) & 1u;
+        if (base + (rix[e] - 2 * t4) >= R) sc[e] = -INFINITY;
+      }
+      float mt = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
+      mt = fmaxf(mt, __shfl_xor_sync(kFull, mt, 1));
+      mt = fmaxf(mt, __shfl_xor_sync(kFull, mt, 2));
+      const float mn = fmaxf(m, mt);
+      const float corr = fast_exp2(m - mn);
+      m = mn;
+      float pr[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pr[e] = fast_exp2(sc[e] - mn);
+      lsum = fmaf(lsum, corr, (pr[0] + pr[1]) + (pr[2] + pr[3]));
+      if constexpr (kPass == 1)
+        hsum = fmaf(hsum, corr, (mine[0] ? pr[0] : 0.f) + (mine[1] ? pr[1] : 0.f) + (mine[2] ? pr[2] : 0.f) +
+                                    (mine[3] ? pr[3] : 0.f));
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        o[nt][0] *= corr;
+        o[nt][1] *= corr;
+        o[nt][2] *= corr;
+        o[nt][3] *= corr;
+      }
+      uint32_t pa[4];
+      split_pack<T>(pr[0], pr[1], pa[0], pa[1]);
+      split_pack<T>(pr[2], pr[3], pa[2], pa[3]);
+      const T* vr = vs + (((lane >> 3) & 1) * 8 + (lane & 7)) * ST + 8 * (lane >> 4);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t b[4];
+        ldsm<true, 4>(b, vr + 8 * nt);
+        mma16816<T>(o[nt], pa, b[0], b[1]);
+        mma16816<T>(o[nt + 1], pa, b[2], b[3]);
+      }
+      __syncwarp();
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the round's list is rebuilt next
+  }
+
+  // The warps' partials meet in shared memory, then the block's record per head.
+  lsum += __shfl_xor_sync(kFull, lsum, 1);
+  lsum += __shfl_xor_sync(kFull, lsum, 2);
+  hsum += __shfl_xor_sync(kFull, hsum, 1);
+  hsum += __shfl_xor_sync(kFull, hsum, 2);
+  float* s_acc = reinterpret_cast<float*>(s_work);  // [kWarps][8][D]
+  float* s_m = s_acc + kWarps * 8 * D;
+  float* s_l = s_m + kWarps * 8;
+  float* s_h = s_l + kWarps * 8;
+  if (head) {
+    float* acc = s_acc + (warp * 8 + g8) * D + 2 * t4;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      acc[8 * nt] = o[nt][0] + o[nt][2];
+      acc[8 * nt + 1] = o[nt][1] + o[nt][3];
+    }
+    if (t4 == 0) {
+      s_m[warp * 8 + g8] = m;
+      s_l[warp * 8 + g8] = lsum;
+      s_h[warp * 8 + g8] = hsum;
+    }
+  }
+  __syncthreads();
+  const int64_t rec_base = (item * 2 * kU + (kPass - 1) * kU + u) * s.g;
+  for (int x = tid; x < s.g * D; x += kThreads) {
+    const int hh = x / D, dd = x - hh * D;
+    float mx = s_m[hh];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * 8 + hh]);
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) acc = fmaf(s_acc[(w * 8 + hh) * D + dd], fast_exp2(s_m[w * 8 + hh] - mx), acc);
+    p.ws_acc[(rec_base + hh) * D + dd] = acc;
+  }
+  if (tid < s.g) {
+    float mx = s_m[tid];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * 8 + tid]);
+    float sum = 0.f, hs = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wgt = fast_exp2(s_m[w * 8 + tid] - mx);
+      sum = fmaf(s_l[w * 8 + tid], wgt, sum);
+      hs = fmaf(s_h[w * 8 + tid], wgt, hs);
+    }
+    p.ws_ml[(rec_base + tid) * 2] = mx;
+    p.ws_ml[(rec_base + tid) * 2 + 1] = sum;
+    if (kPass == 1 && !p.reuse) p.t.hs[(item * kU + u) * s.g + tid] = hs;
+  }
+  if (p.reuse) return;
+  if constexpr (kPass == 2) {
+    if (tid == 0 && rows_read) atomicAdd(p.counts + item, (int32_t)rows_read);
+  } else {
+    if (tid == 0) p.t.urows[item * kU + u] = (int32_t)rows_read;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(p.t.item_done + item, 1) == kU - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    finish_item(p, item, v);
+  }
+#else
+  __trap();  // launched only where the binary is sm_80 or newer (threshold_selection_fit)
+#endif
+}
+
+template <class T, int D, int kPass>
+void launch_pass(const PassParams& p, int64_t items, bool pdl, cudaStream_t st) {
+  constexpr auto K = thresh_pass_kernel<T, D, kPass>;
+  const std::size_t smem = PassTile<D>::kBytes;
+  TACTIC_CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  launch<K>(pdl, dim3((unsigned)(items * kU)), dim3(kThreads), smem, st, p);
+  TACTIC_CUDA_LAUNCH_CHECK(kPass == 1 ? "thresh_pass_kernel (head)" : "thresh_pass_kernel (rest)");
+}
+
+}  // namespace
+
+std::size_t threshold_state_bytes(int64_t heads, int64_t items) {
+  const ThreshState t = carve(nullptr, heads, items);
+  return reinterpret_cast<std::size_t>(t.mcounts) + align16((std::size_t)items * 4);
+}
+
+std::string threshold_selection_fit(DType dtype, int64_t d, int64_t g) {
+  if (!(dtype == DType::f16 || dtype == DType::bf16)) return "needs float16 or bfloat16 K/V";
+  if (!(d == 64 || d == 80 || d == 96 || d == 128)) return "needs head_dim 64, 80, 96 or 128";
+  if (g > 8) return "needs at most 8 query heads per KV head";
+  if (compiled_arch<thresh_pass_kernel<__half, 128, 1>>() < 80)
+    return "needs kernels built for sm_80 or newer; this build's run as sm_" + std::to_string(kernel_arch());
+  return "";
+}
+
+void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdArgs& ta) {
+  cudaStream_t st = as_stream(s.stream);
+  const int64_t items = s.batch * s.hkv, heads = items * s.g;
+  const std::string why = threshold_selection_fit(a.dtype, s.d, s.g);
+  if (!why.empty()) throw UnsupportedError("the threshold selection " + why);
+  const ThreshState t = carve(ta.state, heads, items);
+  if (!ta.reuse) {
+    if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
+    launch_score(s, a);
+    // About 2048 clusters per block, and at least two blocks per SM over all heads.
+    const int64_t sms = a.sm_count > 0 ? a.sm_count : 132;
+    const int parts = (int)std::max<int64_t>(
+        1, std::min<int64_t>(64, std::max<int64_t>((s.cmax + 2047) / 2048, (2 * sms + heads - 1) / heads)));
+    launch<thresh_hist_kernel>(s.pdl, dim3((unsigned)(heads * parts)), dim3(kHistThreads), 0, st, s, a, t, parts);
+    TACTIC_CUDA_LAUNCH_CHECK("thresh_hist_kernel");
+  }
+  const AttentionArgs& at = ta.attention;
+  PassParams p{};
+  p.s = s;
+  p.t = t;
+  p.k = at.k;
+  p.v = at.v;
+  p.offsets = a.offsets;
+  p.scores = a.scores;
+  p.q = at.q;
+  p.layer_mark = ta.layer_mark;
+  p.head_mark = a.head_mark;
+  p.head_tokens = a.head_tokens;
+  p.est_mass = a.est_mass;
+  p.counts = a.counts;
+  const int64_t records = items * 2 * kU * s.g;
+  p.ws_ml = at.workspace;
+  p.ws_acc = at.workspace + (records * 2 + 3) / 4 * 4;
+  p.target = a.target;
+  p.margin = a.margin;
+  p.reuse = ta.reuse;
+  dispatch_float(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (sizeof(T) == 2) {
+      switch (s.d) {
+        case 64: launch_pass<T, 64, 1>(p, items, s.pdl, st); launch_pass<T, 64, 2>(p, items, s.pdl, st); break;
+        case 80: launch_pass<T, 80, 1>(p, items, s.pdl, st); launch_pass<T, 80, 2>(p, items, s.pdl, st); break;
+        case 96: launch_pass<T, 96, 1>(p, items, s.pdl, st); launch_pass<T, 96, 2>(p, items, s.pdl, st); break;
+        default: launch_pass<T, 128, 1>(p, items, s.pdl, st); launch_pass<T, 128, 2>(p, items, s.pdl, st); break;
+      }
+    }
+  });
+  if (!at.out) return;
+  MergeParams mp{};
+  mp.hkv = s.hkv;
+  mp.g = s.g;
+  mp.counts = t.mcounts;
+  mp.max_count = 2 * kU;
+  mp.plan = t.mplan;
+  mp.ws_ml = p.ws_ml;
+  mp.ws_acc = p.ws_acc;
+  mp.out = at.out;
+  mp.out_stride_b = at.out_stride_b;
+  mp.out_stride_h = at.out_stride_h;
+  launch_merge(mp, items * s.g, LaunchPlan{st, s.pdl, true}, at.out_dtype, s.d);
+}
+
+}  // namespace cuda
+}  // namespace tactic

@@ -1,0 +1,58 @@
+// The threshold selection (StepPlan::selection == threshold): the prior stop rule's selection
+// and the attention over it in five launches after prepare_q, with no one-block-per-head
+// kernel, no sort and no row list. Plain C++ header (no CUDA types).
+//
+//   score        q . centroid for every query head (select_rank.cu, as the ranked selection)
+//   hist         many blocks per head add their clusters to the head's score histogram
+//                (tokens, centroid prior); the last block of a head takes the exact head as
+//                whole buckets (bucket <= bh) holding head_fraction of the tokens
+//   head pass    attention over the union of the group's exact heads (plus sinks and recent
+//                rows), blocks per (sequence, KV head) x chunk of clusters; each query head
+//                also sums the exact mass of its own head's rows. The last block of a KV head
+//                calibrates alpha = exact / prior for each query head and walks the histogram
+//                to the stop bucket bx where the estimate reaches P_eff * z (whole buckets)
+//   rest pass    attention over the clusters some head of the group took after its head
+//                (bucket <= bx) that the head pass did not read; it leaves each cluster's
+//                mark (1 head pass, 2 rest pass) per layer, which `reuse` passes read instead
+//   merge        the passes' partial records, log-sum-exp (attention_merge.cu)
+//
+// Against the ranked selection it reads the stop rule's crossing buckets whole (a bucket is
+// 1/64 logit or less), so it reads as many or more tokens for the same P_eff, never fewer.
+// Fits 16-bit K/V, head_dim 64, 80, 96 or 128, at most 8 query heads per KV head,
+// kernels built for sm_80+ (threshold_selection_fit says why not elsewhere).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "attention.hpp"
+#include "select.hpp"
+
+namespace tactic {
+namespace cuda {
+
+// Blocks per (sequence, KV head) in each attention pass; the passes' records (2 x kThreshUnits
+// per item) fit the attention workspace (attention_workspace_bytes: kAttentionSplits + 1 per item).
+constexpr int kThreshUnits = 32;
+static_assert(2 * kThreshUnits <= kAttentionSplits + 1, "the passes' records must fit the attention workspace");
+
+// Device state of the threshold selection for up to `heads` query heads and `items` (sequence,
+// KV head) pairs: zero it at allocation; every step leaves it as the next one needs it.
+std::size_t threshold_state_bytes(int64_t heads, int64_t items);
+
+// Empty where the threshold selection can run for this shape on the current device, else the reason.
+std::string threshold_selection_fit(DType dtype, int64_t head_dim, int64_t g);
+
+struct ThresholdArgs {
+  void* state = nullptr;        // threshold_state_bytes(batch * Hq, batch * Hkv), zeroed once
+  uint8_t* layer_mark = nullptr;  // [batch * Hkv, cmax] this layer's cluster marks (1, 2; 0 unread)
+  bool reuse = false;           // attention only, over the marks of the layer's last selection
+  AttentionArgs attention;      // K/V, q, head_index, workspace, out (null: selection only)
+};
+
+// The selection and attention of one step (after prepare_q): a.scores etc. as the ranked
+// selection's SelectArgs (prior rule; head_mark, head_tokens, est_mass, counts written).
+void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdArgs& t);
+
+}  // namespace cuda
+}  // namespace tactic
