@@ -21,7 +21,9 @@
 // (select_head marks it, build_rows lists it first, its chunk_sums takes it out of each head's
 // histogram): its log-sum-exp is the exact mass select_stop calibrates on, and its partial
 // outputs are kept for the caller's attention over the rest (AttentionArgs::carry_in).
-// with their shared device primitives in select_common.cuh. This file holds the orchestration:
+// with their shared device primitives in select_common.cuh. select_threshold.cu is the other
+// selection (StepPlan::selection == threshold): it takes the prior rule's crossing buckets whole
+// and runs with the attention, so the device decoder calls it instead of select_step. This file holds the orchestration:
 // the head split choice, the scratch layout and select_step.
 #include <algorithm>
 #include <string>
