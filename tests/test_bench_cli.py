@@ -164,7 +164,8 @@ def test_cli_on_cpu_writes_the_json(tmp_path, capsys, monkeypatch):
         assert key in d, key
     assert d["copy_bandwidth"]["median_gbps"] > 0
     assert d["git_commit"] == "abc1234" and d["build"]["version"] == d["tactic"]
-    assert d["options"]["kernels"] == {"head_split": None, "attention_kernel": "cuda_cores", "pdl": False}
+    assert d["options"]["kernels"] == {"head_split": None, "attention_kernel": "cuda_cores", "pdl": False,
+                                      "selection_kernel": "auto"}
     assert all(r["plan"]["device"] == -1 for r in d["rows"])  # the CPU plans nothing
     assert d["workloads"] == ["synthetic", "sparse"]
     assert [(r["workload"], r["P"]) for r in d["rows"]] == [("synthetic", 0.8), ("synthetic", 0.95),
