@@ -318,7 +318,7 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     need(m.chunk_sums, items * row_chunks(m.cmax) * 4, "row list chunks");
     if (m.certified()) need(m.cert_mark, segs * cmax, "selection marks");
     if (!m.certified() && !m.group_head()) {  // the plan may turn to the threshold selection (set_kernels)
-      need(m.thr_state, threshold_state_bytes((int64_t)segs, (int64_t)items), "threshold selection state");
+      need(m.thr_state, threshold_state_bytes((int64_t)segs, (int64_t)items, m.G, m.D, m.cmax), "threshold selection state");
       need(m.layer_mark, mul_sat(m.L, items * cmax), "selection marks");
     }
     if (m.group_head()) {
@@ -523,6 +523,8 @@ void DeviceDecoder::Impl::threshold(int64_t layer, const StepGeometry& geo, cons
                                     bool reuse) {
   ThresholdArgs t;
   t.state = thr_state.p;
+  t.max_heads = B * Hq;
+  t.max_items = B * H;
   t.layer_mark = layer_mark.as<uint8_t>() + (std::size_t)layer * (std::size_t)(B * H) * (std::size_t)cmax;
   t.reuse = reuse;
   fill_attention(layer, geo, t.attention);

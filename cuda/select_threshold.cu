@@ -7,6 +7,7 @@
 // each cluster's score against its heads' buckets, with no sorted list or row list between.
 #include <cub/block/block_scan.cuh>
 
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <string>
@@ -32,7 +33,6 @@ struct ThreshInfo {  // per query head, from the hist kernel (bx: from the head 
   double prior_head, prior_all;  // sum of size * exp(score - mx) over the head / every cluster
 };
 
-constexpr int kU = kThreshUnits;
 constexpr int kHistThreads = 256;
 
 // The state buffer's sections (threshold_state_bytes), all from one zeroed allocation.
@@ -42,15 +42,20 @@ struct ThreshState {
   ThreshInfo* info;  // [heads]
   int32_t* head_done;  // [heads] hist blocks finished
   int32_t* item_done;  // [items] head-pass blocks finished
-  float* hs;       // [items, kU, g] each head's own exact-head mass per head-pass block (rel. to its m)
-  int32_t* urows;  // [items, kU] rows read per head-pass block
-  int32_t* mplan;  // [items + 1] the merge's plan: 1, then kU * 2 * item
-  int32_t* mcounts;  // [items] records per item (2 * kU)
+  double* cpri;    // [heads, kBuckets] prior through each bucket (the hist's last block)
+  int32_t* ctok;   // [heads, kBuckets] tokens through each bucket
+  float* hs;       // [items, units, g] each head's own exact-head mass per head-pass block (rel. to its m)
+  int32_t* urows;  // [items, units] rows read per head-pass block
+  int32_t* mplan;  // [items + 1] the merge's plan: 1, then 2 * units * item
+  int32_t* mcounts;  // [items] records per item (2 * units)
+  float* ws_ml;    // [items * 2 * units, g, 2] the passes' partial records: m (log2 units), l
+  float* ws_acc;   // [items * 2 * units, g, d]
 };
 
 __host__ __device__ inline std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
 
-__host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t items) {
+__host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t items, int64_t g, int64_t d,
+                                             int units) {
   ThreshState t;
   char* p = static_cast<char*>(base);
   auto take = [&](std::size_t bytes) {
@@ -63,10 +68,15 @@ __host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t 
   t.info = reinterpret_cast<ThreshInfo*>(take((std::size_t)heads * sizeof(ThreshInfo)));
   t.head_done = reinterpret_cast<int32_t*>(take((std::size_t)heads * 4));
   t.item_done = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
-  t.hs = reinterpret_cast<float*>(take((std::size_t)heads * kU * 4));
-  t.urows = reinterpret_cast<int32_t*>(take((std::size_t)items * kU * 4));
+  t.cpri = reinterpret_cast<double*>(take((std::size_t)heads * kBuckets * 8));
+  t.ctok = reinterpret_cast<int32_t*>(take((std::size_t)heads * kBuckets * 4));
+  t.hs = reinterpret_cast<float*>(take((std::size_t)heads * units * 4));
+  t.urows = reinterpret_cast<int32_t*>(take((std::size_t)items * units * 4));
   t.mplan = reinterpret_cast<int32_t*>(take((std::size_t)(items + 1) * 4));
   t.mcounts = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
+  const std::size_t records = (std::size_t)items * 2 * units * g;
+  t.ws_ml = reinterpret_cast<float*>(take(records * 2 * 4));
+  t.ws_acc = reinterpret_cast<float*>(take(records * d * 4));
   return t;
 }
 
@@ -149,48 +159,42 @@ __global__ void __launch_bounds__(kHistThreads) thresh_hist_kernel(StepGeometry 
     constexpr int PER = kBuckets / kHistThreads;
     const int32_t* gt = t.tok + i * kBuckets;
     const float* gp = t.pri + i * kBuckets;
-    double tk[PER], pr[PER], tsum = 0.0;
+    double tk[PER], pr[PER], tsum = 0.0, psum = 0.0;
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
       tk[k] = (double)__ldcg(gt + tid * PER + k);
       pr[k] = (double)__ldcg(gp + tid * PER + k);
       tsum += tk[k];
+      psum += pr[k];
+    }
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {  // zero for the next step
+      const_cast<int32_t*>(gt)[tid * PER + k] = 0;
+      const_cast<float*>(gp)[tid * PER + k] = 0.f;
     }
     if (tid == 0) s_bh = kBuckets - 1;
-    double before;
+    double before, pbefore, ptotal;
     Scan(s_scan).ExclusiveSum(tsum, before);
     __syncthreads();
+    Scan(s_scan).ExclusiveSum(psum, pbefore, ptotal);
     const double thr = fmax(1.0, a.head_fraction * (double)v.nclu);
+    // Inclusive prefixes, which the head pass's last block searches for the stop bucket.
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
       if (before < thr && before + tk[k] >= thr) s_bh = tid * PER + k;
       before += tk[k];
+      pbefore += pr[k];
+      t.ctok[i * kBuckets + tid * PER + k] = (int32_t)before;
+      t.cpri[i * kBuckets + tid * PER + k] = pbefore;
     }
     __syncthreads();
     const int bh = s_bh;
-    double ph = 0.0, pa = 0.0;
-#pragma unroll
-    for (int k = 0; k < PER; ++k) {
-      pa += pr[k];
-      if (tid * PER + k <= bh) ph += pr[k];
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      ph += __shfl_xor_sync(0xffffffffu, ph, o);
-      pa += __shfl_xor_sync(0xffffffffu, pa, o);
-    }
-    if ((tid & 31) == 0) s_red[tid >> 5] = ph;
+    if (bh / PER == tid) s_red[0] = t.cpri[i * kBuckets + bh];  // this thread wrote it
     __syncthreads();
-    double tph = 0.0;
-    for (int w = 0; w < kHistThreads / 32; ++w) tph += s_red[w];
-    __syncthreads();
-    if ((tid & 31) == 0) s_red[tid >> 5] = pa;
-    __syncthreads();
-    double tpa = 0.0;
-    for (int w = 0; w < kHistThreads / 32; ++w) tpa += s_red[w];
     info.bh = bh;
     info.bx = bh;
-    info.prior_head = tph;
-    info.prior_all = tpa;
+    info.prior_head = s_red[0];
+    info.prior_all = ptotal;
   }
   if (tid == 0) t.info[i] = info;
 }
@@ -224,32 +228,37 @@ struct PassParams {
   int64_t* head_tokens;
   double* est_mass;
   int32_t* counts;           // [items] union rows read
-  float* ws_ml;              // [items * 2 * kU, g, 2]
-  float* ws_acc;             // [items * 2 * kU, g, D]
+  int units;                 // blocks per item in each pass (threshold_units)
   double target, margin;
   bool reuse;
 };
 
 // After every head-pass block of `item` has written its records: per query head of the group,
 // alpha = exact head mass / its prior, z, and the stop bucket bx where the estimate reaches
-// P_eff * z (whole buckets); the head's statistics; the histogram zeroed for the next step.
-// One warp per query head.
+// P_eff * z (whole buckets: the first bucket after bh whose prior prefix reaches it, found by a
+// 32-way search of the hist's prefixes, three L2 round trips); the head's statistics. One warp
+// per query head.
 __device__ void finish_item(const PassParams& p, int64_t item, const HeadSlice& v) {
   const StepGeometry& s = p.s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int U = p.units;
   const int64_t always = v.nsink + v.nrec;
   for (int j = warp; j < s.g; j += kWarps) {
     const int64_t i = v.b * s.hkv * s.g + v.h * s.g + j;
     const ThreshInfo info = p.t.info[i];
-    // Exact masses from the records, relative to their common max M (log2 units).
-    const int64_t rec = (item * 2 * kU + lane) * s.g + j;  // lane = block of the head pass
-    const float m = __ldcg(p.ws_ml + rec * 2), l = __ldcg(p.ws_ml + rec * 2 + 1);
-    const float hsum = lane < kU - 1 ? __ldcg(p.t.hs + (item * kU + lane) * s.g + j) : 0.f;
-    float M = m;
+    // Exact masses from the records, relative to their common max M (log2 units); the last
+    // block of the pass read the sinks and recent rows.
+    float M = -FLT_MAX;
+    for (int u = lane; u < U; u += 32) M = fmaxf(M, __ldcg(p.t.ws_ml + ((item * 2 * U + u) * s.g + j) * 2));
     for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
-    const double w = l > 0.f || hsum > 0.f ? exp2((double)m - (double)M) : 0.0;
-    double am = lane == kU - 1 ? (double)l * w : 0.0;  // the last block read sinks and recent rows
-    double ex = (double)hsum * w;
+    double am = 0.0, ex = 0.0;
+    for (int u = lane; u < U; u += 32) {
+      const int64_t rec = (item * 2 * U + u) * s.g + j;
+      const float m = __ldcg(p.t.ws_ml + rec * 2), l = __ldcg(p.t.ws_ml + rec * 2 + 1);
+      const double w = exp2((double)m - (double)M);
+      if (u == U - 1) am += (double)l * w;
+      else ex += (double)__ldcg(p.t.hs + (item * U + u) * s.g + j) * w;
+    }
     for (int o = 16; o > 0; o >>= 1) {
       am += __shfl_xor_sync(kFull, am, o);
       ex += __shfl_xor_sync(kFull, ex, o);
@@ -257,57 +266,39 @@ __device__ void finish_item(const PassParams& p, int64_t item, const HeadSlice& 
     int bx = kBuckets - 1;
     double est = 1.0;
     int64_t tokens = v.nclu;
-    const int32_t* gt = p.t.tok + i * kBuckets;
-    float* gp = p.t.pri + i * kBuckets;
-    constexpr int PER = kBuckets / 32;
-    const int k0 = lane * PER;
     if (!info.all) {
+      const double* cp = p.t.cpri + i * kBuckets;
       const double alpha = ex / info.prior_head;
       const double z = am + ex + alpha * fmax(0.0, info.prior_all - info.prior_head);
       if (isfinite(alpha) && alpha > 0 && z > 0 && isfinite(z)) {
         const double p_eff = fmin(1.0, p.target + p.margin * (1.0 - p.target));
         const double goal = p_eff * z, acc0 = am + ex;
-        double local = 0.0;
-        for (int k = 0; k < PER; ++k)
-          if (k0 + k > info.bh) local += alpha * (double)__ldcg(gp + k0 + k);
-        double incl = local;
-        for (int o = 1; o < 32; o <<= 1) {
-          const double y = __shfl_up_sync(kFull, incl, o);
-          if (lane >= o) incl += y;
-        }
-        double run = acc0 + incl - local, through = 0.0;
-        int mine = kBuckets;
+        int found = -1;
         if (acc0 >= goal) {
-          mine = info.bh;
-          through = acc0;
+          found = info.bh;
         } else {
-          for (int k = 0; k < PER; ++k) {
-            if (k0 + k <= info.bh) continue;
-            const double nxt = run + alpha * (double)__ldcg(gp + k0 + k);
-            if (mine == kBuckets && run < goal && nxt >= goal) {
-              mine = k0 + k;
-              through = nxt;
+          // First k > bh with acc0 + alpha * (cp[k] - cp[bh]) >= goal, cp non-decreasing.
+          const double cbh = cp[info.bh];
+          auto reached = [&](int k) { return acc0 + alpha * (cp[k] - cbh) >= goal; };
+          int lo = info.bh + 1, hi = kBuckets - 1;
+          if (lo <= hi && __shfl_sync(kFull, lane == 0 ? (int)reached(hi) : 0, 0)) {
+            while (hi - lo + 1 > 32) {  // the answer stays in [lo, hi]
+              const int step = (hi - lo + 32) / 32;
+              const int at = min(lo + (lane + 1) * step - 1, hi);
+              const unsigned yes = __ballot_sync(kFull, reached(at));
+              const int f = __ffs(yes) - 1;  // yes is never empty: lane 31 probes hi
+              hi = min(lo + (f + 1) * step - 1, hi);
+              lo = lo + f * step;
             }
-            run = nxt;
+            const unsigned yes = __ballot_sync(kFull, lo + lane <= hi && reached(lo + lane));
+            found = lo + __ffs(yes) - 1;
           }
         }
-        int best = mine;
-        for (int o = 16; o > 0; o >>= 1) best = min(best, __shfl_xor_sync(kFull, best, o));
-        const unsigned who = __ballot_sync(kFull, mine == best);
-        through = __shfl_sync(kFull, through, __ffs(who) - 1);
-        if (best < kBuckets) {  // else rounding left the goal unreached: everything
-          bx = best;
-          est = fmin(1.0, through / z);
-          int64_t tk = 0;
-          for (int k = 0; k < PER; ++k)
-            if (k0 + k <= bx) tk += __ldcg(gt + k0 + k);
-          for (int o = 16; o > 0; o >>= 1) tk += __shfl_xor_sync(kFull, tk, o);
-          tokens = tk;
+        if (found >= 0) {  // else rounding left the goal unreached: everything
+          bx = found;
+          est = fmin(1.0, (acc0 + alpha * (cp[bx] - cp[info.bh])) / z);
+          tokens = p.t.ctok[i * kBuckets + bx];
         }
-      }
-      for (int k = lane; k < kBuckets; k += 32) {  // zero for the next step
-        const_cast<int32_t*>(gt)[k] = 0;
-        gp[k] = 0.f;
       }
     }
     if (lane == 0) {
@@ -317,7 +308,8 @@ __device__ void finish_item(const PassParams& p, int64_t item, const HeadSlice& 
     }
   }
   // The union's rows of the head pass; the rest pass adds its own.
-  int r = lane < kU ? __ldcg(p.t.urows + item * kU + lane) : 0;
+  int r = 0;
+  for (int u = lane; u < U; u += 32) r += __ldcg(p.t.urows + item * U + u);
   for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(kFull, r, o);
   if (threadIdx.x == 0) {
     p.counts[item] = r;
@@ -349,12 +341,13 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
   const StepGeometry& s = p.s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g8 = lane >> 2, t4 = lane & 3;
-  const int64_t item = blockIdx.x / kU;
-  const int u = (int)(blockIdx.x - item * kU);
+  const int U = p.units;
+  const int64_t item = blockIdx.x / U;
+  const int u = (int)(blockIdx.x - item * U);
   const HeadSlice v = slice(s, item);
   const int64_t hq = s.hkv * s.g, head0 = v.b * hq + v.h * s.g;
-  const bool always_unit = kPass == 1 && u == kU - 1;
-  const int chunks = kPass == 1 ? kU - 1 : kU;
+  const bool always_unit = kPass == 1 && u == U - 1;
+  const int chunks = kPass == 1 ? U - 1 : U;
   const T* kb = static_cast<const T*>(p.k) + v.hi * s.cap * D;
   const T* vb = static_cast<const T*>(p.v) + v.hi * s.cap * D;
   const int32_t* off = p.offsets + v.hi * (s.cmax + 1);
@@ -368,9 +361,9 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
     s_all[tid] = in.all;
   }
   if (kPass == 1 && blockIdx.x == 0 && tid == 0) p.t.mplan[0] = 1;
-  if (u == 0 && tid == 0) {  // the merge's plan: 2 kU records per item
-    p.t.mplan[1 + item] = (int32_t)(item * 2 * kU);
-    p.t.mcounts[item] = 2 * kU;
+  if (u == 0 && tid == 0) {  // the merge's plan: 2 U records per item
+    p.t.mplan[1 + item] = (int32_t)(item * 2 * U);
+    p.t.mcounts[item] = 2 * U;
   }
 
   // Q as the A operand (rows g8: head g8 in log2 units; g8 + 8: its low half), as the chunk kernel.
@@ -597,7 +590,7 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
     }
   }
   __syncthreads();
-  const int64_t rec_base = (item * 2 * kU + (kPass - 1) * kU + u) * s.g;
+  const int64_t rec_base = (item * 2 * U + (kPass - 1) * U + u) * s.g;
   for (int x = tid; x < s.g * D; x += kThreads) {
     const int hh = x / D, dd = x - hh * D;
     float mx = s_m[hh];
@@ -606,7 +599,7 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
     float acc = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) acc = fmaf(s_acc[(w * 8 + hh) * D + dd], fast_exp2(s_m[w * 8 + hh] - mx), acc);
-    p.ws_acc[(rec_base + hh) * D + dd] = acc;
+    p.t.ws_acc[(rec_base + hh) * D + dd] = acc;
   }
   if (tid < s.g) {
     float mx = s_m[tid];
@@ -619,18 +612,18 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
       sum = fmaf(s_l[w * 8 + tid], wgt, sum);
       hs = fmaf(s_h[w * 8 + tid], wgt, hs);
     }
-    p.ws_ml[(rec_base + tid) * 2] = mx;
-    p.ws_ml[(rec_base + tid) * 2 + 1] = sum;
-    if (kPass == 1 && !p.reuse) p.t.hs[(item * kU + u) * s.g + tid] = hs;
+    p.t.ws_ml[(rec_base + tid) * 2] = mx;
+    p.t.ws_ml[(rec_base + tid) * 2 + 1] = sum;
+    if (kPass == 1 && !p.reuse) p.t.hs[(item * U + u) * s.g + tid] = hs;
   }
   if (p.reuse) return;
   if constexpr (kPass == 2) {
     if (tid == 0 && rows_read) atomicAdd(p.counts + item, (int32_t)rows_read);
   } else {
-    if (tid == 0) p.t.urows[item * kU + u] = (int32_t)rows_read;
+    if (tid == 0) p.t.urows[item * U + u] = (int32_t)rows_read;
     __threadfence();
     __syncthreads();
-    if (tid == 0) s_last = atomicAdd(p.t.item_done + item, 1) == kU - 1;
+    if (tid == 0) s_last = atomicAdd(p.t.item_done + item, 1) == U - 1;
     __syncthreads();
     if (!s_last) return;
     __threadfence();
@@ -646,15 +639,20 @@ void launch_pass(const PassParams& p, int64_t items, bool pdl, cudaStream_t st) 
   constexpr auto K = thresh_pass_kernel<T, D, kPass>;
   const std::size_t smem = PassTile<D>::kBytes;
   TACTIC_CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  launch<K>(pdl, dim3((unsigned)(items * kU)), dim3(kThreads), smem, st, p);
+  launch<K>(pdl, dim3((unsigned)(items * p.units)), dim3(kThreads), smem, st, p);
   TACTIC_CUDA_LAUNCH_CHECK(kPass == 1 ? "thresh_pass_kernel (head)" : "thresh_pass_kernel (rest)");
 }
 
 }  // namespace
 
-std::size_t threshold_state_bytes(int64_t heads, int64_t items) {
-  const ThreshState t = carve(nullptr, heads, items);
-  return reinterpret_cast<std::size_t>(t.mcounts) + align16((std::size_t)items * 4);
+int threshold_units(int64_t cmax) {
+  return (int)std::min<int64_t>(kMaxThreshUnits, std::max<int64_t>(32, (cmax + 255) / 256));
+}
+
+std::size_t threshold_state_bytes(int64_t heads, int64_t items, int64_t g, int64_t d, int64_t cmax) {
+  const int units = threshold_units(cmax);
+  const ThreshState t = carve(nullptr, heads, items, g, d, units);
+  return reinterpret_cast<std::size_t>(t.ws_acc) + align16((std::size_t)items * 2 * units * g * d * 4);
 }
 
 std::string threshold_selection_fit(DType dtype, int64_t d, int64_t g) {
@@ -671,7 +669,9 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   const int64_t items = s.batch * s.hkv, heads = items * s.g;
   const std::string why = threshold_selection_fit(a.dtype, s.d, s.g);
   if (!why.empty()) throw UnsupportedError("the threshold selection " + why);
-  const ThreshState t = carve(ta.state, heads, items);
+  const int units = threshold_units(s.cmax);
+  if (heads > ta.max_heads || items > ta.max_items) throw ValueError("threshold_step: the state is sized for fewer heads");
+  const ThreshState t = carve(ta.state, ta.max_heads, ta.max_items, s.g, s.d, units);
   if (!ta.reuse) {
     if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
     launch_score(s, a);
@@ -696,9 +696,7 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   p.head_tokens = a.head_tokens;
   p.est_mass = a.est_mass;
   p.counts = a.counts;
-  const int64_t records = items * 2 * kU * s.g;
-  p.ws_ml = at.workspace;
-  p.ws_acc = at.workspace + (records * 2 + 3) / 4 * 4;
+  p.units = units;
   p.target = a.target;
   p.margin = a.margin;
   p.reuse = ta.reuse;
@@ -718,10 +716,10 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   mp.hkv = s.hkv;
   mp.g = s.g;
   mp.counts = t.mcounts;
-  mp.max_count = 2 * kU;
+  mp.max_count = 2 * units;
   mp.plan = t.mplan;
-  mp.ws_ml = p.ws_ml;
-  mp.ws_acc = p.ws_acc;
+  mp.ws_ml = t.ws_ml;
+  mp.ws_acc = t.ws_acc;
   mp.out = at.out;
   mp.out_stride_b = at.out_stride_b;
   mp.out_stride_h = at.out_stride_h;

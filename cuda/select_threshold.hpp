@@ -31,20 +31,24 @@
 namespace tactic {
 namespace cuda {
 
-// Blocks per (sequence, KV head) in each attention pass; the passes' records (2 x kThreshUnits
-// per item) fit the attention workspace (attention_workspace_bytes: kAttentionSplits + 1 per item).
-constexpr int kThreshUnits = 32;
-static_assert(2 * kThreshUnits <= kAttentionSplits + 1, "the passes' records must fit the attention workspace");
+// Blocks per (sequence, KV head) in each attention pass for heads with room for cmax clusters:
+// about 256 clusters a block, 32 to kMaxThreshUnits (fixed per decoder, so the grid and the
+// records need no host sync; many blocks per item so that a KV head whose group reads most of
+// its context does not leave the GPU waiting on a few long blocks).
+constexpr int kMaxThreshUnits = 128;
+int threshold_units(int64_t cmax);
 
 // Device state of the threshold selection for up to `heads` query heads and `items` (sequence,
-// KV head) pairs: zero it at allocation; every step leaves it as the next one needs it.
-std::size_t threshold_state_bytes(int64_t heads, int64_t items);
+// KV head) pairs of group g and head dim d (histograms, hand-over, the passes' partial records):
+// zero it at allocation; every step leaves it as the next one needs it.
+std::size_t threshold_state_bytes(int64_t heads, int64_t items, int64_t g, int64_t d, int64_t cmax);
 
 // Empty where the threshold selection can run for this shape on the current device, else the reason.
 std::string threshold_selection_fit(DType dtype, int64_t head_dim, int64_t g);
 
 struct ThresholdArgs {
-  void* state = nullptr;        // threshold_state_bytes(batch * Hq, batch * Hkv), zeroed once
+  void* state = nullptr;        // threshold_state_bytes(max_heads, max_items, ...), zeroed once
+  int64_t max_heads = 0, max_items = 0;  // its sizes (max_batch x Hq, x Hkv): one layout for every batch
   uint8_t* layer_mark = nullptr;  // [batch * Hkv, cmax] this layer's cluster marks (1, 2; 0 unread)
   bool reuse = false;           // attention only, over the marks of the layer's last selection
   AttentionArgs attention;      // K/V, q, head_index, workspace, out (null: selection only)
