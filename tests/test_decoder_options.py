@@ -42,3 +42,23 @@ def test_reuse_selection_is_cuda_only():
         dec.decode(0, q, None, None, reuse_selection=True)
     with pytest.raises(ValueError, match="k_new=v_new=None"):
         dec.decode(0, q, q[:, :2], q[:, :2], reuse_selection=True)
+
+
+def test_selection_kernel_option_is_checked_everywhere():
+    """selection_kernel: a str among 'auto', 'ranked', 'threshold' (ValueError / TypeError
+    naming it, at construction and in set_kernels, the plan unchanged on failure); on the CPU
+    nothing is planned, so every valid name is accepted and the CPU's selection is the same."""
+    dec, q, _, _ = _decoder(0.9)
+    before = dec.select(0, q)["head_tokens"]
+    for name in ("auto", "ranked", "threshold"):
+        d2 = tactic.SparseDecoder(1, 6, 2, 64, max_tokens=16, selection_kernel=name)
+        assert d2.plan["selection_kernel"] == "ranked" and d2.plan["device"] == -1
+        dec.set_kernels(selection_kernel=name)
+        np.testing.assert_array_equal(dec.select(0, q)["head_tokens"], before)
+    with pytest.raises(ValueError, match="`selection_kernel` must be 'auto', 'ranked' or 'threshold', got 'sorted'"):
+        tactic.SparseDecoder(1, 6, 2, 64, max_tokens=16, selection_kernel="sorted")
+    with pytest.raises(TypeError, match="`selection_kernel` must be a str"):
+        tactic.SparseDecoder(1, 6, 2, 64, max_tokens=16, selection_kernel=2)
+    with pytest.raises(ValueError, match="selection_kernel"):
+        dec.set_kernels(selection_kernel="sorted")
+    assert dec.plan["selection_kernel"] == "ranked"
