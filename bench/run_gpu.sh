@@ -3,7 +3,7 @@
 # ${OUT:-/tmp/tactic-gpu}): build, the kernels' standalone self-tests, pytest's CUDA tests,
 # compute-sanitizer on small runs, and the benchmarks (python -m tactic.bench; results, JSON +
 # PNG + log, land in $OUT; copy them into bench/results/ to commit them).
-#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|profile-batch|phases|ncu|ncu-certify|e2e|e2e-graphs|mma|gbench]...
+#   bash bench/run_gpu.sh [build|arch75|flashinfer|selftest|pytest|integration|sanitize|bench|quick|batch|fixture|profile|threshold-ab|profile-batch|phases|ncu|ncu-certify|e2e|e2e-graphs|mma|gbench]...
 # Default: build selftest pytest quick. `sanitize` (three tools, ~6 min: racecheck 5.5), `bench` (the full
 # sweep, ~8 min) and `e2e` (~2 min) each need a call of their own under a 10-minute limit. `gbench`
 # (the Google Benchmark microbenchmarks, bench/cpp; needs the .debs in bench/cpp/third_party,
@@ -86,6 +86,16 @@ for s in $steps; do
         python3 bench/profile_step.py --stop-rule $r --workload $w --context 32768 131072 524288 $FLAGS > "$OUT/profile-$r-$w.txt" 2>&1 || rc=1
         echo "--- $r $w"; grep -E "^N=|total GPU|certify|select_|score|attention_chunks" "$OUT/profile-$r-$w.txt" \
           | sed -E 's/ plan=.*//; s/void tactic::cuda::\(anonymous namespace\):://' | cut -c1-100
+      done; done ;;
+    threshold-ab)  # the threshold selection's tests, then its per-kernel time against the ranked one
+                   # (prior rule, both workloads, 32K / 128K / 512K), in one call
+      python3 -m pytest -q -rf tests/test_cuda_threshold.py > "$OUT/pytest-threshold.log" 2>&1 || rc=1
+      grep -E "^FAILED|passed|failed" "$OUT/pytest-threshold.log" | cut -c1-200
+      for w in sparse synthetic; do for sk in ranked threshold; do
+        python3 bench/profile_step.py --workload $w --selection-kernel $sk --context 32768 131072 524288 $FLAGS \
+          > "$OUT/profile-$sk-$w.txt" 2>&1 || rc=1
+        echo "--- $sk $w"; grep -E "^N=|total GPU|thresh_|select_|attention_chunks" "$OUT/profile-$sk-$w.txt" \
+          | sed -E 's/ plan=.*//; s/void tactic::cuda::\(anonymous namespace\):://; s/tactic::cuda::\(anonymous namespace\):://' | cut -c1-90
       done; done ;;
     profile-batch)  # per-kernel time of one step at B 8 x 128K and B 32 x 32K (prior rule, both workloads)
       for w in sparse synthetic; do for bn in "8 131072" "32 32768"; do set -- $bn
