@@ -23,8 +23,8 @@
 // outputs are kept for the caller's attention over the rest (AttentionArgs::carry_in).
 // with their shared device primitives in select_common.cuh. select_threshold.cu is the other
 // selection (StepPlan::selection == threshold): it takes the prior rule's crossing buckets whole
-// and runs with the attention, so the device decoder calls it instead of select_step. This file holds the orchestration:
-// the head split choice, the scratch layout and select_step.
+// and runs with the attention, so the device decoder calls it instead of select_step.
+// This file holds the orchestration: the head split choice, the scratch layout and select_step.
 #include <algorithm>
 #include <string>
 
