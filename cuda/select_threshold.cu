@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kHistThreads) thresh_hist_kernel(StepGeometry 
   pdl_begin();
   __shared__ int32_t s_tok[kBuckets];
   __shared__ float s_pri[kBuckets];
-  __shared__ double s_red[kHistThreads / 32];
+  __shared__ double s_cp[kBuckets];  // the last block's prior prefix
   __shared__ int s_last, s_bh;
   typedef cub::BlockScan<double, kHistThreads> Scan;
   __shared__ typename Scan::TempStorage s_scan;
@@ -155,22 +155,27 @@ __global__ void __launch_bounds__(kHistThreads) thresh_hist_kernel(StepGeometry 
   info.bh = info.bx = kBuckets - 1;
   if (!all) {
     // Buckets per thread, consecutive: the exclusive token prefix finds the crossing bucket bh
-    // (tokens before it < thr <= tokens through it), taken whole.
+    // (tokens before it < thr <= tokens through it), taken whole. Global reads and writes go
+    // through shared memory, coalesced: a thread's 8 consecutive buckets straight from global
+    // memory cost ~7 us a pass at 32K (measured on the H100: each warp access touches 32 lines).
     constexpr int PER = kBuckets / kHistThreads;
-    const int32_t* gt = t.tok + i * kBuckets;
-    const float* gp = t.pri + i * kBuckets;
+    int32_t* gt = t.tok + i * kBuckets;
+    float* gp = t.pri + i * kBuckets;
+    __syncthreads();  // the block's own histogram in s_tok / s_pri is done with
+    for (int k = tid; k < kBuckets; k += kHistThreads) {
+      s_tok[k] = __ldcg(gt + k);
+      s_pri[k] = __ldcg(gp + k);
+      gt[k] = 0;  // zero for the next step
+      gp[k] = 0.f;
+    }
+    __syncthreads();
     double tk[PER], pr[PER], tsum = 0.0, psum = 0.0;
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
-      tk[k] = (double)__ldcg(gt + tid * PER + k);
-      pr[k] = (double)__ldcg(gp + tid * PER + k);
+      tk[k] = (double)s_tok[tid * PER + k];
+      pr[k] = (double)s_pri[tid * PER + k];
       tsum += tk[k];
       psum += pr[k];
-    }
-#pragma unroll
-    for (int k = 0; k < PER; ++k) {  // zero for the next step
-      const_cast<int32_t*>(gt)[tid * PER + k] = 0;
-      const_cast<float*>(gp)[tid * PER + k] = 0.f;
     }
     if (tid == 0) s_bh = kBuckets - 1;
     double before, pbefore, ptotal;
@@ -184,16 +189,18 @@ __global__ void __launch_bounds__(kHistThreads) thresh_hist_kernel(StepGeometry 
       if (before < thr && before + tk[k] >= thr) s_bh = tid * PER + k;
       before += tk[k];
       pbefore += pr[k];
-      t.ctok[i * kBuckets + tid * PER + k] = (int32_t)before;
-      t.cpri[i * kBuckets + tid * PER + k] = pbefore;
+      s_tok[tid * PER + k] = (int32_t)before;  // this thread's own buckets, read above
+      s_cp[tid * PER + k] = pbefore;
     }
     __syncthreads();
     const int bh = s_bh;
-    if (bh / PER == tid) s_red[0] = t.cpri[i * kBuckets + bh];  // this thread wrote it
-    __syncthreads();
+    for (int k = tid; k < kBuckets; k += kHistThreads) {
+      t.ctok[i * kBuckets + k] = s_tok[k];
+      t.cpri[i * kBuckets + k] = s_cp[k];
+    }
     info.bh = bh;
     info.bx = bh;
-    info.prior_head = s_red[0];
+    info.prior_head = s_cp[bh];
     info.prior_all = ptotal;
   }
   if (tid == 0) t.info[i] = info;
