@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "attention_common.cuh"
+#include "attention_tile.cuh"
 #include "capabilities.hpp"
 #include "mma.cuh"
 
@@ -29,7 +30,7 @@ namespace {
 // dtype) without one extra instruction. Same plan, units and partial records as the CUDA-core
 // kernel, so the merge kernel is shared. Hand-written: CUTLASS / FlashInfer kernels do not take
 // our gathered row lists and partial layout.
-constexpr int kMmaRows = 16;  // rows per tile
+constexpr int kMmaRows = kTileRows;
 constexpr int kMmaStages = 2;
 
 template <int D>
@@ -76,15 +77,10 @@ __global__ void __launch_bounds__(kThreads, 3) attention_chunks_mma_kernel(const
     const int32_t* rsrc =
         p.rows ? p.rows + un.item * p.rows_stride + (p.row_start ? p.row_start[un.item] : 0) + un.start : nullptr;
 
-    // Q as the A operand of every k-step, in log2 units: row g8 = head g8, row g8 + 8 = its low half.
+    // Q as the A operand of every k-step (attention_tile.cuh).
     uint32_t qa[KS][4];
     const bool head = g8 < p.g;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      const float* qr = qi + (int64_t)g8 * D + kk * 16 + 2 * t4;
-      split_pack<T>(head ? qr[0] * kLog2e : 0.f, head ? qr[1] * kLog2e : 0.f, qa[kk][0], qa[kk][1]);
-      split_pack<T>(head ? qr[8] * kLog2e : 0.f, head ? qr[9] * kLog2e : 0.f, qa[kk][2], qa[kk][3]);
-    }
+    load_q_frags<T, D>(qi, p.g, lane, qa);
     float o[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
@@ -98,15 +94,7 @@ __global__ void __launch_bounds__(kThreads, 3) attention_chunks_mma_kernel(const
       const int ok = pos < un.n;
       const int64_t my = ok ? (rsrc ? (int64_t)rsrc[pos] : un.start + pos) : 0;
       T* ks = wt + stage * 2 * Tile::kTile;
-      T* vs = ks + Tile::kTile;
-#pragma unroll
-      for (int c = lane; c < kMmaRows * NT; c += 32) {  // NT pieces per row; 16 * NT is a multiple of 32
-        const int rr = c / NT, cc = c - rr * NT;
-        const int64_t row = __shfl_sync(kFull, my, rr);
-        const int bytes = __shfl_sync(kFull, ok, rr) ? 16 : 0;
-        cp_async16_zfill(ks + rr * ST + cc * 8, kb + row * D + cc * 8, bytes);
-        cp_async16_zfill(vs + rr * ST + cc * 8, vb + row * D + cc * 8, bytes);
-      }
+      copy_tile<T, D, ST>(ks, ks + Tile::kTile, kb, vb, lane, my, ok);
     };
     if (warp < ntiles) issue(warp, 0);
     cp_async_commit();
@@ -119,63 +107,8 @@ __global__ void __launch_bounds__(kThreads, 3) attention_chunks_mma_kernel(const
       const T* ks = wt + (it & 1) * 2 * Tile::kTile;
       const T* vs = ks + Tile::kTile;
 
-      // S = Q K^T over two column tiles of 8 rows: the B operand is K itself (rows = columns).
-      float sacc[2][4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.f;
-        const T* kr = ks + (8 * j + (lane & 7)) * ST;
-#pragma unroll
-        for (int kk = 0; kk + 1 < KS; kk += 2) {
-          uint32_t b[4];
-          ldsm<false, 4>(b, kr + kk * 16 + 8 * (lane >> 3));
-          mma16816<T>(sacc[j], qa[kk], b[0], b[1]);
-          mma16816<T>(sacc[j], qa[kk + 1], b[2], b[3]);
-        }
-        if constexpr (KS % 2 == 1) {
-          uint32_t b[2];
-          ldsm<false, 2>(b, kr + (KS - 1) * 16 + 8 * ((lane >> 3) & 1));
-          mma16816<T>(sacc[j], qa[KS - 1], b[0], b[1]);
-        }
-      }
-      // Head g8's scores at tile rows 2t4, 2t4 + 1, 8 + 2t4, 9 + 2t4 (high + low halves).
-      const int base = tile * kMmaRows + 2 * t4;
-      float sc[4] = {sacc[0][0] + sacc[0][2], sacc[0][1] + sacc[0][3], sacc[1][0] + sacc[1][2],
-                     sacc[1][1] + sacc[1][3]};
-      sc[0] = base < un.n ? sc[0] : -INFINITY;
-      sc[1] = base + 1 < un.n ? sc[1] : -INFINITY;
-      sc[2] = base + 8 < un.n ? sc[2] : -INFINITY;
-      sc[3] = base + 9 < un.n ? sc[3] : -INFINITY;
-      float mt = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
-      mt = fmaxf(mt, __shfl_xor_sync(kFull, mt, 1));
-      mt = fmaxf(mt, __shfl_xor_sync(kFull, mt, 2));  // the quad holds the head's 16 rows
-      const float mn = fmaxf(m, mt);
-      const float corr = fast_exp2(m - mn);
-      m = mn;
       float pr[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pr[e] = fast_exp2(sc[e] - mn);
-      lsum = fmaf(lsum, corr, (pr[0] + pr[1]) + (pr[2] + pr[3]));
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        o[nt][0] *= corr;
-        o[nt][1] *= corr;
-        o[nt][2] *= corr;
-        o[nt][3] *= corr;
-      }
-      // O += P V: P (rows: heads and their low halves; k: the tile's 16 rows) is the score
-      // accumulators' own layout; V's B fragments come transposed from shared memory.
-      uint32_t pa[4];
-      split_pack<T>(pr[0], pr[1], pa[0], pa[1]);
-      split_pack<T>(pr[2], pr[3], pa[2], pa[3]);
-      const T* vr = vs + (((lane >> 3) & 1) * 8 + (lane & 7)) * ST + 8 * (lane >> 4);
-#pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t b[4];
-        ldsm<true, 4>(b, vr + 8 * nt);
-        mma16816<T>(o[nt], pa, b[0], b[1]);
-        mma16816<T>(o[nt + 1], pa, b[2], b[3]);
-      }
+      tile_step<T, D, ST>(ks, vs, qa, lane, un.n - tile * kMmaRows, m, lsum, o, pr);
       __syncwarp();  // every lane is done with this stage before it is refilled
     }
     cp_async_wait<0>();

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "attention_common.cuh"
+#include "attention_tile.cuh"
 #include "capabilities.hpp"
 #include "mma.cuh"
 #include "select_buckets.cuh"
@@ -209,7 +210,6 @@ __global__ void __launch_bounds__(kHistThreads) thresh_hist_kernel(StepGeometry 
 // ---- the attention passes ----
 constexpr int kRound = 512;                // clusters listed per round of a block (3 blocks per SM)
 constexpr int kPerThread = kRound / kThreads;  // consecutive clusters per thread in a round
-constexpr int kTileRows = 16;
 constexpr int kStages = 2;
 
 template <int D>
@@ -373,16 +373,11 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
     p.t.mcounts[item] = 2 * U;
   }
 
-  // Q as the A operand (rows g8: head g8 in log2 units; g8 + 8: its low half), as the chunk kernel.
+  // Q as the A operand (attention_tile.cuh).
   uint32_t qa[KS][4];
   const bool head = g8 < s.g;
   const float* qi = p.q + head0 * D;
-#pragma unroll
-  for (int kk = 0; kk < KS; ++kk) {
-    const float* qr = qi + (int64_t)g8 * D + kk * 16 + 2 * t4;
-    split_pack<T>(head ? qr[0] * kLog2e : 0.f, head ? qr[1] * kLog2e : 0.f, qa[kk][0], qa[kk][1]);
-    split_pack<T>(head ? qr[8] * kLog2e : 0.f, head ? qr[9] * kLog2e : 0.f, qa[kk][2], qa[kk][3]);
-  }
+  load_q_frags<T, D>(qi, s.g, lane, qa);
   float o[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
@@ -487,15 +482,7 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
       const int64_t my = ok ? row_of(pos, bits) : 0;
       if (stage == 0) bits_st[0] = bits; else bits_st[1] = bits;
       T* ks = wt + stage * 2 * Tile::kTile;
-      T* vs = ks + Tile::kTile;
-#pragma unroll
-      for (int c = lane; c < kTileRows * NT; c += 32) {
-        const int rr = c / NT, cc = c - rr * NT;
-        const int64_t row = __shfl_sync(kFull, my, rr);
-        const int bytes = __shfl_sync(kFull, ok, rr) ? 16 : 0;
-        cp_async16_zfill(ks + rr * ST + cc * 8, kb + row * D + cc * 8, bytes);
-        cp_async16_zfill(vs + rr * ST + cc * 8, vb + row * D + cc * 8, bytes);
-      }
+      copy_tile<T, D, ST>(ks, ks + Tile::kTile, kb, vb, lane, my, ok);
     };
     if (warp < ntiles) issue(warp, 0);
     cp_async_commit();
@@ -508,66 +495,15 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
       const T* ks = wt + (it & 1) * 2 * Tile::kTile;
       const T* vs = ks + Tile::kTile;
       const uint32_t tb = (it & 1) ? bits_st[1] : bits_st[0];
-      float sacc[2][4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.f;
-        const T* kr = ks + (8 * j + (lane & 7)) * ST;
-#pragma unroll
-        for (int kk = 0; kk + 1 < KS; kk += 2) {
-          uint32_t b[4];
-          ldsm<false, 4>(b, kr + kk * 16 + 8 * (lane >> 3));
-          mma16816<T>(sacc[j], qa[kk], b[0], b[1]);
-          mma16816<T>(sacc[j], qa[kk + 1], b[2], b[3]);
-        }
-        if constexpr (KS % 2 == 1) {
-          uint32_t b[2];
-          ldsm<false, 2>(b, kr + (KS - 1) * 16 + 8 * ((lane >> 3) & 1));
-          mma16816<T>(sacc[j], qa[KS - 1], b[0], b[1]);
-        }
-      }
-      const int base = tile * kTileRows + 2 * t4;
-      float sc[4] = {sacc[0][0] + sacc[0][2], sacc[0][1] + sacc[0][3], sacc[1][0] + sacc[1][2],
-                     sacc[1][1] + sacc[1][3]};
+      bool mine[4];  // the lane's rows in head g8's own exact head (pass 1)
       const int rix[4] = {2 * t4, 2 * t4 + 1, 8 + 2 * t4, 9 + 2 * t4};
-      bool mine[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const uint32_t rb = __shfl_sync(kFull, tb, rix[e]);
-        mine[e] = (rb >> (g8 & 7)) & 1u;
-        if (base + (rix[e] - 2 * t4) >= R) sc[e] = -INFINITY;
-      }
-      float mt = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
-      mt = fmaxf(mt, __shfl_xor_sync(kFull, mt, 1));
-      mt = fmaxf(mt, __shfl_xor_sync(kFull, mt, 2));
-      const float mn = fmaxf(m, mt);
-      const float corr = fast_exp2(m - mn);
-      m = mn;
+      for (int e = 0; e < 4; ++e) mine[e] = (__shfl_sync(kFull, tb, rix[e]) >> (g8 & 7)) & 1u;
       float pr[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pr[e] = fast_exp2(sc[e] - mn);
-      lsum = fmaf(lsum, corr, (pr[0] + pr[1]) + (pr[2] + pr[3]));
+      const float corr = tile_step<T, D, ST>(ks, vs, qa, lane, R - tile * kTileRows, m, lsum, o, pr);
       if constexpr (kPass == 1)
         hsum = fmaf(hsum, corr, (mine[0] ? pr[0] : 0.f) + (mine[1] ? pr[1] : 0.f) + (mine[2] ? pr[2] : 0.f) +
                                     (mine[3] ? pr[3] : 0.f));
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        o[nt][0] *= corr;
-        o[nt][1] *= corr;
-        o[nt][2] *= corr;
-        o[nt][3] *= corr;
-      }
-      uint32_t pa[4];
-      split_pack<T>(pr[0], pr[1], pa[0], pa[1]);
-      split_pack<T>(pr[2], pr[3], pa[2], pa[3]);
-      const T* vr = vs + (((lane >> 3) & 1) * 8 + (lane & 7)) * ST + 8 * (lane >> 4);
-#pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t b[4];
-        ldsm<true, 4>(b, vr + 8 * nt);
-        mma16816<T>(o[nt], pa, b[0], b[1]);
-        mma16816<T>(o[nt + 1], pa, b[2], b[3]);
-      }
       __syncwarp();
     }
     cp_async_wait<0>();
