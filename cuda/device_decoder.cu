@@ -68,7 +68,7 @@ struct DeviceDecoder::Impl {
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
   DeviceBuffer cert_mark;                     // [B * Hq, cmax] the certified rule's per-head marks
   DeviceBuffer carry, pass_counts;            // group_head: [B * Hq] union records; [2, B * Hkv] pass rows
-  DeviceBuffer thr_state, layer_mark;         // the threshold selection's state; [L, B * Hkv, cmax] marks
+  DeviceBuffer thr_state, layer_mark;         // the threshold selection's state; [L, B * Hkv, cmax] marks (lazy)
   DeviceBuffer lost;                          // [L * B] int32: tokens a replayed append found no room for
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
   // [L * B]: an append of this (layer, slot) was captured in a CUDA graph. Its replays advance
@@ -142,6 +142,30 @@ struct DeviceDecoder::Impl {
   bool certified() const { return clusters() && cfg.select.stop_rule == StopRule::certified; }
   bool group_head() const { return clusters() && cfg.select.group_head && G > 1; }
   bool threshold() const { return clusters() && plan.selection == SelectionKernel::threshold; }
+  // The threshold selection's state and per-layer marks, allocated and zeroed the first time a
+  // plan picks that selection (a decoder that never does keeps the memory); CapacityError, with
+  // nothing changed, where they do not fit.
+  void ensure_threshold_state(const StepPlan& p) {
+    if (!clusters() || p.selection != SelectionKernel::threshold || (thr_state.p && layer_mark.p)) return;
+    const uint64_t items = (uint64_t)B * H;
+    const uint64_t st = threshold_state_bytes(B * Hq, (int64_t)items, G, D, cmax),
+                   marks = mul_sat((uint64_t)L, mul_sat(items, (uint64_t)cmax));
+    std::size_t free_bytes = 0, device_bytes = 0;
+    TACTIC_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &device_bytes));
+    const uint64_t total = add_sat(thr_state.p ? 0 : st, layer_mark.p ? 0 : marks);
+    if (total > free_bytes)
+      throw CapacityError("the threshold selection needs " + std::to_string(total) + " more bytes (" + gib(total) +
+                          ") of GPU memory; cuda:" + std::to_string(dev) + " has " + std::to_string(free_bytes) +
+                          " free; lower max_tokens or max_batch");
+    if (!thr_state.p) {
+      thr_state.allocate(st, "threshold selection state");
+      TACTIC_CUDA_CHECK(cudaMemset(thr_state.p, 0, thr_state.n));
+    }
+    if (!layer_mark.p) {
+      layer_mark.allocate(marks, "selection marks");
+      TACTIC_CUDA_CHECK(cudaMemset(layer_mark.p, 0, layer_mark.n));
+    }
+  }
   // The threshold selection's step (select_threshold.hpp); `reuse`: attention over the layer's
   // last selection only.
   void threshold(int64_t layer, const StepGeometry& geo, const SelectArgs& a, const TensorView* out, bool reuse);
@@ -317,10 +341,6 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     need(m.rows, mul_sat(mul_sat(m.L, items), cap * 4), "row lists");  // per layer: attend() reuses them
     need(m.chunk_sums, items * row_chunks(m.cmax) * 4, "row list chunks");
     if (m.certified()) need(m.cert_mark, segs * cmax, "selection marks");
-    if (!m.certified() && !m.group_head()) {  // the plan may turn to the threshold selection (set_kernels)
-      need(m.thr_state, threshold_state_bytes((int64_t)segs, (int64_t)items, m.G, m.D, m.cmax), "threshold selection state");
-      need(m.layer_mark, mul_sat(m.L, items * cmax), "selection marks");
-    }
     if (m.group_head()) {
       need(m.carry, segs * carry_record_floats(m.D) * 4, "union attention records");
       need(m.pass_counts, items * 2 * 4, "row counts");
@@ -353,9 +373,8 @@ DeviceDecoder::DeviceDecoder(const DecoderConfig& cfg) : p_(new Impl) {
     TACTIC_CUDA_CHECK(cudaMemset(m.seg_max.as<int32_t>() + segs, 0x7f, segs * 4));
     TACTIC_CUDA_CHECK(cudaMemset(m.kv_mark.p, 0, m.kv_mark.n));
     if (m.cert_mark.p) TACTIC_CUDA_CHECK(cudaMemset(m.cert_mark.p, 0, m.cert_mark.n));
-    if (m.thr_state.p) TACTIC_CUDA_CHECK(cudaMemset(m.thr_state.p, 0, m.thr_state.n));
-    if (m.layer_mark.p) TACTIC_CUDA_CHECK(cudaMemset(m.layer_mark.p, 0, m.layer_mark.n));
   }
+  m.ensure_threshold_state(m.plan);
   TACTIC_CUDA_CHECK(cudaDeviceSynchronize());
   m.host_state.assign(m.L * m.B, SlotState{});
   m.graphed.assign(m.L * m.B, 0);
@@ -611,6 +630,7 @@ void DeviceDecoder::set_kernels(const KernelOptions& kernels) {
   DecoderConfig c = m.cfg;
   c.kernels = kernels;
   StepPlan plan = make_step_plan(c, m.cmax);  // throws before anything changes
+  m.ensure_threshold_state(plan);              // so does a failed allocation
   if (plan.selection != m.plan.selection)  // the two keep their selections differently
     for (auto& ls : m.last_slots) ls.clear();
   m.plan = plan;

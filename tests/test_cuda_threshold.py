@@ -267,3 +267,43 @@ def test_switching_the_selection_kernel_forgets_the_selection():
         keep = st["kv_mask"][0, h][:n]
         ref, _ = ref_attention(q64[h * g:(h + 1) * g], k64[keep][:, h:h + 1], v64[keep][:, h:h + 1], d ** -0.5)
         np.testing.assert_allclose(out[h * g:(h + 1) * g], ref, atol=ATOL["float16"], rtol=RTOL["float16"])
+
+
+def test_group_head_at_one_query_head_per_kv_head_is_no_obstacle():
+    """group_head does nothing where each KV head has one query head: the threshold selection
+    takes such a decoder (and refuses it from two query heads per KV head on, above)."""
+    dec = tactic.SparseDecoder(1, 4, 4, 64, max_tokens=256, device="cuda", dtype="float16", stop_rule="prior",
+                               group_head=True, selection_kernel="threshold")
+    assert dec.plan["selection_kernel"] == "threshold"
+
+
+def test_threshold_state_is_allocated_when_the_plan_first_picks_it():
+    """A decoder whose plan keeps the ranked selection holds none of the threshold selection's
+    memory (its per-layer marks alone are L * B * Hkv * clusters bytes); set_kernels picking the
+    threshold selection allocates it then."""
+    L, B, hkv, n = 8, 16, 8, 1 << 16
+    marks = L * B * hkv * (n // 16)  # cluster_size 16: 8 MiB of marks
+    cfg = dict(num_layers=L, num_q_heads=hkv * 4, num_kv_heads=hkv, head_dim=64, max_tokens=n, max_batch=B,
+               device="cuda", dtype="float16", stop_rule="prior", cluster_size=16)
+
+    def footprint(**kw):
+        torch.cuda.synchronize()
+        free0 = torch.cuda.mem_get_info()[0]
+        dec = tactic.SparseDecoder(**cfg, **kw)
+        torch.cuda.synchronize()
+        return dec, free0 - torch.cuda.mem_get_info()[0]
+
+    ranked, ranked_bytes = footprint()
+    del ranked
+    thresh, thresh_bytes = footprint(selection_kernel="threshold")
+    del thresh
+    assert thresh_bytes - ranked_bytes >= marks, (ranked_bytes, thresh_bytes, marks)
+    dec, _ = footprint()
+    free0 = torch.cuda.mem_get_info()[0]
+    dec.set_kernels(selection_kernel="threshold")
+    torch.cuda.synchronize()
+    assert free0 - torch.cuda.mem_get_info()[0] >= marks
+    free0 = torch.cuda.mem_get_info()[0]
+    dec.set_kernels(selection_kernel="ranked")
+    dec.set_kernels(selection_kernel="threshold")  # allocated once, kept
+    assert abs(free0 - torch.cuda.mem_get_info()[0]) < marks
