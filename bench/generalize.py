@@ -48,6 +48,9 @@ RULES = {  # name -> SparseDecoder options; every family gets the same ones
     # one attention pass over that union instead of a separate exact read)
     "prior-indep": {"stop_rule": "prior", "share_group": False},
     "prior-grouphead": {"stop_rule": "prior", "share_group": False, "group_head": True},
+    # CUDA's threshold selection (its CPU twin): the prior rule's exact head and stop taken as
+    # whole score buckets, heads independent; judged against prior-indep
+    "prior-threshold": {"stop_rule": "prior", "share_group": False, "selection_kernel": "threshold"},
     "certified-indep": {"stop_rule": "certified", "share_group": False},
     "certified-grouphead": {"stop_rule": "certified", "share_group": False, "group_head": True},
 }

@@ -1,11 +1,12 @@
 // The score histogram's buckets, shared by the ranked selection (select_common.cuh: select_head,
 // select_stop) and the threshold selection (select_threshold.cu): scores as ordered ints (one
-// atomicMax keeps a float maximum) and the bucket of a score relative to its head's best. The
-// buckets span [worst, best] at at least kMinBucketsPerLogit per logit, so a flat head whose
-// clusters lie within a fraction of a logit still spreads over them.
+// atomicMax keeps a float maximum), and the bucket of a score relative to its head's best
+// (score_buckets.hpp).
 #pragma once
 #include <cmath>
 #include <cstdint>
+
+#include "score_buckets.hpp"
 
 namespace tactic {
 namespace cuda {
@@ -18,21 +19,10 @@ __device__ __forceinline__ int32_t order_float(float f) {
 }
 __device__ __forceinline__ float unorder_float(int32_t i) { return __int_as_float(i >= 0 ? i : i ^ 0x7fffffff); }
 
-constexpr int kBuckets = 2048;
-constexpr float kMinBucketsPerLogit = 64.f;  // a range over 32 logits: the rest in the last bucket
-constexpr float kMaxBucketsPerLogit = 1e6f;  // finer than float scores resolve: no use
-
-// Buckets per logit for a head whose scores span [mn, mx]: the range over kBuckets - 1 buckets.
-__device__ __forceinline__ float bucket_width(float mx, float mn) {
-  const float r = mx - mn;
-  if (!(r > 0.f) || !isfinite(r)) return kMinBucketsPerLogit;  // one score, or -inf / NaN ones
-  return fminf(kMaxBucketsPerLogit, fmaxf(kMinBucketsPerLogit, (float)(kBuckets - 1) / r));
-}
-
-__device__ __forceinline__ int bucket_of(float sc, float mx, float bpl) {
-  const float x = (mx - sc) * bpl;
-  return x < (float)(kBuckets - 1) ? max(0, (int)x) : kBuckets - 1;  // NaN: last bucket
-}
+// The buckets themselves: score_buckets.hpp (one definition with the CPU's threshold twin).
+using buckets::kBuckets;
+using buckets::bucket_width;
+using buckets::bucket_of;
 
 }  // namespace
 }  // namespace cuda

@@ -46,15 +46,21 @@ def test_reuse_selection_is_cuda_only():
 
 def test_selection_kernel_option_is_checked_everywhere():
     """selection_kernel: a str among 'auto', 'ranked', 'threshold' (ValueError / TypeError
-    naming it, at construction and in set_kernels, the plan unchanged on failure); on the CPU
-    nothing is planned, so every valid name is accepted and the CPU's selection is the same."""
+    naming it, at construction and in set_kernels, the plan unchanged on failure). On the CPU
+    only the selection is planned: 'auto' and 'ranked' select as before, 'threshold' runs the
+    threshold selection's twin (tests/test_selection_threshold.py) and, like CUDA's, needs the
+    prior rule (RuntimeError naming it for the certified default)."""
     dec, q, _, _ = _decoder(0.9)
     before = dec.select(0, q)["head_tokens"]
-    for name in ("auto", "ranked", "threshold"):
+    for name in ("auto", "ranked"):
         d2 = tactic.SparseDecoder(1, 6, 2, 64, max_tokens=16, selection_kernel=name)
         assert d2.plan["selection_kernel"] == "ranked" and d2.plan["device"] == -1
         dec.set_kernels(selection_kernel=name)
         np.testing.assert_array_equal(dec.select(0, q)["head_tokens"], before)
+    with pytest.raises(RuntimeError, match="stop_rule='prior'"):
+        tactic.SparseDecoder(1, 6, 2, 64, max_tokens=16, stop_rule="certified", selection_kernel="threshold")
+    d3 = tactic.SparseDecoder(1, 6, 2, 64, max_tokens=16, stop_rule="prior", selection_kernel="threshold")
+    assert d3.plan["selection_kernel"] == "threshold" and d3.plan["device"] == -1
     with pytest.raises(ValueError, match="`selection_kernel` must be 'auto', 'ranked' or 'threshold', got 'sorted'"):
         tactic.SparseDecoder(1, 6, 2, 64, max_tokens=16, selection_kernel="sorted")
     with pytest.raises(TypeError, match="`selection_kernel` must be a str"):

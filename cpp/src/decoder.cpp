@@ -17,8 +17,32 @@ namespace {
 constexpr int64_t kChunkRows = 512;  // split-KV chunk: balances heads with large selections
 }
 
+namespace {
+
+// A CPU decoder's plan: only the selection. 'threshold' (the CUDA threshold selection's twin)
+// fits what that selection fits besides the kernels: the prior rule, heads selected one by
+// one; refused with the reason otherwise (UnsupportedError, as on CUDA).
+StepPlan cpu_plan(const DecoderConfig& cfg) {
+  StepPlan p;
+  const SelectOptions& o = cfg.select;
+  if (cfg.kernels.selection == SelectionKernel::threshold && o.policy == Policy::tactic) {  // (dense: no selection)
+    std::string why;
+    if (o.stop_rule != StopRule::prior) why = "needs stop_rule='prior'";
+    else if (o.group_head && cfg.num_q_heads > cfg.num_kv_heads) why = "does not run with group_head";
+    else if (o.share_group && cfg.num_q_heads > cfg.num_kv_heads)
+      why = "selects each query head independently: set share_group=False";
+    else if (o.estimator != Estimator::centroid_prior) why = "needs estimator='centroid_prior'";
+    if (!why.empty()) throw UnsupportedError("selection_kernel='threshold' " + why);
+    p.selection = SelectionKernel::threshold;
+  }
+  return p;
+}
+
+}  // namespace
+
 Decoder::Decoder(const DecoderConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
+  if (!on_cuda()) cpu_plan_ = cpu_plan(cfg_);
   // record_selection keeps [max_batch, Hkv + Hq, max_tokens] masks per layer, filled by
   // decode: count them now, so that decode never fails for want of memory halfway.
   const uint64_t masks = cfg_.record_selection
@@ -197,7 +221,7 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
     const int64_t b = i / H, h = i % H;
     const int64_t budget = budgets ? budgets[i] : 0;
     select_kv_head(*store_, layer, slots[b], h, &qf[(b * Hq + h * G) * D], G, cfg_.select, budget,
-                   record, scratch_[thread_index()], sel[i]);
+                   record, scratch_[thread_index()], sel[i], cpu_plan_.selection);
   });
 
   // ---- attention: balanced (sequence, KV head, chunk) work items, LSE merge ----
@@ -331,14 +355,16 @@ void Decoder::set_target(double target) {
 }
 
 const StepPlan& Decoder::plan() const {
-  static const StepPlan cpu{};
-  return device_ ? device_->plan() : cpu;
+  return device_ ? device_->plan() : cpu_plan_;
 }
 
 void Decoder::set_kernels(const KernelOptions& kernels) {
   validate(kernels);
+  DecoderConfig c = cfg_;
+  c.kernels = kernels;
   if (device_) device_->set_kernels(kernels);
-  cfg_.kernels = kernels;
+  else cpu_plan_ = cpu_plan(c);  // throws before anything changes
+  cfg_ = c;
 }
 
 }  // namespace tactic

@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "parallel.hpp"
+#include "score_buckets.hpp"
 #include "simd.hpp"
 #include "tail_sample.hpp"
 #include "tactic/convert.hpp"
@@ -690,6 +691,113 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
   push_range(out.rows, base + nclu, n);
 }
 
+// The CPU twin of CUDA's threshold selection (cuda/select_threshold.hpp): the prior rule with
+// every decision taken in whole score buckets (score_buckets.hpp), each query head on its own.
+// Per head: the exact head is the buckets through bh, the first whose token prefix reaches
+// head_fraction of the clustered tokens; alpha = the exact mass of those clusters / their
+// centroid prior; z = the exact mass of the always-read rows and the exact head + alpha x the
+// prior of the rest; the head takes the buckets through bx, the first whose estimated mass
+// reaches P_eff z (everything where the estimate degenerates). A crossing bucket is taken
+// whole, so it reads as many tokens as the ranked rule's stop or more for the same estimate.
+void select_threshold(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
+                      int64_t g, const SelectOptions& opt, bool record, SelectScratch& s,
+                      KVSelection& out) {
+  using buckets::kBuckets;
+  const SlotState& ss = st.state(layer, slot);
+  const int64_t d = st.config().head_dim, nclu = ss.n_clustered, base = ss.n_sink;
+  const int64_t c = st.num_clusters(layer, slot, head), n = ss.total();
+  const int64_t always = ss.n_sink + ss.n_recent;
+  const int32_t* off = st.offsets(layer, slot, head);
+  const float* cent = st.centroids(layer, slot, head);
+  const float* spread = st.spreads(layer, slot, head);
+  auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+  const bool all = c == 0 || c < opt.min_clusters || opt.target >= 1.0;  // as the CUDA twin
+  s.mark.assign(std::max<int64_t>(c, 1), all ? 1 : 0);
+  out.rows.clear();
+  if (all) {
+    for (int64_t h = 0; h < g; ++h) {
+      out.head_tokens[h] = n;
+      out.est_mass[h] = 1.0;
+      if (record) out.head_rows[h] = {{0, (int32_t)n}};
+    }
+    push_range(out.rows, 0, n);
+    return;
+  }
+  const double p_eff = std::min(1.0, opt.target + opt.margin * (1.0 - opt.target));
+  const double head_tok = std::max(1.0, opt.head_fraction * (double)nclu);
+  s.score.resize(c);
+  s.bucket.resize(c);
+  s.tok.resize(kBuckets);
+  s.pri.resize(kBuckets);
+  std::vector<float> fixed(always), lg;
+  for (int64_t h = 0; h < g; ++h) {
+    const float* qh = q + h * d;
+    score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
+    float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < c; ++j) mx = std::max(mx, s.score[j]), mn = std::min(mn, s.score[j]);
+    const float bpl = buckets::bucket_width(mx, mn);
+    std::fill(s.tok.begin(), s.tok.end(), 0.0);
+    std::fill(s.pri.begin(), s.pri.end(), 0.0);
+    for (int64_t j = 0; j < c; ++j) {
+      const int b = buckets::bucket_of(s.score[j], mx, bpl);
+      s.bucket[j] = b;
+      s.tok[b] += (double)csize(j);
+      s.pri[b] += (double)csize(j) * std::exp((double)s.score[j] - (double)mx);
+    }
+    int bh = kBuckets - 1;
+    for (int k = 0, found = 0; k < kBuckets; ++k) {  // inclusive prefixes; bh: the crossing bucket
+      if (k > 0) s.tok[k] += s.tok[k - 1], s.pri[k] += s.pri[k - 1];
+      if (!found && s.tok[k] >= head_tok) bh = k, found = 1;
+    }
+    // Exact masses relative to m, the largest logit read: the always-read rows, the exact head.
+    row_logits(st, layer, slot, head, 0, ss.n_sink, qh, fixed.data(), s.row);
+    row_logits(st, layer, slot, head, base + nclu, n, qh, fixed.data() + ss.n_sink, s.row);
+    lg.clear();
+    for (int64_t j = 0; j < c; ++j)
+      if (s.bucket[j] <= bh) {
+        const int64_t at = (int64_t)lg.size();
+        lg.resize(at + csize(j));
+        row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh, lg.data() + at, s.row);
+      }
+    double m = -std::numeric_limits<double>::infinity();
+    for (float v : fixed) m = std::max(m, (double)v);
+    for (float v : lg) m = std::max(m, (double)v);
+    const double am = exp_sum(fixed.data(), (int64_t)fixed.size(), m), ex = exp_sum(lg.data(), (int64_t)lg.size(), m);
+    const double prior_head = s.pri[bh], prior_all = s.pri[kBuckets - 1];
+    const double alpha = ex / prior_head, z = am + ex + alpha * std::max(0.0, prior_all - prior_head);
+    int bx = kBuckets - 1;
+    double est = 1.0;
+    if (std::isfinite(alpha) && alpha > 0 && std::isfinite(z) && z > 0) {
+      const double goal = p_eff * z, acc0 = am + ex;
+      int found = -1;
+      for (int k = bh; k < kBuckets && found < 0; ++k)
+        if (acc0 + alpha * (s.pri[k] - prior_head) >= goal) found = k;
+      if (found >= 0) {  // else rounding left the goal unreached: everything
+        bx = found;
+        est = std::min(1.0, (acc0 + alpha * (s.pri[bx] - prior_head)) / z);
+      }
+    }
+    int64_t tokens = always;
+    if (record) {
+      out.head_rows[h].clear();
+      push_range(out.head_rows[h], 0, ss.n_sink);
+    }
+    for (int64_t j = 0; j < c; ++j)
+      if (s.bucket[j] <= bx) {
+        tokens += csize(j);
+        s.mark[j] = 1;
+        if (record) push_range(out.head_rows[h], base + off[j], base + off[j + 1]);
+      }
+    if (record) push_range(out.head_rows[h], base + nclu, n);
+    out.head_tokens[h] = tokens;
+    out.est_mass[h] = est;
+  }
+  push_range(out.rows, 0, ss.n_sink);
+  for (int64_t j = 0; j < c; ++j)
+    if (s.mark[j]) push_range(out.rows, base + off[j], base + off[j + 1]);
+  push_range(out.rows, base + nclu, n);
+}
+
 }  // namespace
 
 // Phi^-1(c) for the standard normal, by bisection on erfc (tail_sample.hpp).
@@ -704,7 +812,7 @@ double normal_quantile(double c) {
 
 void select_kv_head(const KVStore& store, int64_t layer, int64_t slot, int64_t head,
                     const float* q, int64_t g, const SelectOptions& opt, int64_t budget,
-                    bool record_heads, SelectScratch& scratch, KVSelection& out) {
+                    bool record_heads, SelectScratch& scratch, KVSelection& out, SelectionKernel selection) {
   const int64_t n = store.length(layer, slot);
   out.head_tokens.assign(g, 0);
   out.est_mass.assign(g, kNaN);
@@ -735,7 +843,10 @@ void select_kv_head(const KVStore& store, int64_t layer, int64_t slot, int64_t h
         for (int64_t h = 0; h < g; ++h) out.head_rows[h] = out.rows;
       break;
     case Policy::tactic:
-      select_tactic(store, layer, slot, head, q, g, opt, record_heads, scratch, out);
+      if (selection == SelectionKernel::threshold)
+        select_threshold(store, layer, slot, head, q, g, opt, record_heads, scratch, out);
+      else
+        select_tactic(store, layer, slot, head, q, g, opt, record_heads, scratch, out);
       break;
   }
   out.union_tokens = 0;

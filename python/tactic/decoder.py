@@ -137,10 +137,13 @@ class SparseDecoder:
             ('auto', 'cuda_cores', 'tensor_cores') and programmatic dependent launch (None:
             where the kernels have it; True / False). A variant this build or GPU lacks raises
             UnsupportedError (RuntimeError) at construction. Ignored on the CPU.
-        selection_kernel: how the CUDA step selects with the prior stop rule: 'auto' (today
-            'ranked'), 'ranked' (histogram, crossing buckets ranked exactly, a row list) or
-            'threshold' (crossing buckets taken whole, attention straight from the clusters in
-            two passes; 16-bit K/V, head_dim 64/80/96/128, at most 8 query heads per KV head).
+        selection_kernel: how the step selects with the prior stop rule: 'auto' (today
+            'ranked'), 'ranked' (crossing buckets ranked exactly; on CUDA a row list) or
+            'threshold' (each head's exact head and stop taken as whole score buckets, query
+            heads independently (share_group then defaults to False); on CUDA the attention
+            reads the clusters straight from the store in two passes and needs 16-bit K/V,
+            head_dim 64/80/96/128 and at most 8 query heads per KV head). On the CPU
+            'threshold' runs the same rule (its twin), so its accuracy can be judged there.
 
     Layouts: keys/values are token-major in every call, [N, Hkv, D] for one sequence and
     [B, N, Hkv, D] for a batch (FlashInfer's NHD; pass torch SDPA / Hugging Face K/V
@@ -196,8 +199,8 @@ class SparseDecoder:
         c.sample_fraction = _float("sample_fraction", sample_fraction)
         c.sample_segments = _int("sample_segments", sample_segments, maximum=_INT32_MAX)
         c.min_clusters = _int("min_clusters", min_clusters)
-        if share_group is None:  # the CUDA backend selects every query head independently
-            share_group = _parse_device(device)[0] == "cpu"
+        if share_group is None:  # CUDA and the threshold selection select every query head independently
+            share_group = _parse_device(device)[0] == "cpu" and selection_kernel != "threshold"
         c.share_group = _bool("share_group", share_group)
         c.group_head = _bool("group_head", group_head)
         c.seed = _int("seed", seed, 0, maximum=2**64 - 1)
@@ -333,7 +336,7 @@ class SparseDecoder:
         by the step's sequence count: head_split[b - 1]), attention_kernel ('cuda_cores' or
         'tensor_cores'), score_kernel (the centroid scores: 'tensor_cores' where the build and
         shape allow, else 'cuda_cores'; chosen automatically), pdl and selection_kernel
-        ('ranked' or 'threshold'). device -1 on the CPU, where nothing is planned."""
+        ('ranked' or 'threshold'). device -1 on the CPU, where only selection_kernel is planned."""
         return self._core.plan()
 
     def set_kernels(self, head_split: Optional[int] = None, attention_kernel: str = "auto",

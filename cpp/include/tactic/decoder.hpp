@@ -96,11 +96,12 @@ class Decoder {
   void attend(int64_t layer, const TensorView& q, const TensorView& out, const std::vector<int64_t>& slots);
   // Changes P for later decode() calls (ValueError outside (0, 1]); nothing else changes.
   void set_target(double target);
-  // The CUDA step's resolved kernel variants (device -1 on the CPU, where nothing is planned).
+  // The step's resolved kernel variants. On the CPU (device -1) only `selection` is planned:
+  // 'threshold' runs the CUDA threshold selection's CPU twin, else the ranked selection.
   const StepPlan& plan() const;
   // Re-plans the CUDA step with other kernel variants (tests and A/B timings): ValueError for an
   // out-of-range option, UnsupportedError for one this build or device lacks; on failure the
-  // plan stays as it was. No-op on the CPU beyond the validation.
+  // plan stays as it was. On the CPU only selection_kernel has an effect.
   void set_kernels(const KernelOptions& kernels);
 
   // Statistics of the last decode() of `layer`; the reference stays valid for the decoder's
@@ -123,6 +124,7 @@ class Decoder {
   void* stream_ = nullptr;
   mutable std::vector<LayerStats> stats_;
   std::vector<SelectScratch> scratch_;  // one per thread
+  StepPlan cpu_plan_;                   // CPU: the selection, resolved (cpu_plan)
 };
 
 }  // namespace tactic

@@ -39,15 +39,20 @@ struct SelectScratch {
   std::vector<float> head_score;             // certified stop: [G, clusters] first-pass scores
   std::vector<int32_t> head_order;           // certified stop: [G, clusters] their lazy ranking
   std::vector<int64_t> head_sorted;          // certified stop: its sorted prefix per head
+  std::vector<int32_t> bucket;               // threshold: each cluster's score bucket
+  std::vector<double> tok, pri;              // threshold: tokens and prior through each bucket
 };
 
 // Select for KV head `head` of (layer, slot) and its G query heads; results replace `out`.
 // q: [G, D] float32 host memory, already multiplied by the softmax scale.
 // budget: tokens for quest/topk (<= 0: the options' budget). record_heads fills
 // out.head_rows. `scratch` is reused between calls (one per thread). Arguments are not
-// checked here: Decoder::decode checks them.
+// checked here: Decoder::decode checks them. selection (KernelOptions::selection): threshold
+// selects as CUDA's threshold selection does (the prior rule, each head's exact head and stop
+// taken as whole score buckets; prior rule, heads independent); else by rank.
 void select_kv_head(const KVStore& store, int64_t layer, int64_t slot, int64_t head,
                     const float* q, int64_t g, const SelectOptions& opt, int64_t budget,
-                    bool record_heads, SelectScratch& scratch, KVSelection& out);
+                    bool record_heads, SelectScratch& scratch, KVSelection& out,
+                    SelectionKernel selection = SelectionKernel::automatic);
 
 }  // namespace tactic
