@@ -5,11 +5,7 @@
 // arithmetic on both sides, so both put a score in the same bucket.
 #pragma once
 
-#if defined(__CUDACC__)
-#define TACTIC_HD __host__ __device__ __forceinline__
-#else
-#define TACTIC_HD inline
-#endif
+#include "host_device.hpp"
 
 namespace tactic {
 namespace buckets {

@@ -401,17 +401,32 @@ struct LazyRank {
   }
 };
 
+// One KV head's clustered store as the selections read it: counts, cluster offsets,
+// centroids and spreads.
+struct ClusterView {
+  const SlotState& ss;
+  int64_t d, nclu, base, c, n, always;
+  const int32_t* off;
+  const float* cent;
+  const float* spread;
+  ClusterView(const KVStore& st, int64_t layer, int64_t slot, int64_t head)
+      : ss(st.state(layer, slot)), d(st.config().head_dim), nclu(ss.n_clustered), base(ss.n_sink),
+        c(st.num_clusters(layer, slot, head)), n(ss.total()), always(ss.n_sink + ss.n_recent),
+        off(st.offsets(layer, slot, head)), cent(st.centroids(layer, slot, head)),
+        spread(st.spreads(layer, slot, head)) {}
+  int64_t size(int64_t j) const { return (int64_t)off[j + 1] - off[j]; }
+};
+
 void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head, const float* q,
                    int64_t g, const SelectOptions& opt, bool record, SelectScratch& s,
                    KVSelection& out) {
-  const SlotState& ss = st.state(layer, slot);
-  const int64_t d = st.config().head_dim, nclu = ss.n_clustered, base = ss.n_sink;
-  const int64_t c = st.num_clusters(layer, slot, head), n = ss.total();
-  const int64_t always = ss.n_sink + ss.n_recent;
-  const int32_t* off = st.offsets(layer, slot, head);
-  const float* cent = st.centroids(layer, slot, head);
-  const float* spread = st.spreads(layer, slot, head);
-  auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+  const ClusterView cv(st, layer, slot, head);
+  const SlotState& ss = cv.ss;
+  const int64_t d = cv.d, nclu = cv.nclu, base = cv.base, c = cv.c, n = cv.n, always = cv.always;
+  const int32_t* off = cv.off;
+  const float* cent = cv.cent;
+  const float* spread = cv.spread;
+  auto csize = [&](int64_t j) { return cv.size(j); };
 
   s.mark.assign(std::max<int64_t>(c, 1), 0);
   // Fallback: too few clusters for a meaningful estimate, or the target is everything.
@@ -703,14 +718,10 @@ void select_threshold(const KVStore& st, int64_t layer, int64_t slot, int64_t he
                       int64_t g, const SelectOptions& opt, bool record, SelectScratch& s,
                       KVSelection& out) {
   using buckets::kBuckets;
-  const SlotState& ss = st.state(layer, slot);
-  const int64_t d = st.config().head_dim, nclu = ss.n_clustered, base = ss.n_sink;
-  const int64_t c = st.num_clusters(layer, slot, head), n = ss.total();
-  const int64_t always = ss.n_sink + ss.n_recent;
-  const int32_t* off = st.offsets(layer, slot, head);
-  const float* cent = st.centroids(layer, slot, head);
-  const float* spread = st.spreads(layer, slot, head);
-  auto csize = [&](int64_t j) { return (int64_t)off[j + 1] - off[j]; };
+  const ClusterView cv(st, layer, slot, head);
+  const SlotState& ss = cv.ss;
+  const int64_t c = cv.c, n = cv.n, base = cv.base, nclu = cv.nclu;
+  const int32_t* off = cv.off;
   const bool all = c == 0 || c < opt.min_clusters || opt.target >= 1.0;  // as the CUDA twin
   s.mark.assign(std::max<int64_t>(c, 1), all ? 1 : 0);
   out.rows.clear();
@@ -729,10 +740,10 @@ void select_threshold(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   s.bucket.resize(c);
   s.tok.resize(kBuckets);
   s.pri.resize(kBuckets);
-  std::vector<float> fixed(always), lg;
+  std::vector<float> fixed(cv.always), lg;
   for (int64_t h = 0; h < g; ++h) {
-    const float* qh = q + h * d;
-    score_clusters(qh, cent, spread, c, d, opt.spread, s.score.data());
+    const float* qh = q + h * cv.d;
+    score_clusters(qh, cv.cent, cv.spread, c, cv.d, opt.spread, s.score.data());
     float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < c; ++j) mx = std::max(mx, s.score[j]), mn = std::min(mn, s.score[j]);
     const float bpl = buckets::bucket_width(mx, mn);
@@ -741,8 +752,8 @@ void select_threshold(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     for (int64_t j = 0; j < c; ++j) {
       const int b = buckets::bucket_of(s.score[j], mx, bpl);
       s.bucket[j] = b;
-      s.tok[b] += (double)csize(j);
-      s.pri[b] += (double)csize(j) * std::exp((double)s.score[j] - (double)mx);
+      s.tok[b] += (double)cv.size(j);
+      s.pri[b] += (double)cv.size(j) * std::exp((double)s.score[j] - (double)mx);
     }
     int bh = kBuckets - 1;
     for (int k = 0, found = 0; k < kBuckets; ++k) {  // inclusive prefixes; bh: the crossing bucket
@@ -756,7 +767,7 @@ void select_threshold(const KVStore& st, int64_t layer, int64_t slot, int64_t he
     for (int64_t j = 0; j < c; ++j)
       if (s.bucket[j] <= bh) {
         const int64_t at = (int64_t)lg.size();
-        lg.resize(at + csize(j));
+        lg.resize(at + cv.size(j));
         row_logits(st, layer, slot, head, base + off[j], base + off[j + 1], qh, lg.data() + at, s.row);
       }
     double m = -std::numeric_limits<double>::infinity();
@@ -777,14 +788,14 @@ void select_threshold(const KVStore& st, int64_t layer, int64_t slot, int64_t he
         est = std::min(1.0, (acc0 + alpha * (s.pri[bx] - prior_head)) / z);
       }
     }
-    int64_t tokens = always;
+    int64_t tokens = cv.always;
     if (record) {
       out.head_rows[h].clear();
       push_range(out.head_rows[h], 0, ss.n_sink);
     }
     for (int64_t j = 0; j < c; ++j)
       if (s.bucket[j] <= bx) {
-        tokens += csize(j);
+        tokens += cv.size(j);
         s.mark[j] = 1;
         if (record) push_range(out.head_rows[h], base + off[j], base + off[j + 1]);
       }

@@ -4,11 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TACTIC_HD __host__ __device__ __forceinline__
-#else
-#define TACTIC_HD inline
-#endif
+#include "host_device.hpp"
 
 namespace tactic {
 
