@@ -33,8 +33,7 @@ StepPlan make_step_plan(const DecoderConfig& cfg, int64_t cmax) {
   p.selection = SelectionKernel::ranked;
   if (k.selection == SelectionKernel::threshold && cfg.select.policy == Policy::tactic) {  // (dense: no selection)
     std::string why = threshold_selection_fit(cfg.dtype, cfg.head_dim, g);
-    if (why.empty() && cfg.select.stop_rule != StopRule::prior) why = "needs stop_rule='prior'";
-    if (why.empty() && cfg.select.group_head && g > 1) why = "does not run with group_head";  // (g 1: a no-op)
+    if (why.empty()) why = threshold_rule_fit(cfg);
     if (!why.empty()) throw UnsupportedError("selection_kernel='threshold' " + why + here);
     p.selection = SelectionKernel::threshold;
   }

@@ -20,18 +20,12 @@ constexpr int64_t kChunkRows = 512;  // split-KV chunk: balances heads with larg
 namespace {
 
 // A CPU decoder's plan: only the selection. 'threshold' (the CUDA threshold selection's twin)
-// fits what that selection fits besides the kernels: the prior rule, heads selected one by
-// one; refused with the reason otherwise (UnsupportedError, as on CUDA).
+// fits what that selection's rule fits (threshold_rule_fit); refused with the reason otherwise
+// (UnsupportedError, as on CUDA).
 StepPlan cpu_plan(const DecoderConfig& cfg) {
   StepPlan p;
-  const SelectOptions& o = cfg.select;
-  if (cfg.kernels.selection == SelectionKernel::threshold && o.policy == Policy::tactic) {  // (dense: no selection)
-    std::string why;
-    if (o.stop_rule != StopRule::prior) why = "needs stop_rule='prior'";
-    else if (o.group_head && cfg.num_q_heads > cfg.num_kv_heads) why = "does not run with group_head";
-    else if (o.share_group && cfg.num_q_heads > cfg.num_kv_heads)
-      why = "selects each query head independently: set share_group=False";
-    else if (o.estimator != Estimator::centroid_prior) why = "needs estimator='centroid_prior'";
+  if (cfg.kernels.selection == SelectionKernel::threshold && cfg.select.policy == Policy::tactic) {  // (dense: no selection)
+    const std::string why = threshold_rule_fit(cfg);
     if (!why.empty()) throw UnsupportedError("selection_kernel='threshold' " + why);
     p.selection = SelectionKernel::threshold;
   }

@@ -48,6 +48,16 @@ SelectionKernel parse_selection_kernel(const std::string& s) {
     if (s == selection_kernel_name(k)) return k;
   throw ValueError("`selection_kernel` must be 'auto', 'ranked' or 'threshold', got '" + s + "'");
 }
+
+std::string threshold_rule_fit(const DecoderConfig& cfg) {
+  const SelectOptions& o = cfg.select;
+  const bool grouped = cfg.num_q_heads > cfg.num_kv_heads;
+  if (o.stop_rule != StopRule::prior) return "needs stop_rule='prior'";
+  if (o.group_head && grouped) return "does not run with group_head";
+  if (o.share_group && grouped) return "selects each query head independently: set share_group=False";
+  if (o.estimator != Estimator::centroid_prior) return "needs estimator='centroid_prior'";
+  return "";
+}
 const char* stop_rule_name(StopRule r) { return r == StopRule::certified ? "certified" : "prior"; }
 
 Policy parse_policy(const std::string& s) {

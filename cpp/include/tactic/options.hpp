@@ -162,6 +162,11 @@ struct DecoderConfig {
   double softmax_scale() const;  // `scale`, or 1/sqrt(head_dim) when it is 0
 };
 
+// Empty where selection_kernel='threshold' fits cfg's selection rule (stop_rule 'prior', the
+// centroid_prior estimator, query heads independent: no share_group or group_head where a KV
+// head has several), else the reason; both backends refuse with it (CUDA adds its kernels' fit).
+std::string threshold_rule_fit(const DecoderConfig& cfg);
+
 // Throw ValueError naming the first out-of-range field.
 void validate(const SelectOptions& o);
 void validate(const KMeansOptions& o);
