@@ -740,7 +740,8 @@ void select_threshold(const KVStore& st, int64_t layer, int64_t slot, int64_t he
   s.bucket.resize(c);
   s.tok.resize(kBuckets);
   s.pri.resize(kBuckets);
-  std::vector<float> fixed(cv.always), lg;
+  std::vector<float> fixed(cv.always);
+  std::vector<float>& lg = s.logit;  // the exact head's logits (scratch: kept between calls)
   for (int64_t h = 0; h < g; ++h) {
     const float* qh = q + h * cv.d;
     score_clusters(qh, cv.cent, cv.spread, c, cv.d, opt.spread, s.score.data());
