@@ -26,6 +26,22 @@ def require_cuda():
     return torch
 
 
+def capture_graph(fn):
+    """fn() captured once as a CUDA graph on a side stream, after one eager warm-up call whose
+    results stay in fn's outputs (capture runs nothing). Returns the graph."""
+    import torch
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph
+
+
 def make(shape, dtype, rng, scale=1.0):
     """A random array of `dtype` (torch for bfloat16, numpy otherwise) and its exact float64
     values after rounding to that dtype."""

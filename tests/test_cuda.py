@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tactic
-from conftest import ATOL, RTOL, fixture_accuracy, ref_attention, require_cuda
+from conftest import ATOL, RTOL, capture_graph, fixture_accuracy, ref_attention, require_cuda
 
 torch = require_cuda()
 
@@ -251,13 +251,8 @@ def test_cuda_graph_replays_the_step(group_head):
     dec.prefill(0, k.half().cuda(), v.half().cuda())
     q = (torch.randn(1, hkv * g, d, generator=gen) * 2).half().cuda()
     out = torch.empty_like(q)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        dec.decode(0, q, None, None, out=out)  # warm-up: uploads the slot list
-        eager = out.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            dec.decode(0, q, None, None, out=out)
+    graph = capture_graph(lambda: dec.decode(0, q, None, None, out=out))  # the warm-up uploads the slot list
+    eager = out.clone()
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -277,20 +272,6 @@ def _graph_decoder(n, hkv, g, d, gen, target, **opts):
     return dec, k.half(), v.half()
 
 
-def _capture(fn):
-    """fn() captured once as a CUDA graph on a side stream (after one eager warm-up call)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    return graph
-
-
 def test_captured_append_replays_like_eager_decodes():
     """decode with k_new / v_new captured once and replayed: each replay appends its token and
     selects as an eager decode of a twin decoder does, the host sees the lengths the replays
@@ -306,7 +287,7 @@ def test_captured_append_replays_like_eager_decodes():
                torch.randn(1, hkv, d, generator=gen).half().cuda()) for i in range(steps + 2)]
     q, kn, vn = (x.clone() for x in inputs[0])
     out = torch.empty_like(q)
-    graph = _capture(lambda: dec.decode(0, q, kn, vn, out=out))  # the warm-up call appends once
+    graph = capture_graph(lambda: dec.decode(0, q, kn, vn, out=out))  # the warm-up call appends once
     twin.decode(0, *inputs[0])
     assert dec.length(0) == twin.length(0) == n + 1
     for i in range(1, steps + 1):
@@ -337,7 +318,7 @@ def test_replayed_append_into_a_full_slot_is_reported():
     q = torch.randn(1, hkv * g, d, generator=gen).half().cuda()
     kn, vn = (x.clone() for x in news[0])
     out = torch.empty_like(q)
-    graph = _capture(lambda: dec.decode(0, q, kn, vn, out=out))  # warm-up: token n + 1
+    graph = capture_graph(lambda: dec.decode(0, q, kn, vn, out=out))  # warm-up: token n + 1
     for i in range(1, 5):  # tokens n + 2, n + 3 fit; two more do not
         kn.copy_(news[i][0])
         vn.copy_(news[i][1])
@@ -365,7 +346,7 @@ def test_recluster_between_replays():
     q = torch.randn(1, hkv * g, d, generator=gen).half().cuda()
     kn, vn = torch.zeros(1, hkv, d).half().cuda(), torch.zeros(1, hkv, d).half().cuda()
     out = torch.empty_like(q)
-    graph = _capture(lambda: dec.decode(0, q, kn, vn, out=out))
+    graph = capture_graph(lambda: dec.decode(0, q, kn, vn, out=out))
     ks, vs = [kn.clone()], [vn.clone()]
     for i in range(steps):
         if i == 6:
@@ -415,7 +396,7 @@ def test_a_captured_step_keeps_its_slots_across_eager_calls():
         dec.prefill(0, kk.half().cuda(), torch.randn(n, hkv, d, generator=gen).half().cuda(), seq=s)
     q = torch.randn(1, hkv * g, d, generator=gen).half().cuda()
     out = torch.empty_like(q)
-    graph = _capture(lambda: dec.decode(0, q, None, None, seq=[0], out=out))
+    graph = capture_graph(lambda: dec.decode(0, q, None, None, seq=[0], out=out))
     slot0 = dec.decode(0, q, None, None, seq=[0])
     slot1 = dec.decode(0, q, None, None, seq=[1])
     assert not torch.equal(slot0, slot1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tactic
-from conftest import fixture_accuracy, ref_attention, require_cuda
+from conftest import capture_graph, fixture_accuracy, ref_attention, require_cuda
 from test_stop_rule import FAMILIES, lower_limit, probs64, workload
 
 torch = require_cuda()
@@ -137,13 +137,8 @@ def test_certified_selection_is_reproducible_and_graph_capturable():
     dec = decoder(k, hq, "cuda")
     q = torch.from_numpy(qs[0][None]).half().cuda()
     out = torch.empty_like(q)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        dec.decode(0, q, None, None, out=out)  # warm-up: uploads the slot list
-        eager = out.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            dec.decode(0, q, None, None, out=out)
+    graph = capture_graph(lambda: dec.decode(0, q, None, None, out=out))  # the warm-up uploads the slot list
+    eager = out.clone()
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tactic
-from conftest import ATOL, RTOL, ref_attention, require_cuda
+from conftest import ATOL, RTOL, capture_graph, ref_attention, require_cuda
 
 torch = require_cuda()
 
@@ -189,13 +189,8 @@ def test_threshold_graph_replays_the_step():
     dec.prefill(0, k.half().cuda(), v.half().cuda())
     q = (torch.randn(1, hkv * g, d, generator=gen) * 2).half().cuda()
     out = torch.empty_like(q)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        dec.decode(0, q, None, None, out=out)
-        eager = out.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            dec.decode(0, q, None, None, out=out)
+    graph = capture_graph(lambda: dec.decode(0, q, None, None, out=out))
+    eager = out.clone()
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
