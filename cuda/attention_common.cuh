@@ -54,6 +54,10 @@ struct MergeParams {
   const float* ws_acc;
   void* out;
   int64_t out_stride_b, out_stride_h;
+  // A second run of records per item, or null: counts2[i] units from unit plan2[i] (the
+  // threshold selection's rest pass, whose units are spread over items by their work).
+  const int32_t* counts2;
+  const int32_t* plan2;
   const float* carry_in;  // [items * g] records or null: one more partial per query head (AttentionArgs)
   float* carry_out;       // [items * g] records or null: the unnormalised result instead of out
 };

@@ -35,7 +35,8 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   const float* cin = p.carry_in ? p.carry_in + blk * rec_len : nullptr;
   float* cout = p.carry_out ? p.carry_out + blk * rec_len : nullptr;
   const int count = clamp_count(p.counts[i], p.max_count);
-  if (count == 0 && !cin) {  // uniform over the block; the plan is not read (no chunk kernel ran then)
+  const int n2 = p.counts2 ? p.counts2[i] : 0;
+  if (count == 0 && n2 == 0 && !cin) {  // uniform over the block; the plan is not read (no chunk kernel ran then)
     if (cout) {
       for (int dd = tid; dd < D; dd += kMergeThreads) cout[kCarryAcc + dd] = 0.f;
       if (tid == 0) cout[0] = -FLT_MAX, cout[1] = 0.f;
@@ -48,9 +49,12 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   const int nch = (int)(((int64_t)count + len - 1) / len);
   // unit c's record: rec0 + c * g (no unit, no plan read: a carried record alone)
   const int64_t rec0 = nch > 0 ? (int64_t)p.plan[1 + i] * p.g + j : 0;
+  const int64_t rec2 = n2 > 0 ? (int64_t)p.plan2[i] * p.g + j : 0;
+  const int ntot = nch + n2;
+  auto rec_of = [&](int c) { return c < nch ? rec0 + (int64_t)c * p.g : rec2 + (int64_t)(c - nch) * p.g; };
 
   float mx = -FLT_MAX;
-  for (int c = tid; c < nch; c += kMergeThreads) mx = fmaxf(mx, p.ws_ml[(rec0 + c * p.g) * 2]);
+  for (int c = tid; c < ntot; c += kMergeThreads) mx = fmaxf(mx, p.ws_ml[rec_of(c) * 2]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
   if (lane == 0) s_red[warp] = mx;
@@ -65,8 +69,8 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(const Me
   for (int k = 0; k < PER; ++k) a[k] = make_float4(0.f, 0.f, 0.f, 0.f);
   float lsum = 0.f;
 #pragma unroll 4
-  for (int c = warp; c < nch; c += kMergeWarps) {
-    const int64_t rec = rec0 + (int64_t)c * p.g;
+  for (int c = warp; c < ntot; c += kMergeWarps) {
+    const int64_t rec = rec_of(c);
     const float wgt = fast_exp2(p.ws_ml[rec * 2] - mx);
     lsum = fmaf(wgt, p.ws_ml[rec * 2 + 1], lsum);
     const float4* src = reinterpret_cast<const float4*>(p.ws_acc + rec * D);

@@ -148,7 +148,7 @@ struct DeviceDecoder::Impl {
   void ensure_threshold_state(const StepPlan& p) {
     if (!clusters() || p.selection != SelectionKernel::threshold || (thr_state.p && layer_mark.p)) return;
     const uint64_t items = (uint64_t)B * H;
-    const uint64_t st = threshold_state_bytes(B * Hq, (int64_t)items, G, D, cmax),
+    const uint64_t st = threshold_state_bytes(B * Hq, (int64_t)items, G, D, cmax, p.sm_count),
                    marks = mul_sat((uint64_t)L, mul_sat(items, (uint64_t)cmax));
     std::size_t free_bytes = 0, device_bytes = 0;
     TACTIC_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &device_bytes));
@@ -605,6 +605,9 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
     SelectArgs a{};
     a.dtype = m.cfg.dtype;
     a.offsets = m.offsets.as<int32_t>();
+    a.sm_count = m.plan.sm_count;  // the rest pass's blocks, as the state was sized
+    // The rest pass's plan weighs each item by its heads' tokens (read only under reuse).
+    a.head_tokens = m.head_tokens.as<int64_t>() + (std::size_t)layer * (std::size_t)(m.B * m.Hq);
     m.threshold(layer, geo, a, &out, true);
     return;
   }

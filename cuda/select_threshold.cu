@@ -43,20 +43,31 @@ struct ThreshState {
   ThreshInfo* info;  // [heads]
   int32_t* head_done;  // [heads] hist blocks finished
   int32_t* item_done;  // [items] head-pass blocks finished
+  int32_t* hrows;      // [items] the head pass's union rows (finish_item; the rest pass's plan)
+  int32_t* seg;        // [2 * items] each item's rest-pass records: count, then first unit
   double* cpri;    // [heads, kBuckets] prior through each bucket (the hist's last block)
   int32_t* ctok;   // [heads, kBuckets] tokens through each bucket
   float* hs;       // [items, units, g] each head's own exact-head mass per head-pass block (rel. to its m)
   int32_t* urows;  // [items, units] rows read per head-pass block
-  int32_t* mplan;  // [items + 1] the merge's plan: 1, then 2 * units * item
-  int32_t* mcounts;  // [items] records per item (2 * units)
-  float* ws_ml;    // [items * 2 * units, g, 2] the passes' partial records: m (log2 units), l
-  float* ws_acc;   // [items * 2 * units, g, d]
+  int32_t* mplan;  // [items + 1] the merge's plan: 1, then units * item
+  int32_t* mcounts;  // [items] head-pass records per item (units)
+  // The passes' partial records: [items * units] of the head pass (unit item * units + u),
+  // then [rest_units] of the rest pass (rest_plan), each [g] of (m in log2 units, l) and [g, d].
+  float* ws_ml;
+  float* ws_acc;
 };
+
+// The rest pass's blocks per step: one full wave of pass blocks (three per SM), or one per
+// item where there are more items.
+__host__ __device__ inline int64_t rest_blocks(int64_t items, int64_t sms) { return 3 * sms > items ? 3 * sms : items; }
+// Rest-pass records for up to `items` items: a record per (block, item it overlaps).
+__host__ __device__ inline int64_t rest_units(int64_t items, int64_t sms) { return rest_blocks(items, sms) + items; }
+
 
 __host__ __device__ inline std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
 
 __host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t items, int64_t g, int64_t d,
-                                             int units) {
+                                             int units, int64_t sms) {
   ThreshState t;
   char* p = static_cast<char*>(base);
   auto take = [&](std::size_t bytes) {
@@ -69,13 +80,15 @@ __host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t 
   t.info = reinterpret_cast<ThreshInfo*>(take((std::size_t)heads * sizeof(ThreshInfo)));
   t.head_done = reinterpret_cast<int32_t*>(take((std::size_t)heads * 4));
   t.item_done = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
+  t.hrows = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
+  t.seg = reinterpret_cast<int32_t*>(take((std::size_t)items * 2 * 4));
   t.cpri = reinterpret_cast<double*>(take((std::size_t)heads * kBuckets * 8));
   t.ctok = reinterpret_cast<int32_t*>(take((std::size_t)heads * kBuckets * 4));
   t.hs = reinterpret_cast<float*>(take((std::size_t)heads * units * 4));
   t.urows = reinterpret_cast<int32_t*>(take((std::size_t)items * units * 4));
   t.mplan = reinterpret_cast<int32_t*>(take((std::size_t)(items + 1) * 4));
   t.mcounts = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
-  const std::size_t records = (std::size_t)items * 2 * units * g;
+  const std::size_t records = ((std::size_t)items * units + (std::size_t)rest_units(items, sms)) * g;
   t.ws_ml = reinterpret_cast<float*>(take(records * 2 * 4));
   t.ws_acc = reinterpret_cast<float*>(take(records * d * 4));
   return t;
@@ -235,7 +248,10 @@ struct PassParams {
   int64_t* head_tokens;
   double* est_mass;
   int32_t* counts;           // [items] union rows read
-  int units;                 // blocks per item in each pass (threshold_units)
+  int units;                 // head-pass blocks per item (threshold_units)
+  int64_t items, nb;         // (sequence, KV head) pairs of the step; rest-pass blocks launched
+  int64_t rest_unit0;        // the rest pass's first record unit (max_items * units)
+  int elem_bytes;            // of K and V
   double target, margin;
   bool reuse;
 };
@@ -256,11 +272,11 @@ __device__ void finish_item(const PassParams& p, int64_t item, const HeadSlice& 
     // Exact masses from the records, relative to their common max M (log2 units); the last
     // block of the pass read the sinks and recent rows.
     float M = -FLT_MAX;
-    for (int u = lane; u < U; u += 32) M = fmaxf(M, __ldcg(p.t.ws_ml + ((item * 2 * U + u) * s.g + j) * 2));
+    for (int u = lane; u < U; u += 32) M = fmaxf(M, __ldcg(p.t.ws_ml + ((item * U + u) * s.g + j) * 2));
     for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
     double am = 0.0, ex = 0.0;
     for (int u = lane; u < U; u += 32) {
-      const int64_t rec = (item * 2 * U + u) * s.g + j;
+      const int64_t rec = (item * U + u) * s.g + j;
       const float m = __ldcg(p.t.ws_ml + rec * 2), l = __ldcg(p.t.ws_ml + rec * 2 + 1);
       const double w = exp2((double)m - (double)M);
       if (u == U - 1) am += (double)l * w;
@@ -320,64 +336,59 @@ __device__ void finish_item(const PassParams& p, int64_t item, const HeadSlice& 
   for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(kFull, r, o);
   if (threadIdx.x == 0) {
     p.counts[item] = r;
+    p.t.hrows[item] = r;
     p.t.item_done[item] = 0;
   }
 }
 
-// Pass kPass (1: the group's exact heads, plus sinks and recent rows in the last block; 2: the
-// rest of the selection) for block (item, u): lists its chunk's chosen clusters a round at a
-// time, reads their rows in 16-row tiles (cp.async, two stages per warp) and forms S = Q K^T and
-// O += P V on tensor cores for the whole group, as attention_chunks_mma_kernel does over a row
-// list. Pass 1 also sums each head's exact mass over its own exact-head rows.
+// The shared memory of a pass block besides the tiles (one unit at a time).
+struct PassShared {
+  int32_t start[kRound];    // chosen clusters of the round: first store row
+  int32_t pre[kRound + 1];  // and exclusive prefix of their rows
+  uint8_t own[kRound];      // pass 1: bit j = head j's own exact head
+  float mx[8], bpl[8];
+  int bh[8], bx[8], all[8];
+  int n, rows, last;
+  long long wp[33];  // the rest pass: the prefix at the block's first 33 item boundaries
+  long long lo, hi;  // and the block's range of it
+  typename cub::BlockScan<long long, kThreads>::TempStorage scan;
+};
+
+// One unit of pass kPass (1: the group's exact heads, or the sinks and recent rows where
+// `always_unit`; 2: the rest of the selection): item's clusters [c_lo, c_hi) listed a round at a
+// time, their chosen rows read in 16-row tiles (cp.async, two stages per warp), S = Q K^T and
+// O += P V on tensor cores for the whole group (attention_tile.cuh, as the chunk kernel over a
+// row list); the unit's record per query head at unit index `unit`. Pass 1 also sums each
+// head's exact mass over its own exact-head rows (returned in hsum_out, per head, via t.hs by
+// the caller's index). Returns the rows read.
 template <class T, int D, int kPass>
-__global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassParams p) {
-  pdl_begin();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  static_assert(sizeof(T) == 2 && D % 16 == 0 && D <= 128, "16-bit K/V, D a multiple of 16 up to 128");
+__device__ __forceinline__ int pass_unit(const PassParams& p, PassShared& sh, unsigned char* s_work, int64_t item,
+                                         const HeadSlice& v, int c_lo, int c_hi, bool always_unit, int unit) {
   using Tile = PassTile<D>;
   constexpr int ST = Tile::kStride, KS = D / 16, NT = D / 8;
-  extern __shared__ __align__(16) unsigned char s_work[];
-  __shared__ int32_t s_start[kRound];      // chosen clusters of the round: first store row
-  __shared__ int32_t s_pre[kRound + 1];    // and exclusive prefix of their rows
-  __shared__ uint8_t s_own[kRound];        // pass 1: bit j = head j's own exact head
-  __shared__ float s_mx[8], s_bpl[8];
-  __shared__ int s_bh[8], s_bx[8], s_all[8];
-  __shared__ int s_n, s_rows, s_last;
   typedef cub::BlockScan<long long, kThreads> Scan;
-  __shared__ typename Scan::TempStorage s_scan;
   const StepGeometry& s = p.s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g8 = lane >> 2, t4 = lane & 3;
-  const int U = p.units;
-  const int64_t item = blockIdx.x / U;
-  const int u = (int)(blockIdx.x - item * U);
-  const HeadSlice v = slice(s, item);
   const int64_t hq = s.hkv * s.g, head0 = v.b * hq + v.h * s.g;
-  const bool always_unit = kPass == 1 && u == U - 1;
-  const int chunks = kPass == 1 ? U - 1 : U;
   const T* kb = static_cast<const T*>(p.k) + v.hi * s.cap * D;
   const T* vb = static_cast<const T*>(p.v) + v.hi * s.cap * D;
   const int32_t* off = p.offsets + v.hi * (s.cmax + 1);
   uint8_t* lmark = p.layer_mark + item * s.cmax;
+  __syncthreads();  // the block's previous unit is done with the shared memory
   if (tid < s.g && !p.reuse) {
     const ThreshInfo in = p.t.info[head0 + tid];
-    s_mx[tid] = in.mx;
-    s_bpl[tid] = in.bpl;
-    s_bh[tid] = in.bh;
-    s_bx[tid] = in.bx;
-    s_all[tid] = in.all;
-  }
-  if (kPass == 1 && blockIdx.x == 0 && tid == 0) p.t.mplan[0] = 1;
-  if (u == 0 && tid == 0) {  // the merge's plan: 2 U records per item
-    p.t.mplan[1 + item] = (int32_t)(item * 2 * U);
-    p.t.mcounts[item] = 2 * U;
+    sh.mx[tid] = in.mx;
+    sh.bpl[tid] = in.bpl;
+    sh.bh[tid] = in.bh;
+    sh.bx[tid] = in.bx;
+    sh.all[tid] = in.all;
   }
 
   // Q as the A operand (attention_tile.cuh).
   uint32_t qa[KS][4];
   const bool head = g8 < s.g;
-  const float* qi = p.q + head0 * D;
-  load_q_frags<T, D>(qi, s.g, lane, qa);
+  load_q_frags<T, D>(p.q + head0 * D, s.g, lane, qa);
   float o[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
@@ -385,11 +396,10 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
   T* wt = reinterpret_cast<T*>(s_work) + warp * Tile::kWarp;
   __syncthreads();
 
-  const int64_t c_lo = v.C * u / chunks, c_hi = always_unit ? c_lo : v.C * (u + 1) / chunks;
-  int64_t rows_read = 0;
+  int rows_read = 0;
   // Rounds: the chosen clusters of [r0, r0 + kRound) listed, then read. The always unit has
   // one round of sinks and recent rows.
-  for (int64_t r0 = c_lo; always_unit ? r0 == c_lo : r0 < c_hi; r0 += kRound) {
+  for (int r0 = c_lo; always_unit ? r0 == c_lo : r0 < c_hi; r0 += kRound) {
     int R = 0;
     if (always_unit) {
       R = (int)(v.nsink + v.nrec);
@@ -415,9 +425,9 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
             bool in1 = false, in2 = false;
             uint8_t mine = 0;
             for (int j = 0; j < s.g; ++j) {
-              const int bk = s_all[j] ? 0 : bucket_of(__ldg(p.scores + (head0 + j) * s.cmax + c), s_mx[j], s_bpl[j]);
-              const bool h1 = s_all[j] || bk <= s_bh[j];
-              const bool h2 = s_all[j] || bk <= s_bx[j];
+              const int bk = sh.all[j] ? 0 : bucket_of(__ldg(p.scores + (head0 + j) * s.cmax + c), sh.mx[j], sh.bpl[j]);
+              const bool h1 = sh.all[j] || bk <= sh.bh[j];
+              const bool h2 = sh.all[j] || bk <= sh.bx[j];
               in1 |= h1;
               in2 |= h2;
               if (kPass == 1 ? h1 : h2) mine |= (uint8_t)(1u << j);
@@ -437,27 +447,27 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
         }
       }
       long long ex, tot;
-      Scan(s_scan).ExclusiveSum(((long long)n_sel << 32) | (long long)rows, ex, tot);
+      Scan(sh.scan).ExclusiveSum(((long long)n_sel << 32) | (long long)rows, ex, tot);
       int at = (int)(ex >> 32), pre = (int)(ex & 0xffffffffLL);
 #pragma unroll
       for (int e = 0; e < kPerThread; ++e)
         if (sel[e]) {
-          s_start[at] = st_[e];
-          s_pre[at] = pre;
-          s_own[at] = own[e];
+          sh.start[at] = st_[e];
+          sh.pre[at] = pre;
+          sh.own[at] = own[e];
           ++at;
           pre += nn[e];
         }
       if (tid == 0) {
-        s_n = (int)(tot >> 32);
-        s_rows = (int)(tot & 0xffffffffLL);
-        s_pre[s_n] = s_rows;
+        sh.n = (int)(tot >> 32);
+        sh.rows = (int)(tot & 0xffffffffLL);
+        sh.pre[sh.n] = sh.rows;
       }
       __syncthreads();
-      R = s_rows;
+      R = sh.rows;
     }
     rows_read += R;
-    const int n_sel = always_unit ? 0 : s_n;
+    const int n_sel = always_unit ? 0 : sh.n;
 
     // Row `pos` of the round: its store row and its heads' own bits.
     auto row_of = [&](int pos, uint32_t& bits) -> int64_t {
@@ -465,13 +475,13 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
         bits = 0xffu;
         return pos < v.nsink ? pos : v.nsink + v.nclu + (pos - v.nsink);
       }
-      int lo = 0, hi = n_sel - 1;  // the last listed cluster with s_pre <= pos
+      int lo = 0, hi = n_sel - 1;  // the last listed cluster with pre <= pos
       while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
-        if (s_pre[mid] <= pos) lo = mid; else hi = mid - 1;
+        if (sh.pre[mid] <= pos) lo = mid; else hi = mid - 1;
       }
-      bits = s_own[lo];
-      return (int64_t)s_start[lo] + (pos - s_pre[lo]);
+      bits = sh.own[lo];
+      return (int64_t)sh.start[lo] + (pos - sh.pre[lo]);
     };
     const int ntiles = (R + kTileRows - 1) / kTileRows;
     uint32_t bits_st[kStages] = {0u, 0u};  // lane r < 16: row r's own bits, per stage
@@ -510,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
     __syncthreads();  // the round's list is rebuilt next
   }
 
-  // The warps' partials meet in shared memory, then the block's record per head.
+  // The warps' partials meet in shared memory, then the unit's record per head.
   lsum += __shfl_xor_sync(kFull, lsum, 1);
   lsum += __shfl_xor_sync(kFull, lsum, 2);
   hsum += __shfl_xor_sync(kFull, hsum, 1);
@@ -533,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
     }
   }
   __syncthreads();
-  const int64_t rec_base = (item * 2 * U + (kPass - 1) * U + u) * s.g;
+  const int64_t rec_base = unit * s.g;
   for (int x = tid; x < s.g * D; x += kThreads) {
     const int hh = x / D, dd = x - hh * D;
     float mx = s_m[hh];
@@ -557,20 +567,140 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
     }
     p.t.ws_ml[(rec_base + tid) * 2] = mx;
     p.t.ws_ml[(rec_base + tid) * 2 + 1] = sum;
-    if (kPass == 1 && !p.reuse) p.t.hs[(item * U + u) * s.g + tid] = hs;
+    if (kPass == 1 && !p.reuse) p.t.hs[(int64_t)unit * s.g + tid] = hs;
   }
-  if (p.reuse) return;
-  if constexpr (kPass == 2) {
-    if (tid == 0 && rows_read) atomicAdd(p.counts + item, (int32_t)rows_read);
-  } else {
-    if (tid == 0) p.t.urows[item * U + u] = (int32_t)rows_read;
+  return rows_read;
+}
+
+// The rest pass's work of item i, in rows: an upper bound of the rows it has left (the union of
+// its heads' selections holds at most the sum of their tokens and at most the context, less
+// the head pass's rows: heads that chose different clusters must not leave their item a block
+// or two), plus the bytes of listing its clusters.
+__device__ __forceinline__ long long rest_work(const PassParams& p, int64_t i) {
+  const StepGeometry& s = p.s;
+  const HeadSlice v = slice(s, i);
+  const int64_t head0 = v.b * s.hkv * s.g + v.h * s.g;
+  long long sum = 0;
+  for (int j = 0; j < s.g; ++j) sum += __ldcg(reinterpret_cast<const long long*>(p.head_tokens) + head0 + j);
+  sum = min(sum, (long long)(v.nsink + v.nclu + v.nrec));
+  const long long rest = max(0LL, sum - (long long)__ldcg(p.t.hrows + i));
+  const long long row_bytes = 2LL * s.d * p.elem_bytes;
+  return 1 + rest + (v.C * (s.g + 1) * 4 + row_bytes - 1) / row_bytes;
+}
+
+// The rest pass's plan, computed alike by each of its blocks (no hand-over from the head pass,
+// so it adds no serial step): item i's work w_i (rest_work), their prefix wp in shared memory,
+// and block b < nb = min(launched, W) takes the work [W b / nb, W (b + 1) / nb) of the
+// concatenation: a KV head whose group reads most of its context gets most of the blocks. Where
+// the prefix does not fit the shared memory, every item weighs 1. Block 0 writes each item's
+// run of rest records for the merge: (b, i) is unit rest_unit0 + b + i.
+struct RestPlan {
+  long long W, nb, lo, hi;  // the total work, blocks used, this block's range
+  int64_t first;            // the item holding lo
+  bool fits;                // else every item weighs 1
+};
+__device__ RestPlan rest_plan(const PassParams& p, PassShared& sh, unsigned char* s_work, std::size_t smem_bytes) {
+  typedef cub::BlockScan<long long, kThreads> Scan;
+  const int tid = threadIdx.x;
+  const int64_t items = p.items;
+  long long* sw = reinterpret_cast<long long*>(s_work);
+  const bool fits = (std::size_t)(items + 2) * sizeof(long long) <= smem_bytes;
+  long long& s_carry = sw[smem_bytes / 8 - 1];  // past the prefix where it fits
+  if (fits) {
+    if (tid == 0) s_carry = 0;
+    __syncthreads();
+    for (int64_t i0 = 0; i0 < items; i0 += kThreads) {
+      const int64_t i = i0 + tid;
+      const long long w = i < items ? rest_work(p, i) : 0;
+      long long ex, tot;
+      Scan(sh.scan).ExclusiveSum(w, ex, tot);
+      if (i < items) sw[i] = s_carry + ex;
+      __syncthreads();
+      if (tid == 0) s_carry += tot;
+      __syncthreads();
+    }
+    if (tid == 0) sw[items] = s_carry;
+    __syncthreads();
+  }
+  auto wp = [&](int64_t i) -> long long { return fits ? sw[i] : (long long)i; };
+  RestPlan r;
+  r.fits = fits;
+  r.W = wp(items);
+  r.nb = min((long long)p.nb, r.W);
+  auto block_of = [&](long long x) { return (((x + 1) * r.nb - 1) / r.W); };  // lo_b <= x < hi_b
+  if (blockIdx.x == 0)
+    for (int64_t i = tid; i < items; i += kThreads) {
+      const long long f = block_of(wp(i)), l = block_of(wp(i + 1) - 1);
+      p.t.seg[i] = (int32_t)(l - f + 1);
+      p.t.seg[items + i] = (int32_t)(p.rest_unit0 + f + i);
+    }
+  const int64_t b = blockIdx.x;
+  r.lo = r.W * b / r.nb;
+  r.hi = r.W * (b + 1) / r.nb;
+  int64_t a = 0, z = items - 1;  // the last item with wp <= lo
+  while (a < z) {
+    const int64_t mid = (a + z + 1) >> 1;
+    if (wp(mid) <= r.lo) a = mid; else z = mid - 1;
+  }
+  r.first = a;
+  // The block's first item boundaries, for the loop after the tiles take the shared memory.
+  if (tid < 33) sh.wp[tid] = a + tid <= items ? wp(a + tid) : LLONG_MAX;
+  if (tid == 0) sh.lo = r.lo, sh.hi = r.hi;
+  __syncthreads();
+  return r;
+}
+
+// Pass 1 blocks are (item, u): u < U - 1 a chunk of the item's clusters, u = U - 1 the sinks
+// and recent rows; the last block of an item decides its stop (finish_item). Pass 2 block b
+// takes its share of the rest pass's work (rest_plan), one unit per item it overlaps.
+template <class T, int D, int kPass>
+__global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassParams p) {
+  pdl_begin();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static_assert(sizeof(T) == 2 && D % 16 == 0 && D <= 128, "16-bit K/V, D a multiple of 16 up to 128");
+  extern __shared__ __align__(16) unsigned char s_work[];
+  __shared__ PassShared sh;
+  const StepGeometry& s = p.s;
+  const int tid = threadIdx.x;
+  const int U = p.units;
+  if constexpr (kPass == 1) {
+    const int64_t item = blockIdx.x / U;
+    const int u = (int)(blockIdx.x - item * U);
+    const HeadSlice v = slice(s, item);
+    if (blockIdx.x == 0 && tid == 0) p.t.mplan[0] = 1;
+    if (u == 0 && tid == 0) {  // the merge's plan: U head-pass records per item (and the rest's run)
+      p.t.mplan[1 + item] = (int32_t)(item * U);
+      p.t.mcounts[item] = U;
+    }
+    const bool always_unit = u == U - 1;
+    const int c_lo = (int)(v.C * u / (U - 1)), c_hi = always_unit ? c_lo : (int)(v.C * (u + 1) / (U - 1));
+    const int rows = pass_unit<T, D, 1>(p, sh, s_work, item, v, c_lo, c_hi, always_unit, (int)(item * U + u));
+    if (p.reuse) return;
+    if (tid == 0) p.t.urows[item * U + u] = (int32_t)rows;
     __threadfence();
     __syncthreads();
-    if (tid == 0) s_last = atomicAdd(p.t.item_done + item, 1) == U - 1;
+    if (tid == 0) sh.last = atomicAdd(p.t.item_done + item, 1) == U - 1;
     __syncthreads();
-    if (!s_last) return;
+    if (!sh.last) return;
     __threadfence();
     finish_item(p, item, v);
+  } else {
+    const RestPlan r = rest_plan(p, sh, s_work, PassTile<D>::kBytes);
+    const int64_t b = blockIdx.x;
+    if (b >= r.nb) return;
+    const bool fits = r.fits;
+    const int64_t first = r.first;
+    long long w0 = sh.wp[0];  // (lo, hi from shared memory: the loop's registers go to the tiles)
+    for (int64_t i = first; i < p.items && w0 < sh.hi; ++i) {
+      // (beyond the 33 cached boundaries, the next one from the item's own work)
+      const long long w1 = i - first < 32 ? sh.wp[i - first + 1] : w0 + (fits ? rest_work(p, i) : 1);
+      const HeadSlice v = slice(s, i);
+      const long long wi = w1 - w0, a0 = max(sh.lo, w0) - w0, a1 = min(sh.hi, w1) - w0;
+      const int rows = pass_unit<T, D, 2>(p, sh, s_work, i, v, (int)(v.C * a0 / wi), (int)(v.C * a1 / wi), false,
+                                          (int)(p.rest_unit0 + b + i));
+      if (!p.reuse && threadIdx.x == 0 && rows) atomicAdd(p.counts + i, (int32_t)rows);
+      w0 = w1;
+    }
   }
 #else
   __trap();  // launched only where the binary is sm_80 or newer (threshold_selection_fit)
@@ -578,11 +708,11 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
 }
 
 template <class T, int D, int kPass>
-void launch_pass(const PassParams& p, int64_t items, bool pdl, cudaStream_t st) {
+void launch_pass(const PassParams& p, bool pdl, cudaStream_t st) {
   constexpr auto K = thresh_pass_kernel<T, D, kPass>;
   const std::size_t smem = PassTile<D>::kBytes;
   TACTIC_CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  launch<K>(pdl, dim3((unsigned)(items * p.units)), dim3(kThreads), smem, st, p);
+  launch<K>(pdl, dim3((unsigned)(kPass == 1 ? p.items * p.units : p.nb)), dim3(kThreads), smem, st, p);
   TACTIC_CUDA_LAUNCH_CHECK(kPass == 1 ? "thresh_pass_kernel (head)" : "thresh_pass_kernel (rest)");
 }
 
@@ -592,10 +722,11 @@ int threshold_units(int64_t cmax) {
   return (int)std::min<int64_t>(kMaxThreshUnits, std::max<int64_t>(32, (cmax + 255) / 256));
 }
 
-std::size_t threshold_state_bytes(int64_t heads, int64_t items, int64_t g, int64_t d, int64_t cmax) {
+std::size_t threshold_state_bytes(int64_t heads, int64_t items, int64_t g, int64_t d, int64_t cmax, int64_t sms) {
   const int units = threshold_units(cmax);
-  const ThreshState t = carve(nullptr, heads, items, g, d, units);
-  return reinterpret_cast<std::size_t>(t.ws_acc) + align16((std::size_t)items * 2 * units * g * d * 4);
+  const ThreshState t = carve(nullptr, heads, items, g, d, units, sms);
+  return reinterpret_cast<std::size_t>(t.ws_acc) +
+         align16(((std::size_t)items * units + (std::size_t)rest_units(items, sms)) * g * d * 4);
 }
 
 std::string threshold_selection_fit(DType dtype, int64_t d, int64_t g) {
@@ -613,13 +744,15 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   const std::string why = threshold_selection_fit(a.dtype, s.d, s.g);
   if (!why.empty()) throw UnsupportedError("the threshold selection " + why);
   const int units = threshold_units(s.cmax);
+  const int64_t sms = a.sm_count;
   if (heads > ta.max_heads || items > ta.max_items) throw ValueError("threshold_step: the state is sized for fewer heads");
-  const ThreshState t = carve(ta.state, ta.max_heads, ta.max_items, s.g, s.d, units);
+  if (sms <= 0) throw ValueError("threshold_step: sm_count must be set");
+  if (items == 0) return;
+  const ThreshState t = carve(ta.state, ta.max_heads, ta.max_items, s.g, s.d, units, sms);
   if (!ta.reuse) {
     if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
     launch_score(s, a);
     // About 2048 clusters per block, and at least two blocks per SM over all heads.
-    const int64_t sms = a.sm_count > 0 ? a.sm_count : 132;
     const int parts = (int)std::max<int64_t>(
         1, std::min<int64_t>(64, std::max<int64_t>((s.cmax + 2047) / 2048, (2 * sms + heads - 1) / heads)));
     launch<thresh_hist_kernel>(s.pdl, dim3((unsigned)(heads * parts)), dim3(kHistThreads), 0, st, s, a, t, parts);
@@ -640,6 +773,10 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   p.est_mass = a.est_mass;
   p.counts = a.counts;
   p.units = units;
+  p.items = items;
+  p.nb = rest_blocks(items, sms);
+  p.rest_unit0 = ta.max_items * units;
+  p.elem_bytes = 2;  // 16-bit K/V (threshold_selection_fit)
   p.target = a.target;
   p.margin = a.margin;
   p.reuse = ta.reuse;
@@ -647,10 +784,10 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
     using T = decltype(tag);
     if constexpr (sizeof(T) == 2) {
       switch (s.d) {
-        case 64: launch_pass<T, 64, 1>(p, items, s.pdl, st); launch_pass<T, 64, 2>(p, items, s.pdl, st); break;
-        case 80: launch_pass<T, 80, 1>(p, items, s.pdl, st); launch_pass<T, 80, 2>(p, items, s.pdl, st); break;
-        case 96: launch_pass<T, 96, 1>(p, items, s.pdl, st); launch_pass<T, 96, 2>(p, items, s.pdl, st); break;
-        default: launch_pass<T, 128, 1>(p, items, s.pdl, st); launch_pass<T, 128, 2>(p, items, s.pdl, st); break;
+        case 64: launch_pass<T, 64, 1>(p, s.pdl, st); launch_pass<T, 64, 2>(p, s.pdl, st); break;
+        case 80: launch_pass<T, 80, 1>(p, s.pdl, st); launch_pass<T, 80, 2>(p, s.pdl, st); break;
+        case 96: launch_pass<T, 96, 1>(p, s.pdl, st); launch_pass<T, 96, 2>(p, s.pdl, st); break;
+        default: launch_pass<T, 128, 1>(p, s.pdl, st); launch_pass<T, 128, 2>(p, s.pdl, st); break;
       }
     }
   });
@@ -659,8 +796,10 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   mp.hkv = s.hkv;
   mp.g = s.g;
   mp.counts = t.mcounts;
-  mp.max_count = 2 * units;
+  mp.max_count = units;
   mp.plan = t.mplan;
+  mp.counts2 = t.seg;
+  mp.plan2 = t.seg + items;
   mp.ws_ml = t.ws_ml;
   mp.ws_acc = t.ws_acc;
   mp.out = at.out;

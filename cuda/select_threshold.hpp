@@ -41,7 +41,8 @@ int threshold_units(int64_t cmax);
 // Device state of the threshold selection for up to `heads` query heads and `items` (sequence,
 // KV head) pairs of group g and head dim d (histograms, hand-over, the passes' partial records):
 // zero it at allocation; every step leaves it as the next one needs it.
-std::size_t threshold_state_bytes(int64_t heads, int64_t items, int64_t g, int64_t d, int64_t cmax);
+// sms: the device's multiprocessors (the rest pass runs a wave of blocks).
+std::size_t threshold_state_bytes(int64_t heads, int64_t items, int64_t g, int64_t d, int64_t cmax, int64_t sms);
 
 // Empty where the threshold selection can run for this shape on the current device, else the reason.
 std::string threshold_selection_fit(DType dtype, int64_t head_dim, int64_t g);
@@ -55,7 +56,8 @@ struct ThresholdArgs {
 };
 
 // The selection and attention of one step (after prepare_q): a.scores etc. as the ranked
-// selection's SelectArgs (prior rule; head_mark, head_tokens, est_mass, counts written).
+// selection's SelectArgs (prior rule; head_mark, head_tokens, est_mass, counts written; sm_count
+// as the state was sized with).
 void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdArgs& t);
 
 }  // namespace cuda

@@ -337,3 +337,46 @@ def test_threshold_cuda_agrees_with_its_cpu_twin():
         assert (tc < n).any(), "the test must exercise a real selection"
     assert close >= 0.9 * heads, (close, heads)
     assert abs(ut["gpu"] - ut["cpu"]) <= 0.05 * ut["cpu"], ut
+
+
+@pytest.mark.parametrize("batch,long_n,short", [(24, 30000, (120, 400)), (220, 0, (120, 400)),
+                                                (100, 200000, (20, 60))])
+def test_threshold_rest_pass_spreads_uneven_work(batch, long_n, short):
+    """The rest pass's blocks are spread over the (sequence, KV head) pairs by their estimated
+    work, so a block may take a slice of one long item or several short ones (dozens, past the
+    boundaries it keeps in shared memory, where the short ones have no clusters), and with more
+    pairs than a wave of blocks about one block per pair. Sequence 0 long with one flat KV head
+    (its group reads nearly all of it), the others short: float64 attention over each reported
+    union, row counts equal to the unions, and reuse_selection over the same unions."""
+    gen = torch.Generator().manual_seed(batch)
+    hkv, g, d, dtype = 2, 4, 64, "float16"
+    lens = [long_n or 350] + [int(x) for x in torch.randint(*short, (batch - 1,), generator=gen)]
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=batch, max_tokens=max(lens) + 1, device="cuda",
+                               dtype=dtype, target=0.9, stop_rule="prior", selection_kernel="threshold",
+                               cluster_size=8, min_clusters=4, record_selection=True)
+    data = []
+    for b, n in enumerate(lens):
+        k = mixture_keys(n + 1, hkv, d, gen).half()
+        v = torch.randn(n + 1, hkv, d, generator=gen).half()
+        dec.prefill(0, k[:n].cuda(), v[:n].cuda(), seq=b)
+        data.append((k, v))
+    q = torch.stack([(k[-1].repeat_interleave(g, 0).float() * 3).half() for k, _ in data])
+    q[0, :g] = (torch.randn(g, d, generator=gen) * 0.01).half()  # KV head 0 of sequence 0: flat
+    seq = list(range(batch))
+    out = dec.decode(0, q.cuda(), torch.stack([k[-1] for k, _ in data]).cuda(),
+                     torch.stack([v[-1] for _, v in data]).cuda(), seq=seq)
+    st = dec.stats(0)
+    q2 = (torch.randn(batch, hkv * g, d, generator=gen) * 2).half()
+    out2 = dec.decode(0, q2.cuda(), None, None, seq=seq, reuse_selection=True)
+    if long_n:
+        assert st["kv_tokens"][0, 0] > 0.8 * (long_n + 1), st["kv_tokens"][0]
+    for b, ((k, v), n) in enumerate(zip(data, lens)):
+        k64, v64 = k.double().numpy(), v.double().numpy()
+        for which, qq, oo in (("step", q, out), ("reuse", q2, out2)):
+            for h in range(hkv):
+                keep = st["kv_mask"][b, h][:n + 1]
+                assert keep.sum() == st["kv_tokens"][b, h]
+                ref, _ = ref_attention(qq[b, h * g:(h + 1) * g].double().numpy(), k64[keep][:, h:h + 1],
+                                       v64[keep][:, h:h + 1], d ** -0.5)
+                np.testing.assert_allclose(oo[b, h * g:(h + 1) * g].double().cpu().numpy(), ref,
+                                           atol=ATOL[dtype], rtol=RTOL[dtype], err_msg=f"{which} seq {b} head {h}")
