@@ -606,8 +606,6 @@ void DeviceDecoder::attend(int64_t layer, const TensorView& q, const TensorView&
     a.dtype = m.cfg.dtype;
     a.offsets = m.offsets.as<int32_t>();
     a.sm_count = m.plan.sm_count;  // the rest pass's blocks, as the state was sized
-    // The rest pass's plan weighs each item by its heads' tokens (read only under reuse).
-    a.head_tokens = m.head_tokens.as<int64_t>() + (std::size_t)layer * (std::size_t)(m.B * m.Hq);
     m.threshold(layer, geo, a, &out, true);
     return;
   }

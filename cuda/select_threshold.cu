@@ -43,7 +43,7 @@ struct ThreshState {
   ThreshInfo* info;  // [heads]
   int32_t* head_done;  // [heads] hist blocks finished
   int32_t* item_done;  // [items] head-pass blocks finished
-  int32_t* hrows;      // [items] the head pass's union rows (finish_item; the rest pass's plan)
+  int64_t* rw;         // [items] the rest pass's work per item (finish_item; the rest pass's plan)
   int32_t* seg;        // [2 * items] each item's rest-pass records: count, then first unit
   double* cpri;    // [heads, kBuckets] prior through each bucket (the hist's last block)
   int32_t* ctok;   // [heads, kBuckets] tokens through each bucket
@@ -52,16 +52,14 @@ struct ThreshState {
   int32_t* mplan;  // [items + 1] the merge's plan: 1, then units * item
   int32_t* mcounts;  // [items] head-pass records per item (units)
   // The passes' partial records: [items * units] of the head pass (unit item * units + u),
-  // then [rest_units] of the rest pass (rest_plan), each [g] of (m in log2 units, l) and [g, d].
+  // then [rest_blocks] of the rest pass (rest_plan), each [g] of (m in log2 units, l) and [g, d].
   float* ws_ml;
   float* ws_acc;
 };
 
 // The rest pass's blocks per step: one full wave of pass blocks (three per SM), or one per
-// item where there are more items.
+// item where there are more items; each block one record.
 __host__ __device__ inline int64_t rest_blocks(int64_t items, int64_t sms) { return 3 * sms > items ? 3 * sms : items; }
-// Rest-pass records for up to `items` items: a record per (block, item it overlaps).
-__host__ __device__ inline int64_t rest_units(int64_t items, int64_t sms) { return rest_blocks(items, sms) + items; }
 
 
 __host__ __device__ inline std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
@@ -80,7 +78,7 @@ __host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t 
   t.info = reinterpret_cast<ThreshInfo*>(take((std::size_t)heads * sizeof(ThreshInfo)));
   t.head_done = reinterpret_cast<int32_t*>(take((std::size_t)heads * 4));
   t.item_done = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
-  t.hrows = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
+  t.rw = reinterpret_cast<int64_t*>(take((std::size_t)items * 8));
   t.seg = reinterpret_cast<int32_t*>(take((std::size_t)items * 2 * 4));
   t.cpri = reinterpret_cast<double*>(take((std::size_t)heads * kBuckets * 8));
   t.ctok = reinterpret_cast<int32_t*>(take((std::size_t)heads * kBuckets * 4));
@@ -88,7 +86,7 @@ __host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t 
   t.urows = reinterpret_cast<int32_t*>(take((std::size_t)items * units * 4));
   t.mplan = reinterpret_cast<int32_t*>(take((std::size_t)(items + 1) * 4));
   t.mcounts = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
-  const std::size_t records = ((std::size_t)items * units + (std::size_t)rest_units(items, sms)) * g;
+  const std::size_t records = ((std::size_t)items * units + (std::size_t)rest_blocks(items, sms)) * g;
   t.ws_ml = reinterpret_cast<float*>(take(records * 2 * 4));
   t.ws_acc = reinterpret_cast<float*>(take(records * d * 4));
   return t;
@@ -334,10 +332,19 @@ __device__ void finish_item(const PassParams& p, int64_t item, const HeadSlice& 
   int r = 0;
   for (int u = lane; u < U; u += 32) r += __ldcg(p.t.urows + item * U + u);
   for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(kFull, r, o);
+  __syncthreads();  // every head's tokens written
   if (threadIdx.x == 0) {
     p.counts[item] = r;
-    p.t.hrows[item] = r;
     p.t.item_done[item] = 0;
+    // The rest pass's work here, in rows: an upper bound of the rows left (the union holds at
+    // most the sum of its heads' tokens and at most the context, less the head pass's rows),
+    // plus the bytes of listing the item's clusters.
+    long long sum = 0;
+    for (int j = 0; j < s.g; ++j)
+      sum += __ldcg(reinterpret_cast<const long long*>(p.head_tokens) + v.b * s.hkv * s.g + v.h * s.g + j);
+    sum = min(sum, (long long)(v.nsink + v.nclu + v.nrec));
+    const long long row_bytes = 2LL * s.d * p.elem_bytes;
+    p.t.rw[item] = 1 + max(0LL, sum - (long long)r) + (v.C * (s.g + 1) * 4 + row_bytes - 1) / row_bytes;
   }
 }
 
@@ -349,8 +356,7 @@ struct PassShared {
   float mx[8], bpl[8];
   int bh[8], bx[8], all[8];
   int n, rows, last;
-  long long wp[33];  // the rest pass: the prefix at the block's first 33 item boundaries
-  long long lo, hi;  // and the block's range of it
+  long long r_item, r_k, r_n;  // the rest pass: this block's item, and its share k of n there
   typename cub::BlockScan<long long, kThreads>::TempStorage scan;
 };
 
@@ -572,34 +578,15 @@ __device__ __forceinline__ int pass_unit(const PassParams& p, PassShared& sh, un
   return rows_read;
 }
 
-// The rest pass's work of item i, in rows: an upper bound of the rows it has left (the union of
-// its heads' selections holds at most the sum of their tokens and at most the context, less
-// the head pass's rows: heads that chose different clusters must not leave their item a block
-// or two), plus the bytes of listing its clusters.
-__device__ __forceinline__ long long rest_work(const PassParams& p, int64_t i) {
-  const StepGeometry& s = p.s;
-  const HeadSlice v = slice(s, i);
-  const int64_t head0 = v.b * s.hkv * s.g + v.h * s.g;
-  long long sum = 0;
-  for (int j = 0; j < s.g; ++j) sum += __ldcg(reinterpret_cast<const long long*>(p.head_tokens) + head0 + j);
-  sum = min(sum, (long long)(v.nsink + v.nclu + v.nrec));
-  const long long rest = max(0LL, sum - (long long)__ldcg(p.t.hrows + i));
-  const long long row_bytes = 2LL * s.d * p.elem_bytes;
-  return 1 + rest + (v.C * (s.g + 1) * 4 + row_bytes - 1) / row_bytes;
-}
-
-// The rest pass's plan, computed alike by each of its blocks (no hand-over from the head pass,
-// so it adds no serial step): item i's work w_i (rest_work), their prefix wp in shared memory,
-// and block b < nb = min(launched, W) takes the work [W b / nb, W (b + 1) / nb) of the
-// concatenation: a KV head whose group reads most of its context gets most of the blocks. Where
-// the prefix does not fit the shared memory, every item weighs 1. Block 0 writes each item's
-// run of rest records for the merge: (b, i) is unit rest_unit0 + b + i.
-struct RestPlan {
-  long long W, nb, lo, hi;  // the total work, blocks used, this block's range
-  int64_t first;            // the item holding lo
-  bool fits;                // else every item weighs 1
-};
-__device__ RestPlan rest_plan(const PassParams& p, PassShared& sh, unsigned char* s_work, std::size_t smem_bytes) {
+// The rest pass's plan, computed alike by each of its blocks from the work finish_item left per
+// item (no hand-over kernel, so no serial step): item i's first block is bs(i) = i + floor((nb -
+// items) wp(i) / W) for the prefix wp of the work, so each item has at least one block, a KV
+// head whose group reads most of its context gets most of them, and no block spans two items
+// (a block that did would run two units back to back: the wave's longest chain). Where the
+// prefix does not fit the shared memory, every item weighs 1. Block 0 writes each item's run
+// of rest records for the merge (record of block b: rest_unit0 + b). Under reuse the work is
+// the last selection's, which only moves the balance.
+__device__ void rest_plan(const PassParams& p, PassShared& sh, unsigned char* s_work, std::size_t smem_bytes) {
   typedef cub::BlockScan<long long, kThreads> Scan;
   const int tid = threadIdx.x;
   const int64_t items = p.items;
@@ -611,7 +598,7 @@ __device__ RestPlan rest_plan(const PassParams& p, PassShared& sh, unsigned char
     __syncthreads();
     for (int64_t i0 = 0; i0 < items; i0 += kThreads) {
       const int64_t i = i0 + tid;
-      const long long w = i < items ? rest_work(p, i) : 0;
+      const long long w = i < items ? max(1LL, (long long)__ldcg(p.t.rw + i)) : 0;  // (zeroed state: 1)
       long long ex, tot;
       Scan(sh.scan).ExclusiveSum(w, ex, tot);
       if (i < items) sw[i] = s_carry + ex;
@@ -622,37 +609,31 @@ __device__ RestPlan rest_plan(const PassParams& p, PassShared& sh, unsigned char
     if (tid == 0) sw[items] = s_carry;
     __syncthreads();
   }
-  auto wp = [&](int64_t i) -> long long { return fits ? sw[i] : (long long)i; };
-  RestPlan r;
-  r.fits = fits;
-  r.W = wp(items);
-  r.nb = min((long long)p.nb, r.W);
-  auto block_of = [&](long long x) { return (((x + 1) * r.nb - 1) / r.W); };  // lo_b <= x < hi_b
+  const long long W = fits ? sw[items] : items, spare = p.nb - items;
+  auto bs = [&](int64_t i) -> long long { return i + spare * (fits ? sw[i] : (long long)i) / W; };
   if (blockIdx.x == 0)
     for (int64_t i = tid; i < items; i += kThreads) {
-      const long long f = block_of(wp(i)), l = block_of(wp(i + 1) - 1);
-      p.t.seg[i] = (int32_t)(l - f + 1);
-      p.t.seg[items + i] = (int32_t)(p.rest_unit0 + f + i);
+      const long long f = bs(i);
+      p.t.seg[i] = (int32_t)(bs(i + 1) - f);
+      p.t.seg[items + i] = (int32_t)(p.rest_unit0 + f);
     }
-  const int64_t b = blockIdx.x;
-  r.lo = r.W * b / r.nb;
-  r.hi = r.W * (b + 1) / r.nb;
-  int64_t a = 0, z = items - 1;  // the last item with wp <= lo
-  while (a < z) {
-    const int64_t mid = (a + z + 1) >> 1;
-    if (wp(mid) <= r.lo) a = mid; else z = mid - 1;
+  if (tid == 0) {
+    const long long b = blockIdx.x;
+    int64_t a = 0, z = items - 1;  // the last item with bs <= b
+    while (a < z) {
+      const int64_t mid = (a + z + 1) >> 1;
+      if (bs(mid) <= b) a = mid; else z = mid - 1;
+    }
+    sh.r_item = a;
+    sh.r_k = b - bs(a);
+    sh.r_n = bs(a + 1) - bs(a);
   }
-  r.first = a;
-  // The block's first item boundaries, for the loop after the tiles take the shared memory.
-  if (tid < 33) sh.wp[tid] = a + tid <= items ? wp(a + tid) : LLONG_MAX;
-  if (tid == 0) sh.lo = r.lo, sh.hi = r.hi;
   __syncthreads();
-  return r;
 }
 
 // Pass 1 blocks are (item, u): u < U - 1 a chunk of the item's clusters, u = U - 1 the sinks
 // and recent rows; the last block of an item decides its stop (finish_item). Pass 2 block b
-// takes its share of the rest pass's work (rest_plan), one unit per item it overlaps.
+// takes its share k of n of one item's clusters (rest_plan).
 template <class T, int D, int kPass>
 __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassParams p) {
   pdl_begin();
@@ -685,22 +666,13 @@ __global__ void __launch_bounds__(kThreads, 3) thresh_pass_kernel(const PassPara
     __threadfence();
     finish_item(p, item, v);
   } else {
-    const RestPlan r = rest_plan(p, sh, s_work, PassTile<D>::kBytes);
-    const int64_t b = blockIdx.x;
-    if (b >= r.nb) return;
-    const bool fits = r.fits;
-    const int64_t first = r.first;
-    long long w0 = sh.wp[0];  // (lo, hi from shared memory: the loop's registers go to the tiles)
-    for (int64_t i = first; i < p.items && w0 < sh.hi; ++i) {
-      // (beyond the 33 cached boundaries, the next one from the item's own work)
-      const long long w1 = i - first < 32 ? sh.wp[i - first + 1] : w0 + (fits ? rest_work(p, i) : 1);
-      const HeadSlice v = slice(s, i);
-      const long long wi = w1 - w0, a0 = max(sh.lo, w0) - w0, a1 = min(sh.hi, w1) - w0;
-      const int rows = pass_unit<T, D, 2>(p, sh, s_work, i, v, (int)(v.C * a0 / wi), (int)(v.C * a1 / wi), false,
-                                          (int)(p.rest_unit0 + b + i));
-      if (!p.reuse && threadIdx.x == 0 && rows) atomicAdd(p.counts + i, (int32_t)rows);
-      w0 = w1;
-    }
+    rest_plan(p, sh, s_work, PassTile<D>::kBytes);
+    const int64_t i = sh.r_item;
+    const int k = (int)sh.r_k, n = (int)sh.r_n;
+    const HeadSlice v = slice(s, i);
+    const int rows = pass_unit<T, D, 2>(p, sh, s_work, i, v, (int)(v.C * k / n), (int)(v.C * (k + 1) / n), false,
+                                        (int)(p.rest_unit0 + blockIdx.x));
+    if (!p.reuse && threadIdx.x == 0 && rows) atomicAdd(p.counts + i, (int32_t)rows);
   }
 #else
   __trap();  // launched only where the binary is sm_80 or newer (threshold_selection_fit)
@@ -726,7 +698,7 @@ std::size_t threshold_state_bytes(int64_t heads, int64_t items, int64_t g, int64
   const int units = threshold_units(cmax);
   const ThreshState t = carve(nullptr, heads, items, g, d, units, sms);
   return reinterpret_cast<std::size_t>(t.ws_acc) +
-         align16(((std::size_t)items * units + (std::size_t)rest_units(items, sms)) * g * d * 4);
+         align16(((std::size_t)items * units + (std::size_t)rest_blocks(items, sms)) * g * d * 4);
 }
 
 std::string threshold_selection_fit(DType dtype, int64_t d, int64_t g) {
