@@ -68,7 +68,7 @@ struct DeviceDecoder::Impl {
   DeviceBuffer kv_mark, head_mark, rows, chunk_sums, counts, head_tokens, est_mass, head_index, slots, attn_ws;
   DeviceBuffer cert_mark;                     // [B * Hq, cmax] the certified rule's per-head marks
   DeviceBuffer carry, pass_counts;            // group_head: [B * Hq] union records; [2, B * Hkv] pass rows
-  DeviceBuffer thr_state, layer_mark;         // the threshold selection's state; [L, B * Hkv, cmax] marks (lazy)
+  DeviceBuffer thr_state, layer_mark;         // the threshold selection's state; per layer marks and work (lazy)
   DeviceBuffer lost;                          // [L * B] int32: tokens a replayed append found no room for
   std::vector<SlotState> host_state;          // [L * B] mirror of the device counts
   // [L * B]: an append of this (layer, slot) was captured in a CUDA graph. Its replays advance
@@ -149,7 +149,7 @@ struct DeviceDecoder::Impl {
     if (!clusters() || p.selection != SelectionKernel::threshold || (thr_state.p && layer_mark.p)) return;
     const uint64_t items = (uint64_t)B * H;
     const uint64_t st = threshold_state_bytes(B * Hq, (int64_t)items, G, D, cmax, p.sm_count),
-                   marks = mul_sat((uint64_t)L, mul_sat(items, (uint64_t)cmax));
+                   marks = add_sat(mark_bytes(), mul_sat((uint64_t)L, items * 8));
     std::size_t free_bytes = 0, device_bytes = 0;
     TACTIC_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &device_bytes));
     const uint64_t total = add_sat(thr_state.p ? 0 : st, layer_mark.p ? 0 : marks);
@@ -166,6 +166,8 @@ struct DeviceDecoder::Impl {
       TACTIC_CUDA_CHECK(cudaMemset(layer_mark.p, 0, layer_mark.n));
     }
   }
+  // layer_mark's [L, B * Hkv, cmax] marks; then, 16-byte aligned, [L, B * Hkv] rest-pass work.
+  uint64_t mark_bytes() const { return (mul_sat((uint64_t)L, mul_sat((uint64_t)B * H, (uint64_t)cmax)) + 15) / 16 * 16; }
   // The threshold selection's step (select_threshold.hpp); `reuse`: attention over the layer's
   // last selection only.
   void threshold(int64_t layer, const StepGeometry& geo, const SelectArgs& a, const TensorView* out, bool reuse);
@@ -545,6 +547,7 @@ void DeviceDecoder::Impl::threshold(int64_t layer, const StepGeometry& geo, cons
   t.max_heads = B * Hq;
   t.max_items = B * H;
   t.layer_mark = layer_mark.as<uint8_t>() + (std::size_t)layer * (std::size_t)(B * H) * (std::size_t)cmax;
+  t.layer_work = reinterpret_cast<int64_t*>(layer_mark.as<uint8_t>() + mark_bytes()) + (std::size_t)layer * (std::size_t)(B * H);
   t.reuse = reuse;
   fill_attention(layer, geo, t.attention);
   if (out) {

@@ -43,7 +43,6 @@ struct ThreshState {
   ThreshInfo* info;  // [heads]
   int32_t* head_done;  // [heads] hist blocks finished
   int32_t* item_done;  // [items] head-pass blocks finished
-  int64_t* rw;         // [items] the rest pass's work per item (finish_item; the rest pass's plan)
   int32_t* seg;        // [2 * items] each item's rest-pass records: count, then first unit
   double* cpri;    // [heads, kBuckets] prior through each bucket (the hist's last block)
   int32_t* ctok;   // [heads, kBuckets] tokens through each bucket
@@ -78,7 +77,6 @@ __host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t 
   t.info = reinterpret_cast<ThreshInfo*>(take((std::size_t)heads * sizeof(ThreshInfo)));
   t.head_done = reinterpret_cast<int32_t*>(take((std::size_t)heads * 4));
   t.item_done = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
-  t.rw = reinterpret_cast<int64_t*>(take((std::size_t)items * 8));
   t.seg = reinterpret_cast<int32_t*>(take((std::size_t)items * 2 * 4));
   t.cpri = reinterpret_cast<double*>(take((std::size_t)heads * kBuckets * 8));
   t.ctok = reinterpret_cast<int32_t*>(take((std::size_t)heads * kBuckets * 4));
@@ -242,6 +240,7 @@ struct PassParams {
   const float* scores;
   const float* q;            // [batch, Hq, D] scaled
   uint8_t* layer_mark;       // [items, cmax]
+  int64_t* layer_work;       // [items] the rest pass's work (finish_item; read by the rest pass, also under reuse)
   uint8_t* head_mark;        // [heads, cmax] or null
   int64_t* head_tokens;
   double* est_mass;
@@ -344,7 +343,7 @@ __device__ void finish_item(const PassParams& p, int64_t item, const HeadSlice& 
       sum += __ldcg(reinterpret_cast<const long long*>(p.head_tokens) + v.b * s.hkv * s.g + v.h * s.g + j);
     sum = min(sum, (long long)(v.nsink + v.nclu + v.nrec));
     const long long row_bytes = 2LL * s.d * p.elem_bytes;
-    p.t.rw[item] = 1 + max(0LL, sum - (long long)r) + (v.C * (s.g + 1) * 4 + row_bytes - 1) / row_bytes;
+    p.layer_work[item] = 1 + max(0LL, sum - (long long)r) + (v.C * (s.g + 1) * 4 + row_bytes - 1) / row_bytes;
   }
 }
 
@@ -584,8 +583,8 @@ __device__ __forceinline__ int pass_unit(const PassParams& p, PassShared& sh, un
 // head whose group reads most of its context gets most of them, and no block spans two items
 // (a block that did would run two units back to back: the wave's longest chain). Where the
 // prefix does not fit the shared memory, every item weighs 1. Block 0 writes each item's run
-// of rest records for the merge (record of block b: rest_unit0 + b). Under reuse the work is
-// the last selection's, which only moves the balance.
+// of rest records for the merge (record of block b: rest_unit0 + b). The work is per layer, so
+// reuse balances as the layer's selection did.
 __device__ void rest_plan(const PassParams& p, PassShared& sh, unsigned char* s_work, std::size_t smem_bytes) {
   typedef cub::BlockScan<long long, kThreads> Scan;
   const int tid = threadIdx.x;
@@ -598,7 +597,7 @@ __device__ void rest_plan(const PassParams& p, PassShared& sh, unsigned char* s_
     __syncthreads();
     for (int64_t i0 = 0; i0 < items; i0 += kThreads) {
       const int64_t i = i0 + tid;
-      const long long w = i < items ? max(1LL, (long long)__ldcg(p.t.rw + i)) : 0;  // (zeroed state: 1)
+      const long long w = i < items ? max(1LL, (long long)__ldcg(p.layer_work + i)) : 0;  // (zeroed state: 1)
       long long ex, tot;
       Scan(sh.scan).ExclusiveSum(w, ex, tot);
       if (i < items) sw[i] = s_carry + ex;
@@ -719,6 +718,7 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   const int64_t sms = a.sm_count;
   if (heads > ta.max_heads || items > ta.max_items) throw ValueError("threshold_step: the state is sized for fewer heads");
   if (sms <= 0) throw ValueError("threshold_step: sm_count must be set");
+  if (!ta.layer_mark || !ta.layer_work) throw ValueError("threshold_step: layer_mark and layer_work must be set");
   if (items == 0) return;
   const ThreshState t = carve(ta.state, ta.max_heads, ta.max_items, s.g, s.d, units, sms);
   if (!ta.reuse) {
@@ -740,6 +740,7 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   p.scores = a.scores;
   p.q = at.q;
   p.layer_mark = ta.layer_mark;
+  p.layer_work = ta.layer_work;
   p.head_mark = a.head_mark;
   p.head_tokens = a.head_tokens;
   p.est_mass = a.est_mass;

@@ -51,6 +51,7 @@ struct ThresholdArgs {
   void* state = nullptr;        // threshold_state_bytes(max_heads, max_items, ...), zeroed once
   int64_t max_heads = 0, max_items = 0;  // its sizes (max_batch x Hq, x Hkv): one layout for every batch
   uint8_t* layer_mark = nullptr;  // [batch * Hkv, cmax] this layer's cluster marks (1, 2; 0 unread)
+  int64_t* layer_work = nullptr;  // [batch * Hkv] this layer's rest-pass work per item (zeroed once)
   bool reuse = false;           // attention only, over the marks of the layer's last selection
   AttentionArgs attention;      // K/V, q, head_index, workspace, out (null: selection only)
 };
