@@ -714,13 +714,17 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   const int64_t items = s.batch * s.hkv, heads = items * s.g;
   const std::string why = threshold_selection_fit(a.dtype, s.d, s.g);
   if (!why.empty()) throw UnsupportedError("the threshold selection " + why);
-  const int units = threshold_units(s.cmax);
+  const int units_max = threshold_units(s.cmax);  // the state's layout
   const int64_t sms = a.sm_count;
   if (heads > ta.max_heads || items > ta.max_items) throw ValueError("threshold_step: the state is sized for fewer heads");
   if (sms <= 0) throw ValueError("threshold_step: sm_count must be set");
   if (!ta.layer_mark || !ta.layer_work) throw ValueError("threshold_step: layer_mark and layer_work must be set");
   if (items == 0) return;
-  const ThreshState t = carve(ta.state, ta.max_heads, ta.max_items, s.g, s.d, units, sms);
+  const ThreshState t = carve(ta.state, ta.max_heads, ta.max_items, s.g, s.d, units_max, sms);
+  // Head-pass blocks per item this step: about three waves of 3 blocks per SM over all items, at
+  // most the layout's (a large batch in chunks of a few dozen clusters would pay each block's
+  // fixed chain, and write records, many times over).
+  const int units = (int)std::min<int64_t>(units_max, std::max<int64_t>(4, (9 * sms + items - 1) / items + 1));
   if (!ta.reuse) {
     if (a.head_mark) TACTIC_CUDA_CHECK(cudaMemsetAsync(a.head_mark, 0, (size_t)(heads * s.cmax), st));
     launch_score(s, a);
@@ -748,7 +752,7 @@ void threshold_step(const StepGeometry& s, const SelectArgs& a, const ThresholdA
   p.units = units;
   p.items = items;
   p.nb = rest_blocks(items, sms);
-  p.rest_unit0 = ta.max_items * units;
+  p.rest_unit0 = ta.max_items * units_max;
   p.elem_bytes = 2;  // 16-bit K/V (threshold_selection_fit)
   p.target = a.target;
   p.margin = a.margin;

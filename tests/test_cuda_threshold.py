@@ -178,6 +178,39 @@ def test_threshold_batch_of_different_lengths_and_reuse():
         dec.decode(0, q2.cuda(), None, None, seq=[2, 0, 1], reuse_selection=True)
 
 
+def test_threshold_large_batch_runs_fewer_head_pass_blocks_per_item():
+    """48 sequences x 8 KV heads (384 items): the head pass runs a few blocks per item rather
+    than the layout's 32, and the rest pass about one per item; the output is still float64
+    attention over each reported union, at the step and under reuse_selection."""
+    gen = torch.Generator().manual_seed(23)
+    bsz, hkv, g, d, dtype = 48, 8, 4, 128, "float16"
+    lens = [2500 + 97 * b for b in range(bsz)]
+    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=bsz, max_tokens=max(lens) + 1, device="cuda",
+                               dtype=dtype, target=0.9, stop_rule="prior", selection_kernel="threshold",
+                               record_selection=True)
+    data = []
+    for b, n in enumerate(lens):
+        k = mixture_keys(n, hkv, d, gen).half()
+        v = torch.randn(n, hkv, d, generator=gen).half()
+        dec.prefill(0, k.cuda(), v.cuda(), seq=b)
+        data.append((k, v))
+    q = torch.stack([(k[-1].repeat_interleave(g, 0).float() * 3).half() for k, _ in data])
+    out = dec.decode(0, q.cuda(), None, None)
+    st = dec.stats(0)
+    q2 = (torch.randn(bsz, hkv * g, d, generator=gen) * 2).half()
+    out2 = dec.decode(0, q2.cuda(), None, None, reuse_selection=True)
+    for b, ((k, v), n) in enumerate(zip(data, lens)):
+        k64, v64 = k.double().numpy(), v.double().numpy()
+        for which, qq, oo in (("step", q, out), ("reuse", q2, out2)):
+            for h in range(hkv):
+                keep = st["kv_mask"][b, h][:n]
+                assert keep.sum() == st["kv_tokens"][b, h]
+                ref, _ = ref_attention(qq[b, h * g:(h + 1) * g].double().numpy(), k64[keep][:, h:h + 1],
+                                       v64[keep][:, h:h + 1], d ** -0.5)
+                np.testing.assert_allclose(oo[b, h * g:(h + 1) * g].double().cpu().numpy(), ref,
+                                           atol=ATOL[dtype], rtol=RTOL[dtype], err_msg=f"{which} seq {b} head {h}")
+
+
 def test_threshold_graph_replays_the_step():
     """Captured in a CUDA graph, a replay gives the eager step's output, and follows new q."""
     gen = torch.Generator().manual_seed(5)
