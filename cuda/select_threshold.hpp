@@ -12,8 +12,11 @@
 //                calibrates alpha = exact / prior for each query head and walks the histogram
 //                to the stop bucket bx where the estimate reaches P_eff * z (whole buckets)
 //   rest pass    attention over the clusters some head of the group took after its head
-//                (bucket <= bx) that the head pass did not read; it leaves each cluster's
-//                mark (1 head pass, 2 rest pass) per layer, which `reuse` passes read instead
+//                (bucket <= bx) that the head pass did not read: one wave of blocks (3 per
+//                SM, at least one per KV head), shared out by the work finish_item left per
+//                KV head, so a KV head whose group reads most of its context gets most of
+//                them; it leaves each cluster's mark (1 head pass, 2 rest pass) per layer,
+//                which `reuse` passes read instead (with the layer's work, for the same split)
 //   merge        the passes' partial records, log-sum-exp (attention_merge.cu)
 //
 // Against the ranked selection it reads the stop rule's crossing buckets whole (a bucket is
@@ -31,10 +34,9 @@
 namespace tactic {
 namespace cuda {
 
-// Blocks per (sequence, KV head) in each attention pass for heads with room for cmax clusters:
-// about 256 clusters a block, 32 to kMaxThreshUnits (fixed per decoder, so the grid and the
-// records need no host sync; many blocks per item so that a KV head whose group reads most of
-// its context does not leave the GPU waiting on a few long blocks).
+// Head-pass blocks per (sequence, KV head) for heads with room for cmax clusters, as the state
+// is laid out: about 256 clusters a block, 32 to kMaxThreshUnits. A step over many items runs
+// fewer (about three waves over all items, at least 4), within the same layout.
 constexpr int kMaxThreshUnits = 128;
 int threshold_units(int64_t cmax);
 
