@@ -43,6 +43,24 @@ def _kernels(fn):
     return Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
 
 
+def assert_attends_unions(data, lens, st, runs, dtype):
+    """Each (name, q, out) of `runs` is float64 attention over the union kv_mask reports for
+    each sequence b (its first lens[b] tokens of data[b]'s K/V) and KV head."""
+    hkv = st["kv_mask"].shape[1]
+    for b, ((k, v), n) in enumerate(zip(data, lens)):
+        k64, v64 = k[:n].double().numpy(), v[:n].double().numpy()
+        d = k64.shape[2]
+        for which, qq, oo in runs:
+            g = qq.shape[1] // hkv
+            for h in range(hkv):
+                keep = st["kv_mask"][b, h][:n]
+                assert keep.sum() == st["kv_tokens"][b, h]
+                ref, _ = ref_attention(qq[b, h * g:(h + 1) * g].double().numpy(), k64[keep][:, h:h + 1],
+                                       v64[keep][:, h:h + 1], d ** -0.5)
+                np.testing.assert_allclose(oo[b, h * g:(h + 1) * g].double().cpu().numpy(), ref,
+                                           atol=ATOL[dtype], rtol=RTOL[dtype], err_msg=f"{which} seq {b} head {h}")
+
+
 @pytest.mark.parametrize("dtype,g,d", [("float16", 4, 128), ("bfloat16", 8, 64), ("float16", 1, 80),
                                        ("float16", 3, 96), ("bfloat16", 2, 128)])
 def test_threshold_attends_exactly_the_tokens_it_reports(dtype, g, d):
@@ -163,16 +181,7 @@ def test_threshold_batch_of_different_lengths_and_reuse():
     assert torch.equal(again, out)
     q2 = (torch.randn(3, hkv * g, d, generator=gen) * 2).half()
     out2 = dec.decode(0, q2.cuda(), None, None, seq=[2, 0, 1], reuse_selection=True)
-    for b, ((k, v), n) in enumerate(zip(data, lens)):
-        k64, v64 = k.double().numpy(), v.double().numpy()
-        for which, qq, oo in (("step", q, out), ("reuse", q2, out2)):
-            for h in range(hkv):
-                keep = st["kv_mask"][b, h][:n + 1]
-                assert keep.sum() == st["kv_tokens"][b, h]
-                ref, _ = ref_attention(qq[b, h * g:(h + 1) * g].double().numpy(), k64[keep][:, h:h + 1],
-                                       v64[keep][:, h:h + 1], d ** -0.5)
-                np.testing.assert_allclose(oo[b, h * g:(h + 1) * g].double().cpu().numpy(), ref,
-                                           atol=ATOL[dtype], rtol=RTOL[dtype], err_msg=f"{which} seq {b} head {h}")
+    assert_attends_unions(data, [n + 1 for n in lens], st, (("step", q, out), ("reuse", q2, out2)), dtype)
     dec.prefill(0, data[0][0][:lens[0]].cuda(), data[0][1][:lens[0]].cuda(), seq=2)
     with pytest.raises(ValueError, match="reuse_selection needs a selection"):
         dec.decode(0, q2.cuda(), None, None, seq=[2, 0, 1], reuse_selection=True)
@@ -199,16 +208,7 @@ def test_threshold_large_batch_runs_fewer_head_pass_blocks_per_item():
     st = dec.stats(0)
     q2 = (torch.randn(bsz, hkv * g, d, generator=gen) * 2).half()
     out2 = dec.decode(0, q2.cuda(), None, None, reuse_selection=True)
-    for b, ((k, v), n) in enumerate(zip(data, lens)):
-        k64, v64 = k.double().numpy(), v.double().numpy()
-        for which, qq, oo in (("step", q, out), ("reuse", q2, out2)):
-            for h in range(hkv):
-                keep = st["kv_mask"][b, h][:n]
-                assert keep.sum() == st["kv_tokens"][b, h]
-                ref, _ = ref_attention(qq[b, h * g:(h + 1) * g].double().numpy(), k64[keep][:, h:h + 1],
-                                       v64[keep][:, h:h + 1], d ** -0.5)
-                np.testing.assert_allclose(oo[b, h * g:(h + 1) * g].double().cpu().numpy(), ref,
-                                           atol=ATOL[dtype], rtol=RTOL[dtype], err_msg=f"{which} seq {b} head {h}")
+    assert_attends_unions(data, lens, st, (("step", q, out), ("reuse", q2, out2)), dtype)
 
 
 def test_threshold_graph_replays_the_step():
@@ -375,10 +375,10 @@ def test_threshold_cuda_agrees_with_its_cpu_twin():
 @pytest.mark.parametrize("batch,long_n,short", [(24, 30000, (120, 400)), (220, 0, (120, 400)),
                                                 (100, 200000, (20, 60))])
 def test_threshold_rest_pass_spreads_uneven_work(batch, long_n, short):
-    """The rest pass's blocks are spread over the (sequence, KV head) pairs by their estimated
-    work, so a block may take a slice of one long item or several short ones (dozens, past the
-    boundaries it keeps in shared memory, where the short ones have no clusters), and with more
-    pairs than a wave of blocks about one block per pair. Sequence 0 long with one flat KV head
+    """The rest pass's blocks are shared out over the (sequence, KV head) pairs by their
+    estimated work, at least one per pair (short ones with no clusters among them), so a long
+    item gets most of a wave, and with more pairs than a wave exactly one block per pair; the
+    head pass runs fewer blocks per pair at these batches. Sequence 0 long with one flat KV head
     (its group reads nearly all of it), the others short: float64 attention over each reported
     union, row counts equal to the unions, and reuse_selection over the same unions."""
     gen = torch.Generator().manual_seed(batch)
@@ -403,13 +403,4 @@ def test_threshold_rest_pass_spreads_uneven_work(batch, long_n, short):
     out2 = dec.decode(0, q2.cuda(), None, None, seq=seq, reuse_selection=True)
     if long_n:
         assert st["kv_tokens"][0, 0] > 0.8 * (long_n + 1), st["kv_tokens"][0]
-    for b, ((k, v), n) in enumerate(zip(data, lens)):
-        k64, v64 = k.double().numpy(), v.double().numpy()
-        for which, qq, oo in (("step", q, out), ("reuse", q2, out2)):
-            for h in range(hkv):
-                keep = st["kv_mask"][b, h][:n + 1]
-                assert keep.sum() == st["kv_tokens"][b, h]
-                ref, _ = ref_attention(qq[b, h * g:(h + 1) * g].double().numpy(), k64[keep][:, h:h + 1],
-                                       v64[keep][:, h:h + 1], d ** -0.5)
-                np.testing.assert_allclose(oo[b, h * g:(h + 1) * g].double().cpu().numpy(), ref,
-                                           atol=ATOL[dtype], rtol=RTOL[dtype], err_msg=f"{which} seq {b} head {h}")
+    assert_attends_unions(data, [n + 1 for n in lens], st, (("step", q, out), ("reuse", q2, out2)), dtype)
