@@ -128,9 +128,10 @@ for s in $steps; do
           "$OUT/ncu-certify-$n.txt" | cut -c1-110 | head -40
       done ;;
     e2e)      # Llama-3.1-8B-shaped decode loop at 32K and 128K, tokens/s
-      python3 -m tactic.bench e2e --out "$OUT" 2>&1 | tee "$OUT/e2e.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
-    e2e-graphs)  # the same with piecewise CUDA graphs (everything but attention replayed as graphs)
-      python3 -m tactic.bench e2e --mode graphs --tag graphs --out "$OUT" 2>&1 | tee "$OUT/e2e-graphs.log"
+      python3 -m tactic.bench e2e ${E2E_FLAGS:-} --out "$OUT" 2>&1 | tee "$OUT/e2e.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    e2e-graphs)  # the same with piecewise CUDA graphs (everything but attention replayed as graphs);
+                 # E2E_FLAGS for Tactic's options, e.g. E2E_FLAGS="--selection-kernel threshold"
+      python3 -m tactic.bench e2e --mode graphs --tag graphs${E2E_FLAGS:+-opts} ${E2E_FLAGS:-} --out "$OUT" 2>&1 | tee "$OUT/e2e-graphs.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     mma)      # tensor-core chunk kernel against the CUDA-core one (SparseDecoder's attention_kernel), step at 32/4 and 32/8
       for m in cuda_cores tensor_cores; do

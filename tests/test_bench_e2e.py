@@ -77,3 +77,19 @@ def test_model_shaped_mix_and_its_read_fractions():
     assert max(sparse["read_fraction_per_layer"]) < min(reads[:2])
     with pytest.raises(ValueError, match="workload"):
         e2e.WorkloadInputs(shape, 100, 1, "float32", "cpu", workload="llama")
+
+
+def test_tactic_options_reach_the_decoder_and_the_report(model):
+    """--stop-rule / --selection-kernel as run_method's options: the threshold selection's twin
+    at P = 1 still gives dense SDPA's logits, and the result names the resolved plan."""
+    opts = dict(stop_rule="prior", selection_kernel="threshold")
+    thr = e2e.run_method("tactic", model, 600, 2, "float32", 1.0, warmup=1, steps=2, log=lambda s: None, reps=1,
+                         options=opts)
+    dense = e2e.run_method("dense", model, 600, 2, "float32", 1.0, warmup=1, steps=2, log=lambda s: None, reps=1)
+    np.testing.assert_allclose(thr["logits"].numpy(), dense["logits"].numpy(), atol=2e-3, rtol=2e-3)
+    assert thr["plan"]["selection_kernel"] == "threshold"
+    ranked = e2e.run_method("tactic", model, 600, 2, "float32", 1.0, warmup=1, steps=2, log=lambda s: None, reps=1)
+    assert ranked["plan"]["selection_kernel"] == "ranked"
+    with pytest.raises(ValueError, match="selection_kernel"):
+        e2e.run_method("tactic", model, 600, 2, "float32", 1.0, warmup=0, steps=1, log=lambda s: None, reps=1,
+                       options=dict(selection_kernel="fastest"))

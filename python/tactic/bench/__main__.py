@@ -213,6 +213,11 @@ def add_e2e_arguments(ap) -> None:
     ap.add_argument("--workload", default="model", choices=["model", "synthetic", "sparse"],
                     help="model: first two layers with a quarter of their query heads flat, the others none "
                          "(default); synthetic: workload (b) in every layer; sparse: no flat heads")
+    ap.add_argument("--stop-rule", choices=["certified", "prior"], default=None,
+                    help="Tactic's stop rule (default: SparseDecoder's for the device: certified on the CPU, prior on CUDA)")
+    ap.add_argument("--selection-kernel", choices=["auto", "ranked", "threshold"], default="auto",
+                    help="how Tactic's prior-rule selection runs (default: auto; threshold needs --stop-rule prior "
+                         "on the CPU)")
     ap.add_argument("--layers", type=int, help="model layers (default: 32 on CUDA, 2 on the CPU)")
     ap.add_argument("--hidden", type=int, help="hidden size (default: 4096 on CUDA, 256 on the CPU)")
     ap.add_argument("--heads", type=_heads, metavar="HQ/HKV",
@@ -253,12 +258,15 @@ def run_e2e(a, ap) -> int:
     contexts = a.context or ([32 * K, 128 * K] if cuda else [1024])
     methods = a.methods or (["none", "dense-flash", "dense-cudnn", "dense-flashinfer", "tactic"] if cuda else ["none", "dense", "tactic"])
     env = report.environment(a.device)
+    options = dict(selection_kernel=a.selection_kernel)
+    if a.stop_rule:
+        options["stop_rule"] = a.stop_rule
     print(f"tactic.bench e2e on {env['device']}, {shape}, B={a.batch}, {a.dtype}, P={a.target}, mode {a.mode}, "
-          f"workload {a.workload}")
+          f"workload {a.workload}, Tactic {options}")
     if a.mode == "graphs" and not cuda:
         ap.error("--mode graphs needs a CUDA device")
     res = run(contexts, a.batch, a.dtype, a.target, a.device, shape, methods, a.warmup, a.steps, a.seed, reps=a.reps,
-              mode=a.mode, workload=a.workload)
+              mode=a.mode, workload=a.workload, options=options)
     for r in res["rows"]:
         if "speedup_vs_faster_dense" in r:
             print(f"N={r['N']}: Tactic {r['methods']['tactic']['tokens_per_s']:.2f} tokens/s, "

@@ -396,12 +396,14 @@ MODES = ("eager", "static", "graphs")
 
 def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, target: float,
                warmup: int, steps: int, seed: int = 0, log=print, reps: int = 3, mode: str = "eager",
-               workload: str = "model") -> dict:
+               workload: str = "model", options: Optional[dict] = None) -> dict:
     """Prefill the KV of every layer with the workload (E2E_WORKLOADS) and time the decode loop
     with `method`: 'tactic', 'dense-flash', 'dense-cudnn', 'dense' (default SDPA dispatch),
     'dense-flashinfer' or 'none'.
     mode: 'eager' (RandomModel.step), 'static' (StaticStep's pieces, no graphs) or 'graphs'
-    (StaticStep's pieces as CUDA graphs, attention eager between them)."""
+    (StaticStep's pieces as CUDA graphs, attention eager between them).
+    options: SparseDecoder options for 'tactic' (e.g. stop_rule, selection_kernel); its resolved
+    plan is reported as res['plan']."""
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
     s, dev = model.shape, model.device
@@ -411,7 +413,7 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
     dec = cache = None
     if method == "tactic":
         dec = SparseDecoder(s.layers, s.hq, s.hkv, s.head_dim, max_batch=batch, max_tokens=cap, device=str(dev),
-                            dtype=dtype, target=target)
+                            dtype=dtype, target=target, **(options or {}))
     elif method == "dense-flashinfer":
         cache = FlashInferCache(s, batch, cap, model.dtype, dev)
     elif method in ("dense", "dense-flash", "dense-cudnn"):
@@ -457,6 +459,7 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
     if dec is not None:
         reads = [float(dec.stats(l)["read_fraction"].mean()) for l in range(s.layers)]
         res["read_fraction_per_layer"] = reads
+        res["plan"] = dict(dec.plan)
     if static is not None and method == "none":
         # the pieces (graphed or not) against the eager step on the same token and position:
         # 'none' keeps no state, so both must give the same logits
@@ -481,15 +484,17 @@ def run_method(method: str, model: RandomModel, n: int, batch: int, dtype: str, 
 def run(contexts, batch: int, dtype: str, target: float, device, shape: ModelShape = ModelShape(),
         methods=("none", "dense-flash", "dense-cudnn", "dense-flashinfer", "tactic"), warmup: int = 3,
         steps: int = 16, seed: int = 0, log=print, reps: int = 3, mode: str = "eager",
-        workload: str = "model") -> dict:
-    """Every method at every context; returns the JSON-ready result (logits dropped)."""
+        workload: str = "model", options: Optional[dict] = None) -> dict:
+    """Every method at every context; returns the JSON-ready result (logits dropped).
+    options: SparseDecoder options for 'tactic' (run_method)."""
     model = RandomModel(shape, dtype, device, seed)
     rows = []
     for n in contexts:
         per: Dict[str, dict] = {}
         for m in methods:
             try:
-                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log, reps, mode, workload)
+                r = run_method(m, model, n, batch, dtype, target, warmup, steps, seed, log, reps, mode, workload,
+                               options)
             except (RuntimeError, P.Unavailable) as e:  # e.g. an SDPA backend this GPU lacks, no FlashInfer
                 log(f"  {m:<12} N={n}: n/a ({str(e).strip().splitlines()[0]})")
                 per[m] = {"unavailable": str(e).strip().splitlines()[0]}
