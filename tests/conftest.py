@@ -26,6 +26,16 @@ def require_cuda():
     return torch
 
 
+def ranked_decoder(*args, **kwargs):
+    """tactic.SparseDecoder with the ranked selection unless the call names one: the modules
+    that test the ranked selection's machinery (row lists, split selection, its kernels) keep
+    testing it where 'auto' would take the threshold selection (test_cuda_threshold's own)."""
+    import tactic
+
+    kwargs.setdefault("selection_kernel", "ranked")
+    return tactic.SparseDecoder(*args, **kwargs)
+
+
 def capture_graph(fn):
     """fn() captured once as a CUDA graph on a side stream, after one eager warm-up call whose
     results stay in fn's outputs (capture runs nothing). Returns the graph."""

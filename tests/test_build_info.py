@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tactic
-from conftest import ref_attention
+from conftest import ref_attention, ranked_decoder as SparseDecoder
 
 
 def test_build_info_describes_this_build():
@@ -83,7 +83,7 @@ def test_step_runs_only_kernels_it_was_compiled_for(n):
     k = torch.randn(n + 1, hkv, d, generator=gen).half()
     v = torch.randn(n + 1, hkv, d, generator=gen).half()
     q = torch.randn(1, hkv * g, d, generator=gen).half()
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype="float16",
+    dec = SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype="float16",
                                target=1.0, share_group=False,
                                head_split=2 if dev["thread_block_clusters"] else None)
     plan = dec.plan
@@ -111,15 +111,15 @@ def test_variants_the_kernels_lack_are_refused():
     opts = dict(max_tokens=64, device="cuda", dtype="float16", share_group=False)
     if not dev["thread_block_clusters"]:
         with pytest.raises(RuntimeError, match="head_split=2"):
-            tactic.SparseDecoder(1, 8, 2, 128, head_split=2, **opts)
+            SparseDecoder(1, 8, 2, 128, head_split=2, **opts)
     if not dev["programmatic_dependent_launch"]:
         with pytest.raises(RuntimeError, match="pdl"):
-            tactic.SparseDecoder(1, 8, 2, 128, pdl=True, **opts)
+            SparseDecoder(1, 8, 2, 128, pdl=True, **opts)
     if not dev["tensor_core_attention"]:
         with pytest.raises(RuntimeError, match="tensor_cores"):
-            tactic.SparseDecoder(1, 8, 2, 128, attention_kernel="tensor_cores", **opts)
-    auto = tactic.SparseDecoder(1, 8, 2, 128, max_batch=4, **opts).plan
+            SparseDecoder(1, 8, 2, 128, attention_kernel="tensor_cores", **opts)
+    auto = SparseDecoder(1, 8, 2, 128, max_batch=4, **opts).plan
     assert auto["pdl"] == dev["programmatic_dependent_launch"]
     assert all(s == 1 for s in auto["head_split"]) or dev["thread_block_clusters"]
     with pytest.raises(RuntimeError, match="tensor_cores"):  # fp32 K/V: no tensor-core kernel
-        tactic.SparseDecoder(1, 8, 2, 128, attention_kernel="tensor_cores", **{**opts, "dtype": "float32"})
+        SparseDecoder(1, 8, 2, 128, attention_kernel="tensor_cores", **{**opts, "dtype": "float32"})

@@ -11,6 +11,7 @@ import pytest
 
 import tactic
 from conftest import ATOL, RTOL, capture_graph, fixture_accuracy, ref_attention, require_cuda
+from conftest import ranked_decoder as SparseDecoder
 
 torch = require_cuda()
 
@@ -44,7 +45,7 @@ def test_dense_matches_reference(dtype, g, d, n):
     q, q64 = rand((1, hkv * g, d), dtype, gen)
     kn, kn64 = rand((1, hkv, d), dtype, gen)
     vn, vn64 = rand((1, hkv, d), dtype, gen)
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype=dtype, policy="dense")
+    dec = SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype=dtype, policy="dense")
     dec.prefill(0, k.cuda(), v.cuda())
     out = dec.decode(0, q.cuda(), kn.cuda(), vn.cuda())
     assert out.is_cuda and out.dtype == TORCH_DT[dtype]
@@ -82,7 +83,7 @@ def test_tensor_core_attention_where_it_applies(dtype, kernel, g, d, mma):
     asked to."""
     gen = torch.Generator().manual_seed(g * 17 + d)
     hkv, lens = 2, (3000, 1234)
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype=dtype, max_batch=2,
+    dec = SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype=dtype, max_batch=2,
                                max_tokens=max(lens) + 1, target=1.0, share_group=False, attention_kernel=kernel)
     assert dec.plan["attention_kernel"] == ("tensor_cores" if mma else "cuda_cores")
     kv = []
@@ -108,7 +109,7 @@ def test_large_batch_attention_matches_reference(kernel):
     gen = torch.Generator().manual_seed(808)
     b, hkv, g, d = 8, 8, 4, 128
     lens = [3000 + 300 * i for i in range(b)]
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", max_batch=b,
+    dec = SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", max_batch=b,
                                max_tokens=max(lens), policy="dense", attention_kernel=kernel)
     kv = []
     for s_, n in enumerate(lens):
@@ -132,7 +133,7 @@ def test_target_one_matches_reference_across_reclustering(dtype, g, d):
     hkv, n, steps = 2, 700, 40
     k, k64 = rand((n + steps, hkv, d), dtype, gen)
     v, v64 = rand((n + steps, hkv, d), dtype, gen)
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + steps, device="cuda", dtype=dtype,
+    dec = SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + steps, device="cuda", dtype=dtype,
                                target=1.0, recluster_interval=16)
     dec.prefill(0, k[:n].cuda(), v[:n].cuda())
     for i in range(steps):
@@ -158,8 +159,8 @@ def test_selection_matches_cpu(g, target, group_head):
     v = torch.randn(n + steps, hkv, d, generator=gen).half()
     opts = dict(max_tokens=n + steps, dtype="float16", target=target, share_group=False, stop_rule="prior",
                 group_head=group_head)
-    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
-    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+    cpu = SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu = SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
     cpu.prefill(0, k[:n], v[:n])
     gpu.prefill(0, k[:n].cuda(), v[:n].cuda())
     same = total = 0
@@ -186,8 +187,8 @@ def test_batch_selection_matches_cpu(group_head):
     b, hkv, g, d, n = 5, 8, 8, 128, 2500
     opts = dict(max_tokens=n + 1, max_batch=b, dtype="float16", target=0.9, share_group=False, stop_rule="prior",
                 group_head=group_head)
-    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
-    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+    cpu = SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu = SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
     qs = []
     for s_ in range(b):
         k, _ = mixture_keys(n + 1, hkv, d, gen)
@@ -220,7 +221,7 @@ def test_real_fixture_accuracy_matches_cpu(fixture_data):
 def test_cupy_and_torch_inputs_are_not_copied():
     cupy = pytest.importorskip("cupy")
     d, hkv, g, n = 64, 2, 2, 300
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 2, device="cuda", dtype="float16", target=1.0)
+    dec = SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 2, device="cuda", dtype="float16", target=1.0)
     k = cupy.random.standard_normal((n, hkv, d)).astype(cupy.float16)
     v = cupy.random.standard_normal((n, hkv, d)).astype(cupy.float16)
     dec.prefill(0, k, v)
@@ -246,7 +247,7 @@ def test_cuda_graph_replays_the_step(group_head):
     hkv, g, d, n = 8, 4, 128, 20000
     k, _ = mixture_keys(n, hkv, d, gen)
     v = torch.randn(n, hkv, d, generator=gen)
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 8, device="cuda", dtype="float16", target=0.9,
+    dec = SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 8, device="cuda", dtype="float16", target=0.9,
                                group_head=group_head)
     dec.prefill(0, k.half().cuda(), v.half().cuda())
     q = (torch.randn(1, hkv * g, d, generator=gen) * 2).half().cuda()
@@ -267,7 +268,7 @@ def test_cuda_graph_replays_the_step(group_head):
 def _graph_decoder(n, hkv, g, d, gen, target, **opts):
     k, _ = mixture_keys(n, hkv, d, gen)
     v = torch.randn(n, hkv, d, generator=gen)
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", target=target, **opts)
+    dec = SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", target=target, **opts)
     dec.prefill(0, k.half().cuda(), v.half().cuda())
     return dec, k.half(), v.half()
 
@@ -280,7 +281,7 @@ def test_captured_append_replays_like_eager_decodes():
     hkv, g, d, n, steps = 2, 4, 128, 6000, 10
     opts = dict(max_tokens=n + steps + 8, recluster_interval=64, share_group=False)
     dec, k, v = _graph_decoder(n, hkv, g, d, gen, 0.9, **opts)
-    twin = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", target=0.9, **opts)
+    twin = SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", target=0.9, **opts)
     twin.prefill(0, k.cuda(), v.cuda())
     inputs = [((k[n // 2 + i].repeat_interleave(g, 0)[None].float() * 2 + torch.randn(1, hkv * g, d, generator=gen))
                .half().cuda(), torch.randn(1, hkv, d, generator=gen).half().cuda(),
@@ -389,7 +390,7 @@ def test_a_captured_step_keeps_its_slots_across_eager_calls():
     device's slot list is part of what the graph records)."""
     gen = torch.Generator().manual_seed(53)
     hkv, g, d, n = 2, 4, 64, 2000
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", max_batch=2,
+    dec = SparseDecoder(1, hkv * g, hkv, d, device="cuda", dtype="float16", max_batch=2,
                                max_tokens=n + 4, target=0.9, share_group=False)
     for s in (0, 1):
         kk, _ = mixture_keys(n, hkv, d, gen)
@@ -408,8 +409,8 @@ def test_a_captured_step_keeps_its_slots_across_eager_calls():
 
 def test_errors_are_clear():
     with pytest.raises(RuntimeError, match="head_dim"):
-        tactic.SparseDecoder(1, 2, 1, 72, device="cuda")
-    dec = tactic.SparseDecoder(1, 2, 1, 64, max_tokens=10, device="cuda")
+        SparseDecoder(1, 2, 1, 72, device="cuda")
+    dec = SparseDecoder(1, 2, 1, 64, max_tokens=10, device="cuda")
     with pytest.raises((ValueError, TypeError), match="keys"):
         dec.prefill(0, np.zeros((4, 1, 64), np.float16), np.zeros((4, 1, 64), np.float16))
     with pytest.raises(tactic.CapacityError):
@@ -422,7 +423,7 @@ def test_no_leak_across_create_destroy():
     torch.cuda.synchronize()
     free0 = torch.cuda.mem_get_info()[0]
     for _ in range(30):
-        dec = tactic.SparseDecoder(2, 8, 2, 128, max_tokens=4096, device="cuda")
+        dec = SparseDecoder(2, 8, 2, 128, max_tokens=4096, device="cuda")
         dec.prefill(0, torch.randn(1000, 2, 128, device="cuda", dtype=torch.float16),
                     torch.randn(1000, 2, 128, device="cuda", dtype=torch.float16))
         del dec
@@ -474,7 +475,7 @@ def test_batch_of_different_lengths():
     k = k.reshape(B, N, hkv, d).permute(0, 2, 1, 3).half()  # [B, Hkv, N, D]
     v = torch.randn(B, hkv, N, d, generator=gen).half()
     for target in (1.0, 0.9):
-        dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=4, max_tokens=N + 4, device="cuda",
+        dec = SparseDecoder(1, hkv * g, hkv, d, max_batch=4, max_tokens=N + 4, device="cuda",
                                    dtype="float16", target=target)
         dec.prefill(0, k.cuda().transpose(1, 2), v.cuda().transpose(1, 2), seq=[2, 0, 1], lengths=lens)
         q = torch.randn(B, hkv * g, d, generator=gen).half()
@@ -503,8 +504,8 @@ def test_selection_matches_cpu_long_context(n):
     k = k.half()
     v = torch.randn(n + steps, hkv, d, generator=gen).half()
     opts = dict(max_tokens=n + steps, dtype="float16", target=0.9, share_group=False, stop_rule="prior")
-    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
-    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+    cpu = SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu = SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
     cpu.prefill(0, k[:n], v[:n])
     gpu.prefill(0, k[:n].cuda(), v[:n].cuda())
     same = total = 0
@@ -540,12 +541,12 @@ def test_pdl_launches_match_plain_launches(split, group_head):
     sm90 = tactic.build_info()["devices"][0]["kernel_arch"] >= 90
     if not sm90:
         with pytest.raises(RuntimeError, match="sm_90"):
-            tactic.SparseDecoder(1, hkv * g, hkv, d, pdl=True, **opts)
+            SparseDecoder(1, hkv * g, hkv, d, pdl=True, **opts)
         if split:
             with pytest.raises(RuntimeError, match="sm_90"):
-                tactic.SparseDecoder(1, hkv * g, hkv, d, head_split=split, **opts)
+                SparseDecoder(1, hkv * g, hkv, d, head_split=split, **opts)
             return
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, head_split=split, **opts)
+    dec = SparseDecoder(1, hkv * g, hkv, d, head_split=split, **opts)
     assert dec.plan["pdl"] == sm90
     if split:
         assert dec.plan["head_split"] == [split, split]
@@ -574,9 +575,9 @@ def test_bad_kernel_option_fails_before_anything_changes(kwargs, err):
     the plan as it was; the next step sees the context it would have seen."""
     gen = torch.Generator().manual_seed(3)
     with pytest.raises(err):
-        tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_tokens=400, dtype="float16", **kwargs)
+        SparseDecoder(1, 4, 2, 64, device="cuda", max_tokens=400, dtype="float16", **kwargs)
     k = torch.randn(1, 300, 2, 64, generator=gen).half().cuda()
-    dec = tactic.SparseDecoder(1, 4, 2, 64, device="cuda", max_batch=1, max_tokens=400, dtype="float16")
+    dec = SparseDecoder(1, 4, 2, 64, device="cuda", max_batch=1, max_tokens=400, dtype="float16")
     dec.prefill(0, k, k)
     before = dec.plan
     with pytest.raises(err):
@@ -604,12 +605,12 @@ def split_case():
     kn = torch.randn(B, hkv, d, generator=gen).half()
     vn = torch.randn(B, hkv, d, generator=gen).half()
     case = dict(hkv=hkv, g=g, d=d, lens=lens, N=N, k=k, v=v, q=q, kn=kn, vn=vn, seq=[1, 2, 0])
-    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=3, max_tokens=N + 4, dtype="float16", target=0.9,
+    cpu = SparseDecoder(1, hkv * g, hkv, d, max_batch=3, max_tokens=N + 4, dtype="float16", target=0.9,
                                share_group=False, stop_rule="prior")
     cpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=case["seq"], lengths=lens)  # token-major views
     case["cpu_out"] = cpu.decode(0, q, kn, vn, seq=case["seq"])
     case["cpu_stats"] = cpu.stats(0)
-    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, max_batch=3, max_tokens=N + 4, dtype="float16", target=0.9,
+    cpu = SparseDecoder(1, hkv * g, hkv, d, max_batch=3, max_tokens=N + 4, dtype="float16", target=0.9,
                                share_group=False, stop_rule="prior", group_head=True)
     cpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=case["seq"], lengths=lens)
     case["cpu_group_out"] = cpu.decode(0, q, kn, vn, seq=case["seq"])
@@ -638,7 +639,7 @@ def test_split_selection_over_a_batch_matches_cpu(split, group_head, split_case)
     for target in (0.9, 1.0):
         opts = dict(max_batch=3, max_tokens=N + 4, dtype="float16", target=target, share_group=False,
                     stop_rule="prior", group_head=group_head)
-        gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
+        gpu = SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
         if split is not None:
             assert gpu.plan["head_split"][B - 1] == split
         gpu.prefill(0, k.transpose(1, 2), v.transpose(1, 2), seq=seq, lengths=lens)
@@ -694,8 +695,8 @@ def test_an_overflowing_crossing_bucket_is_taken_whole(case, split):
     q = q.half()
     opts = dict(max_tokens=n, dtype="float16", target=0.9, share_group=False, stop_rule="prior",
                 record_selection=True, spread=0.0)
-    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
-    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
+    cpu = SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu = SparseDecoder(1, hkv * g, hkv, d, device="cuda", head_split=split, **opts)
     cpu.prefill(0, k, v)
     gpu.prefill(0, k.cuda(), v.cuda())
     cpu.decode(0, q, None, None)
@@ -717,7 +718,7 @@ def test_reuse_selection_attends_over_the_last_selection(g, group_head):
     k, _ = mixture_keys(n + 1, hkv, d, gen)
     k = k.half()
     v = torch.randn(n + 1, hkv, d, generator=gen).half()
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype=dtype,
+    dec = SparseDecoder(1, hkv * g, hkv, d, max_tokens=n + 1, device="cuda", dtype=dtype,
                                target=0.8, share_group=False, record_selection=True, group_head=group_head)
     dec.prefill(0, k[:n].cuda(), v[:n].cuda())
     q1 = (k[n].repeat_interleave(g, 0)[None].float() * 3).half().cuda()
@@ -746,7 +747,7 @@ def test_target_setter_changes_later_steps():
     gen = torch.Generator().manual_seed(5)
     hkv, g, d, n = 2, 4, 128, 8000
     k, _ = mixture_keys(n, hkv, d, gen)
-    dec = tactic.SparseDecoder(1, hkv * g, hkv, d, max_tokens=n, device="cuda", dtype="float16",
+    dec = SparseDecoder(1, hkv * g, hkv, d, max_tokens=n, device="cuda", dtype="float16",
                                target=0.5, share_group=False)
     dec.prefill(0, k.half().cuda(), k.half().cuda())
     q = (k[n - 1].repeat_interleave(g, 0)[None] * 3).half().cuda()
@@ -773,7 +774,7 @@ def test_ranking_spread_term_matches_cpu(spread):
     q[0, 0, 0] = 16.0  # scaled by 1/8: q.c is 2 for the narrow group, about 1 for the wide one
     chosen = {}
     for device in ("cpu", "cuda"):
-        dec = tactic.SparseDecoder(1, 1, 1, d, max_tokens=2 * m, dtype="float32", device=device,
+        dec = SparseDecoder(1, 1, 1, d, max_tokens=2 * m, dtype="float32", device=device,
                                    num_sink=0, min_clusters=1, head_fraction=0.0, target=0.01,
                                    margin=0.0, spread=spread, share_group=False, record_selection=True,
                                    stop_rule="prior")
@@ -801,8 +802,8 @@ def test_group_head_attends_exactly_the_tokens_it_reports(dtype, g, d):
     v = torch.randn(n + steps, hkv, d, generator=gen).to(TORCH_DT[dtype])
     opts = dict(max_tokens=n + steps, dtype=dtype, target=0.9, share_group=False, stop_rule="prior",
                 group_head=True, recluster_interval=16, record_selection=True)
-    gpu = tactic.SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
-    cpu = tactic.SparseDecoder(1, hkv * g, hkv, d, **opts)
+    gpu = SparseDecoder(1, hkv * g, hkv, d, device="cuda", **opts)
+    cpu = SparseDecoder(1, hkv * g, hkv, d, **opts)
     gpu.prefill(0, k[:n].cuda(), v[:n].cuda())
     cpu.prefill(0, k[:n], v[:n])
     k64, v64 = k.double().numpy(), v.double().numpy()
@@ -848,5 +849,5 @@ def test_group_head_runs_two_attention_passes(group_head):
 
 def test_group_head_refuses_the_certified_rule_on_cuda():
     with pytest.raises(RuntimeError, match="group_head"):
-        tactic.SparseDecoder(1, 8, 2, 64, device="cuda", max_tokens=100, dtype="float16", share_group=False,
+        SparseDecoder(1, 8, 2, 64, device="cuda", max_tokens=100, dtype="float16", share_group=False,
                              stop_rule="certified", group_head=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import tactic
+from conftest import ranked_decoder as SparseDecoder
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -34,7 +35,7 @@ def _cuda(*arrays):
 
 def fresh():
     k, v, *_ = _cuda(*_host())
-    dec = tactic.SparseDecoder(L, HQ, HKV, D, max_batch=2, max_tokens=CAP, device="cuda",
+    dec = SparseDecoder(L, HQ, HKV, D, max_batch=2, max_tokens=CAP, device="cuda",
                                cluster_size=4)
     for layer in range(L):
         dec.prefill(layer, k, v)
@@ -87,8 +88,8 @@ def test_bad_call_on_cuda_changes_nothing(case):
 
 def test_store_owns_its_data_on_cuda():
     k, v, q, kn = _cuda(*_host())
-    dec, ref = tactic.SparseDecoder(1, HQ, HKV, D, max_tokens=CAP, device="cuda"), \
-        tactic.SparseDecoder(1, HQ, HKV, D, max_tokens=CAP, device="cuda")
+    dec, ref = SparseDecoder(1, HQ, HKV, D, max_tokens=CAP, device="cuda"), \
+        SparseDecoder(1, HQ, HKV, D, max_tokens=CAP, device="cuda")
     dec.prefill(0, k, v)
     ref.prefill(0, k.clone(), v.clone())
     k.fill_(float("nan"))  # stream-ordered after the prefill's copy
@@ -106,7 +107,7 @@ def test_nan_propagates_only_to_its_group_on_cuda():
     propagation. A NaN in KV head 0's new value reaches the query heads of group 0 (P = 1
     reads every token) and no other; re-prefilling the slot clears it."""
     k, v, q, kn = _cuda(*_host())
-    dec = tactic.SparseDecoder(1, HQ, HKV, D, max_tokens=CAP, device="cuda", target=1.0)
+    dec = SparseDecoder(1, HQ, HKV, D, max_tokens=CAP, device="cuda", target=1.0)
     dec.prefill(0, k, v)
     bad = kn.clone()
     bad[0, 0, 3] = float("nan")
@@ -121,7 +122,7 @@ def test_no_device_memory_growth_over_1000_cycles():
     k, v, q, kn = _cuda(*_host())
 
     def cycle():
-        dec = tactic.SparseDecoder(L, HQ, HKV, D, max_batch=2, max_tokens=CAP, device="cuda",
+        dec = SparseDecoder(L, HQ, HKV, D, max_batch=2, max_tokens=CAP, device="cuda",
                                    cluster_size=4)
         for layer in range(L):
             dec.prefill(layer, k, v)
@@ -155,10 +156,10 @@ def test_capacity_beyond_the_gpu_names_the_bytes():
     layers = -(-4 * total // (4096 * tokens))
     kv = layers * 8 * tokens * 128 * 2 * 2  # computed here, independently of the library
     with pytest.raises(tactic.CapacityError, match=r"needs \d+ bytes") as info:
-        tactic.SparseDecoder(layers, 8, 8, 128, max_tokens=tokens, device="cuda")
+        SparseDecoder(layers, 8, 8, 128, max_tokens=tokens, device="cuda")
     msg = str(info.value)
     assert "GPU memory" in msg and f"keys and values {kv} " in msg, msg
     need = int(re.search(r"needs (\d+) bytes", msg).group(1))
     assert need > kv  # the rest: positions, centroids, selection buffers
     # nothing was left allocated by the failed construction
-    tactic.SparseDecoder(1, 8, 8, 128, max_tokens=1024, device="cuda")
+    SparseDecoder(1, 8, 8, 128, max_tokens=1024, device="cuda")
