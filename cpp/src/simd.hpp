@@ -43,6 +43,28 @@ inline float hsum(v8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+// exp_nonpos on 8 lanes at once (the same arithmetic, written on the vector type: the
+// auto-vectoriser leaves the scalar form's selects as branches in short loops).
+typedef int32_t v8i __attribute__((vector_size(32)));
+inline v8 exp_nonpos8(v8 x) {
+  const v8i under = x < -87.3f;
+  v8 xc = under ? -87.3f : x;  // (NaN compares false: it stays, then becomes 0 below)
+  xc = xc <= 0.f ? xc : 0.f;
+  const v8 n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const v8 r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  v8 p = r * (1.f / 720.f) + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) * (int32_t(1) << 23);
+  v8 scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  const v8 y = under ? 0.f : p * scale;
+  return x != x ? x : y;
+}
+
 // e[j] = q . rows[j] for nb contiguous rows of d = 8 * nv floats, 4 rows at a time (4
 // independent chains). NV > 0 fixes nv at compile time.
 template <int NV>
