@@ -1,9 +1,14 @@
 #include "tactic/decoder.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <new>
 #include <string>
+#include <thread>
+#include <utility>
 
 #include "device_decoder.hpp"
 #include "host_memory.hpp"
@@ -206,44 +211,81 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
       for (int64_t k = 0; k < D; ++k) dst[k] *= scale;
     }
 
-  // ---- select, per (sequence, KV head) ----
+  // ---- select per (sequence, KV head); attention over balanced (sequence, KV head, chunk)
+  // work items, LSE merge. One pool of threads takes selections first, and each finished
+  // selection queues its chunks, which a thread without a selection left attends at once:
+  // with fewer KV heads than a multiple of the threads (3 over 2 on the demo) the threads
+  // left idle by the selections' split attend instead of waiting for the last one.
   const int threads = resolve_threads(cfg_.num_threads);
   if ((int)scratch_.size() < threads) scratch_.resize(threads);
   std::vector<KVSelection> sel(B * H);
   const bool record = cfg_.record_selection;
-  parallel_for(B * H, threads, [&](int64_t i) {
+  auto select_one = [&](int64_t i) {
     const int64_t b = i / H, h = i % H;
     const int64_t budget = budgets ? budgets[i] : 0;
     select_kv_head(*store_, layer, slots[b], h, &qf[(b * Hq + h * G) * D], G, cfg_.select, budget,
                    record, scratch_[thread_index()], sel[i], cpu_plan_.selection);
-  });
-
-  // ---- attention: balanced (sequence, KV head, chunk) work items, LSE merge ----
-  if (out) {
-    struct Item { int64_t i; std::vector<RowRange> rows; };
-    std::vector<Item> items;
-    std::vector<int64_t> first(B * H + 1, 0);
-    for (int64_t i = 0; i < B * H; ++i) {
-      first[i] = (int64_t)items.size();
-      for (auto& ch : split_ranges(sel[i].rows, kChunkRows)) items.push_back({i, std::move(ch)});
-    }
-    first[B * H] = (int64_t)items.size();
-    std::vector<AttentionPartial> part(items.size());
-    const std::size_t es = dtype_size(cfg_.dtype);
-    parallel_for((int64_t)items.size(), threads, [&](int64_t t) {
-      const int64_t i = items[t].i, b = i / H, h = i % H;
-      part[t].init(G, D);
+  };
+  if (!out) {
+    parallel_for(B * H, threads, select_one);
+  } else {
+    std::vector<std::vector<std::vector<RowRange>>> chunks(B * H);
+    std::vector<std::vector<AttentionPartial>> part(B * H);
+    std::vector<std::pair<int64_t, int64_t>> queue;  // (item, chunk), filled as selections end
+    queue.reserve(64);
+    std::mutex mu;
+    std::size_t taken = 0;
+    std::atomic<int64_t> next_sel{0}, selected{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;
+    auto attend_one = [&](int64_t i, int64_t c) {
+      const int64_t b = i / H, h = i % H;
+      AttentionPartial& pt = part[i][c];
+      pt.init(G, D);
       attention_accumulate(store_->k_row(layer, slots[b], h, 0), D, store_->v_row(layer, slots[b], h, 0), D,
-                           cfg_.dtype, D, items[t].rows.data(), (int64_t)items[t].rows.size(),
-                           &qf[(b * Hq + h * G) * D], G, part[t]);
-    });
-    (void)es;
+                           cfg_.dtype, D, chunks[i][c].data(), (int64_t)chunks[i][c].size(),
+                           &qf[(b * Hq + h * G) * D], G, pt);
+    };
+    auto worker = [&]() {
+      try {
+        while (!failed.load(std::memory_order_relaxed)) {
+          const int64_t i = next_sel.fetch_add(1);
+          if (i < B * H) {
+            select_one(i);
+            auto ch = split_ranges(sel[i].rows, kChunkRows);
+            part[i].resize(ch.size());
+            chunks[i] = std::move(ch);
+            {
+              std::lock_guard<std::mutex> lock(mu);
+              for (std::size_t c = 0; c < chunks[i].size(); ++c) queue.emplace_back(i, (int64_t)c);
+            }
+            selected.fetch_add(1);
+            continue;
+          }
+          std::pair<int64_t, int64_t> task{-1, -1};
+          {
+            std::lock_guard<std::mutex> lock(mu);
+            if (taken < queue.size()) task = queue[taken++];
+            else if (selected.load() == B * H) break;  // every chunk is queued and taken
+          }
+          if (task.first >= 0) attend_one(task.first, task.second);
+          else std::this_thread::yield();  // a selection is still running elsewhere
+        }
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = std::current_exception();
+        failed.store(true);
+      }
+    };
+#pragma omp parallel num_threads(threads) if (threads > 1 && B * H > 0)
+    worker();
+    if (error) std::rethrow_exception(error);
     const std::size_t eo = dtype_size(out->dtype);
     parallel_for(B * H, threads, [&](int64_t i) {
       const int64_t b = i / H, h = i % H;
       AttentionPartial total;
       total.init(G, D);
-      for (int64_t t = first[i]; t < first[i + 1]; ++t) attention_merge(total, part[t]);
+      for (const AttentionPartial& pt : part[i]) attention_merge(total, pt);
       attention_finish(total, D, static_cast<uint8_t*>(out->data) + (b * out->strides[0] + h * G * out->strides[1]) * eo,
                        out->strides[1], out->dtype);
     });
