@@ -170,3 +170,30 @@ def test_threads_sharing_one_decoder_are_serialised():
     for s in range(slots):
         assert shared.length(0, s) == 100 + steps
         np.testing.assert_array_equal(np.stack(got[s]), np.stack(serial[s]))
+
+
+@pytest.mark.parametrize("policy,stop_rule", [("tactic", "certified"), ("tactic", "prior"), ("dense", None)])
+def test_thread_count_does_not_change_the_output(policy, stop_rule):
+    """One decoder's step over (sequence, KV head) items that do not divide among the threads
+    (3 sequences x 3 KV heads, long enough for several attention chunks each): 1, 2 and 4
+    threads give the same bits (selections, then chunks merged in their order, whichever
+    thread ran them), step after step with appends."""
+    rng = np.random.default_rng(17)
+    hq, hkv, d, n, steps, bsz = 6, 3, 64, 3000, 6, 3
+    k = rng.standard_normal((bsz, n, hkv, d)).astype(np.float16)
+    v = rng.standard_normal((bsz, n, hkv, d)).astype(np.float16)
+    q = (3 * rng.standard_normal((steps, bsz, hq, d))).astype(np.float16)
+    kn = rng.standard_normal((steps, bsz, hkv, d)).astype(np.float16)
+    vn = rng.standard_normal((steps, bsz, hkv, d)).astype(np.float16)
+    opts = dict(max_batch=bsz, max_tokens=n + steps, policy=policy, target=0.9)
+    if stop_rule:
+        opts["stop_rule"] = stop_rule
+    outs = {}
+    for threads in (1, 2, 4):
+        dec = tactic.SparseDecoder(1, hq, hkv, d, num_threads=threads, **opts)
+        for b in range(bsz):
+            dec.prefill(0, k[b], v[b], seq=b)
+        outs[threads] = np.stack([dec.decode(0, q[s], kn[s], vn[s]) for s in range(steps)])
+        assert dec.stats(0)["kv_tokens"].min() > 512  # several chunks per KV head
+    np.testing.assert_array_equal(outs[2], outs[1])
+    np.testing.assert_array_equal(outs[4], outs[1])
