@@ -122,13 +122,6 @@ def study(keys, queries, targets, scale=None, dtype="float16"):
     return out
 
 
-def merge(into, res):
-    for key, r in res.items():
-        dst = into.setdefault(key, {k: [] for k in r})
-        for k, v in r.items():
-            dst[k].extend(v)
-
-
 def summary(r):
     ratio = np.array(r["ratio"])
     return {"head_steps": len(r["topup"]), "topup_heads": float(np.mean(r["topup"])),
@@ -154,14 +147,14 @@ def main(argv=None):
     for name, p in tqdm(fams.items(), desc="synthetic families"):
         keys, qs = G.synth(p["d"], p["g"], p["hkv"], a.n, a.steps, rms=p["rms"], sink=p["sink"],
                            heads=p["heads"], seed=7)
-        merge(results.setdefault(name, {}), study(keys, qs, a.targets))
+        G.merge(results.setdefault(name, {}), study(keys, qs, a.targets))
     texts = ["GPL-3"] if a.quick else ["GPL-3", "Apache-2.0"]
     wl = G.smollm2_workloads(texts, 4096, a.steps)
     for text, layers in wl.items():
         for li, (k, q) in enumerate(tqdm(layers, desc=f"SmolLM2 {text}")):
             if a.quick and li % 3:
                 continue
-            merge(results.setdefault("SmolLM2", {}), study(k, q, a.targets, scale=64 ** -0.5))
+            G.merge(results.setdefault("SmolLM2", {}), study(k, q, a.targets, scale=64 ** -0.5))
     table = {fam: {f"{g} P={P}": summary(r) for (g, P), r in res.items()} for fam, res in results.items()}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
