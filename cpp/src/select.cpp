@@ -588,8 +588,8 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
       const float* l = logits_of(j, h);
       for (int64_t k = 0; k < csize(j); ++k) m = std::max(m, (double)l[k]);
     }
-    double a_mass = 0;
-    a_mass += exp_sum(sink.data(), (int64_t)sink.size(), m) + exp_sum(recent.data(), (int64_t)recent.size(), m);
+    const double a_mass =
+        exp_sum(sink.data(), (int64_t)sink.size(), m) + exp_sum(recent.data(), (int64_t)recent.size(), m);
     double read_exact = 0, read_prior = 0;
     for (int64_t j = 0; j < c; ++j) {
       if (s.state[j] == kUnread) continue;
@@ -694,10 +694,10 @@ void select_tactic(const KVStore& st, int64_t layer, int64_t slot, int64_t head,
       // (a reference point only: sums are in double).
       row_logits(st, layer, slot, head, 0, ss.n_sink, qh, fixed.data(), s.row);
       row_logits(st, layer, slot, head, base + nclu, n, qh, fixed.data() + ss.n_sink, s.row);
-      double m = -std::numeric_limits<double>::infinity(), a_mass = 0;
+      double m = -std::numeric_limits<double>::infinity();
       for (float v : fixed) m = std::max(m, (double)v);
       for (int64_t j = 0; j < c; ++j) m = std::max(m, (double)s.score[j]);
-      a_mass += exp_sum(fixed.data(), (int64_t)fixed.size(), m);
+      const double a_mass = exp_sum(fixed.data(), (int64_t)fixed.size(), m);
       s.fresh.clear();
       for (int64_t j = 0; j < c; ++j) {
         s.state[j] = s.mark[j] ? kChosen : kUnread;

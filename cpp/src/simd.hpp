@@ -14,19 +14,26 @@ namespace tactic {
 // The reduction runs on x clamped to [-87.3, 0] so that n converts to an int in [-126, 0]
 // for every input (NaN or x > 0 would make the int conversion and the shift undefined, as
 // UBSan reported); x > 0 gives 1, NaN stays NaN, both as blends the vectoriser keeps.
-inline float exp_nonpos(float x) {
-  const bool under = x < -87.3f;
-  float xc = x >= -87.3f ? x : -87.3f;  // NaN -> -87.3
-  xc = xc <= 0.f ? xc : 0.f;
-  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
+// The reduction and polynomial for xc in [-87.3, 0], one float or a vector of them: exp(xc) =
+// p * 2^n (n returned as a float holding an integer in [-126, 0]).
+template <class V>
+inline V exp_reduced(V xc, V& n) {
+  n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const V r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = r * (1.f / 720.f) + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
   p = p * r + 1.f / 6.f;
   p = p * r + 0.5f;
   p = p * r + 1.f;
-  p = p * r + 1.f;
+  return p * r + 1.f;
+}
+
+inline float exp_nonpos(float x) {
+  const bool under = x < -87.3f;
+  float xc = x >= -87.3f ? x : -87.3f;  // NaN -> -87.3
+  xc = xc <= 0.f ? xc : 0.f;
+  float n;
+  const float p = exp_reduced(xc, n);
   const int32_t bits = ((int32_t)n + 127) * (int32_t(1) << 23);
   float scale;
   __builtin_memcpy(&scale, &bits, 4);
@@ -43,21 +50,15 @@ inline float hsum(v8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// exp_nonpos on 8 lanes at once (the same arithmetic, written on the vector type: the
-// auto-vectoriser leaves the scalar form's selects as branches in short loops).
+// exp_nonpos on 8 lanes at once (the same arithmetic on the vector type: the auto-vectoriser
+// leaves the scalar form's selects as branches in short loops).
 typedef int32_t v8i __attribute__((vector_size(32)));
 inline v8 exp_nonpos8(v8 x) {
   const v8i under = x < -87.3f;
   v8 xc = under ? -87.3f : x;  // (NaN compares false: it stays, then becomes 0 below)
   xc = xc <= 0.f ? xc : 0.f;
-  const v8 n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const v8 r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  v8 p = r * (1.f / 720.f) + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  v8 n;
+  const v8 p = exp_reduced(xc, n);
   const v8i bits = (__builtin_convertvector(n, v8i) + 127) * (int32_t(1) << 23);
   v8 scale;
   __builtin_memcpy(&scale, &bits, sizeof scale);
