@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <exception>
 #include <mutex>
 #include <new>
 #include <string>
@@ -236,8 +235,7 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
     std::mutex mu;
     std::size_t taken = 0;
     std::atomic<int64_t> next_sel{0}, selected{0};
-    std::atomic<bool> failed{false};
-    std::exception_ptr error;
+    std::atomic<bool> failed{false};  // an item threw: the others stop (parallel_for rethrows it)
     auto attend_one = [&](int64_t i, int64_t c) {
       const int64_t b = i / H, h = i % H;
       AttentionPartial& pt = part[i][c];
@@ -246,7 +244,9 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
                            cfg_.dtype, D, chunks[i][c].data(), (int64_t)chunks[i][c].size(),
                            &qf[(b * Hq + h * G) * D], G, pt);
     };
-    auto worker = [&]() {
+    // One worker per thread (parallel_for over the threads; a thread that gets a second one
+    // finds nothing left and returns).
+    parallel_for(threads, threads, [&](int64_t) {
       try {
         while (!failed.load(std::memory_order_relaxed)) {
           const int64_t i = next_sel.fetch_add(1);
@@ -272,14 +272,10 @@ void Decoder::decode(int64_t layer, const TensorView& q, const TensorView* k_new
           else std::this_thread::yield();  // a selection is still running elsewhere
         }
       } catch (...) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (!error) error = std::current_exception();
         failed.store(true);
+        throw;
       }
-    };
-#pragma omp parallel num_threads(threads) if (threads > 1 && B * H > 0)
-    worker();
-    if (error) std::rethrow_exception(error);
+    });
     const std::size_t eo = dtype_size(out->dtype);
     parallel_for(B * H, threads, [&](int64_t i) {
       const int64_t b = i / H, h = i % H;
