@@ -59,7 +59,10 @@ struct ThreshState {
 // The rest pass's blocks per step: one full wave of pass blocks (three per SM), or one per
 // item where there are more items; each block one record.
 __host__ __device__ inline int64_t rest_blocks(int64_t items, int64_t sms) { return 3 * sms > items ? 3 * sms : items; }
-
+// The passes' partial records (each [g] of (m, l) and [g, d]) for up to `items` items.
+__host__ __device__ inline std::size_t pass_records(int64_t items, int units, int64_t sms) {
+  return (std::size_t)items * units + (std::size_t)rest_blocks(items, sms);
+}
 
 __host__ __device__ inline std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
 
@@ -84,7 +87,7 @@ __host__ __device__ inline ThreshState carve(void* base, int64_t heads, int64_t 
   t.urows = reinterpret_cast<int32_t*>(take((std::size_t)items * units * 4));
   t.mplan = reinterpret_cast<int32_t*>(take((std::size_t)(items + 1) * 4));
   t.mcounts = reinterpret_cast<int32_t*>(take((std::size_t)items * 4));
-  const std::size_t records = ((std::size_t)items * units + (std::size_t)rest_blocks(items, sms)) * g;
+  const std::size_t records = pass_records(items, units, sms) * g;
   t.ws_ml = reinterpret_cast<float*>(take(records * 2 * 4));
   t.ws_acc = reinterpret_cast<float*>(take(records * d * 4));
   return t;
@@ -245,9 +248,9 @@ struct PassParams {
   int64_t* head_tokens;
   double* est_mass;
   int32_t* counts;           // [items] union rows read
-  int units;                 // head-pass blocks per item (threshold_units)
+  int units;                 // head-pass blocks per item this step (at most threshold_units)
   int64_t items, nb;         // (sequence, KV head) pairs of the step; rest-pass blocks launched
-  int64_t rest_unit0;        // the rest pass's first record unit (max_items * units)
+  int64_t rest_unit0;        // the rest pass's first record unit (max_items * threshold_units)
   int elem_bytes;            // of K and V
   double target, margin;
   bool reuse;
@@ -364,8 +367,8 @@ struct PassShared {
 // time, their chosen rows read in 16-row tiles (cp.async, two stages per warp), S = Q K^T and
 // O += P V on tensor cores for the whole group (attention_tile.cuh, as the chunk kernel over a
 // row list); the unit's record per query head at unit index `unit`. Pass 1 also sums each
-// head's exact mass over its own exact-head rows (returned in hsum_out, per head, via t.hs by
-// the caller's index). Returns the rows read.
+// head's exact mass over its own exact-head rows (into t.hs at the same unit index). Returns
+// the rows read.
 template <class T, int D, int kPass>
 __device__ __forceinline__ int pass_unit(const PassParams& p, PassShared& sh, unsigned char* s_work, int64_t item,
                                          const HeadSlice& v, int c_lo, int c_hi, bool always_unit, int unit) {
@@ -380,7 +383,7 @@ __device__ __forceinline__ int pass_unit(const PassParams& p, PassShared& sh, un
   const T* vb = static_cast<const T*>(p.v) + v.hi * s.cap * D;
   const int32_t* off = p.offsets + v.hi * (s.cmax + 1);
   uint8_t* lmark = p.layer_mark + item * s.cmax;
-  __syncthreads();  // the block's previous unit is done with the shared memory
+  __syncthreads();  // (pass 2: rest_plan is done with the shared memory; it ends with a barrier too)
   if (tid < s.g && !p.reuse) {
     const ThreshInfo in = p.t.info[head0 + tid];
     sh.mx[tid] = in.mx;
@@ -697,7 +700,7 @@ std::size_t threshold_state_bytes(int64_t heads, int64_t items, int64_t g, int64
   const int units = threshold_units(cmax);
   const ThreshState t = carve(nullptr, heads, items, g, d, units, sms);
   return reinterpret_cast<std::size_t>(t.ws_acc) +
-         align16(((std::size_t)items * units + (std::size_t)rest_blocks(items, sms)) * g * d * 4);
+         align16(pass_records(items, units, sms) * g * d * 4);
 }
 
 std::string threshold_selection_fit(DType dtype, int64_t d, int64_t g) {
